@@ -1,0 +1,479 @@
+//! Stage 1, authenticate: verify the bearer JWT locally — no database or network call
+//! per request. The algorithm comes from our key, never from the token; `typ` must be
+//! `at+jwt` (RFC 9068); `iss`, `aud`, `exp` (and `nbf` when present) are checked with a
+//! bounded leeway; the `kid` selects the key.
+//!
+//! The signing key is an Ed25519 or P-256 PKCS#8 PEM file; if the configured file is
+//! missing, an Ed25519 key is generated and persisted there (mode 0600).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{
+    EcdsaKeyPair, Ed25519KeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING,
+};
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::config::AuthConfig;
+use crate::error::ApiError;
+
+/// Routes reachable without a token; everything else requires one.
+pub const UNAUTHENTICATED_ROUTES: &[&str] = &["/health", "/livez", "/readyz"];
+
+/// The claims of an access token (RFC 9068).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    pub iss: String,
+    pub sub: String,
+    pub aud: String,
+    pub exp: u64,
+    pub iat: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    pub jti: String,
+    pub client_id: String,
+    #[serde(default)]
+    pub scope: String,
+}
+
+/// Who is calling, once the token has verified.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub user_id: Uuid,
+    pub client_id: String,
+    pub scope: String,
+}
+
+#[derive(Debug)]
+pub struct KeyError(pub String);
+
+impl std::fmt::Display for KeyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "signing key: {}", self.0)
+    }
+}
+
+impl std::error::Error for KeyError {}
+
+struct SigningKey {
+    kid: String,
+    alg: Algorithm,
+    key: EncodingKey,
+}
+
+struct VerifyingKey {
+    alg: Algorithm,
+    key: DecodingKey,
+    validation: Validation,
+}
+
+/// The gateway's key set: signs tokens (CLI, OAuth) and verifies them (every request).
+pub struct Authenticator {
+    signing: SigningKey,
+    verifying: HashMap<String, VerifyingKey>,
+    issuer: String,
+    audience: String,
+    ttl_secs: u64,
+}
+
+fn pem_encode(der: &[u8]) -> String {
+    let b64 = STANDARD.encode(der);
+    let mut out = String::from("-----BEGIN PRIVATE KEY-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(chunk));
+        out.push('\n');
+    }
+    out.push_str("-----END PRIVATE KEY-----\n");
+    out
+}
+
+fn pem_decode(pem: &str) -> Result<Vec<u8>, KeyError> {
+    let body: String = pem
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| !l.starts_with("-----BEGIN PRIVATE KEY-----"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    if body.is_empty() {
+        return Err(KeyError(
+            "expected a PKCS#8 `BEGIN PRIVATE KEY` PEM block".into(),
+        ));
+    }
+    STANDARD
+        .decode(body)
+        .map_err(|e| KeyError(format!("bad base64 in PEM: {e}")))
+}
+
+/// Reads the PKCS#8 key at `path`, generating an Ed25519 one there first if absent.
+pub fn load_or_generate_key(path: &Path) -> Result<Vec<u8>, KeyError> {
+    if !path.exists() {
+        let doc = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
+            .map_err(|_| KeyError("could not generate an Ed25519 key".into()))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| KeyError(format!("{}: {e}", dir.display())))?;
+        }
+        write_private(path, pem_encode(doc.as_ref()).as_bytes())?;
+        tracing::info!(path = %path.display(), "generated a new Ed25519 signing key");
+    }
+    let pem =
+        std::fs::read_to_string(path).map_err(|e| KeyError(format!("{}: {e}", path.display())))?;
+    pem_decode(&pem)
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, data: &[u8]) -> Result<(), KeyError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| KeyError(format!("{}: {e}", path.display())))?;
+    f.write_all(data)
+        .map_err(|e| KeyError(format!("{}: {e}", path.display())))
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, data: &[u8]) -> Result<(), KeyError> {
+    std::fs::write(path, data).map_err(|e| KeyError(format!("{}: {e}", path.display())))
+}
+
+fn kid_of(public: &[u8]) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, public);
+    URL_SAFE_NO_PAD.encode(&d.as_ref()[..12])
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Authenticator {
+    /// Builds the key set from a PKCS#8 DER private key (Ed25519 or P-256).
+    pub fn from_pkcs8(der: &[u8], cfg: &AuthConfig) -> Result<Authenticator, KeyError> {
+        let (alg, public, key) = if let Ok(kp) = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der) {
+            let public = kp.public_key().as_ref().to_vec();
+            let dk = DecodingKey::from_ed_components(&URL_SAFE_NO_PAD.encode(&public))
+                .map_err(|e| KeyError(e.to_string()))?;
+            (Algorithm::EdDSA, public, dk)
+        } else if let Ok(kp) = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der) {
+            let public = kp.public_key().as_ref().to_vec();
+            (
+                Algorithm::ES256,
+                public.clone(),
+                DecodingKey::from_ec_der(&public),
+            )
+        } else {
+            return Err(KeyError(
+                "not an Ed25519 or P-256 PKCS#8 private key".into(),
+            ));
+        };
+        let kid = kid_of(&public);
+        let encoding = match alg {
+            Algorithm::ES256 => EncodingKey::from_ec_der(der),
+            _ => EncodingKey::from_ed_der(der),
+        };
+        let mut validation = Validation::new(alg);
+        validation.algorithms = vec![alg];
+        validation.leeway = cfg.leeway_secs;
+        validation.set_issuer(&[cfg.issuer.as_str()]);
+        validation.set_audience(&[cfg.audience.as_str()]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub", "iat"]);
+        validation.validate_nbf = true;
+        let mut verifying = HashMap::new();
+        verifying.insert(
+            kid.clone(),
+            VerifyingKey {
+                alg,
+                key,
+                validation,
+            },
+        );
+        Ok(Authenticator {
+            signing: SigningKey {
+                kid,
+                alg,
+                key: encoding,
+            },
+            verifying,
+            issuer: cfg.issuer.clone(),
+            audience: cfg.audience.clone(),
+            ttl_secs: cfg.access_token_ttl.as_secs(),
+        })
+    }
+
+    pub fn from_config(cfg: &AuthConfig) -> Result<Authenticator, KeyError> {
+        let der = load_or_generate_key(&cfg.signing_key_path)?;
+        Self::from_pkcs8(&der, cfg)
+    }
+
+    pub fn kid(&self) -> &str {
+        &self.signing.kid
+    }
+
+    /// Issues an access token for `user` (RFC 9068 claims, `typ: at+jwt`).
+    pub fn issue(
+        &self,
+        user: &Uuid,
+        client_id: &str,
+        scope: &str,
+        ttl_secs: Option<u64>,
+    ) -> Result<String, KeyError> {
+        let now = now_secs();
+        let claims = Claims {
+            iss: self.issuer.clone(),
+            sub: user.to_string(),
+            aud: self.audience.clone(),
+            exp: now + ttl_secs.unwrap_or(self.ttl_secs),
+            iat: now,
+            nbf: None,
+            jti: Uuid::new_v4().to_string(),
+            client_id: client_id.to_owned(),
+            scope: scope.to_owned(),
+        };
+        let mut header = Header::new(self.signing.alg);
+        header.typ = Some("at+jwt".into());
+        header.kid = Some(self.signing.kid.clone());
+        jsonwebtoken::encode(&header, &claims, &self.signing.key)
+            .map_err(|e| KeyError(e.to_string()))
+    }
+
+    /// Verifies an `Authorization` header value.
+    pub fn verify_header(&self, value: Option<&http::HeaderValue>) -> Result<Principal, ApiError> {
+        let Some(value) = value else {
+            return Err(ApiError::Unauthenticated {
+                code: "",
+                message:
+                    "You didn't provide an API key. Send it as `Authorization: Bearer <token>`."
+                        .into(),
+            });
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| ApiError::Unauthenticated {
+                code: "invalid_request",
+                message: "The Authorization header must be `Bearer <token>`.".into(),
+            })?;
+        self.verify(token)
+    }
+
+    /// Verifies a compact JWS access token.
+    pub fn verify(&self, token: &str) -> Result<Principal, ApiError> {
+        let invalid = |why: &str| ApiError::Unauthenticated {
+            code: "invalid_token",
+            message: format!("Invalid access token: {why}."),
+        };
+        let header = jsonwebtoken::decode_header(token).map_err(|_| invalid("malformed"))?;
+        if header
+            .typ
+            .as_deref()
+            .map(|t| t.eq_ignore_ascii_case("at+jwt"))
+            != Some(true)
+        {
+            return Err(invalid("typ must be at+jwt"));
+        }
+        if header.jku.is_some() || header.x5u.is_some() || header.jwk.is_some() {
+            return Err(invalid("key-location headers are not accepted"));
+        }
+        let kid = header.kid.as_deref().ok_or_else(|| invalid("no kid"))?;
+        let key = self
+            .verifying
+            .get(kid)
+            .ok_or_else(|| invalid("unknown kid"))?;
+        if header.alg != key.alg {
+            return Err(invalid("algorithm not allowed"));
+        }
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation).map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind;
+                match e.kind() {
+                    ErrorKind::ExpiredSignature => invalid("expired"),
+                    ErrorKind::ImmatureSignature => invalid("not yet valid"),
+                    ErrorKind::InvalidIssuer => invalid("wrong issuer"),
+                    ErrorKind::InvalidAudience => invalid("wrong audience"),
+                    ErrorKind::MissingRequiredClaim(_) => invalid("missing a required claim"),
+                    _ => invalid("signature or claims do not verify"),
+                }
+            })?;
+        let user_id =
+            Uuid::parse_str(&data.claims.sub).map_err(|_| invalid("sub is not a user id"))?;
+        Ok(Principal {
+            user_id,
+            client_id: data.claims.client_id,
+            scope: data.claims.scope,
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn cfg() -> AuthConfig {
+        AuthConfig {
+            issuer: "https://issuer.test".into(),
+            audience: "tollgate".into(),
+            signing_key_path: "unused".into(),
+            access_token_ttl: Duration::from_secs(900),
+            leeway_secs: 0,
+        }
+    }
+
+    fn ed() -> Authenticator {
+        let doc = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap();
+        Authenticator::from_pkcs8(doc.as_ref(), &cfg()).unwrap()
+    }
+
+    #[test]
+    fn issued_token_verifies_ed25519_and_p256() {
+        let a = ed();
+        let u = Uuid::new_v4();
+        let p = a.verify(&a.issue(&u, "cli", "llm", None).unwrap()).unwrap();
+        assert_eq!(p.user_id, u);
+        let doc =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
+                .unwrap();
+        let b = Authenticator::from_pkcs8(doc.as_ref(), &cfg()).unwrap();
+        assert_eq!(
+            b.verify(&b.issue(&u, "cli", "", None).unwrap())
+                .unwrap()
+                .user_id,
+            u
+        );
+    }
+
+    #[test]
+    fn generated_key_is_persisted_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k/key.pem");
+        let k1 = load_or_generate_key(&path).unwrap();
+        let k2 = load_or_generate_key(&path).unwrap();
+        assert_eq!(k1, k2);
+        let a = Authenticator::from_pkcs8(&k1, &cfg()).unwrap();
+        let b = Authenticator::from_pkcs8(&k2, &cfg()).unwrap();
+        assert_eq!(a.kid(), b.kid());
+    }
+
+    fn unauth_code(e: ApiError) -> &'static str {
+        match e {
+            ApiError::Unauthenticated { code, .. } => code,
+            other => panic!("expected 401, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn rejects_what_it_must() {
+        let a = ed();
+        let other = ed();
+        let u = Uuid::new_v4();
+        // Signed by a key we do not know.
+        assert_eq!(
+            unauth_code(
+                a.verify(&other.issue(&u, "c", "", None).unwrap())
+                    .unwrap_err()
+            ),
+            "invalid_token"
+        );
+        // Expired.
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.typ = Some("at+jwt".into());
+        header.kid = Some(a.kid().into());
+        let now = now_secs();
+        let mk = |claims: &Claims, header: &Header| {
+            jsonwebtoken::encode(header, claims, &a.signing.key).unwrap()
+        };
+        let base = Claims {
+            iss: "https://issuer.test".into(),
+            sub: u.to_string(),
+            aud: "tollgate".into(),
+            exp: now + 60,
+            iat: now,
+            nbf: None,
+            jti: "j".into(),
+            client_id: "c".into(),
+            scope: String::new(),
+        };
+        assert!(a.verify(&mk(&base, &header)).is_ok());
+        for bad in [
+            Claims {
+                exp: now - 10,
+                ..base.clone()
+            },
+            Claims {
+                iss: "https://evil".into(),
+                ..base.clone()
+            },
+            Claims {
+                aud: "other".into(),
+                ..base.clone()
+            },
+            Claims {
+                nbf: Some(now + 3600),
+                ..base.clone()
+            },
+            Claims {
+                sub: "not-a-uuid".into(),
+                ..base.clone()
+            },
+        ] {
+            assert_eq!(
+                unauth_code(a.verify(&mk(&bad, &header)).unwrap_err()),
+                "invalid_token"
+            );
+        }
+        // Wrong typ.
+        let mut h2 = header.clone();
+        h2.typ = Some("JWT".into());
+        assert_eq!(
+            unauth_code(a.verify(&mk(&base, &h2)).unwrap_err()),
+            "invalid_token"
+        );
+        // alg none / HMAC crafted by hand.
+        let none_header = URL_SAFE_NO_PAD.encode(format!(
+            r#"{{"alg":"none","typ":"at+jwt","kid":"{}"}}"#,
+            a.kid()
+        ));
+        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&base).unwrap());
+        assert!(a.verify(&format!("{none_header}.{payload}.")).is_err());
+        let hs = jsonwebtoken::encode(
+            &Header {
+                alg: Algorithm::HS256,
+                typ: Some("at+jwt".into()),
+                kid: Some(a.kid().into()),
+                ..Header::default()
+            },
+            &base,
+            &EncodingKey::from_secret(b"secret"),
+        )
+        .unwrap();
+        assert_eq!(unauth_code(a.verify(&hs).unwrap_err()), "invalid_token");
+        // Garbage and missing headers.
+        assert!(a.verify("abc").is_err());
+        assert_eq!(unauth_code(a.verify_header(None).unwrap_err()), "");
+        let v = http::HeaderValue::from_static("Basic abc");
+        assert_eq!(
+            unauth_code(a.verify_header(Some(&v)).unwrap_err()),
+            "invalid_request"
+        );
+    }
+}

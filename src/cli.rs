@@ -1,0 +1,344 @@
+//! The `tollgate` command line: `serve`, `migrate`, `seed`, admin commands and the
+//! bundled mock provider.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::net::TcpListener;
+use uuid::Uuid;
+
+use crate::config::{self, Config};
+use crate::db;
+use crate::server::BoxError;
+
+#[derive(Parser, Debug)]
+#[command(name = "tollgate", version, about = "A metering gateway for LLM APIs")]
+pub struct Cli {
+    /// Configuration file (keys can be overridden with TOLLGATE__SECTION__KEY).
+    #[arg(long, global = true, default_value = "config/tollgate.toml")]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the gateway.
+    Serve,
+    /// Apply pending database migrations (a no-op when up to date).
+    Migrate,
+    /// Upsert the seed data (OAuth clients, models). Idempotent.
+    Seed,
+    /// Manage users.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Manage credits.
+    #[command(subcommand)]
+    Credits(CreditsCommand),
+    /// Issue access tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Run the bundled mock provider (OpenAI wire format).
+    MockProvider {
+        /// host:port to bind (port 0 picks a free port).
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: String,
+        #[command(flatten)]
+        options: crate::mock_provider::MockOptions,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UserCommand {
+    /// Create a user; prints its id.
+    Create {
+        #[arg(long)]
+        email: String,
+        /// Hashed with Argon2id; omit for an account without a password.
+        #[arg(long)]
+        password: Option<String>,
+        /// Start a subscription of this tier, with its monthly credits.
+        #[arg(long, value_enum)]
+        tier: Option<Tier>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CreditsCommand {
+    /// A one-time credit allocation (no subscription); effective at once.
+    Grant {
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        amount: i32,
+        /// Days until these credits expire.
+        #[arg(long, default_value_t = 3650)]
+        expires_days: i64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Print an access token for a user.
+    Issue {
+        #[arg(long)]
+        email: String,
+        /// Lifetime in seconds (default: auth.access_token_ttl_secs).
+        #[arg(long)]
+        ttl: Option<u64>,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum Tier {
+    Free,
+    Pro,
+    Enterprise,
+}
+
+impl Tier {
+    fn name(self) -> &'static str {
+        match self {
+            Tier::Free => "free",
+            Tier::Pro => "pro",
+            Tier::Enterprise => "enterprise",
+        }
+    }
+
+    /// (credits per month, price in cents per month)
+    fn plan(self) -> (i32, i32) {
+        match self {
+            Tier::Free => (1_000, 0),
+            Tier::Pro => (100_000, 1_999),
+            Tier::Enterprise => (1_000_000, 9_999),
+        }
+    }
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub fn main(cli: Cli) -> ExitCode {
+    let serving = matches!(cli.command, Command::Serve | Command::MockProvider { .. });
+    init_tracing(if serving { "info" } else { "warn" });
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(cli: &Cli) -> Result<Config, BoxError> {
+    let explicit = cli.config != std::path::Path::new("config/tollgate.toml");
+    Ok(config::load(&cli.config, explicit)?)
+}
+
+async fn dispatch(cli: Cli) -> Result<(), BoxError> {
+    if let Command::MockProvider { listen, options } = &cli.command {
+        let listener = TcpListener::bind(listen).await?;
+        println!("listening on http://{}", listener.local_addr()?);
+        crate::mock_provider::serve(listener, options.clone(), crate::server::shutdown_signal())
+            .await?;
+        return Ok(());
+    }
+    let cfg = load_config(&cli)?;
+    match &cli.command {
+        Command::Serve => {
+            let listener = TcpListener::bind(cfg.listen).await?;
+            let addr = listener.local_addr()?;
+            let state = crate::server::build_state(cfg).await?;
+            println!("listening on http://{addr}");
+            crate::server::run(listener, state, crate::server::shutdown_signal()).await
+        }
+        Command::Migrate => {
+            let mut client = db::connect(&cfg.database).await?;
+            let applied = db::migrate(&mut client).await?;
+            let parts =
+                db::ensure_partitions(&client, cfg.database.partitions_ahead_months).await?;
+            if applied.is_empty() {
+                println!("migrations: up to date");
+            } else {
+                for m in applied {
+                    println!("applied {m}");
+                }
+            }
+            if parts > 0 {
+                println!("created {parts} usage_history partition(s)");
+            }
+            Ok(())
+        }
+        Command::Seed => {
+            let mut client = db::connect(&cfg.database).await?;
+            for s in db::seed(&mut client).await? {
+                println!("seeded {s}");
+            }
+            Ok(())
+        }
+        Command::User(UserCommand::Create {
+            email,
+            password,
+            tier,
+        }) => {
+            let id = create_user(&cfg, email, password.as_deref(), *tier).await?;
+            println!("{id}");
+            Ok(())
+        }
+        Command::Credits(CreditsCommand::Grant {
+            email,
+            amount,
+            expires_days,
+        }) => {
+            let (credit, balance) = grant(&cfg, email, *amount, *expires_days).await?;
+            match balance {
+                Some(b) => {
+                    println!("granted {amount} credits to {email} (credit {credit}); balance {b}")
+                }
+                None => println!("granted {amount} credits to {email} (credit {credit})"),
+            }
+            Ok(())
+        }
+        Command::Token(TokenCommand::Issue { email, ttl }) => {
+            let client = db::connect(&cfg.database).await?;
+            let user = active_user(&client, email).await?;
+            let auth = crate::authenticate::Authenticator::from_config(&cfg.auth)?;
+            println!(
+                "{}",
+                auth.issue(
+                    &user,
+                    "tollgate-cli",
+                    "llm.inference models.read credits.read",
+                    *ttl
+                )?
+            );
+            Ok(())
+        }
+        Command::MockProvider { .. } => Ok(()),
+    }
+}
+
+fn validate_email(email: &str) -> Result<(), BoxError> {
+    let ok = email.len() <= 255
+        && email
+            .split_once('@')
+            .is_some_and(|(l, d)| !l.is_empty() && d.contains('.') && !d.starts_with('.'))
+        && !email.chars().any(char::is_whitespace);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("`{email}` is not a valid email address").into())
+    }
+}
+
+async fn active_user(client: &tokio_postgres::Client, email: &str) -> Result<Uuid, BoxError> {
+    let row = client
+        .query_opt(
+            "SELECT id, is_active AND deleted_at IS NULL FROM users WHERE lower(email) = lower($1)",
+            &[&email],
+        )
+        .await?
+        .ok_or_else(|| format!("no user with email {email}"))?;
+    if !row.get::<_, bool>(1) {
+        return Err(format!("user {email} is deactivated").into());
+    }
+    Ok(row.get(0))
+}
+
+pub fn hash_password(password: &str) -> Result<String, BoxError> {
+    use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
+    let salt = SaltString::generate(&mut OsRng);
+    Ok(argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map_err(|e| e.to_string())?
+        .to_string())
+}
+
+async fn create_user(
+    cfg: &Config,
+    email: &str,
+    password: Option<&str>,
+    tier: Option<Tier>,
+) -> Result<Uuid, BoxError> {
+    validate_email(email)?;
+    let hash = match password {
+        Some(p) if p.len() < 8 => return Err("passwords must be at least 8 characters".into()),
+        Some(p) => Some(hash_password(p)?),
+        None => None,
+    };
+    let mut client = db::connect(&cfg.database).await?;
+    let tx = client.transaction().await?;
+    let row = tx
+        .query_opt(
+            "INSERT INTO users (email, password_hash) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING id",
+            &[&email, &hash],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Err(format!("a user with email {email} already exists").into());
+    };
+    let id: Uuid = row.get(0);
+    if let Some(t) = tier {
+        let (credits, price) = t.plan();
+        tx.execute(
+            "WITH s AS (
+                INSERT INTO subscriptions (user_id, tier, status, credits_per_month, price_cents, billing_interval,
+                                           current_period_start, current_period_end)
+                VALUES ($1, $2::text::subscription_tier, 'active', $3, $4, 'monthly', now(), now() + interval '1 month')
+                RETURNING id, current_period_start, current_period_end)
+             INSERT INTO credits (user_id, subscription_id, total_credits, billing_period_start, billing_period_end)
+             SELECT $1, s.id, $3, s.current_period_start, s.current_period_end FROM s",
+            &[&id, &t.name(), &credits, &price],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(id)
+}
+
+/// Commits a credits row, then applies it to the live balance in Redis (if loaded).
+async fn grant(
+    cfg: &Config,
+    email: &str,
+    amount: i32,
+    expires_days: i64,
+) -> Result<(Uuid, Option<i64>), BoxError> {
+    if amount <= 0 {
+        return Err("--amount must be a positive number of credits".into());
+    }
+    if expires_days <= 0 {
+        return Err("--expires-days must be positive".into());
+    }
+    let client = db::connect(&cfg.database).await?;
+    let user = active_user(&client, email).await?;
+    let row = client
+        .query_one(
+            "INSERT INTO credits (user_id, total_credits, billing_period_start, billing_period_end)
+             VALUES ($1, $2, now(), now() + make_interval(days => $3::int)) RETURNING id",
+            &[&user, &amount, &i32::try_from(expires_days)?],
+        )
+        .await?;
+    let credit: Uuid = row.get(0);
+    let ledger =
+        crate::ledger::Ledger::connect(&cfg.redis.url, &cfg.redis.key_prefix, cfg.redis.buckets)
+            .await?;
+    ledger.grant(&user, &credit, i64::from(amount)).await?;
+    Ok((credit, ledger.balance(&user).await?))
+}

@@ -1,0 +1,554 @@
+//! Configuration in two stages: raw serde structs (`deny_unknown_fields`, defaults)
+//! merged from `config/tollgate.toml` and the environment, then [`RawConfig::validate`]
+//! into the typed [`Config`] the server runs with.
+//!
+//! Sources, later ones winning: built-in defaults, the TOML file, `TOLLGATE__SECTION__KEY`
+//! environment variables, and the conventional `DATABASE_URL`, `DATABASE_POOL_SIZE`,
+//! `DATABASE_POOL_TIMEOUT` (ms) and `REDIS_URL`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// The providers a `models.provider` value may name.
+pub const PROVIDERS: [&str; 3] = ["openai", "anthropic", "google"];
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub server: RawServer,
+    pub database: RawDatabase,
+    pub redis: RawRedis,
+    pub auth: RawAuth,
+    pub metering: RawMetering,
+    pub flush: RawFlush,
+    pub models: RawModels,
+    pub providers: BTreeMap<String, RawProvider>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    pub listen: String,
+    pub max_body_bytes: u64,
+    pub max_response_bytes: u64,
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawDatabase {
+    pub url: String,
+    pub pool_size: u32,
+    pub idle_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    pub partitions_ahead_months: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRedis {
+    pub url: String,
+    pub key_prefix: String,
+    pub buckets: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAuth {
+    pub issuer: String,
+    pub audience: String,
+    pub signing_key_path: String,
+    pub access_token_ttl_secs: u64,
+    pub leeway_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMetering {
+    pub hold_ttl_ms: u64,
+    pub min_output_tokens: u32,
+    pub image_tokens: u32,
+    pub settle_retries: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawFlush {
+    pub batch_rows: usize,
+    pub interval_ms: u64,
+    pub claim_idle_ms: u64,
+    pub consumer_group: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawModels {
+    pub refresh_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawProvider {
+    pub base_url: String,
+    pub api_key_env: String,
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        let provider = |base_url: &str, key: &str| RawProvider {
+            base_url: base_url.to_owned(),
+            api_key_env: key.to_owned(),
+            connect_timeout_ms: 5_000,
+        };
+        let mut providers = BTreeMap::new();
+        providers.insert(
+            "openai".to_owned(),
+            provider("https://api.openai.com/v1", "OPENAI_API_KEY"),
+        );
+        providers.insert(
+            "anthropic".to_owned(),
+            provider("https://api.anthropic.com", "ANTHROPIC_API_KEY"),
+        );
+        providers.insert(
+            "google".to_owned(),
+            provider(
+                "https://generativelanguage.googleapis.com",
+                "GEMINI_API_KEY",
+            ),
+        );
+        RawConfig {
+            server: RawServer::default(),
+            database: RawDatabase::default(),
+            redis: RawRedis::default(),
+            auth: RawAuth::default(),
+            metering: RawMetering::default(),
+            flush: RawFlush::default(),
+            models: RawModels::default(),
+            providers,
+        }
+    }
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 4 * 1024 * 1024,
+            max_response_bytes: 64 * 1024 * 1024,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+impl Default for RawDatabase {
+    fn default() -> Self {
+        RawDatabase {
+            url: "postgres://postgres@127.0.0.1:5432/tollgate".into(),
+            pool_size: 20,
+            idle_timeout_ms: 30_000,
+            connect_timeout_ms: 10_000,
+            partitions_ahead_months: 2,
+        }
+    }
+}
+
+impl Default for RawRedis {
+    fn default() -> Self {
+        RawRedis {
+            url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "tollgate:".into(),
+            buckets: 16,
+        }
+    }
+}
+
+impl Default for RawAuth {
+    fn default() -> Self {
+        RawAuth {
+            issuer: "http://127.0.0.1:8080".into(),
+            audience: "tollgate".into(),
+            signing_key_path: ".tollgate/keys/signing-ed25519.pem".into(),
+            access_token_ttl_secs: 900,
+            leeway_secs: 30,
+        }
+    }
+}
+
+impl Default for RawMetering {
+    fn default() -> Self {
+        RawMetering {
+            hold_ttl_ms: 600_000,
+            min_output_tokens: 16,
+            image_tokens: 2_000,
+            settle_retries: 3,
+        }
+    }
+}
+
+impl Default for RawFlush {
+    fn default() -> Self {
+        RawFlush {
+            batch_rows: 1_000,
+            interval_ms: 50,
+            claim_idle_ms: 30_000,
+            consumer_group: "tollgate-flush".into(),
+        }
+    }
+}
+
+impl Default for RawModels {
+    fn default() -> Self {
+        RawModels { refresh_ms: 30_000 }
+    }
+}
+
+impl Default for RawProvider {
+    fn default() -> Self {
+        RawProvider {
+            base_url: String::new(),
+            api_key_env: String::new(),
+            connect_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// A configuration error: names the key at fault.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "configuration error: {}", self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn bad(key: &str, why: impl std::fmt::Display) -> ConfigError {
+    ConfigError(format!("`{key}`: {why}"))
+}
+
+/// Builds the merged figment for `path` (a missing file is an error only when it was
+/// named explicitly, i.e. `required`).
+pub fn figment(path: &Path, required: bool) -> Result<Figment, ConfigError> {
+    if required && !path.exists() {
+        return Err(ConfigError(format!(
+            "config file {} does not exist",
+            path.display()
+        )));
+    }
+    let db_env =
+        |var: &'static str, key: &'static str| Env::raw().only(&[var]).map(move |_| key.into());
+    Ok(Figment::from(Serialized::defaults(RawConfig::default()))
+        .merge(Toml::file(path))
+        .merge(Env::prefixed("TOLLGATE__").split("__"))
+        .merge(db_env("DATABASE_URL", "database.url"))
+        .merge(db_env("DATABASE_POOL_SIZE", "database.pool_size"))
+        .merge(db_env(
+            "DATABASE_POOL_TIMEOUT",
+            "database.connect_timeout_ms",
+        ))
+        .merge(db_env("REDIS_URL", "redis.url")))
+}
+
+/// Loads and validates the configuration.
+pub fn load(path: &Path, required: bool) -> Result<Config, ConfigError> {
+    let raw: RawConfig = figment(path, required)?.extract().map_err(|e| {
+        let msgs: Vec<String> = e
+            .into_iter()
+            .map(|e| {
+                let key = e.path.join(".");
+                if key.is_empty() {
+                    e.kind.to_string()
+                } else {
+                    format!("`{key}`: {}", e.kind)
+                }
+            })
+            .collect();
+        ConfigError(msgs.join("; "))
+    })?;
+    raw.validate()
+}
+
+/// The validated runtime configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub max_response_bytes: usize,
+    pub shutdown_grace: Duration,
+    pub database: DatabaseConfig,
+    pub redis: RedisConfig,
+    pub auth: AuthConfig,
+    pub metering: MeteringConfig,
+    pub flush: FlushConfig,
+    pub models_refresh: Duration,
+    pub providers: BTreeMap<String, ProviderConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    pub url: String,
+    pub pool_size: u32,
+    pub idle_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub partitions_ahead_months: i32,
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub url: String,
+    pub key_prefix: String,
+    pub buckets: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub issuer: String,
+    pub audience: String,
+    pub signing_key_path: PathBuf,
+    pub access_token_ttl: Duration,
+    pub leeway_secs: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct MeteringConfig {
+    pub hold_ttl: Duration,
+    pub min_output_tokens: u32,
+    pub image_tokens: u32,
+    pub settle_retries: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct FlushConfig {
+    pub batch_rows: usize,
+    pub interval: Duration,
+    pub claim_idle: Duration,
+    pub consumer_group: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    pub name: String,
+    /// Base URL without a trailing slash.
+    pub base_url: String,
+    pub base_uri: http::Uri,
+    pub api_key_env: String,
+    pub connect_timeout: Duration,
+}
+
+impl RawConfig {
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let listen: SocketAddr = self
+            .server
+            .listen
+            .parse()
+            .map_err(|e| bad("server.listen", format!("not a host:port address ({e})")))?;
+        let positive = |key: &str, v: u64| {
+            if v == 0 {
+                Err(bad(key, "must be greater than zero"))
+            } else {
+                Ok(v)
+            }
+        };
+        positive("server.max_body_bytes", self.server.max_body_bytes)?;
+        positive("server.max_response_bytes", self.server.max_response_bytes)?;
+        positive("database.pool_size", u64::from(self.database.pool_size))?;
+        positive(
+            "database.connect_timeout_ms",
+            self.database.connect_timeout_ms,
+        )?;
+        positive("redis.buckets", u64::from(self.redis.buckets))?;
+        positive(
+            "auth.access_token_ttl_secs",
+            self.auth.access_token_ttl_secs,
+        )?;
+        positive("metering.hold_ttl_ms", self.metering.hold_ttl_ms)?;
+        positive("flush.batch_rows", self.flush.batch_rows as u64)?;
+        positive("flush.interval_ms", self.flush.interval_ms)?;
+        positive("flush.claim_idle_ms", self.flush.claim_idle_ms)?;
+        positive("models.refresh_ms", self.models.refresh_ms)?;
+        if self.auth.leeway_secs > 60 {
+            return Err(bad("auth.leeway_secs", "must be at most 60"));
+        }
+        if !(self.database.url.starts_with("postgres://")
+            || self.database.url.starts_with("postgresql://"))
+        {
+            return Err(bad("database.url", "must be a postgres:// URL"));
+        }
+        self.database
+            .url
+            .parse::<tokio_postgres::Config>()
+            .map_err(|e| bad("database.url", format!("unparsable ({e})")))?;
+        redis::parse_redis_url(&self.redis.url)
+            .ok_or_else(|| bad("redis.url", "unparsable redis:// URL"))?;
+        if self.redis.key_prefix.contains(['{', '}']) {
+            return Err(bad(
+                "redis.key_prefix",
+                "must not contain `{` or `}` (reserved for hash tags)",
+            ));
+        }
+        if self.flush.consumer_group.is_empty() {
+            return Err(bad("flush.consumer_group", "must not be empty"));
+        }
+        let mut providers = BTreeMap::new();
+        for (name, p) in self.providers {
+            if !PROVIDERS.contains(&name.as_str()) {
+                return Err(bad(
+                    &format!("providers.{name}"),
+                    format!("unknown provider (known: {})", PROVIDERS.join(", ")),
+                ));
+            }
+            let key = format!("providers.{name}.base_url");
+            let base_url = p.base_url.trim_end_matches('/').to_owned();
+            let base_uri: http::Uri = base_url
+                .parse()
+                .map_err(|e| bad(&key, format!("unparsable URL ({e})")))?;
+            match (base_uri.scheme_str(), base_uri.host()) {
+                (Some("http" | "https"), Some(_)) => {}
+                _ => return Err(bad(&key, "must be an absolute http:// or https:// URL")),
+            }
+            if p.api_key_env.is_empty() {
+                return Err(bad(
+                    &format!("providers.{name}.api_key_env"),
+                    "must name an environment variable",
+                ));
+            }
+            positive(
+                &format!("providers.{name}.connect_timeout_ms"),
+                p.connect_timeout_ms,
+            )?;
+            providers.insert(
+                name.clone(),
+                ProviderConfig {
+                    name,
+                    base_url,
+                    base_uri,
+                    api_key_env: p.api_key_env,
+                    connect_timeout: Duration::from_millis(p.connect_timeout_ms),
+                },
+            );
+        }
+        Ok(Config {
+            listen,
+            max_body_bytes: usize::try_from(self.server.max_body_bytes)
+                .map_err(|e| bad("server.max_body_bytes", e))?,
+            max_response_bytes: usize::try_from(self.server.max_response_bytes)
+                .map_err(|e| bad("server.max_response_bytes", e))?,
+            shutdown_grace: Duration::from_millis(self.server.shutdown_grace_ms),
+            database: DatabaseConfig {
+                url: self.database.url,
+                pool_size: self.database.pool_size,
+                idle_timeout: Duration::from_millis(self.database.idle_timeout_ms),
+                connect_timeout: Duration::from_millis(self.database.connect_timeout_ms),
+                partitions_ahead_months: i32::try_from(
+                    self.database.partitions_ahead_months.min(120),
+                )
+                .map_err(|e| bad("database.partitions_ahead_months", e))?,
+            },
+            redis: RedisConfig {
+                url: self.redis.url,
+                key_prefix: self.redis.key_prefix,
+                buckets: self.redis.buckets,
+            },
+            auth: AuthConfig {
+                issuer: self.auth.issuer,
+                audience: self.auth.audience,
+                signing_key_path: PathBuf::from(self.auth.signing_key_path),
+                access_token_ttl: Duration::from_secs(self.auth.access_token_ttl_secs),
+                leeway_secs: self.auth.leeway_secs,
+            },
+            metering: MeteringConfig {
+                hold_ttl: Duration::from_millis(self.metering.hold_ttl_ms),
+                min_output_tokens: self.metering.min_output_tokens.max(1),
+                image_tokens: self.metering.image_tokens,
+                settle_retries: self.metering.settle_retries,
+            },
+            flush: FlushConfig {
+                batch_rows: self.flush.batch_rows,
+                interval: Duration::from_millis(self.flush.interval_ms),
+                claim_idle: Duration::from_millis(self.flush.claim_idle_ms),
+                consumer_group: self.flush.consumer_group,
+            },
+            models_refresh: Duration::from_millis(self.models.refresh_ms),
+            providers,
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn load_str(toml: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.toml");
+        std::fs::write(&path, toml).unwrap();
+        load(&path, true)
+    }
+
+    #[test]
+    fn shipped_config_file_is_valid_and_matches_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tollgate.toml");
+        let from_file: RawConfig = Figment::from(Toml::file(&path)).extract().unwrap();
+        let defaults = RawConfig::default();
+        assert_eq!(
+            serde_json::to_value(&from_file).unwrap(),
+            serde_json::to_value(&defaults).unwrap(),
+            "config/tollgate.toml must list every key with its default"
+        );
+    }
+
+    #[test]
+    fn defaults_follow_the_seed_pool_settings() {
+        let c = load_str("").unwrap();
+        assert_eq!(c.database.pool_size, 20);
+        assert_eq!(c.database.idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.database.connect_timeout, Duration::from_secs(10));
+        assert_eq!(
+            c.providers["anthropic"].base_url,
+            "https://api.anthropic.com"
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = load_str("[server]\nlisten = \"127.0.0.1:1\"\nlissten = 3\n").unwrap_err();
+        assert!(e.to_string().contains("lissten"), "{e}");
+    }
+
+    #[test]
+    fn unparsable_url_is_named() {
+        let e = load_str("[providers.openai]\nbase_url = \"not a url\"\n").unwrap_err();
+        assert!(e.to_string().contains("providers.openai.base_url"), "{e}");
+        let e = load_str("[redis]\nurl = \"http://x\"\n").unwrap_err();
+        assert!(e.to_string().contains("redis.url"), "{e}");
+    }
+
+    #[test]
+    fn zero_pool_size_is_named() {
+        let e = load_str("[database]\npool_size = 0\n").unwrap_err();
+        assert!(e.to_string().contains("database.pool_size"), "{e}");
+    }
+
+    #[test]
+    fn unknown_provider_is_named() {
+        let e = load_str("[providers.mistral]\nbase_url = \"https://x\"\napi_key_env = \"K\"\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("providers.mistral"), "{e}");
+    }
+
+    #[test]
+    fn bad_listen_is_named() {
+        let e = load_str("[server]\nlisten = \"localhost\"\n").unwrap_err();
+        assert!(e.to_string().contains("server.listen"), "{e}");
+    }
+}

@@ -1,0 +1,224 @@
+//! PostgreSQL: the pool, migrations, seeds and `usage_history` partitions.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bb8_postgres::PostgresConnectionManager;
+use tokio_postgres::NoTls;
+
+use crate::config::DatabaseConfig;
+
+pub type Manager = PostgresConnectionManager<NoTls>;
+pub type Conn<'a> = bb8::PooledConnection<'a, Manager>;
+
+/// Schema migrations, applied in order by `tollgate migrate`.
+pub const MIGRATIONS: &[(i32, &str, &str)] =
+    &[(1, "schema", include_str!("../migrations/0001_schema.sql"))];
+
+/// Seeds, applied by `tollgate seed` (idempotent upserts).
+pub const SEEDS: &[(&str, &str)] = &[
+    (
+        "0001_oauth_clients",
+        include_str!("../seeds/0001_oauth_clients.sql"),
+    ),
+    ("0002_models", include_str!("../seeds/0002_models.sql")),
+];
+
+/// Advisory lock key that serialises concurrent `migrate` runs.
+const MIGRATE_LOCK: i64 = 0x746f_6c6c_6761_7465;
+
+#[derive(Clone)]
+pub struct Db {
+    pool: bb8::Pool<Manager>,
+    waiting: Arc<AtomicUsize>,
+    size: u32,
+}
+
+#[derive(Debug)]
+pub enum DbError {
+    Pool(String),
+    Pg(tokio_postgres::Error),
+}
+
+impl std::fmt::Display for DbError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DbError::Pool(e) => write!(f, "database pool: {e}"),
+            DbError::Pg(e) => write!(f, "database: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for DbError {}
+
+impl From<tokio_postgres::Error> for DbError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        DbError::Pg(e)
+    }
+}
+
+pub struct PoolStats {
+    pub total: u32,
+    pub idle: u32,
+    pub waiting: usize,
+}
+
+impl Db {
+    /// Builds the pool. Connections are opened lazily, so this succeeds while
+    /// PostgreSQL is down; requests that need it then fail with 503.
+    pub fn new(cfg: &DatabaseConfig) -> Result<Db, DbError> {
+        let mut pg: tokio_postgres::Config = cfg.url.parse()?;
+        pg.connect_timeout(cfg.connect_timeout);
+        pg.application_name("tollgate");
+        let pool = bb8::Pool::builder()
+            .max_size(cfg.pool_size)
+            .min_idle(Some(0))
+            .idle_timeout(Some(cfg.idle_timeout))
+            .connection_timeout(cfg.connect_timeout)
+            .retry_connection(false)
+            .build_unchecked(PostgresConnectionManager::new(pg, NoTls));
+        Ok(Db {
+            pool,
+            waiting: Arc::new(AtomicUsize::new(0)),
+            size: cfg.pool_size,
+        })
+    }
+
+    pub async fn get(&self) -> Result<Conn<'_>, DbError> {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let r = self.pool.get().await;
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        r.map_err(|e| DbError::Pool(e.to_string()))
+    }
+
+    /// Gets a connection, waiting at most `timeout` (health checks must not hang).
+    pub async fn get_within(&self, timeout: Duration) -> Result<Conn<'_>, DbError> {
+        match tokio::time::timeout(timeout, self.get()).await {
+            Ok(r) => r,
+            Err(_) => Err(DbError::Pool("timed out waiting for a connection".into())),
+        }
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let s = self.pool.state();
+        PoolStats {
+            total: self.size,
+            idle: s.idle_connections,
+            waiting: self.waiting.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn in_use(&self) -> u32 {
+        let s = self.pool.state();
+        s.connections.saturating_sub(s.idle_connections)
+    }
+}
+
+/// Applies pending migrations in order, each in its own transaction, under an
+/// advisory lock. Returns the names of those applied (empty when up to date).
+pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<Vec<String>, DbError> {
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATE_LOCK])
+        .await?;
+    let result = migrate_locked(client).await;
+    let unlock = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATE_LOCK])
+        .await;
+    let applied = result?;
+    unlock?;
+    Ok(applied)
+}
+
+async fn migrate_locked(client: &mut tokio_postgres::Client) -> Result<Vec<String>, DbError> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS tollgate_schema_migrations (
+                version    integer PRIMARY KEY,
+                name       text NOT NULL,
+                checksum   text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await?;
+    let rows = client
+        .query(
+            "SELECT version, checksum FROM tollgate_schema_migrations",
+            &[],
+        )
+        .await?;
+    let done: std::collections::HashMap<i32, String> =
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let mut applied = Vec::new();
+    for (version, name, sql) in MIGRATIONS {
+        let sum = checksum(sql);
+        if let Some(existing) = done.get(version) {
+            if *existing != sum {
+                return Err(DbError::Pool(format!(
+                    "migration {version:04}_{name} was changed after it was applied (checksum {existing} != {sum})"
+                )));
+            }
+            continue;
+        }
+        let tx = client.transaction().await?;
+        tx.batch_execute(sql).await?;
+        tx.execute(
+            "INSERT INTO tollgate_schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+            &[version, name, &sum],
+        )
+        .await?;
+        tx.commit().await?;
+        applied.push(format!("{version:04}_{name}"));
+    }
+    Ok(applied)
+}
+
+/// FNV-1a 64 of the migration text: detects edits to applied migrations.
+fn checksum(sql: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in sql.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Ensures monthly `usage_history` partitions exist from this month through
+/// `months_ahead` months ahead. Returns how many were created.
+pub async fn ensure_partitions(
+    client: &tokio_postgres::Client,
+    months_ahead: i32,
+) -> Result<i32, DbError> {
+    let row = client
+        .query_one(
+            "SELECT tollgate_ensure_usage_partitions(now(), $1)",
+            &[&months_ahead],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Applies every seed in one transaction.
+pub async fn seed(client: &mut tokio_postgres::Client) -> Result<Vec<String>, DbError> {
+    let tx = client.transaction().await?;
+    let mut names = Vec::new();
+    for (name, sql) in SEEDS {
+        tx.batch_execute(sql).await?;
+        names.push((*name).to_owned());
+    }
+    tx.commit().await?;
+    Ok(names)
+}
+
+/// Opens one unpooled connection (CLI commands).
+pub async fn connect(cfg: &DatabaseConfig) -> Result<tokio_postgres::Client, DbError> {
+    let mut pg: tokio_postgres::Config = cfg.url.parse()?;
+    pg.connect_timeout(cfg.connect_timeout);
+    pg.application_name("tollgate-cli");
+    let (client, conn) = pg.connect(NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::warn!(error = %e, "database connection closed");
+        }
+    });
+    Ok(client)
+}

@@ -1,0 +1,235 @@
+//! The one error type of the request path, and the one place that turns it into an
+//! OpenAI-shaped response: `{"error":{"message","type","param","code"}}`.
+
+use axum::response::{IntoResponse, Response};
+use http::{header, HeaderValue, StatusCode};
+
+#[derive(Debug)]
+pub enum ApiError {
+    /// No bearer token, or one that does not verify. Carries the RFC 6750 error code.
+    Unauthenticated {
+        code: &'static str,
+        message: String,
+    },
+    InvalidRequest {
+        message: String,
+        param: Option<&'static str>,
+    },
+    BodyTooLarge {
+        limit: usize,
+    },
+    ModelNotFound {
+        model: String,
+    },
+    NotFound,
+    MethodNotAllowed,
+    InsufficientQuota,
+    /// The provider of this model is not wired yet.
+    ProviderNotImplemented {
+        provider: String,
+    },
+    /// The provider answered with an error of its own (status and OpenAI-shaped body passed on).
+    Upstream {
+        status: StatusCode,
+        body: bytes::Bytes,
+    },
+    /// The provider could not be reached or answered garbage.
+    BadGateway {
+        message: String,
+    },
+    /// Redis or PostgreSQL is unavailable.
+    Unavailable {
+        message: String,
+    },
+    Internal {
+        message: String,
+    },
+}
+
+impl ApiError {
+    pub fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
+            ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::ModelNotFound { .. } | ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::InsufficientQuota => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::ProviderNotImplemented { .. } => StatusCode::NOT_IMPLEMENTED,
+            ApiError::Upstream { status, .. } => *status,
+            ApiError::BadGateway { .. } => StatusCode::BAD_GATEWAY,
+            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A low-cardinality label for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ApiError::Unauthenticated { .. } => "unauthenticated",
+            ApiError::InvalidRequest { .. } => "invalid_request",
+            ApiError::BodyTooLarge { .. } => "body_too_large",
+            ApiError::ModelNotFound { .. } => "model_not_found",
+            ApiError::NotFound => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::InsufficientQuota => "insufficient_quota",
+            ApiError::ProviderNotImplemented { .. } => "provider_not_implemented",
+            ApiError::Upstream { .. } => "upstream_status",
+            ApiError::BadGateway { .. } => "bad_gateway",
+            ApiError::Unavailable { .. } => "unavailable",
+            ApiError::Internal { .. } => "internal",
+        }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        ApiError::InvalidRequest {
+            message: message.into(),
+            param: None,
+        }
+    }
+
+    pub fn unavailable(what: &str, e: impl std::fmt::Display) -> Self {
+        tracing::warn!(error = %e, "{what} unavailable");
+        ApiError::Unavailable {
+            message: format!("{what} is temporarily unavailable; retry shortly"),
+        }
+    }
+
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "internal error");
+        ApiError::Internal {
+            message: "internal error".into(),
+        }
+    }
+
+    /// (message, type, param, code)
+    fn parts(
+        &self,
+    ) -> (
+        String,
+        &'static str,
+        Option<&'static str>,
+        Option<&'static str>,
+    ) {
+        match self {
+            ApiError::Unauthenticated { code, message } => (
+                message.clone(),
+                "invalid_request_error",
+                None,
+                Some(if *code == "invalid_token" {
+                    "invalid_api_key"
+                } else {
+                    "missing_api_key"
+                }),
+            ),
+            ApiError::InvalidRequest { message, param } => {
+                (message.clone(), "invalid_request_error", *param, None)
+            }
+            ApiError::BodyTooLarge { limit } => (
+                format!("request body is larger than the {limit}-byte limit"),
+                "invalid_request_error",
+                None,
+                Some("request_too_large"),
+            ),
+            ApiError::ModelNotFound { model } => (
+                format!("The model `{model}` does not exist or you do not have access to it."),
+                "invalid_request_error",
+                Some("model"),
+                Some("model_not_found"),
+            ),
+            ApiError::NotFound => (
+                "unknown URL".into(),
+                "invalid_request_error",
+                None,
+                Some("unknown_url"),
+            ),
+            ApiError::MethodNotAllowed => (
+                "method not allowed for this URL".into(),
+                "invalid_request_error",
+                None,
+                Some("method_not_allowed"),
+            ),
+            ApiError::InsufficientQuota => (
+                "You exceeded your current quota: your credit balance does not cover this request."
+                    .into(),
+                "insufficient_quota",
+                None,
+                Some("insufficient_quota"),
+            ),
+            ApiError::ProviderNotImplemented { provider } => (
+                format!("models of provider `{provider}` are not served yet"),
+                "invalid_request_error",
+                Some("model"),
+                Some("provider_not_implemented"),
+            ),
+            ApiError::Upstream { status, .. } => (
+                format!("upstream provider answered {status}"),
+                "upstream_error",
+                None,
+                None,
+            ),
+            ApiError::BadGateway { message } => {
+                (message.clone(), "upstream_error", None, Some("bad_gateway"))
+            }
+            ApiError::Unavailable { message } => (
+                message.clone(),
+                "server_error",
+                None,
+                Some("service_unavailable"),
+            ),
+            ApiError::Internal { message } => (message.clone(), "server_error", None, None),
+        }
+    }
+}
+
+/// An OpenAI-shaped error body.
+pub fn error_body(
+    message: &str,
+    kind: &str,
+    param: Option<&str>,
+    code: Option<&str>,
+) -> bytes::Bytes {
+    let v = serde_json::json!({"error": {"message": message, "type": kind, "param": param, "code": code}});
+    bytes::Bytes::from(v.to_string())
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status_code();
+        let body = match &self {
+            // The provider's own OpenAI-shaped body is passed on when it is one.
+            ApiError::Upstream { body, .. }
+                if serde_json::from_slice::<serde_json::Value>(body)
+                    .map(|v| v.get("error").is_some())
+                    .unwrap_or(false) =>
+            {
+                body.clone()
+            }
+            _ => {
+                let (message, kind, param, code) = self.parts();
+                error_body(&message, kind, param, code)
+            }
+        };
+        let mut resp = (status, body).into_response();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        match &self {
+            ApiError::Unauthenticated { code, .. } => {
+                let v = if *code == "invalid_token" {
+                    HeaderValue::from_static("Bearer error=\"invalid_token\"")
+                } else {
+                    HeaderValue::from_static("Bearer")
+                };
+                h.insert(header::WWW_AUTHENTICATE, v);
+            }
+            ApiError::InsufficientQuota => {
+                h.insert("x-should-retry", HeaderValue::from_static("false"));
+            }
+            _ => {}
+        }
+        resp
+    }
+}

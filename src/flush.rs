@@ -1,0 +1,367 @@
+//! Stage 9, flush (off the request path): read the usage streams as a consumer group,
+//! write `usage_history` rows and the matching `credits.used_credits` increments in one
+//! PostgreSQL transaction per batch, then acknowledge. Batches go out at
+//! `flush.batch_rows` rows or every `flush.interval_ms`, whichever comes first.
+//!
+//! Exactly once: rows are inserted with `ON CONFLICT (id, created_at) DO NOTHING` and
+//! only the rows actually inserted move `used_credits`, so a batch replayed after a
+//! crash between COMMIT and XACK changes nothing. Entries left pending by a dead
+//! gateway are claimed (XAUTOCLAIM) once idle for `flush.claim_idle_ms`. While
+//! PostgreSQL is down the streams grow and drain when it returns.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use redis::Value;
+use uuid::Uuid;
+
+use crate::config::FlushConfig;
+use crate::db::{Db, DbError};
+use crate::ledger::Ledger;
+use crate::settle::UsageEvent;
+
+/// One stream entry read by this consumer.
+struct Entry {
+    bucket: u32,
+    entry_id: String,
+    event: Option<UsageEvent>,
+}
+
+pub struct Flusher {
+    ledger: Ledger,
+    db: Db,
+    cfg: FlushConfig,
+    consumer: String,
+}
+
+fn field(map: &HashMap<String, Value>, k: &str) -> Option<String> {
+    map.get(k)
+        .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+}
+
+impl Flusher {
+    pub fn new(ledger: Ledger, db: Db, cfg: FlushConfig) -> Flusher {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "gw".into());
+        let consumer = format!("{host}-{}-{}", std::process::id(), Uuid::new_v4().simple());
+        Flusher {
+            ledger,
+            db,
+            cfg,
+            consumer,
+        }
+    }
+
+    async fn ensure_groups(&self) -> Result<(), redis::RedisError> {
+        let mut conn = self.ledger.conn();
+        for b in 0..self.ledger.buckets() {
+            let r: Result<(), redis::RedisError> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(self.ledger.stream_key(b))
+                .arg(&self.cfg.consumer_group)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async(&mut conn)
+                .await;
+            if let Err(e) = r {
+                if e.code() != Some("BUSYGROUP") {
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn entries_of(bucket: u32, ids: Vec<StreamId>, out: &mut Vec<Entry>) {
+        for s in ids {
+            let event = UsageEvent::from_fields(|k| field(&s.map, k));
+            if event.is_none() {
+                tracing::error!(entry = %s.id, "unreadable usage event; acknowledging it to unblock the stream");
+            }
+            out.push(Entry {
+                bucket,
+                entry_id: s.id,
+                event,
+            });
+        }
+    }
+
+    /// Reads entries from every bucket in one pipelined round trip: new ones (`>`), or
+    /// this consumer's own pending ones (`0`) after a failed write.
+    async fn read(&self, own_pending: bool) -> Result<Vec<Entry>, redis::RedisError> {
+        let mut pipe = redis::pipe();
+        for b in 0..self.ledger.buckets() {
+            pipe.cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(&self.cfg.consumer_group)
+                .arg(&self.consumer)
+                .arg("COUNT")
+                .arg(self.cfg.batch_rows)
+                .arg("STREAMS")
+                .arg(self.ledger.stream_key(b))
+                .arg(if own_pending { "0" } else { ">" });
+        }
+        let replies: Vec<Option<StreamReadReply>> =
+            pipe.query_async(&mut self.ledger.conn()).await?;
+        let mut out = Vec::new();
+        for (b, r) in (0u32..).zip(replies) {
+            for k in r.map(|r| r.keys).unwrap_or_default() {
+                Self::entries_of(b, k.ids, &mut out);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Claims entries that another (dead) consumer left pending too long.
+    async fn claim_stale(&self) -> Result<Vec<Entry>, redis::RedisError> {
+        let mut out = Vec::new();
+        let idle = u64::try_from(self.cfg.claim_idle.as_millis()).unwrap_or(u64::MAX);
+        for b in 0..self.ledger.buckets() {
+            let r: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+                .arg(self.ledger.stream_key(b))
+                .arg(&self.cfg.consumer_group)
+                .arg(&self.consumer)
+                .arg(idle)
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(self.cfg.batch_rows)
+                .query_async(&mut self.ledger.conn())
+                .await?;
+            Self::entries_of(b, r.claimed, &mut out);
+        }
+        Ok(out)
+    }
+
+    /// Writes the entries to PostgreSQL, then acknowledges them. On a PostgreSQL error
+    /// nothing is acknowledged: the entries stay pending and are retried (by claim).
+    async fn write_and_ack(&self, entries: Vec<Entry>) -> Result<usize, String> {
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        let events: Vec<UsageEvent> = entries.iter().filter_map(|e| e.event.clone()).collect();
+        let mut written = 0;
+        for chunk in events.chunks(self.cfg.batch_rows.max(1)) {
+            written += write_batch(&self.db, chunk)
+                .await
+                .map_err(|e| e.to_string())?
+                .len();
+        }
+        let mut by_bucket: HashMap<u32, Vec<(String, String, String)>> = HashMap::new();
+        for e in entries {
+            let (rid, user) = e
+                .event
+                .as_ref()
+                .map(|ev| (ev.id.to_string(), ev.user_id.to_string()))
+                .unwrap_or_default();
+            by_bucket
+                .entry(e.bucket)
+                .or_default()
+                .push((e.entry_id, rid, user));
+        }
+        for (bucket, list) in by_bucket {
+            self.ledger
+                .ack(bucket, &self.cfg.consumer_group, &list)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(written)
+    }
+
+    /// Runs until `shutdown` flips, then drains what is left: everything settled
+    /// before the flip is written before this returns (unless PostgreSQL is down, in
+    /// which case the entries stay pending in Redis for the next gateway).
+    pub async fn run(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut groups_ready = false;
+        let mut last_claim: Option<Instant> = None;
+        let mut own_pending = false;
+        let mut backoff = self.cfg.interval;
+        loop {
+            let stopping = *shutdown.borrow();
+            if !groups_ready {
+                match self.ensure_groups().await {
+                    Ok(()) => groups_ready = true,
+                    Err(e) => tracing::warn!(error = %e, "usage streams unavailable"),
+                }
+            }
+            let mut batch = Vec::new();
+            let mut read_failed = false;
+            if groups_ready {
+                if last_claim.is_none_or(|t| t.elapsed() >= self.cfg.claim_idle / 2) {
+                    last_claim = Some(Instant::now());
+                    match self.claim_stale().await {
+                        Ok(v) => batch.extend(v),
+                        Err(e) => tracing::warn!(error = %e, "claiming stale usage events failed"),
+                    }
+                }
+                match self.read(own_pending).await {
+                    Ok(v) => batch.extend(v),
+                    Err(e) => {
+                        read_failed = true;
+                        if e.code() == Some("NOGROUP") {
+                            groups_ready = false;
+                        }
+                        tracing::warn!(error = %e, "reading usage events failed");
+                    }
+                }
+            }
+            let n = batch.len();
+            let mut failed = read_failed || !groups_ready;
+            if n > 0 {
+                match self.write_and_ack(batch).await {
+                    Ok(w) => {
+                        tracing::debug!(entries = n, inserted = w, "usage batch flushed");
+                        own_pending = false;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, entries = n, "usage batch failed; will retry");
+                        own_pending = true;
+                        failed = true;
+                    }
+                }
+            }
+            if stopping && (failed || (n == 0 && !own_pending)) {
+                break;
+            }
+            backoff = if failed {
+                (backoff * 2).min(Duration::from_secs(2))
+            } else {
+                self.cfg.interval
+            };
+            if n >= self.cfg.batch_rows && !failed {
+                continue;
+            }
+            if stopping && !failed {
+                continue;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.changed(), if !stopping => {}
+            }
+        }
+        tracing::info!("usage flusher stopped");
+    }
+}
+
+/// Writes usage rows and their credit increments in one transaction. Returns the ids
+/// actually inserted (rows already present are skipped, and move no credits; rows of
+/// users or models that no longer exist are dropped).
+pub async fn write_batch(db: &Db, events: &[UsageEvent]) -> Result<Vec<Uuid>, DbError> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut conn = db.get().await?;
+    let tx = conn.transaction().await?;
+    let mut users: Vec<Uuid> = events.iter().map(|e| e.user_id).collect();
+    users.sort_unstable();
+    users.dedup();
+    // Lock the users' current credit rows: the allocation below and the increment
+    // are one decision.
+    let rows = tx
+        .query(
+            "SELECT id, user_id, total_credits::bigint, used_credits::bigint FROM credits
+              WHERE user_id = ANY($1) AND is_current
+              ORDER BY user_id, billing_period_end, created_at, id
+              FOR UPDATE",
+            &[&users],
+        )
+        .await?;
+    struct Row {
+        id: Uuid,
+        remaining: i64,
+    }
+    let mut credit_rows: HashMap<Uuid, Vec<Row>> = HashMap::new();
+    for r in rows {
+        let total: i64 = r.get(2);
+        let used: i64 = r.get(3);
+        credit_rows.entry(r.get(1)).or_default().push(Row {
+            id: r.get(0),
+            remaining: total - used,
+        });
+    }
+    // Allocate each charge to the user's rows, earliest-ending first; overflow stays
+    // on the last row.
+    let mut allocations: Vec<Vec<(Uuid, i64)>> = Vec::with_capacity(events.len());
+    let mut credit_ids: Vec<Option<Uuid>> = Vec::with_capacity(events.len());
+    for e in events {
+        let mut alloc = Vec::new();
+        let mut left = e.credits_used;
+        if let Some(rows) = credit_rows.get_mut(&e.user_id) {
+            let last = rows.len().saturating_sub(1);
+            for (i, r) in rows.iter_mut().enumerate() {
+                if left <= 0 {
+                    break;
+                }
+                let take = if i == last {
+                    left
+                } else {
+                    left.min(r.remaining.max(0))
+                };
+                if take > 0 {
+                    r.remaining -= take;
+                    left -= take;
+                    alloc.push((r.id, take));
+                }
+            }
+            credit_ids.push(
+                alloc
+                    .first()
+                    .map(|a| a.0)
+                    .or_else(|| rows.first().map(|r| r.id)),
+            );
+        } else {
+            credit_ids.push(None);
+        }
+        allocations.push(alloc);
+    }
+    let to_i32 = |v: i64| i32::try_from(v).unwrap_or(i32::MAX);
+    let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+    let user_ids: Vec<Uuid> = events.iter().map(|e| e.user_id).collect();
+    let models: Vec<&str> = events.iter().map(|e| e.model_id.as_str()).collect();
+    let ops: Vec<&str> = events.iter().map(|e| e.operation).collect();
+    let credits: Vec<i32> = events.iter().map(|e| to_i32(e.credits_used)).collect();
+    let input: Vec<i32> = events.iter().map(|e| to_i32(e.input_tokens)).collect();
+    let output: Vec<i32> = events.iter().map(|e| to_i32(e.output_tokens)).collect();
+    let total: Vec<i32> = events.iter().map(|e| to_i32(e.total_tokens)).collect();
+    let dur: Vec<i32> = events.iter().map(|e| to_i32(e.duration_ms)).collect();
+    let meta: Vec<Option<serde_json::Value>> = events.iter().map(|e| e.metadata.clone()).collect();
+    let created: Vec<chrono::DateTime<chrono::Utc>> = events.iter().map(|e| e.created_at).collect();
+    let inserted = tx
+        .query(
+            "INSERT INTO usage_history (id, user_id, credit_id, model_id, operation, credits_used, input_tokens,
+                                        output_tokens, total_tokens, request_duration_ms, request_metadata, created_at)
+             SELECT v.id, v.user_id, v.credit_id, v.model_id, v.op::usage_operation, v.credits, v.inp, v.outp,
+                    v.tot, v.dur, v.meta, v.created
+               FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::int[], $7::int[],
+                           $8::int[], $9::int[], $10::int[], $11::jsonb[], $12::timestamptz[])
+                    AS v(id, user_id, credit_id, model_id, op, credits, inp, outp, tot, dur, meta, created)
+              WHERE EXISTS (SELECT 1 FROM users u WHERE u.id = v.user_id)
+                AND EXISTS (SELECT 1 FROM models m WHERE m.id = v.model_id)
+             ON CONFLICT (id, created_at) DO NOTHING
+             RETURNING id",
+            &[&ids, &user_ids, &credit_ids, &models, &ops, &credits, &input, &output, &total, &dur, &meta, &created],
+        )
+        .await?;
+    let inserted: Vec<Uuid> = inserted.iter().map(|r| r.get(0)).collect();
+    let inserted_set: std::collections::HashSet<Uuid> = inserted.iter().copied().collect();
+    let mut inc: HashMap<Uuid, i64> = HashMap::new();
+    for (e, alloc) in events.iter().zip(&allocations) {
+        if inserted_set.contains(&e.id) {
+            for (row, amount) in alloc {
+                *inc.entry(*row).or_default() += amount;
+            }
+        }
+    }
+    if !inc.is_empty() {
+        let (rows, amounts): (Vec<Uuid>, Vec<i32>) =
+            inc.into_iter().map(|(k, v)| (k, to_i32(v))).unzip();
+        tx.execute(
+            "UPDATE credits SET used_credits = credits.used_credits + v.inc
+               FROM UNNEST($1::uuid[], $2::int[]) AS v(id, inc)
+              WHERE credits.id = v.id",
+            &[&rows, &amounts],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(inserted)
+}

@@ -1,0 +1,506 @@
+//! The live credit ledger in Redis: balances, holds, settled-but-unflushed charges and
+//! the usage streams, changed only by the Lua scripts below (one round trip each,
+//! atomic; never GET-then-SET).
+//!
+//! Keys for user `u` in bucket `b = fnv1a(u) mod buckets` (all share the hash tag
+//! `{bN}`, so every script touches one Redis Cluster slot):
+//!
+//! | key                        | type   | holds                                                  |
+//! |----------------------------|--------|--------------------------------------------------------|
+//! | `P{bN}:bal:u`              | string | spendable credits (granted − charged − held)           |
+//! | `P{bN}:holds:u`            | hash   | request id → `amount:expires_at_ms`                    |
+//! | `P{bN}:pend:u`             | hash   | request id → cost, settled and not yet in PostgreSQL   |
+//! | `P{bN}:cred:u`             | hash   | credits row id → total, the rows `bal` reflects        |
+//! | `P{bN}:usage`              | stream | usage events of the bucket, read by the flushers       |
+//!
+//! `bal`, `holds` and `cred` are created together by [`Ledger::load`] and never expire
+//! (Redis must run with `maxmemory-policy noeviction`). `pend` outlives them, so a
+//! balance rebuilt from PostgreSQL never forgets a charge that is settled but not flushed.
+
+use redis::aio::ConnectionManager;
+use redis::Script;
+use uuid::Uuid;
+
+use crate::db::Db;
+
+const RESERVE: &str = r"
+-- KEYS: bal, holds. ARGV: rid, price_per_1k, prompt_tokens, max_tokens, min_tokens, ttl_ms
+local bal = redis.call('GET', KEYS[1])
+if not bal then return {-1, 0, 0, 0} end
+bal = tonumber(bal)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local changed = false
+local holds = redis.call('HGETALL', KEYS[2])
+for i = 1, #holds, 2 do
+  local v = holds[i + 1]
+  local sep = string.find(v, ':', 1, true)
+  if tonumber(string.sub(v, sep + 1)) <= now then
+    bal = bal + tonumber(string.sub(v, 1, sep - 1))
+    redis.call('HDEL', KEYS[2], holds[i])
+    changed = true
+  end
+end
+local price = tonumber(ARGV[2])
+local p = tonumber(ARGV[3])
+local m = tonumber(ARGV[4])
+local minm = tonumber(ARGV[5])
+local cost = math.ceil((p + m) * price / 1000)
+local status = 1
+if cost > bal then
+  status = 0
+  if price > 0 and minm > 0 and bal > 0 then
+    local afford = math.floor(bal * 1000 / price) - p
+    if afford >= minm then
+      if afford < m then m = afford end
+      cost = math.ceil((p + m) * price / 1000)
+      if cost <= bal then status = 1 end
+    end
+  end
+end
+if status == 1 then
+  bal = bal - cost
+  redis.call('HSET', KEYS[2], ARGV[1], string.format('%d:%d', cost, now + tonumber(ARGV[6])))
+  changed = true
+end
+if changed then redis.call('SET', KEYS[1], string.format('%d', bal)) end
+return {status, cost, m, bal}
+";
+
+const SETTLE: &str = r"
+-- KEYS: bal, holds, pend, stream. ARGV: rid, cost, then the event's field/value pairs
+local held = 0
+local v = redis.call('HGET', KEYS[2], ARGV[1])
+if v then
+  held = tonumber(string.sub(v, 1, string.find(v, ':', 1, true) - 1))
+  redis.call('HDEL', KEYS[2], ARGV[1])
+elseif redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then
+  return {0, 0}
+end
+local bal = 0
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  bal = redis.call('INCRBY', KEYS[1], string.format('%d', held - tonumber(ARGV[2])))
+end
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+redis.call('XADD', KEYS[4], '*', unpack(ARGV, 3))
+return {1, bal}
+";
+
+const RELEASE: &str = r"
+-- KEYS: bal, holds. ARGV: rid
+local v = redis.call('HGET', KEYS[2], ARGV[1])
+if not v then return 0 end
+redis.call('HDEL', KEYS[2], ARGV[1])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('INCRBY', KEYS[1], string.sub(v, 1, string.find(v, ':', 1, true) - 1))
+end
+return 1
+";
+
+const LOAD: &str = r"
+-- KEYS: bal, pend, cred, holds.
+-- ARGV: available, n, n x (credit_id, total), k, k x (rid, flushed 0|1)
+-- The pairs describe one PostgreSQL snapshot: the user's current credit rows and which
+-- of the pending request ids (read from KEYS[2] just before) it already holds.
+if redis.call('EXISTS', KEYS[1]) == 1 then return {1, tonumber(redis.call('GET', KEYS[1]))} end
+local bal = tonumber(ARGV[1])
+local idx = 3
+local snap = {}
+for i = 1, tonumber(ARGV[2]) do snap[ARGV[idx]] = ARGV[idx + 1]; idx = idx + 2 end
+local k = tonumber(ARGV[idx]); idx = idx + 1
+local seenp = {}
+for i = 1, k do seenp[ARGV[idx]] = ARGV[idx + 1]; idx = idx + 2 end
+local cur = redis.call('HGETALL', KEYS[2])
+local present = {}
+for i = 1, #cur, 2 do
+  local f = seenp[cur[i]]
+  if f == nil then return {0, 0} end
+  present[cur[i]] = true
+  if f == '0' then bal = bal - tonumber(cur[i + 1]) end
+end
+for id, f in pairs(seenp) do
+  if f == '0' and not present[id] then return {0, 0} end
+end
+local cred = redis.call('HGETALL', KEYS[3])
+for i = 1, #cred, 2 do
+  if snap[cred[i]] == nil then bal = bal + tonumber(cred[i + 1]) end
+end
+for id, total in pairs(snap) do redis.call('HSET', KEYS[3], id, total) end
+redis.call('DEL', KEYS[4])
+redis.call('SET', KEYS[1], string.format('%d', bal))
+return {1, bal}
+";
+
+const GRANT: &str = r"
+-- KEYS: bal, cred. ARGV: credit_id, amount
+if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 and redis.call('EXISTS', KEYS[1]) == 1 then
+  return {1, redis.call('INCRBY', KEYS[1], ARGV[2])}
+end
+return {0, 0}
+";
+
+const ACK: &str = r"
+-- KEYS: stream, pend keys... ARGV: group, then (entry_id, rid, pend_key_index) triples
+local acked = 0
+for i = 2, #ARGV, 3 do
+  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
+    redis.call('XDEL', KEYS[1], ARGV[i])
+    redis.call('HDEL', KEYS[tonumber(ARGV[i + 2])], ARGV[i + 1])
+    acked = acked + 1
+  end
+end
+return acked
+";
+
+#[derive(Debug)]
+pub enum LedgerError {
+    Redis(redis::RedisError),
+    Db(crate::db::DbError),
+    /// The balance could not be rebuilt consistently (flushes kept racing the load).
+    Contended,
+}
+
+impl std::fmt::Display for LedgerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LedgerError::Redis(e) => write!(f, "redis: {e}"),
+            LedgerError::Db(e) => write!(f, "{e}"),
+            LedgerError::Contended => write!(f, "balance load kept racing the usage flush"),
+        }
+    }
+}
+
+impl std::error::Error for LedgerError {}
+
+impl From<redis::RedisError> for LedgerError {
+    fn from(e: redis::RedisError) -> Self {
+        LedgerError::Redis(e)
+    }
+}
+
+impl From<crate::db::DbError> for LedgerError {
+    fn from(e: crate::db::DbError) -> Self {
+        LedgerError::Db(e)
+    }
+}
+
+impl From<tokio_postgres::Error> for LedgerError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        LedgerError::Db(e.into())
+    }
+}
+
+/// The outcome of a reserve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reserve {
+    /// Held `hold` credits; the request may produce at most `max_tokens` tokens.
+    Admitted {
+        hold: i64,
+        max_tokens: i64,
+        balance: i64,
+    },
+    Insufficient {
+        balance: i64,
+    },
+    /// The balance is not in Redis yet: load it, then reserve again.
+    NeedsLoad,
+}
+
+/// What a reserve asks to hold: `ceil((prompt_tokens + max_tokens) × price_per_1k / 1000)`.
+#[derive(Debug, Clone, Copy)]
+pub struct HoldRequest {
+    pub price_per_1k: i64,
+    pub prompt_tokens: i64,
+    pub max_tokens: i64,
+    /// Lower `max_tokens` to what the balance affords, but not below this.
+    pub min_tokens: i64,
+    pub ttl_ms: u64,
+}
+
+/// Redis keys of one user.
+pub struct UserKeys {
+    pub bal: String,
+    pub holds: String,
+    pub pend: String,
+    pub cred: String,
+    pub stream: String,
+}
+
+#[derive(Clone)]
+pub struct Ledger {
+    conn: ConnectionManager,
+    prefix: String,
+    buckets: u32,
+    reserve: Script,
+    settle: Script,
+    release: Script,
+    load: Script,
+    grant: Script,
+    ack: Script,
+}
+
+impl Ledger {
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        buckets: u32,
+    ) -> Result<Ledger, redis::RedisError> {
+        let client = redis::Client::open(url)?;
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
+            .set_response_timeout(Some(std::time::Duration::from_secs(5)))
+            .set_number_of_retries(2);
+        let conn = ConnectionManager::new_with_config(client, cfg).await?;
+        Ok(Ledger {
+            conn,
+            prefix: prefix.to_owned(),
+            buckets,
+            reserve: Script::new(RESERVE),
+            settle: Script::new(SETTLE),
+            release: Script::new(RELEASE),
+            load: Script::new(LOAD),
+            grant: Script::new(GRANT),
+            ack: Script::new(ACK),
+        })
+    }
+
+    pub fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    pub fn buckets(&self) -> u32 {
+        self.buckets
+    }
+
+    pub fn bucket_of(&self, user: &Uuid) -> u32 {
+        let mut h: u32 = 0x811c_9dc5;
+        for b in user.as_bytes() {
+            h ^= u32::from(*b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+        h % self.buckets
+    }
+
+    pub fn stream_key(&self, bucket: u32) -> String {
+        format!("{}{{b{bucket}}}:usage", self.prefix)
+    }
+
+    pub fn pend_key(&self, bucket: u32, user: &str) -> String {
+        format!("{}{{b{bucket}}}:pend:{user}", self.prefix)
+    }
+
+    pub fn keys(&self, user: &Uuid) -> UserKeys {
+        let b = self.bucket_of(user);
+        let tag = format!("{}{{b{b}}}", self.prefix);
+        UserKeys {
+            bal: format!("{tag}:bal:{user}"),
+            holds: format!("{tag}:holds:{user}"),
+            pend: format!("{tag}:pend:{user}"),
+            cred: format!("{tag}:cred:{user}"),
+            stream: format!("{tag}:usage"),
+        }
+    }
+
+    /// Admits the request only if the balance covers `ceil((prompt + max_tokens) ×
+    /// price / 1000)`; if not, lowers `max_tokens` to what the balance affords when that
+    /// is at least `min_tokens`. Holds the amount under `rid` until settle, release or
+    /// `ttl_ms`.
+    pub async fn reserve(
+        &self,
+        user: &Uuid,
+        rid: &Uuid,
+        h: &HoldRequest,
+    ) -> Result<Reserve, redis::RedisError> {
+        let k = self.keys(user);
+        let (status, cost, m, bal): (i64, i64, i64, i64) = self
+            .reserve
+            .key(&k.bal)
+            .key(&k.holds)
+            .arg(rid.to_string())
+            .arg(h.price_per_1k)
+            .arg(h.prompt_tokens)
+            .arg(h.max_tokens)
+            .arg(h.min_tokens)
+            .arg(h.ttl_ms)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(match status {
+            1 => Reserve::Admitted {
+                hold: cost,
+                max_tokens: m,
+                balance: bal,
+            },
+            0 => Reserve::Insufficient { balance: bal },
+            _ => Reserve::NeedsLoad,
+        })
+    }
+
+    /// Charges `cost`, releases the rest of the hold and appends `fields` (the usage
+    /// event) to the bucket's stream, atomically. Returns false if this request was
+    /// already settled.
+    pub async fn settle(
+        &self,
+        user: &Uuid,
+        rid: &Uuid,
+        cost: i64,
+        fields: &[(&str, String)],
+    ) -> Result<bool, redis::RedisError> {
+        let k = self.keys(user);
+        let mut inv = self.settle.prepare_invoke();
+        inv.key(&k.bal)
+            .key(&k.holds)
+            .key(&k.pend)
+            .key(&k.stream)
+            .arg(rid.to_string())
+            .arg(cost);
+        for (f, v) in fields {
+            inv.arg(*f).arg(v.as_str());
+        }
+        let (done, _bal): (i64, i64) = inv.invoke_async(&mut self.conn.clone()).await?;
+        Ok(done == 1)
+    }
+
+    /// Returns a hold to the balance (a failed request charges nothing).
+    pub async fn release(&self, user: &Uuid, rid: &Uuid) -> Result<bool, redis::RedisError> {
+        let k = self.keys(user);
+        let n: i64 = self
+            .release
+            .key(&k.bal)
+            .key(&k.holds)
+            .arg(rid.to_string())
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Applies a credits row committed in PostgreSQL to a balance already in Redis
+    /// (a no-op for a balance not loaded yet, which will read the row itself).
+    pub async fn grant(
+        &self,
+        user: &Uuid,
+        credit_id: &Uuid,
+        amount: i64,
+    ) -> Result<bool, redis::RedisError> {
+        let k = self.keys(user);
+        let (applied, _): (i64, i64) = self
+            .grant
+            .key(&k.bal)
+            .key(&k.cred)
+            .arg(credit_id.to_string())
+            .arg(amount)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(applied == 1)
+    }
+
+    /// The user's spendable balance, if it is loaded.
+    pub async fn balance(&self, user: &Uuid) -> Result<Option<i64>, redis::RedisError> {
+        let k = self.keys(user);
+        redis::cmd("GET")
+            .arg(&k.bal)
+            .query_async(&mut self.conn.clone())
+            .await
+    }
+
+    /// Loads the balance from PostgreSQL (current credit rows: total − used) minus the
+    /// charges settled in Redis but not yet flushed, unless it is already loaded.
+    pub async fn load(&self, db: &Db, user: &Uuid) -> Result<i64, LedgerError> {
+        let k = self.keys(user);
+        let mut conn = self.conn.clone();
+        for _ in 0..16 {
+            let pend: Vec<(String, i64)> = redis::cmd("HGETALL")
+                .arg(&k.pend)
+                .query_async(&mut conn)
+                .await?;
+            let ids: Vec<Uuid> = pend
+                .iter()
+                .filter_map(|(id, _)| Uuid::parse_str(id).ok())
+                .collect();
+            let client = db.get().await?;
+            let row = client
+                .query_one(
+                    "SELECT
+                       (SELECT coalesce(json_agg(json_build_array(id, total_credits, used_credits)), '[]'::json)
+                          FROM credits WHERE user_id = $1 AND is_current),
+                       (SELECT coalesce(array_agg(id), '{}') FROM usage_history WHERE user_id = $1 AND id = ANY($2))",
+                    &[user, &ids],
+                )
+                .await?;
+            drop(client);
+            let credits: serde_json::Value = row.get(0);
+            let flushed: Vec<Uuid> = row.get(1);
+            let mut available: i64 = 0;
+            let mut inv = self.load.prepare_invoke();
+            inv.key(&k.bal).key(&k.pend).key(&k.cred).key(&k.holds);
+            let rows = credits.as_array().cloned().unwrap_or_default();
+            let mut pairs = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let id = r
+                    .get(0)
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default()
+                    .to_owned();
+                let total = r.get(1).and_then(|v| v.as_i64()).unwrap_or(0);
+                let used = r.get(2).and_then(|v| v.as_i64()).unwrap_or(0);
+                available = available.saturating_add(total - used);
+                pairs.push((id, total));
+            }
+            inv.arg(available).arg(pairs.len());
+            for (id, total) in &pairs {
+                inv.arg(id.as_str()).arg(*total);
+            }
+            inv.arg(pend.len());
+            for (id, _) in &pend {
+                let is_flushed = Uuid::parse_str(id)
+                    .map(|u| flushed.contains(&u))
+                    .unwrap_or(false);
+                inv.arg(id.as_str()).arg(if is_flushed { 1 } else { 0 });
+            }
+            let (ok, bal): (i64, i64) = inv.invoke_async(&mut conn).await?;
+            if ok == 1 {
+                return Ok(bal);
+            }
+            tokio::task::yield_now().await;
+        }
+        Err(LedgerError::Contended)
+    }
+
+    /// Acknowledges flushed entries of one bucket's stream: XACK + XDEL, and drops
+    /// their pending charges. `entries` are (stream entry id, request id, user id).
+    pub async fn ack(
+        &self,
+        bucket: u32,
+        group: &str,
+        entries: &[(String, String, String)],
+    ) -> Result<i64, redis::RedisError> {
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        let mut inv = self.ack.prepare_invoke();
+        inv.key(self.stream_key(bucket));
+        let mut pend_index: std::collections::HashMap<&str, usize> =
+            std::collections::HashMap::new();
+        let mut next = 2usize;
+        for (_, _, user) in entries {
+            if !pend_index.contains_key(user.as_str()) {
+                inv.key(self.pend_key(bucket, user));
+                pend_index.insert(user.as_str(), next);
+                next += 1;
+            }
+        }
+        inv.arg(group);
+        for (entry, rid, user) in entries {
+            inv.arg(entry.as_str())
+                .arg(rid.as_str())
+                .arg(pend_index.get(user.as_str()).copied().unwrap_or(2));
+        }
+        inv.invoke_async(&mut self.conn.clone()).await
+    }
+
+    pub async fn ping(&self) -> Result<(), redis::RedisError> {
+        let _: String = redis::cmd("PING")
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,23 @@
+//! Tollgate: a metering gateway for LLM APIs.
+//!
+//! The modules named after stages of the request path are listed, in order, in the
+//! module doc of [`router`].
+#![forbid(unsafe_code)]
+
+pub mod authenticate;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod flush;
+pub mod forward;
+pub mod ledger;
+pub mod mock_provider;
+pub mod ops;
+pub mod parse;
+pub mod route;
+pub mod router;
+pub mod server;
+pub mod settle;
+pub mod state;
+pub mod stream_back;

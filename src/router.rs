@@ -1,0 +1,420 @@
+//! The HTTP routes and the order of the request path. Every chat completion goes
+//! through these stages, each a module of its own:
+//!
+//! 1. [`accept`](crate::server) — hyper, HTTP/1.1 keep-alive, TCP_NODELAY; a request id
+//!    (UUIDv7) is assigned and returned as `x-request-id` on every response.
+//! 2. [`authenticate`](crate::authenticate) — verify the bearer JWT locally (every route
+//!    except [`UNAUTHENTICATED_ROUTES`]).
+//! 3. [`parse`](crate::parse) — read `model`, `stream`, token limits and a prompt bound.
+//! 4. [`route`](crate::route) — model → provider and price, from memory.
+//! 5. [`reserve`](crate::ledger::Ledger::reserve) — one Lua call holds an upper bound of
+//!    the cost, or answers 429 `insufficient_quota`.
+//! 6. [`forward`](crate::forward) — pooled keep-alive connection to the provider.
+//! 7. [`stream_back`](crate::stream_back) — bytes to the client as they arrive; usage tapped.
+//! 8. [`settle`](crate::settle) — one Lua call charges, releases the rest of the hold and
+//!    appends the usage event, before the client sees the end of the answer.
+//! 9. [`flush`](crate::flush) — off the request path: usage events → PostgreSQL in batches.
+
+use std::convert::Infallible;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use bytes::Bytes;
+use chrono::Utc;
+use http::{header, HeaderValue};
+use http_body_util::BodyExt;
+use hyper::body::Frame;
+use uuid::Uuid;
+
+use crate::authenticate::Principal;
+pub use crate::authenticate::UNAUTHENTICATED_ROUTES;
+use crate::error::ApiError;
+use crate::ledger::{HoldRequest, Reserve};
+use crate::parse::{parse_chat, rewrite_body, ChatRequest};
+use crate::route::Model;
+use crate::settle::{cost, settle, Usage, UsageEvent};
+use crate::state::AppState;
+use crate::stream_back::SseTap;
+
+/// The request id: the key of the hold, the settle and the `usage_history` row.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestId(pub Uuid);
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{id}", get(get_model))
+        .route("/health", get(crate::ops::health))
+        .route("/livez", get(crate::ops::livez))
+        .route("/readyz", get(crate::ops::readyz))
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authenticate,
+        ))
+        .layer(axum::middleware::from_fn(request_id))
+        .with_state(state)
+}
+
+async fn request_id(mut req: Request, next: Next) -> Response {
+    let id = Uuid::now_v7();
+    req.extensions_mut().insert(RequestId(id));
+    let mut resp = next.run(req).await;
+    if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    if UNAUTHENTICATED_ROUTES.contains(&req.uri().path()) {
+        return next.run(req).await;
+    }
+    match state
+        .auth
+        .verify_header(req.headers().get(header::AUTHORIZATION))
+    {
+        Ok(p) => {
+            req.extensions_mut().insert(p);
+            next.run(req).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn list_models(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let data: Vec<_> = state
+        .models
+        .listed()
+        .iter()
+        .map(|m| m.to_openai())
+        .collect();
+    Json(serde_json::json!({"object": "list", "data": data}))
+}
+
+async fn get_model(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(state.models.route(&id)?.to_openai()))
+}
+
+/// Reads the body, refusing more than `limit` bytes with 413.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(ApiError::BodyTooLarge { limit })
+        }
+        Err(e) => Err(ApiError::invalid(format!(
+            "could not read the request body ({e})"
+        ))),
+    }
+}
+
+/// What one admitted request carries from reserve to settle.
+#[derive(Clone)]
+struct Admitted {
+    state: AppState,
+    rid: Uuid,
+    user: Uuid,
+    model: std::sync::Arc<Model>,
+    started: Instant,
+    prompt_bound: i64,
+    stream: bool,
+}
+
+impl Admitted {
+    async fn release(&self) {
+        if let Err(e) = self.state.ledger.release(&self.user, &self.rid).await {
+            // The hold expires on its own (metering.hold_ttl_ms) and is returned then.
+            tracing::warn!(request_id = %self.rid, error = %e, "releasing a hold failed");
+        }
+    }
+
+    fn event(
+        &self,
+        usage: Usage,
+        extra: Option<serde_json::Value>,
+    ) -> Result<UsageEvent, ApiError> {
+        let credits = cost(usage.total_tokens, self.model.credits_per_1k_tokens)
+            .ok_or_else(|| ApiError::internal("cost overflow"))?;
+        let mut meta = serde_json::json!({"stream": self.stream});
+        if usage.estimated {
+            meta["usage_estimated"] = serde_json::Value::Bool(true);
+        }
+        if let (Some(extra), Some(m)) = (extra, meta.as_object_mut()) {
+            if let Some(e) = extra.as_object() {
+                m.extend(e.clone());
+            }
+        }
+        Ok(UsageEvent {
+            id: self.rid,
+            created_at: Utc::now(),
+            user_id: self.user,
+            model_id: self.model.id.clone(),
+            operation: "chat",
+            credits_used: credits,
+            input_tokens: usage.prompt_tokens,
+            output_tokens: usage.completion_tokens,
+            total_tokens: usage.total_tokens,
+            duration_ms: i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX),
+            metadata: Some(meta),
+        })
+    }
+
+    async fn settle(&self, usage: Usage, extra: Option<serde_json::Value>) -> Result<(), ApiError> {
+        let event = self.event(usage, extra)?;
+        settle(&self.state, &event).await.map_err(|e| {
+            tracing::error!(request_id = %self.rid, error = %e, "usage could not be recorded");
+            ApiError::Unavailable {
+                message: "the usage of this request could not be recorded; retry shortly".into(),
+            }
+        })
+    }
+
+    /// Usage when the provider reported none: the prompt bound plus a token per four
+    /// bytes received, marked as estimated.
+    fn estimate(&self, bytes: usize) -> Usage {
+        let completion = i64::try_from(bytes.div_ceil(4)).unwrap_or(i64::MAX);
+        Usage {
+            prompt_tokens: self.prompt_bound,
+            completion_tokens: completion,
+            total_tokens: self.prompt_bound.saturating_add(completion),
+            estimated: true,
+        }
+    }
+}
+
+/// Reserve, loading the balance from PostgreSQL on first use.
+async fn reserve(
+    state: &AppState,
+    user: &Uuid,
+    rid: &Uuid,
+    model: &Model,
+    chat: &ChatRequest,
+) -> Result<(i64, i64), ApiError> {
+    let cap = model.output_cap();
+    let want = chat.max_tokens.map_or(cap, |m| m.min(cap));
+    let m = &state.cfg.metering;
+    let hold = HoldRequest {
+        price_per_1k: model.credits_per_1k_tokens,
+        prompt_tokens: chat.prompt_tokens_bound,
+        max_tokens: want,
+        min_tokens: i64::from(m.min_output_tokens),
+        ttl_ms: u64::try_from(m.hold_ttl.as_millis()).unwrap_or(u64::MAX),
+    };
+    for _ in 0..3 {
+        let r = state
+            .ledger
+            .reserve(user, rid, &hold)
+            .await
+            .map_err(|e| ApiError::unavailable("redis", e))?;
+        match r {
+            Reserve::Admitted {
+                hold, max_tokens, ..
+            } => return Ok((hold, max_tokens)),
+            Reserve::Insufficient { .. } => return Err(ApiError::InsufficientQuota),
+            Reserve::NeedsLoad => {
+                state
+                    .ledger
+                    .load(&state.db, user)
+                    .await
+                    .map_err(|e| ApiError::unavailable("credit ledger", e))?;
+            }
+        }
+    }
+    Err(ApiError::unavailable(
+        "credit ledger",
+        "balance did not load",
+    ))
+}
+
+async fn chat_completions(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Extension(RequestId(rid)): Extension<RequestId>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let body = read_body(req.into_body(), state.cfg.max_body_bytes).await?;
+    let chat = parse_chat(&body, i64::from(state.cfg.metering.image_tokens))?;
+    let model = state.models.route(&chat.model)?;
+    let provider_ok = state.upstream.provider(&model.provider).is_ok();
+    if !provider_ok {
+        return Err(ApiError::ProviderNotImplemented {
+            provider: model.provider.clone(),
+        });
+    }
+    let want = chat
+        .max_tokens
+        .map_or(model.output_cap(), |m| m.min(model.output_cap()));
+    let (_hold, max_tokens) = reserve(&state, &principal.user_id, &rid, &model, &chat).await?;
+    let adm = Admitted {
+        state: state.clone(),
+        rid,
+        user: principal.user_id,
+        model: model.clone(),
+        started,
+        prompt_bound: chat.prompt_tokens_bound,
+        stream: chat.stream,
+    };
+    let lowered = (max_tokens < want).then_some(max_tokens);
+    let upstream_body = match rewrite_body(&body, &chat, &model.name, lowered) {
+        Ok(Some(b)) => Bytes::from(b),
+        Ok(None) => body,
+        Err(e) => {
+            adm.release().await;
+            return Err(e);
+        }
+    };
+    // From here on the request runs in its own task: a client that disconnects cannot
+    // cancel the settle of what the provider produced.
+    let include_usage = chat.include_usage;
+    let handle = state.tasks.spawn(async move {
+        if adm.stream {
+            forward_stream(adm, upstream_body, include_usage).await
+        } else {
+            forward_json(adm, upstream_body).await
+        }
+    });
+    handle.await.map_err(ApiError::internal)?
+}
+
+/// Sends the request upstream; a failure or a non-2xx answer releases the hold.
+async fn send(
+    adm: &Admitted,
+    body: Bytes,
+) -> Result<http::Response<hyper::body::Incoming>, ApiError> {
+    let provider = adm.state.upstream.provider(&adm.model.provider)?;
+    let resp = match provider.chat(body, adm.stream).await {
+        Ok(r) => r,
+        Err(e) => {
+            adm.release().await;
+            return Err(e);
+        }
+    };
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let body = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    adm.release().await;
+    tracing::info!(request_id = %adm.rid, %status, "upstream answered with an error");
+    Err(if status.is_server_error() {
+        ApiError::BadGateway {
+            message: format!("the upstream provider failed ({status})"),
+        }
+    } else {
+        ApiError::Upstream { status, body }
+    })
+}
+
+async fn forward_json(adm: Admitted, body: Bytes) -> Result<Response, ApiError> {
+    let resp = send(&adm, body).await?;
+    let status = resp.status();
+    let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
+    let limit = adm.state.cfg.max_response_bytes;
+    let bytes = match http_body_util::Limited::new(resp.into_body(), limit)
+        .collect()
+        .await
+    {
+        Ok(c) => c.to_bytes(),
+        Err(e) => {
+            adm.release().await;
+            tracing::warn!(request_id = %adm.rid, error = %e, "upstream body failed");
+            return Err(ApiError::BadGateway {
+                message: "the upstream provider's answer was cut off".into(),
+            });
+        }
+    };
+    let usage = Usage::from_openai_json(&bytes).unwrap_or_else(|| adm.estimate(bytes.len()));
+    adm.settle(usage, None).await?;
+    let mut out = Response::new(Body::from(bytes));
+    *out.status_mut() = status;
+    out.headers_mut().insert(
+        header::CONTENT_TYPE,
+        content_type.unwrap_or_else(|| HeaderValue::from_static("application/json")),
+    );
+    Ok(out)
+}
+
+async fn forward_stream(
+    adm: Admitted,
+    body: Bytes,
+    include_usage: bool,
+) -> Result<Response, ApiError> {
+    let resp = send(&adm, body).await?;
+    let status = resp.status();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
+    let state = adm.state.clone();
+    state.tasks.spawn(async move {
+        let mut upstream = resp.into_body();
+        let mut tap = SseTap::new(include_usage);
+        let mut client_gone = false;
+        let mut cut = false;
+        while let Some(frame) = upstream.frame().await {
+            match frame {
+                Ok(f) => {
+                    if let Ok(data) = f.into_data() {
+                        if let Some(out) = tap.feed(data) {
+                            if !client_gone && tx.send(out).await.is_err() {
+                                client_gone = true;
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(request_id = %adm.rid, error = %e, "upstream stream cut");
+                    cut = true;
+                    break;
+                }
+            }
+        }
+        let usage = tap
+            .usage()
+            .unwrap_or_else(|| adm.estimate(tap.bytes_seen()));
+        let mut extra = serde_json::Map::new();
+        if client_gone {
+            extra.insert("client_disconnected".into(), serde_json::Value::Bool(true));
+        }
+        if cut {
+            extra.insert("upstream_cut".into(), serde_json::Value::Bool(true));
+        }
+        let extra = (!extra.is_empty()).then_some(serde_json::Value::Object(extra));
+        if adm.settle(usage, extra).await.is_ok() && !client_gone {
+            let tail = tap.finish();
+            if !tail.is_empty() {
+                let _ = tx.send(tail).await;
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+    });
+    let mut out = Response::new(Body::new(http_body_util::StreamBody::new(stream)));
+    *out.status_mut() = status;
+    let h = out.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    Ok(out)
+}

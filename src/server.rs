@@ -1,0 +1,215 @@
+//! Stage 1, accept, and the gateway's lifecycle: build the state, start the background
+//! tasks (model refresh, partition upkeep, usage flusher), serve until the shutdown
+//! future resolves, then drain: stop accepting, let in-flight requests finish within
+//! the grace period, and flush the usage they settled.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
+
+use crate::authenticate::Authenticator;
+use crate::config::Config;
+use crate::db::Db;
+use crate::flush::Flusher;
+use crate::forward::Upstream;
+use crate::ledger::Ledger;
+use crate::route::Models;
+use crate::state::{AppState, Inner};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Connects to Redis, retrying for a while (the gateway may start before it).
+async fn connect_ledger(cfg: &Config) -> Result<Ledger, BoxError> {
+    let mut last = None;
+    for _ in 0..20 {
+        match Ledger::connect(&cfg.redis.url, &cfg.redis.key_prefix, cfg.redis.buckets).await {
+            Ok(l) => return Ok(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "redis not reachable yet");
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    Err(format!(
+        "redis at {}: {}",
+        redact(&cfg.redis.url),
+        last.map(|e| e.to_string()).unwrap_or_default()
+    )
+    .into())
+}
+
+/// A URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_owned(),
+    }
+}
+
+/// Builds the shared state (connections, keys, the model cache).
+pub async fn build_state(cfg: Config) -> Result<AppState, BoxError> {
+    let db = Db::new(&cfg.database)?;
+    let ledger = connect_ledger(&cfg).await?;
+    let auth = Authenticator::from_config(&cfg.auth)?;
+    let upstream = Upstream::new(&cfg.providers)?;
+    let models = Models::default();
+    match models.refresh(&db).await {
+        Ok(n) => tracing::info!(models = n, "model table loaded"),
+        Err(e) => {
+            tracing::warn!(error = %e, "model table not loaded yet; retrying in the background")
+        }
+    }
+    Ok(AppState(Arc::new(Inner {
+        cfg,
+        db,
+        ledger,
+        auth,
+        models,
+        upstream,
+        draining: AtomicBool::new(false),
+        tasks: TaskTracker::new(),
+    })))
+}
+
+/// Serves on `listener` until `shutdown` resolves; returns once drained.
+pub async fn run(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), BoxError> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let background = TaskTracker::new();
+
+    // Model refresh and partition upkeep.
+    {
+        let state = state.clone();
+        let mut stop = stop_rx.clone();
+        background.spawn(async move {
+            let mut tick = tokio::time::interval(state.cfg.models_refresh);
+            let mut partitions_at = tokio::time::Instant::now();
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.changed() => break,
+                }
+                if let Err(e) = state.models.refresh(&state.db).await {
+                    tracing::warn!(error = %e, "model refresh failed");
+                }
+                if tokio::time::Instant::now() >= partitions_at {
+                    match state.db.get().await {
+                        Ok(c) => match crate::db::ensure_partitions(
+                            &c,
+                            state.cfg.database.partitions_ahead_months,
+                        )
+                        .await
+                        {
+                            Ok(n) => {
+                                if n > 0 {
+                                    tracing::info!(created = n, "usage_history partitions created");
+                                }
+                                partitions_at =
+                                    tokio::time::Instant::now() + Duration::from_secs(3600);
+                            }
+                            Err(e) => tracing::warn!(error = %e, "partition upkeep failed"),
+                        },
+                        Err(e) => tracing::warn!(error = %e, "partition upkeep: no connection"),
+                    }
+                }
+            }
+        });
+    }
+
+    // The usage flusher.
+    let flusher = Flusher::new(
+        state.ledger.clone(),
+        state.db.clone(),
+        state.cfg.flush.clone(),
+    );
+    let flusher_handle = tokio::spawn(flusher.run(stop_rx.clone()));
+
+    let app = crate::router::router(state.clone());
+    let graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let service = TowerToHyperService::new(app.clone());
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                let conn = graceful.watch(conn.into_owned());
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    state.draining.store(true, Ordering::SeqCst);
+    tracing::info!("shutting down: draining in-flight requests");
+    let grace = state.cfg.shutdown_grace;
+    state.tasks.close();
+    let drained = tokio::time::timeout(grace, async {
+        graceful.shutdown().await;
+        state.tasks.wait().await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("grace period over with requests still in flight");
+    }
+    let _ = stop_tx.send(true);
+    background.close();
+    let _ = tokio::time::timeout(grace, async {
+        let _ = flusher_handle.await;
+        background.wait().await;
+    })
+    .await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

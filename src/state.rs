@@ -1,0 +1,37 @@
+//! Shared state of a running gateway: `AppState(Arc<Inner>)`.
+
+use std::ops::Deref;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use tokio_util::task::TaskTracker;
+
+use crate::authenticate::Authenticator;
+use crate::config::Config;
+use crate::db::Db;
+use crate::forward::Upstream;
+use crate::ledger::Ledger;
+use crate::route::Models;
+
+pub struct Inner {
+    pub cfg: Config,
+    pub db: Db,
+    pub ledger: Ledger,
+    pub auth: Authenticator,
+    pub models: Models,
+    pub upstream: Upstream,
+    /// Set on SIGTERM: `/readyz` answers 503 while in-flight requests finish.
+    pub draining: AtomicBool,
+    /// Request tails (streams draining, settles) that shutdown must wait for.
+    pub tasks: TaskTracker,
+}
+
+#[derive(Clone)]
+pub struct AppState(pub Arc<Inner>);
+
+impl Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}

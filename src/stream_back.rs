@@ -1,0 +1,225 @@
+//! Stage 7, stream back: pass the provider's server-sent events to the client as they
+//! arrive, while tapping them for the usage the provider reports in its last chunk.
+//!
+//! The tap forwards each complete event as soon as its terminating blank line arrives
+//! (a frame that is exactly whole events is passed on without a copy). It withholds
+//! two things: the usage-only chunk (`"choices":[]` with a `usage` object) when the
+//! client did not ask for it — the gateway asked upstream on its behalf — and the
+//! closing `data: [DONE]`, which is sent only after the request is settled, so a
+//! client that saw the end of the stream knows its usage is recorded.
+
+use bytes::{Bytes, BytesMut};
+use memchr::memmem;
+
+use crate::settle::Usage;
+
+pub struct SseTap {
+    buf: BytesMut,
+    client_wants_usage: bool,
+    usage: Option<Usage>,
+    done: bool,
+    bytes: usize,
+}
+
+#[derive(serde::Deserialize)]
+struct ChoicesOnly {
+    #[serde(default)]
+    choices: Option<Vec<serde::de::IgnoredAny>>,
+}
+
+fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
+    let lf = memmem::find(buf, b"\n\n").map(|i| (i, i + 2));
+    let crlf = memmem::find(buf, b"\r\n\r\n").map(|i| (i, i + 4));
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The `data:` payload of one event (multiple data lines joined by `\n`).
+fn event_data(event: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for line in event.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some(rest) = line.strip_prefix(b"data:") {
+            let rest = rest.strip_prefix(b" ").unwrap_or(rest);
+            if !out.is_empty() {
+                out.push(b'\n');
+            }
+            out.extend_from_slice(rest);
+        }
+    }
+    out
+}
+
+impl SseTap {
+    pub fn new(client_wants_usage: bool) -> SseTap {
+        SseTap {
+            buf: BytesMut::new(),
+            client_wants_usage,
+            usage: None,
+            done: false,
+            bytes: 0,
+        }
+    }
+
+    /// The usage the provider reported, if any.
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+
+    /// Bytes received from the provider so far.
+    pub fn bytes_seen(&self) -> usize {
+        self.bytes
+    }
+
+    /// Feeds one frame from the provider; returns what to send the client now.
+    pub fn feed(&mut self, chunk: Bytes) -> Option<Bytes> {
+        self.bytes += chunk.len();
+        if self.buf.is_empty()
+            && chunk.ends_with(b"\n\n")
+            && memmem::find(&chunk, b"\"usage\":{").is_none()
+            && memmem::find(&chunk, b"[DONE]").is_none()
+        {
+            return Some(chunk);
+        }
+        self.buf.extend_from_slice(&chunk);
+        let mut out = BytesMut::new();
+        while let Some((end, next)) = find_event_end(&self.buf) {
+            let event = self.buf.split_to(next);
+            self.process(&event[..end], &event, &mut out);
+        }
+        (!out.is_empty()).then(|| out.freeze())
+    }
+
+    fn process(&mut self, body: &[u8], whole: &[u8], out: &mut BytesMut) {
+        let data = event_data(body);
+        if data == b"[DONE]" {
+            self.done = true;
+            return;
+        }
+        if memmem::find(&data, b"\"usage\"").is_some() {
+            if let Some(u) = Usage::from_openai_json(&data) {
+                self.usage = Some(u);
+                let usage_only = serde_json::from_slice::<ChoicesOnly>(&data)
+                    .map(|c| c.choices.map(|v| v.is_empty()).unwrap_or(true))
+                    .unwrap_or(false);
+                if usage_only && !self.client_wants_usage {
+                    return;
+                }
+            }
+        }
+        out.extend_from_slice(whole);
+    }
+
+    /// After the provider's stream ended (and the request is settled): whatever is
+    /// left, then the withheld `[DONE]`.
+    pub fn finish(&mut self) -> Bytes {
+        let mut out = BytesMut::new();
+        if !self.buf.is_empty() {
+            let rest = self.buf.split();
+            out.extend_from_slice(&rest);
+            if !rest.ends_with(b"\n\n") {
+                out.extend_from_slice(b"\n\n");
+            }
+        }
+        if self.done {
+            out.extend_from_slice(b"data: [DONE]\n\n");
+        }
+        out.freeze()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const STREAM: &str = concat!(
+        "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo\"},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2,\"total_tokens\":7}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    fn run(tap: &mut SseTap, pieces: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for p in pieces {
+            if let Some(b) = tap.feed(Bytes::copy_from_slice(p)) {
+                out.extend_from_slice(&b);
+            }
+        }
+        out.extend_from_slice(&tap.finish());
+        out
+    }
+
+    #[test]
+    fn strips_usage_chunk_the_client_did_not_ask_for() {
+        let mut tap = SseTap::new(false);
+        let out = run(&mut tap, &[STREAM.as_bytes()]);
+        let s = String::from_utf8(out).unwrap();
+        assert!(!s.contains("\"choices\":[]"), "{s}");
+        assert!(s.ends_with("data: [DONE]\n\n"));
+        assert_eq!(s.matches("data: ").count(), 4);
+        assert_eq!(tap.usage().unwrap().total_tokens, 7);
+    }
+
+    #[test]
+    fn keeps_usage_chunk_when_asked() {
+        let mut tap = SseTap::new(true);
+        let out = run(&mut tap, &[STREAM.as_bytes()]);
+        assert_eq!(out, STREAM.as_bytes());
+    }
+
+    #[test]
+    fn done_is_withheld_until_finish() {
+        let mut tap = SseTap::new(true);
+        let mut out = Vec::new();
+        if let Some(b) = tap.feed(Bytes::from_static(STREAM.as_bytes())) {
+            out.extend_from_slice(&b);
+        }
+        assert!(!String::from_utf8_lossy(&out).contains("[DONE]"));
+        assert_eq!(&tap.finish()[..], b"data: [DONE]\n\n");
+    }
+
+    #[test]
+    fn whole_event_frames_pass_without_copy() {
+        let mut tap = SseTap::new(false);
+        let frame =
+            Bytes::from_static(b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\n");
+        let out = tap.feed(frame.clone()).unwrap();
+        assert_eq!(out.as_ptr(), frame.as_ptr());
+    }
+
+    #[test]
+    fn crlf_events_are_understood() {
+        let s = STREAM.replace("\n\n", "\r\n\r\n");
+        let mut tap = SseTap::new(false);
+        let out = run(&mut tap, &[s.as_bytes()]);
+        assert_eq!(tap.usage().unwrap().total_tokens, 7);
+        assert!(!String::from_utf8(out).unwrap().contains("\"choices\":[]"));
+    }
+
+    proptest! {
+        /// Split anywhere, the tap yields the same bytes and the same usage.
+        #[test]
+        fn framing_does_not_matter(cuts in proptest::collection::vec(0usize..STREAM.len(), 0..12), wants in any::<bool>()) {
+            let mut whole = SseTap::new(wants);
+            let expected = run(&mut whole, &[STREAM.as_bytes()]);
+            let mut cuts = cuts;
+            cuts.sort_unstable();
+            cuts.dedup();
+            let bytes = STREAM.as_bytes();
+            let mut pieces = Vec::new();
+            let mut last = 0;
+            for c in cuts { pieces.push(&bytes[last..c]); last = c; }
+            pieces.push(&bytes[last..]);
+            let mut split = SseTap::new(wants);
+            let got = run(&mut split, &pieces);
+            prop_assert_eq!(got, expected);
+            prop_assert_eq!(split.usage(), whole.usage());
+        }
+    }
+}
