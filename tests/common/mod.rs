@@ -1,0 +1,347 @@
+//! Black-box test harness: real PostgreSQL, real Redis, the real `tollgate` binary on
+//! port 0. Each test gets a fresh database cloned from a migrated and seeded template,
+//! its own Redis key prefix and its own signing key.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+
+pub const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub const REDIS: &str = "redis://127.0.0.1:6379";
+pub const PROVIDER_KEY: &str = "sk-test-provider-key";
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tollgate")
+}
+
+pub fn config_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tollgate.toml")
+}
+
+pub fn db_url(name: &str) -> String {
+    format!("postgres://postgres@127.0.0.1:5432/{name}")
+}
+
+pub async fn pg(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect to PostgreSQL");
+    tokio::spawn(conn);
+    client
+}
+
+/// Name of the template database for the current migrations and seeds.
+fn template_name() -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for dir in ["migrations", "seeds"] {
+        let mut files: Vec<_> = std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(dir))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        for f in files {
+            for b in std::fs::read(&f).unwrap() {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+    }
+    format!("tollgate_tpl_{h:016x}")
+}
+
+/// Creates the template once (across test processes, under an advisory lock) by
+/// running the real `tollgate migrate` and `tollgate seed` against it.
+async fn ensure_template() -> String {
+    let name = template_name();
+    let admin = pg(PG_ADMIN).await;
+    admin.execute("SELECT pg_advisory_lock(7415)", &[]).await.unwrap();
+    let exists = admin.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await.unwrap().is_some();
+    if !exists {
+        let building = format!("{name}_building");
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)")).await.unwrap();
+        admin.batch_execute(&format!("CREATE DATABASE {building}")).await.unwrap();
+        for cmd in [["migrate"], ["seed"]] {
+            let out = std::process::Command::new(bin())
+                .args(cmd)
+                .arg("--config")
+                .arg(config_path())
+                .env("DATABASE_URL", db_url(&building))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        admin.batch_execute(&format!("ALTER DATABASE {building} RENAME TO {name}")).await.unwrap();
+    }
+    admin.execute("SELECT pg_advisory_unlock(7415)", &[]).await.unwrap();
+    name
+}
+
+/// A running process that printed `listening on http://ADDR`.
+pub struct Proc {
+    pub child: Child,
+    pub addr: String,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id().map(|p| p as i32).unwrap_or(0)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let st = std::process::Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().unwrap();
+        assert!(st.success());
+    }
+}
+
+async fn spawn_listening(mut cmd: Command, log: PathBuf) -> Proc {
+    let logf = std::fs::File::create(&log).unwrap();
+    cmd.stdout(Stdio::piped()).stderr(Stdio::from(logf)).kill_on_drop(true);
+    let mut child = cmd.spawn().expect("spawn tollgate");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(a) = line.strip_prefix("listening on http://") {
+                return a.trim().to_owned();
+            }
+        }
+        panic!("exited before listening: {}", std::fs::read_to_string(&log).unwrap_or_default());
+    })
+    .await
+    .unwrap_or_else(|_| panic!("not listening within 30 s: {}", std::fs::read_to_string(&log).unwrap_or_default()));
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Proc { child, addr, log }
+}
+
+pub struct TestEnv {
+    pub db_name: String,
+    pub db_url: String,
+    pub prefix: String,
+    pub dir: tempfile::TempDir,
+    pub http: Client<HttpConnector, Full<Bytes>>,
+    pub extra_env: Vec<(String, String)>,
+}
+
+impl TestEnv {
+    pub async fn new() -> TestEnv {
+        let template = ensure_template().await;
+        let id = Uuid::new_v4().simple().to_string();
+        let db_name = format!("tg_test_{id}");
+        let admin = pg(PG_ADMIN).await;
+        admin.batch_execute(&format!("CREATE DATABASE {db_name} TEMPLATE {template}")).await.unwrap();
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        TestEnv {
+            db_url: db_url(&db_name),
+            db_name,
+            prefix: format!("t{}:", &id[..12]),
+            dir: tempfile::tempdir().unwrap(),
+            http: Client::builder(TokioExecutor::new()).build(http),
+            extra_env: Vec::new(),
+        }
+    }
+
+    /// Sets an extra environment variable for every process started afterwards.
+    pub fn env(&mut self, k: &str, v: &str) {
+        self.extra_env.push((k.to_owned(), v.to_owned()));
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin());
+        c.args(args)
+            .arg("--config")
+            .arg(config_path())
+            .env("DATABASE_URL", &self.db_url)
+            .env("REDIS_URL", REDIS)
+            .env("TOLLGATE__REDIS__KEY_PREFIX", &self.prefix)
+            .env("TOLLGATE__AUTH__SIGNING_KEY_PATH", self.dir.path().join("signing.pem"))
+            .env("TOLLGATE__FLUSH__INTERVAL_MS", "20")
+            .env("TOLLGATE__FLUSH__CLAIM_IDLE_MS", "1000")
+            .env("OPENAI_API_KEY", PROVIDER_KEY)
+            .env("RUST_LOG", "info");
+        for (k, v) in &self.extra_env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// Runs a CLI command; returns trimmed stdout, panicking on failure.
+    pub async fn cli(&self, args: &[&str]) -> String {
+        let out = self.command(args).output().await.unwrap();
+        assert!(out.status.success(), "tollgate {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    /// Runs a CLI command; returns (success, stdout, stderr).
+    pub async fn cli_raw(&self, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+        let mut c = self.command(args);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out = c.output().await.unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub async fn mock(&self, opts: &[&str]) -> Proc {
+        let mut c = Command::new(bin());
+        c.args(["mock-provider", "--listen", "127.0.0.1:0"]).args(opts);
+        spawn_listening(c, self.dir.path().join(format!("mock-{}.log", Uuid::new_v4().simple()))).await
+    }
+
+    pub async fn gateway(&self, mock: &Proc) -> Proc {
+        self.gateway_with(mock, &[]).await
+    }
+
+    pub async fn gateway_with(&self, mock: &Proc, env: &[(&str, &str)]) -> Proc {
+        let mut c = self.command(&["serve"]);
+        c.env("TOLLGATE__SERVER__LISTEN", "127.0.0.1:0")
+            .env("TOLLGATE__PROVIDERS__OPENAI__BASE_URL", format!("http://{}/v1", mock.addr));
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        spawn_listening(c, self.dir.path().join(format!("gw-{}.log", Uuid::new_v4().simple()))).await
+    }
+
+    /// Creates a user with `credits` granted; returns (user id, access token).
+    pub async fn user(&self, credits: i32) -> (Uuid, String) {
+        let email = format!("u{}@example.com", &Uuid::new_v4().simple().to_string()[..10]);
+        let id = Uuid::parse_str(&self.cli(&["user", "create", "--email", &email]).await).unwrap();
+        if credits > 0 {
+            self.cli(&["credits", "grant", "--email", &email, "--amount", &credits.to_string()]).await;
+        }
+        let token = self.cli(&["token", "issue", "--email", &email]).await;
+        (id, token)
+    }
+
+    pub async fn db(&self) -> tokio_postgres::Client {
+        pg(&self.db_url).await
+    }
+
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(REDIS).unwrap().get_multiplexed_async_connection().await.unwrap()
+    }
+
+    /// The user's live balance in Redis (None if not loaded).
+    pub async fn redis_balance(&self, user: &Uuid) -> Option<i64> {
+        let mut r = self.redis().await;
+        let keys: Vec<String> =
+            redis::cmd("KEYS").arg(format!("{}*:bal:{user}", self.prefix)).query_async(&mut r).await.unwrap();
+        match keys.first() {
+            Some(k) => redis::cmd("GET").arg(k).query_async(&mut r).await.unwrap(),
+            None => None,
+        }
+    }
+
+    pub async fn request(
+        &self,
+        method: &str,
+        url: &str,
+        token: Option<&str>,
+        body: Option<Vec<u8>>,
+    ) -> (u16, HashMap<String, String>, Bytes) {
+        let mut b = http::Request::builder().method(method).uri(url).header("content-type", "application/json");
+        if let Some(t) = token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        let req = b.body(Full::new(Bytes::from(body.unwrap_or_default()))).unwrap();
+        let resp = self.http.request(req).await.expect("request");
+        let status = resp.status().as_u16();
+        let headers = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+            .collect();
+        let body = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        (status, headers, body)
+    }
+
+    pub async fn chat(&self, gw: &Proc, token: &str, body: serde_json::Value) -> (u16, HashMap<String, String>, Bytes) {
+        self.request("POST", &gw.url("/v1/chat/completions"), Some(token), Some(serde_json::to_vec(&body).unwrap()))
+            .await
+    }
+
+    /// Waits until `sql` (returning one bigint) yields `want`; returns the last value.
+    pub async fn wait_for_count(&self, sql: &str, want: i64, timeout: Duration) -> i64 {
+        let db = self.db().await;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let n: i64 = db.query_one(sql, &[]).await.unwrap().get(0);
+            if n == want || Instant::now() > deadline {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub async fn usage_rows(&self) -> i64 {
+        self.db().await.query_one("SELECT count(*) FROM usage_history", &[]).await.unwrap().get(0)
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let db = self.db_name.clone();
+        let prefix = self.prefix.clone();
+        // Clean up on a separate thread with its own runtime (Drop may run inside one).
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            rt.block_on(async move {
+                if let Ok((c, conn)) = tokio_postgres::connect(PG_ADMIN, tokio_postgres::NoTls).await {
+                    tokio::spawn(conn);
+                    let _ = c.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await;
+                }
+                if let Ok(client) = redis::Client::open(REDIS) {
+                    if let Ok(mut r) = client.get_multiplexed_async_connection().await {
+                        let keys: Vec<String> = redis::cmd("KEYS")
+                            .arg(format!("{prefix}*"))
+                            .query_async(&mut r)
+                            .await
+                            .unwrap_or_default();
+                        for k in keys {
+                            let _: Result<(), _> = redis::cmd("DEL").arg(k).query_async(&mut r).await;
+                        }
+                    }
+                }
+            });
+        })
+        .join();
+    }
+}
+
+pub fn json(b: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(b).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(b)))
+}
+
+/// Asserts an OpenAI-shaped error body and returns its `error` object.
+pub fn openai_error(b: &[u8]) -> serde_json::Value {
+    let v = json(b);
+    let e = v.get("error").cloned().unwrap_or_else(|| panic!("no `error` in {v}"));
+    for k in ["message", "type", "param", "code"] {
+        assert!(e.get(k).is_some(), "error body lacks `{k}`: {v}");
+    }
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
+    e
+}

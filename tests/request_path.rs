@@ -1,0 +1,323 @@
+//! The metered request path, black-box: the real binary, real PostgreSQL and Redis,
+//! the bundled mock provider.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use http_body_util::BodyExt;
+use serde_json::json;
+use uuid::Uuid;
+
+const FLUSH_WAIT: Duration = Duration::from_secs(15);
+
+async fn mock_stats(env: &TestEnv, mock: &Proc) -> serde_json::Value {
+    let (s, _, b) = env.request("GET", &mock.url("/_mock/stats"), None, None).await;
+    assert_eq!(s, 200);
+    json(&b)
+}
+
+#[tokio::test]
+async fn completion_is_forwarded_and_billed_exactly() {
+    let env = TestEnv::new().await;
+    // 1000 + 501 = 1501 tokens at 2 credits/1k = ceil(3.002) = 4 credits.
+    let mock = env.mock(&["--prompt-tokens", "1000", "--completion-tokens", "501"]).await;
+    let gw = env.gateway(&mock).await;
+    let (user, token) = env.user(1000).await;
+
+    let (status, headers, body) = env
+        .chat(&gw, &token, json!({"model": "gpt-5", "max_tokens": 600, "messages": [{"role": "user", "content": "x".repeat(1200)}]}))
+        .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let v = json(&body);
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["usage"]["total_tokens"], 1501);
+    let rid = Uuid::parse_str(&headers["x-request-id"]).unwrap();
+
+    // The provider got our key, never the user's token.
+    let stats = mock_stats(&env, &mock).await;
+    assert_eq!(stats["authorization"], format!("Bearer {PROVIDER_KEY}"));
+
+    let n = env.wait_for_count(&format!("SELECT count(*) FROM usage_history WHERE id = '{rid}'"), 1, FLUSH_WAIT).await;
+    assert_eq!(n, 1, "the usage row must be flushed");
+    let db = env.db().await;
+    let row = db
+        .query_one(
+            "SELECT user_id, model_id, operation::text, credits_used, input_tokens, output_tokens, total_tokens, credit_id
+               FROM usage_history WHERE id = $1",
+            &[&rid],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Uuid>(0), user);
+    assert_eq!(row.get::<_, String>(1), "gpt-5");
+    assert_eq!(row.get::<_, String>(2), "chat");
+    assert_eq!(row.get::<_, i32>(3), 4);
+    assert_eq!((row.get::<_, i32>(4), row.get::<_, i32>(5), row.get::<_, i32>(6)), (1000, 501, 1501));
+    assert!(row.get::<_, Option<Uuid>>(7).is_some(), "the row names the credits row it was charged to");
+    let used: i32 = db.query_one("SELECT sum(used_credits)::int FROM credits WHERE user_id = $1", &[&user]).await.unwrap().get(0);
+    assert_eq!(used, 4);
+    assert_eq!(env.redis_balance(&user).await, Some(996));
+}
+
+/// Reads a streamed response frame by frame, timestamping each.
+async fn read_stream(env: &TestEnv, gw: &Proc, token: &str, body: serde_json::Value) -> (u16, String, Vec<(Instant, String)>) {
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(gw.url("/v1/chat/completions"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(serde_json::to_vec(&body).unwrap())))
+        .unwrap();
+    let resp = env.http.request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let rid = resp.headers().get("x-request-id").unwrap().to_str().unwrap().to_owned();
+    let mut body = resp.into_body();
+    let mut frames = Vec::new();
+    while let Some(f) = body.frame().await {
+        if let Ok(d) = f.unwrap().into_data() {
+            frames.push((Instant::now(), String::from_utf8(d.to_vec()).unwrap()));
+        }
+    }
+    (status, rid, frames)
+}
+
+#[tokio::test]
+async fn stream_is_passed_through_chunk_by_chunk_and_billed() {
+    let env = TestEnv::new().await;
+    let mock = env
+        .mock(&["--chunks", "5", "--chunk-interval-ms", "60", "--prompt-tokens", "20", "--completion-tokens", "480"])
+        .await;
+    let gw = env.gateway(&mock).await;
+    let (user, token) = env.user(100).await;
+
+    // The client does not ask for usage: the gateway asks upstream and strips the chunk.
+    let (status, rid, frames) = read_stream(
+        &env,
+        &gw,
+        &token,
+        json!({"model": "gpt-5", "stream": true, "max_tokens": 500, "messages": [{"role": "user", "content": "hello"}]}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let all: String = frames.iter().map(|f| f.1.as_str()).collect();
+    let events: Vec<&str> = all.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(events.last(), Some(&"data: [DONE]"));
+    assert!(!all.contains("\"choices\":[]"), "usage chunk must be removed: {all}");
+    let content: Vec<&str> = events.iter().filter(|e| e.contains("\"content\":\"tok")).copied().collect();
+    assert_eq!(content.len(), 5);
+    // Chunk by chunk: the first content arrived while the provider was still producing.
+    let first = frames.iter().find(|f| f.1.contains("\"content\":\"tok")).unwrap().0;
+    let done = frames.iter().find(|f| f.1.contains("[DONE]")).unwrap().0;
+    assert!(frames.len() >= 6, "events must not be coalesced into one write: {} frames", frames.len());
+    assert!(done.duration_since(first) >= Duration::from_millis(120), "stream was buffered");
+
+    // The client asks for usage: it gets the usage chunk.
+    let (_, rid2, frames2) = read_stream(
+        &env,
+        &gw,
+        &token,
+        json!({"model": "gpt-5", "stream": true, "stream_options": {"include_usage": true}, "max_tokens": 500,
+               "messages": [{"role": "user", "content": "hello"}]}),
+    )
+    .await;
+    let all2: String = frames2.iter().map(|f| f.1.as_str()).collect();
+    assert!(all2.contains("\"choices\":[],\"usage\":{\"prompt_tokens\":20,\"completion_tokens\":480,\"total_tokens\":500}"), "{all2}");
+
+    let n = env
+        .wait_for_count(
+            &format!("SELECT count(*) FROM usage_history WHERE id IN ('{rid}', '{rid2}') AND credits_used = 1 AND total_tokens = 500"),
+            2,
+            FLUSH_WAIT,
+        )
+        .await;
+    assert_eq!(n, 2);
+    assert_eq!(env.redis_balance(&user).await, Some(98));
+}
+
+#[tokio::test]
+async fn out_of_credits_is_refused_before_upstream() {
+    let env = TestEnv::new().await;
+    let mock = env.mock(&[]).await;
+    let gw = env.gateway(&mock).await;
+    let (user, token) = env.user(0).await;
+    let (status, headers, body) =
+        env.chat(&gw, &token, json!({"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]})).await;
+    assert_eq!(status, 429);
+    assert_eq!(headers.get("x-should-retry").map(String::as_str), Some("false"));
+    assert!(headers.contains_key("x-request-id"));
+    assert_eq!(openai_error(&body)["code"], "insufficient_quota");
+    assert_eq!(mock_stats(&env, &mock).await["requests"], 0, "upstream must not be called");
+    assert_eq!(env.redis_balance(&user).await, Some(0));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(env.usage_rows().await, 0);
+
+    // A grant reaches a balance that is already in Redis at once.
+    let email: String = env.db().await.query_one("SELECT email FROM users WHERE id = $1", &[&user]).await.unwrap().get(0);
+    env.cli(&["credits", "grant", "--email", &email, "--amount", "50"]).await;
+    assert_eq!(env.redis_balance(&user).await, Some(50));
+    let (status, _, body) = env
+        .chat(&gw, &token, json!({"model": "gpt-5", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}))
+        .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+}
+
+#[tokio::test]
+async fn upstream_failure_charges_nothing() {
+    let env = TestEnv::new().await;
+    let mock = env.mock(&["--fail-status", "500"]).await;
+    let gw = env.gateway(&mock).await;
+    let (user, token) = env.user(100).await;
+    for stream in [false, true] {
+        let (status, headers, body) = env
+            .chat(&gw, &token, json!({"model": "gpt-5", "stream": stream, "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}))
+            .await;
+        assert_eq!(status, 502, "{}", String::from_utf8_lossy(&body));
+        assert!(headers.contains_key("x-request-id"));
+        openai_error(&body);
+    }
+    assert_eq!(mock_stats(&env, &mock).await["requests"], 2);
+    assert_eq!(env.redis_balance(&user).await, Some(100), "holds must be released");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(env.usage_rows().await, 0);
+    let used: i64 = env.db().await.query_one("SELECT sum(used_credits)::bigint FROM credits", &[]).await.unwrap().get(0);
+    assert_eq!(used, 0);
+
+    // An unreachable provider is a 502 too, and charges nothing.
+    let dead = env.mock(&[]).await;
+    let dead_url = dead.url("");
+    drop(dead);
+    let gw2 = env
+        .gateway_with(&mock, &[("TOLLGATE__PROVIDERS__OPENAI__BASE_URL", &format!("{dead_url}/v1"))])
+        .await;
+    let (status, _, body) = env
+        .chat(&gw2, &token, json!({"model": "gpt-5", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}))
+        .await;
+    assert_eq!(status, 502);
+    openai_error(&body);
+    assert_eq!(env.redis_balance(&user).await, Some(100));
+}
+
+#[tokio::test]
+async fn concurrent_requests_never_overspend() {
+    let env = TestEnv::new().await;
+    // Each request costs ceil((100 + 400) × 2 / 1000) = 1 credit; the balance covers 10.
+    let mock = env.mock(&["--prompt-tokens", "100", "--completion-tokens", "400", "--latency-ms", "50"]).await;
+    let gw = env.gateway(&mock).await;
+    let (user, token) = env.user(10).await;
+    let body = json!({"model": "gpt-5", "max_tokens": 400, "messages": [{"role": "user", "content": "y".repeat(120)}]});
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let (env_http, url, token, body) = (env.http.clone(), gw.url("/v1/chat/completions"), token.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let req = http::Request::builder()
+                .method("POST")
+                .uri(url)
+                .header("authorization", format!("Bearer {token}"))
+                .body(http_body_util::Full::new(bytes::Bytes::from(serde_json::to_vec(&body).unwrap())))
+                .unwrap();
+            let resp = env_http.request(req).await.unwrap();
+            let status = resp.status().as_u16();
+            let rid = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+            let _ = resp.into_body().collect().await;
+            (status, rid)
+        }));
+    }
+    let mut ok = Vec::new();
+    for t in tasks {
+        let (status, rid) = t.await.unwrap();
+        match status {
+            200 => ok.push(rid),
+            429 => {}
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(!ok.is_empty() && ok.len() <= 10, "{} successes", ok.len());
+    let n = env.wait_for_count("SELECT count(*) FROM usage_history", ok.len() as i64, FLUSH_WAIT).await;
+    assert_eq!(n, ok.len() as i64);
+    let db = env.db().await;
+    for rid in &ok {
+        let c: i64 = db
+            .query_one("SELECT count(*) FROM usage_history WHERE id = $1", &[&Uuid::parse_str(rid).unwrap()])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(c, 1, "every success has exactly one row");
+    }
+    let charged: i64 =
+        db.query_one("SELECT coalesce(sum(credits_used), 0)::bigint FROM usage_history", &[]).await.unwrap().get(0);
+    assert!(charged <= 10, "charged {charged} > balance 10");
+    let used: i64 = db.query_one("SELECT sum(used_credits)::bigint FROM credits", &[]).await.unwrap().get(0);
+    assert_eq!(used, charged);
+    assert_eq!(env.redis_balance(&user).await, Some(10 - charged));
+}
+
+#[tokio::test]
+async fn bad_input_gets_clear_errors_and_charges_nothing() {
+    let mut env = TestEnv::new().await;
+    env.env("TOLLGATE__SERVER__MAX_BODY_BYTES", "4096");
+    let mock = env.mock(&[]).await;
+    let gw = env.gateway(&mock).await;
+    let (user, token) = env.user(100).await;
+    let url = gw.url("/v1/chat/completions");
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    let cases: Vec<(&str, Option<&str>, Vec<u8>, u16, &str)> = vec![
+        ("no token", None, b"{}".to_vec(), 401, "missing_api_key"),
+        ("garbage token", Some("abc.def.ghi"), b"{}".to_vec(), 401, "invalid_api_key"),
+        ("malformed JSON", Some(&token), b"{\"model\":".to_vec(), 400, ""),
+        ("unknown model", Some(&token), serde_json::to_vec(&json!({"model": "gpt-9", "messages": msgs})).unwrap(), 404, "model_not_found"),
+        ("provider not wired", Some(&token), serde_json::to_vec(&json!({"model": "claude-3.5-sonnet", "messages": msgs})).unwrap(), 501, "provider_not_implemented"),
+        ("body too large", Some(&token), serde_json::to_vec(&json!({"model": "gpt-5", "messages": [{"role": "user", "content": "z".repeat(5000)}]})).unwrap(), 413, "request_too_large"),
+        ("negative max_tokens", Some(&token), serde_json::to_vec(&json!({"model": "gpt-5", "max_tokens": -5, "messages": msgs})).unwrap(), 400, ""),
+    ];
+    for (what, tok, body, want, code) in cases {
+        let (status, headers, resp) = env.request("POST", &url, tok, Some(body)).await;
+        assert_eq!(status, want, "{what}: {}", String::from_utf8_lossy(&resp));
+        assert!(headers.contains_key("x-request-id"), "{what}: no x-request-id");
+        let e = openai_error(&resp);
+        if !code.is_empty() {
+            assert_eq!(e["code"], code, "{what}");
+        }
+        if status == 401 {
+            assert!(headers["www-authenticate"].starts_with("Bearer"), "{what}");
+        }
+    }
+    let (status, headers, body) = env.request("GET", &gw.url("/v1/nowhere"), Some(&token), None).await;
+    assert_eq!(status, 404);
+    assert!(headers.contains_key("x-request-id"));
+    openai_error(&body);
+    // An expired token is refused (no leeway configured for this gateway).
+    let email: String = env.db().await.query_one("SELECT email FROM users WHERE id = $1", &[&user]).await.unwrap().get(0);
+    let expired = env.cli(&["token", "issue", "--email", &email, "--ttl", "0"]).await;
+    let strict = env.gateway_with(&mock, &[("TOLLGATE__AUTH__LEEWAY_SECS", "0")]).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (status, headers, body) = env.request("GET", &strict.url("/v1/models"), Some(&expired), None).await;
+    assert_eq!(status, 401);
+    assert_eq!(headers["www-authenticate"], "Bearer error=\"invalid_token\"");
+    assert!(openai_error(&body)["message"].as_str().unwrap().contains("expired"));
+    assert_eq!(mock_stats(&env, &mock).await["requests"], 0);
+    assert_eq!(env.redis_balance(&user).await.unwrap_or(100), 100);
+    assert_eq!(env.usage_rows().await, 0);
+}
+
+#[tokio::test]
+async fn models_are_listed_from_the_table() {
+    let env = TestEnv::new().await;
+    let mock = env.mock(&[]).await;
+    let gw = env.gateway(&mock).await;
+    let (_, token) = env.user(0).await;
+    let (status, _, body) = env.request("GET", &gw.url("/v1/models"), Some(&token), None).await;
+    assert_eq!(status, 200);
+    let v = json(&body);
+    let mut ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["claude-3.5-sonnet", "gemini-2.0-pro", "gpt-5"]);
+    let (status, _, body) = env.request("GET", &gw.url("/v1/models/gpt-5"), Some(&token), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(json(&body)["owned_by"], "openai");
+    let (status, _, body) = env.request("GET", &gw.url("/v1/models/nope"), Some(&token), None).await;
+    assert_eq!(status, 404);
+    assert_eq!(openai_error(&body)["code"], "model_not_found");
+}
