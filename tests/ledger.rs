@@ -1,0 +1,185 @@
+//! The Redis ledger scripts against real Redis and PostgreSQL: a balance rebuilt from
+//! PostgreSQL never forgets settled-but-unflushed charges nor counts a flushed one
+//! twice; settle is idempotent; expired holds come back; grants apply once.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use chrono::Utc;
+use common::*;
+use tollgate::config::DatabaseConfig;
+use tollgate::db::Db;
+use tollgate::ledger::{HoldRequest, Ledger, Reserve};
+use tollgate::settle::UsageEvent;
+use uuid::Uuid;
+
+async fn setup(env: &TestEnv, credits: i32) -> (Ledger, Db, Uuid) {
+    let ledger = Ledger::connect(REDIS, &env.prefix, 16).await.unwrap();
+    let db = Db::new(&DatabaseConfig {
+        url: env.db_url.clone(),
+        pool_size: 4,
+        idle_timeout: std::time::Duration::from_secs(30),
+        connect_timeout: std::time::Duration::from_secs(5),
+        partitions_ahead_months: 1,
+    })
+    .unwrap();
+    let c = env.db().await;
+    let user: Uuid = c
+        .query_one("INSERT INTO users (email) VALUES ($1) RETURNING id", &[&format!("{}@l.test", Uuid::new_v4())])
+        .await
+        .unwrap()
+        .get(0);
+    c.execute(
+        "INSERT INTO credits (user_id, total_credits, billing_period_start, billing_period_end)
+         VALUES ($1, $2, now(), now() + interval '30 days')",
+        &[&user, &credits],
+    )
+    .await
+    .unwrap();
+    (ledger, db, user)
+}
+
+fn hold(max_tokens: i64, ttl_ms: u64) -> HoldRequest {
+    HoldRequest { price_per_1k: 1000, prompt_tokens: 0, max_tokens, min_tokens: 1, ttl_ms }
+}
+
+fn event(user: Uuid, rid: Uuid, credits: i64) -> UsageEvent {
+    UsageEvent {
+        id: rid,
+        created_at: Utc::now(),
+        user_id: user,
+        model_id: "gpt-5".into(),
+        operation: "chat",
+        credits_used: credits,
+        input_tokens: credits,
+        output_tokens: 0,
+        total_tokens: credits,
+        duration_ms: 1,
+        metadata: None,
+    }
+}
+
+/// Reserve (1 credit per token at price 1000/1k) and settle `cost`.
+async fn charge(ledger: &Ledger, user: Uuid, cost: i64) -> UsageEvent {
+    let rid = Uuid::now_v7();
+    let r = ledger.reserve(&user, &rid, &hold(cost + 5, 60_000)).await.unwrap();
+    assert!(matches!(r, Reserve::Admitted { hold: h, .. } if h == cost + 5), "{r:?}");
+    let e = event(user, rid, cost);
+    assert!(ledger.settle(&user, &rid, cost, &e.fields()).await.unwrap());
+    e
+}
+
+async fn forget_balance(env: &TestEnv, ledger: &Ledger, user: &Uuid) {
+    let k = ledger.keys(user);
+    let mut r = env.redis().await;
+    let _: () = redis::cmd("DEL").arg(&k.bal).arg(&k.cred).arg(&k.holds).query_async(&mut r).await.unwrap();
+}
+
+#[tokio::test]
+async fn rebuilt_balance_counts_unflushed_charges_once() {
+    let env = TestEnv::new().await;
+    let (ledger, db, user) = setup(&env, 100).await;
+    assert_eq!(ledger.reserve(&user, &Uuid::now_v7(), &hold(1, 1000)).await.unwrap(), Reserve::NeedsLoad);
+    assert_eq!(ledger.load(&db, &user).await.unwrap(), 100);
+    let e1 = charge(&ledger, user, 5).await;
+    let e2 = charge(&ledger, user, 7).await;
+    let _e3 = charge(&ledger, user, 11).await;
+    assert_eq!(ledger.balance(&user).await.unwrap(), Some(77));
+
+    // Lose the balance while three charges are settled but not flushed.
+    forget_balance(&env, &ledger, &user).await;
+    assert_eq!(ledger.load(&db, &user).await.unwrap(), 77, "unflushed charges must not be forgotten");
+
+    // Two are written to PostgreSQL but the writer dies before acknowledging them.
+    let inserted = tollgate::flush::write_batch(&db, &[e1.clone(), e2.clone()]).await.unwrap();
+    assert_eq!(inserted.len(), 2);
+    forget_balance(&env, &ledger, &user).await;
+    assert_eq!(ledger.load(&db, &user).await.unwrap(), 77, "flushed charges must not count twice");
+
+    // The replayed batch inserts nothing and moves no credits.
+    assert!(tollgate::flush::write_batch(&db, &[e1, e2]).await.unwrap().is_empty());
+    let used: i32 =
+        env.db().await.query_one("SELECT used_credits FROM credits WHERE user_id = $1", &[&user]).await.unwrap().get(0);
+    assert_eq!(used, 12);
+}
+
+#[tokio::test]
+async fn settle_is_idempotent_and_release_returns_the_hold() {
+    let env = TestEnv::new().await;
+    let (ledger, db, user) = setup(&env, 50).await;
+    ledger.load(&db, &user).await.unwrap();
+    let rid = Uuid::now_v7();
+    ledger.reserve(&user, &rid, &hold(20, 60_000)).await.unwrap();
+    assert_eq!(ledger.balance(&user).await.unwrap(), Some(30));
+    let e = event(user, rid, 8);
+    assert!(ledger.settle(&user, &rid, 8, &e.fields()).await.unwrap());
+    assert!(!ledger.settle(&user, &rid, 8, &e.fields()).await.unwrap(), "second settle is a no-op");
+    assert_eq!(ledger.balance(&user).await.unwrap(), Some(42));
+    let mut r = env.redis().await;
+    let len: i64 = redis::cmd("XLEN").arg(&ledger.keys(&user).stream).query_async(&mut r).await.unwrap();
+    assert_eq!(len, 1, "one usage event");
+
+    let rid2 = Uuid::now_v7();
+    ledger.reserve(&user, &rid2, &hold(40, 60_000)).await.unwrap();
+    assert_eq!(ledger.balance(&user).await.unwrap(), Some(2));
+    assert!(ledger.release(&user, &rid2).await.unwrap());
+    assert!(!ledger.release(&user, &rid2).await.unwrap());
+    assert_eq!(ledger.balance(&user).await.unwrap(), Some(42));
+}
+
+#[tokio::test]
+async fn reserve_refuses_lowers_and_reclaims_expired_holds() {
+    let env = TestEnv::new().await;
+    let (ledger, db, user) = setup(&env, 10).await;
+    ledger.load(&db, &user).await.unwrap();
+    // 25 tokens at 1 credit each cannot be held: lowered to the 10 the balance affords.
+    match ledger.reserve(&user, &Uuid::now_v7(), &hold(25, 50)).await.unwrap() {
+        Reserve::Admitted { hold, max_tokens, balance } => assert_eq!((hold, max_tokens, balance), (10, 10, 0)),
+        other => panic!("{other:?}"),
+    }
+    // Nothing left, and no lowering below min_tokens.
+    assert_eq!(ledger.reserve(&user, &Uuid::now_v7(), &hold(5, 50)).await.unwrap(), Reserve::Insufficient { balance: 0 });
+    // The first hold is never settled (a crash); after its expiry it comes back.
+    tokio::time::sleep(std::time::Duration::from_millis(80)).await;
+    match ledger.reserve(&user, &Uuid::now_v7(), &hold(4, 60_000)).await.unwrap() {
+        Reserve::Admitted { balance, .. } => assert_eq!(balance, 6),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn grants_apply_exactly_once_whether_or_not_the_balance_is_loaded() {
+    let env = TestEnv::new().await;
+    let (ledger, db, user) = setup(&env, 10).await;
+    let c = env.db().await;
+    let grant = |amount: i32| {
+        let c = &c;
+        async move {
+            let id: Uuid = c
+                .query_one(
+                    "INSERT INTO credits (user_id, total_credits, billing_period_start, billing_period_end)
+                     VALUES ($1, $2, now(), now() + interval '1 year') RETURNING id",
+                    &[&user, &amount],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            id
+        }
+    };
+    // Granted before the balance is loaded: the load reads the row; the late grant
+    // script must not add it again.
+    let g1 = grant(5).await;
+    assert!(!ledger.grant(&user, &g1, 5).await.unwrap());
+    assert_eq!(ledger.load(&db, &user).await.unwrap(), 15);
+    assert!(!ledger.grant(&user, &g1, 5).await.unwrap());
+    assert_eq!(ledger.balance(&user).await.unwrap(), Some(15));
+    // Granted after: applied at once, once.
+    let g2 = grant(7).await;
+    assert!(ledger.grant(&user, &g2, 7).await.unwrap());
+    assert!(!ledger.grant(&user, &g2, 7).await.unwrap());
+    assert_eq!(ledger.balance(&user).await.unwrap(), Some(22));
+    // Rebuilt from PostgreSQL, the same.
+    forget_balance(&env, &ledger, &user).await;
+    assert_eq!(ledger.load(&db, &user).await.unwrap(), 22);
+}
