@@ -117,8 +117,8 @@ impl Models {
         }
     }
 
-    #[cfg(test)]
-    pub fn set(&self, models: Vec<Model>) {
+    /// Replaces the whole table (benches and tests; the server uses [`Models::refresh`]).
+    pub fn replace(&self, models: Vec<Model>) {
         self.map.store(Arc::new(
             models
                 .into_iter()
@@ -152,7 +152,7 @@ mod tests {
     #[test]
     fn unknown_unavailable_and_deprecated_are_not_found() {
         let models = Models::default();
-        models.set(vec![
+        models.replace(vec![
             m("a", true, false),
             m("b", false, false),
             m("c", true, true),

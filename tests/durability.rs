@@ -24,7 +24,13 @@ fn start_load(
     let ok = Arc::new(Mutex::new(Vec::new()));
     let mut handles = Vec::new();
     for w in 0..workers {
-        let (http, url, token, stop, ok) = (env.http.clone(), url.clone(), token.clone(), stop.clone(), ok.clone());
+        let (http, url, token, stop, ok) = (
+            env.http.clone(),
+            url.clone(),
+            token.clone(),
+            stop.clone(),
+            ok.clone(),
+        );
         handles.push(tokio::spawn(async move {
             let stream = w % 2 == 1;
             let mut sent = 0;
@@ -36,18 +42,32 @@ fn start_load(
                     .method("POST")
                     .uri(&url)
                     .header("authorization", format!("Bearer {token}"))
-                    .body(http_body_util::Full::new(bytes::Bytes::from(serde_json::to_vec(&body).unwrap())))
+                    .body(http_body_util::Full::new(bytes::Bytes::from(
+                        serde_json::to_vec(&body).unwrap(),
+                    )))
                     .unwrap();
                 let Ok(resp) = http.request(req).await else {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                     continue;
                 };
                 let status = resp.status().as_u16();
-                let rid = resp.headers().get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
-                let Ok(body) = resp.into_body().collect().await.map(|c| c.to_bytes()) else { continue };
-                let complete = if stream { body.ends_with(b"data: [DONE]\n\n") } else { !body.is_empty() };
+                let rid = resp
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                let Ok(body) = resp.into_body().collect().await.map(|c| c.to_bytes()) else {
+                    continue;
+                };
+                let complete = if stream {
+                    body.ends_with(b"data: [DONE]\n\n")
+                } else {
+                    !body.is_empty()
+                };
                 if status == 200 && complete {
-                    ok.lock().unwrap().push(Uuid::parse_str(&rid.unwrap()).unwrap());
+                    ok.lock()
+                        .unwrap()
+                        .push(Uuid::parse_str(&rid.unwrap()).unwrap());
                 }
             }
         }));
@@ -69,26 +89,48 @@ async fn rows_per_id(env: &TestEnv) -> std::collections::HashMap<Uuid, i64> {
 #[tokio::test]
 async fn sigterm_during_load_exits_cleanly_with_every_success_recorded() {
     let env = TestEnv::new().await;
-    let mock = env.mock(&["--latency-ms", "5", "--chunks", "3", "--chunk-interval-ms", "5"]).await;
+    let mock = env
+        .mock(&[
+            "--latency-ms",
+            "5",
+            "--chunks",
+            "3",
+            "--chunk-interval-ms",
+            "5",
+        ])
+        .await;
     // A slow flush interval, so the final drain on shutdown has work to do.
-    let mut gw = env.gateway_with(&mock, &[("TOLLGATE__FLUSH__INTERVAL_MS", "400")]).await;
+    let mut gw = env
+        .gateway_with(&mock, &[("TOLLGATE__FLUSH__INTERVAL_MS", "400")])
+        .await;
     let (_, token) = env.user(1_000_000).await;
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, handles) = start_load(&env, gw.url("/v1/chat/completions"), token, 6, stop.clone());
     tokio::time::sleep(Duration::from_millis(800)).await;
     gw.signal("TERM");
-    let status = tokio::time::timeout(Duration::from_secs(30), gw.child.wait()).await.expect("exits").unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), gw.child.wait())
+        .await
+        .expect("exits")
+        .unwrap();
     stop.store(true, Ordering::Relaxed);
     for h in handles {
         h.await.unwrap();
     }
-    assert!(status.success(), "exit status {status:?}: {}", gw.log_text());
+    assert!(
+        status.success(),
+        "exit status {status:?}: {}",
+        gw.log_text()
+    );
     let ok = ok.lock().unwrap().clone();
     assert!(ok.len() > 10, "load produced only {} successes", ok.len());
     // The gateway has exited: whatever it recorded is already in PostgreSQL.
     let rows = rows_per_id(&env).await;
     for id in &ok {
-        assert_eq!(rows.get(id), Some(&1), "success {id} must have exactly one row");
+        assert_eq!(
+            rows.get(id),
+            Some(&1),
+            "success {id} must have exactly one row"
+        );
     }
     assert_eq!(rows.len(), ok.len(), "no row without a success");
 }
@@ -96,12 +138,29 @@ async fn sigterm_during_load_exits_cleanly_with_every_success_recorded() {
 #[tokio::test]
 async fn kill_9_during_load_then_restart_loses_and_duplicates_nothing() {
     let env = TestEnv::new().await;
-    let mock = env.mock(&["--latency-ms", "5", "--chunks", "3", "--chunk-interval-ms", "5"]).await;
-    let mut gw = env.gateway_with(&mock, &[("TOLLGATE__FLUSH__INTERVAL_MS", "300")]).await;
+    let mock = env
+        .mock(&[
+            "--latency-ms",
+            "5",
+            "--chunks",
+            "3",
+            "--chunk-interval-ms",
+            "5",
+        ])
+        .await;
+    let mut gw = env
+        .gateway_with(&mock, &[("TOLLGATE__FLUSH__INTERVAL_MS", "300")])
+        .await;
     let (user, token) = env.user(1_000_000).await;
     let stop = Arc::new(AtomicBool::new(false));
     let workers = 6;
-    let (ok, handles) = start_load(&env, gw.url("/v1/chat/completions"), token, workers, stop.clone());
+    let (ok, handles) = start_load(
+        &env,
+        gw.url("/v1/chat/completions"),
+        token,
+        workers,
+        stop.clone(),
+    );
     tokio::time::sleep(Duration::from_millis(900)).await;
     gw.signal("KILL");
     let _ = gw.child.wait().await;
@@ -124,19 +183,39 @@ async fn kill_9_during_load_then_restart_loses_and_duplicates_nothing() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     for id in &ok {
-        assert_eq!(rows.get(id), Some(&1), "success {id} must have exactly one row");
+        assert_eq!(
+            rows.get(id),
+            Some(&1),
+            "success {id} must have exactly one row"
+        );
     }
     // In-flight requests at the kill may have been settled without the client seeing
     // the answer: at most one per worker.
-    assert!(rows.len() <= ok.len() + workers, "{} rows for {} successes", rows.len(), ok.len());
+    assert!(
+        rows.len() <= ok.len() + workers,
+        "{} rows for {} successes",
+        rows.len(),
+        ok.len()
+    );
     assert!(rows.len() >= before);
     // The ledger and PostgreSQL agree once everything is flushed.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let db = env.db().await;
-    let charged: i64 = db.query_one("SELECT sum(credits_used)::bigint FROM usage_history", &[]).await.unwrap().get(0);
-    let used: i64 = db.query_one("SELECT sum(used_credits)::bigint FROM credits", &[]).await.unwrap().get(0);
+    let charged: i64 = db
+        .query_one("SELECT sum(credits_used)::bigint FROM usage_history", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let used: i64 = db
+        .query_one("SELECT sum(used_credits)::bigint FROM credits", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(used, charged);
     let bal = env.redis_balance(&user).await.unwrap();
     // Holds of requests killed mid-flight stay out of the balance until they expire.
-    assert!(bal <= 1_000_000 - charged, "balance {bal} vs charged {charged}");
+    assert!(
+        bal <= 1_000_000 - charged,
+        "balance {bal} vs charged {charged}"
+    );
 }

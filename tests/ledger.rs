@@ -25,7 +25,10 @@ async fn setup(env: &TestEnv, credits: i32) -> (Ledger, Db, Uuid) {
     .unwrap();
     let c = env.db().await;
     let user: Uuid = c
-        .query_one("INSERT INTO users (email) VALUES ($1) RETURNING id", &[&format!("{}@l.test", Uuid::new_v4())])
+        .query_one(
+            "INSERT INTO users (email) VALUES ($1) RETURNING id",
+            &[&format!("{}@l.test", Uuid::new_v4())],
+        )
         .await
         .unwrap()
         .get(0);
@@ -40,7 +43,13 @@ async fn setup(env: &TestEnv, credits: i32) -> (Ledger, Db, Uuid) {
 }
 
 fn hold(max_tokens: i64, ttl_ms: u64) -> HoldRequest {
-    HoldRequest { price_per_1k: 1000, prompt_tokens: 0, max_tokens, min_tokens: 1, ttl_ms }
+    HoldRequest {
+        price_per_1k: 1000,
+        prompt_tokens: 0,
+        max_tokens,
+        min_tokens: 1,
+        ttl_ms,
+    }
 }
 
 fn event(user: Uuid, rid: Uuid, credits: i64) -> UsageEvent {
@@ -62,8 +71,14 @@ fn event(user: Uuid, rid: Uuid, credits: i64) -> UsageEvent {
 /// Reserve (1 credit per token at price 1000/1k) and settle `cost`.
 async fn charge(ledger: &Ledger, user: Uuid, cost: i64) -> UsageEvent {
     let rid = Uuid::now_v7();
-    let r = ledger.reserve(&user, &rid, &hold(cost + 5, 60_000)).await.unwrap();
-    assert!(matches!(r, Reserve::Admitted { hold: h, .. } if h == cost + 5), "{r:?}");
+    let r = ledger
+        .reserve(&user, &rid, &hold(cost + 5, 60_000))
+        .await
+        .unwrap();
+    assert!(
+        matches!(r, Reserve::Admitted { hold: h, .. } if h == cost + 5),
+        "{r:?}"
+    );
     let e = event(user, rid, cost);
     assert!(ledger.settle(&user, &rid, cost, &e.fields()).await.unwrap());
     e
@@ -72,14 +87,26 @@ async fn charge(ledger: &Ledger, user: Uuid, cost: i64) -> UsageEvent {
 async fn forget_balance(env: &TestEnv, ledger: &Ledger, user: &Uuid) {
     let k = ledger.keys(user);
     let mut r = env.redis().await;
-    let _: () = redis::cmd("DEL").arg(&k.bal).arg(&k.cred).arg(&k.holds).query_async(&mut r).await.unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(&k.bal)
+        .arg(&k.cred)
+        .arg(&k.holds)
+        .query_async(&mut r)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
 async fn rebuilt_balance_counts_unflushed_charges_once() {
     let env = TestEnv::new().await;
     let (ledger, db, user) = setup(&env, 100).await;
-    assert_eq!(ledger.reserve(&user, &Uuid::now_v7(), &hold(1, 1000)).await.unwrap(), Reserve::NeedsLoad);
+    assert_eq!(
+        ledger
+            .reserve(&user, &Uuid::now_v7(), &hold(1, 1000))
+            .await
+            .unwrap(),
+        Reserve::NeedsLoad
+    );
     assert_eq!(ledger.load(&db, &user).await.unwrap(), 100);
     let e1 = charge(&ledger, user, 5).await;
     let e2 = charge(&ledger, user, 7).await;
@@ -88,18 +115,39 @@ async fn rebuilt_balance_counts_unflushed_charges_once() {
 
     // Lose the balance while three charges are settled but not flushed.
     forget_balance(&env, &ledger, &user).await;
-    assert_eq!(ledger.load(&db, &user).await.unwrap(), 77, "unflushed charges must not be forgotten");
+    assert_eq!(
+        ledger.load(&db, &user).await.unwrap(),
+        77,
+        "unflushed charges must not be forgotten"
+    );
 
     // Two are written to PostgreSQL but the writer dies before acknowledging them.
-    let inserted = tollgate::flush::write_batch(&db, &[e1.clone(), e2.clone()]).await.unwrap();
+    let inserted = tollgate::flush::write_batch(&db, &[e1.clone(), e2.clone()])
+        .await
+        .unwrap();
     assert_eq!(inserted.len(), 2);
     forget_balance(&env, &ledger, &user).await;
-    assert_eq!(ledger.load(&db, &user).await.unwrap(), 77, "flushed charges must not count twice");
+    assert_eq!(
+        ledger.load(&db, &user).await.unwrap(),
+        77,
+        "flushed charges must not count twice"
+    );
 
     // The replayed batch inserts nothing and moves no credits.
-    assert!(tollgate::flush::write_batch(&db, &[e1, e2]).await.unwrap().is_empty());
-    let used: i32 =
-        env.db().await.query_one("SELECT used_credits FROM credits WHERE user_id = $1", &[&user]).await.unwrap().get(0);
+    assert!(tollgate::flush::write_batch(&db, &[e1, e2])
+        .await
+        .unwrap()
+        .is_empty());
+    let used: i32 = env
+        .db()
+        .await
+        .query_one(
+            "SELECT used_credits FROM credits WHERE user_id = $1",
+            &[&user],
+        )
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(used, 12);
 }
 
@@ -109,18 +157,31 @@ async fn settle_is_idempotent_and_release_returns_the_hold() {
     let (ledger, db, user) = setup(&env, 50).await;
     ledger.load(&db, &user).await.unwrap();
     let rid = Uuid::now_v7();
-    ledger.reserve(&user, &rid, &hold(20, 60_000)).await.unwrap();
+    ledger
+        .reserve(&user, &rid, &hold(20, 60_000))
+        .await
+        .unwrap();
     assert_eq!(ledger.balance(&user).await.unwrap(), Some(30));
     let e = event(user, rid, 8);
     assert!(ledger.settle(&user, &rid, 8, &e.fields()).await.unwrap());
-    assert!(!ledger.settle(&user, &rid, 8, &e.fields()).await.unwrap(), "second settle is a no-op");
+    assert!(
+        !ledger.settle(&user, &rid, 8, &e.fields()).await.unwrap(),
+        "second settle is a no-op"
+    );
     assert_eq!(ledger.balance(&user).await.unwrap(), Some(42));
     let mut r = env.redis().await;
-    let len: i64 = redis::cmd("XLEN").arg(&ledger.keys(&user).stream).query_async(&mut r).await.unwrap();
+    let len: i64 = redis::cmd("XLEN")
+        .arg(&ledger.keys(&user).stream)
+        .query_async(&mut r)
+        .await
+        .unwrap();
     assert_eq!(len, 1, "one usage event");
 
     let rid2 = Uuid::now_v7();
-    ledger.reserve(&user, &rid2, &hold(40, 60_000)).await.unwrap();
+    ledger
+        .reserve(&user, &rid2, &hold(40, 60_000))
+        .await
+        .unwrap();
     assert_eq!(ledger.balance(&user).await.unwrap(), Some(2));
     assert!(ledger.release(&user, &rid2).await.unwrap());
     assert!(!ledger.release(&user, &rid2).await.unwrap());
@@ -133,15 +194,33 @@ async fn reserve_refuses_lowers_and_reclaims_expired_holds() {
     let (ledger, db, user) = setup(&env, 10).await;
     ledger.load(&db, &user).await.unwrap();
     // 25 tokens at 1 credit each cannot be held: lowered to the 10 the balance affords.
-    match ledger.reserve(&user, &Uuid::now_v7(), &hold(25, 50)).await.unwrap() {
-        Reserve::Admitted { hold, max_tokens, balance } => assert_eq!((hold, max_tokens, balance), (10, 10, 0)),
+    match ledger
+        .reserve(&user, &Uuid::now_v7(), &hold(25, 50))
+        .await
+        .unwrap()
+    {
+        Reserve::Admitted {
+            hold,
+            max_tokens,
+            balance,
+        } => assert_eq!((hold, max_tokens, balance), (10, 10, 0)),
         other => panic!("{other:?}"),
     }
     // Nothing left, and no lowering below min_tokens.
-    assert_eq!(ledger.reserve(&user, &Uuid::now_v7(), &hold(5, 50)).await.unwrap(), Reserve::Insufficient { balance: 0 });
+    assert_eq!(
+        ledger
+            .reserve(&user, &Uuid::now_v7(), &hold(5, 50))
+            .await
+            .unwrap(),
+        Reserve::Insufficient { balance: 0 }
+    );
     // The first hold is never settled (a crash); after its expiry it comes back.
     tokio::time::sleep(std::time::Duration::from_millis(80)).await;
-    match ledger.reserve(&user, &Uuid::now_v7(), &hold(4, 60_000)).await.unwrap() {
+    match ledger
+        .reserve(&user, &Uuid::now_v7(), &hold(4, 60_000))
+        .await
+        .unwrap()
+    {
         Reserve::Admitted { balance, .. } => assert_eq!(balance, 6),
         other => panic!("{other:?}"),
     }

@@ -14,7 +14,9 @@ use uuid::Uuid;
 const FLUSH_WAIT: Duration = Duration::from_secs(15);
 
 async fn mock_stats(env: &TestEnv, mock: &Proc) -> serde_json::Value {
-    let (s, _, b) = env.request("GET", &mock.url("/_mock/stats"), None, None).await;
+    let (s, _, b) = env
+        .request("GET", &mock.url("/_mock/stats"), None, None)
+        .await;
     assert_eq!(s, 200);
     json(&b)
 }
@@ -23,7 +25,9 @@ async fn mock_stats(env: &TestEnv, mock: &Proc) -> serde_json::Value {
 async fn completion_is_forwarded_and_billed_exactly() {
     let env = TestEnv::new().await;
     // 1000 + 501 = 1501 tokens at 2 credits/1k = ceil(3.002) = 4 credits.
-    let mock = env.mock(&["--prompt-tokens", "1000", "--completion-tokens", "501"]).await;
+    let mock = env
+        .mock(&["--prompt-tokens", "1000", "--completion-tokens", "501"])
+        .await;
     let gw = env.gateway(&mock).await;
     let (user, token) = env.user(1000).await;
 
@@ -40,7 +44,13 @@ async fn completion_is_forwarded_and_billed_exactly() {
     let stats = mock_stats(&env, &mock).await;
     assert_eq!(stats["authorization"], format!("Bearer {PROVIDER_KEY}"));
 
-    let n = env.wait_for_count(&format!("SELECT count(*) FROM usage_history WHERE id = '{rid}'"), 1, FLUSH_WAIT).await;
+    let n = env
+        .wait_for_count(
+            &format!("SELECT count(*) FROM usage_history WHERE id = '{rid}'"),
+            1,
+            FLUSH_WAIT,
+        )
+        .await;
     assert_eq!(n, 1, "the usage row must be flushed");
     let db = env.db().await;
     let row = db
@@ -55,25 +65,55 @@ async fn completion_is_forwarded_and_billed_exactly() {
     assert_eq!(row.get::<_, String>(1), "gpt-5");
     assert_eq!(row.get::<_, String>(2), "chat");
     assert_eq!(row.get::<_, i32>(3), 4);
-    assert_eq!((row.get::<_, i32>(4), row.get::<_, i32>(5), row.get::<_, i32>(6)), (1000, 501, 1501));
-    assert!(row.get::<_, Option<Uuid>>(7).is_some(), "the row names the credits row it was charged to");
-    let used: i32 = db.query_one("SELECT sum(used_credits)::int FROM credits WHERE user_id = $1", &[&user]).await.unwrap().get(0);
+    assert_eq!(
+        (
+            row.get::<_, i32>(4),
+            row.get::<_, i32>(5),
+            row.get::<_, i32>(6)
+        ),
+        (1000, 501, 1501)
+    );
+    assert!(
+        row.get::<_, Option<Uuid>>(7).is_some(),
+        "the row names the credits row it was charged to"
+    );
+    let used: i32 = db
+        .query_one(
+            "SELECT sum(used_credits)::int FROM credits WHERE user_id = $1",
+            &[&user],
+        )
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(used, 4);
     assert_eq!(env.redis_balance(&user).await, Some(996));
 }
 
 /// Reads a streamed response frame by frame, timestamping each.
-async fn read_stream(env: &TestEnv, gw: &Proc, token: &str, body: serde_json::Value) -> (u16, String, Vec<(Instant, String)>) {
+async fn read_stream(
+    env: &TestEnv,
+    gw: &Proc,
+    token: &str,
+    body: serde_json::Value,
+) -> (u16, String, Vec<(Instant, String)>) {
     let req = http::Request::builder()
         .method("POST")
         .uri(gw.url("/v1/chat/completions"))
         .header("authorization", format!("Bearer {token}"))
         .header("content-type", "application/json")
-        .body(http_body_util::Full::new(bytes::Bytes::from(serde_json::to_vec(&body).unwrap())))
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            serde_json::to_vec(&body).unwrap(),
+        )))
         .unwrap();
     let resp = env.http.request(req).await.unwrap();
     let status = resp.status().as_u16();
-    let rid = resp.headers().get("x-request-id").unwrap().to_str().unwrap().to_owned();
+    let rid = resp
+        .headers()
+        .get("x-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
     let mut body = resp.into_body();
     let mut frames = Vec::new();
     while let Some(f) = body.frame().await {
@@ -88,7 +128,16 @@ async fn read_stream(env: &TestEnv, gw: &Proc, token: &str, body: serde_json::Va
 async fn stream_is_passed_through_chunk_by_chunk_and_billed() {
     let env = TestEnv::new().await;
     let mock = env
-        .mock(&["--chunks", "5", "--chunk-interval-ms", "60", "--prompt-tokens", "20", "--completion-tokens", "480"])
+        .mock(&[
+            "--chunks",
+            "5",
+            "--chunk-interval-ms",
+            "60",
+            "--prompt-tokens",
+            "20",
+            "--completion-tokens",
+            "480",
+        ])
         .await;
     let gw = env.gateway(&mock).await;
     let (user, token) = env.user(100).await;
@@ -105,14 +154,32 @@ async fn stream_is_passed_through_chunk_by_chunk_and_billed() {
     let all: String = frames.iter().map(|f| f.1.as_str()).collect();
     let events: Vec<&str> = all.split("\n\n").filter(|e| !e.is_empty()).collect();
     assert_eq!(events.last(), Some(&"data: [DONE]"));
-    assert!(!all.contains("\"choices\":[]"), "usage chunk must be removed: {all}");
-    let content: Vec<&str> = events.iter().filter(|e| e.contains("\"content\":\"tok")).copied().collect();
+    assert!(
+        !all.contains("\"choices\":[]"),
+        "usage chunk must be removed: {all}"
+    );
+    let content: Vec<&str> = events
+        .iter()
+        .filter(|e| e.contains("\"content\":\"tok"))
+        .copied()
+        .collect();
     assert_eq!(content.len(), 5);
     // Chunk by chunk: the first content arrived while the provider was still producing.
-    let first = frames.iter().find(|f| f.1.contains("\"content\":\"tok")).unwrap().0;
+    let first = frames
+        .iter()
+        .find(|f| f.1.contains("\"content\":\"tok"))
+        .unwrap()
+        .0;
     let done = frames.iter().find(|f| f.1.contains("[DONE]")).unwrap().0;
-    assert!(frames.len() >= 6, "events must not be coalesced into one write: {} frames", frames.len());
-    assert!(done.duration_since(first) >= Duration::from_millis(120), "stream was buffered");
+    assert!(
+        frames.len() >= 6,
+        "events must not be coalesced into one write: {} frames",
+        frames.len()
+    );
+    assert!(
+        done.duration_since(first) >= Duration::from_millis(120),
+        "stream was buffered"
+    );
 
     // The client asks for usage: it gets the usage chunk.
     let (_, rid2, frames2) = read_stream(
@@ -143,20 +210,39 @@ async fn out_of_credits_is_refused_before_upstream() {
     let mock = env.mock(&[]).await;
     let gw = env.gateway(&mock).await;
     let (user, token) = env.user(0).await;
-    let (status, headers, body) =
-        env.chat(&gw, &token, json!({"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]})).await;
+    let (status, headers, body) = env
+        .chat(
+            &gw,
+            &token,
+            json!({"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
     assert_eq!(status, 429);
-    assert_eq!(headers.get("x-should-retry").map(String::as_str), Some("false"));
+    assert_eq!(
+        headers.get("x-should-retry").map(String::as_str),
+        Some("false")
+    );
     assert!(headers.contains_key("x-request-id"));
     assert_eq!(openai_error(&body)["code"], "insufficient_quota");
-    assert_eq!(mock_stats(&env, &mock).await["requests"], 0, "upstream must not be called");
+    assert_eq!(
+        mock_stats(&env, &mock).await["requests"],
+        0,
+        "upstream must not be called"
+    );
     assert_eq!(env.redis_balance(&user).await, Some(0));
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(env.usage_rows().await, 0);
 
     // A grant reaches a balance that is already in Redis at once.
-    let email: String = env.db().await.query_one("SELECT email FROM users WHERE id = $1", &[&user]).await.unwrap().get(0);
-    env.cli(&["credits", "grant", "--email", &email, "--amount", "50"]).await;
+    let email: String = env
+        .db()
+        .await
+        .query_one("SELECT email FROM users WHERE id = $1", &[&user])
+        .await
+        .unwrap()
+        .get(0);
+    env.cli(&["credits", "grant", "--email", &email, "--amount", "50"])
+        .await;
     assert_eq!(env.redis_balance(&user).await, Some(50));
     let (status, _, body) = env
         .chat(&gw, &token, json!({"model": "gpt-5", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}))
@@ -179,10 +265,20 @@ async fn upstream_failure_charges_nothing() {
         openai_error(&body);
     }
     assert_eq!(mock_stats(&env, &mock).await["requests"], 2);
-    assert_eq!(env.redis_balance(&user).await, Some(100), "holds must be released");
+    assert_eq!(
+        env.redis_balance(&user).await,
+        Some(100),
+        "holds must be released"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(env.usage_rows().await, 0);
-    let used: i64 = env.db().await.query_one("SELECT sum(used_credits)::bigint FROM credits", &[]).await.unwrap().get(0);
+    let used: i64 = env
+        .db()
+        .await
+        .query_one("SELECT sum(used_credits)::bigint FROM credits", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(used, 0);
 
     // An unreachable provider is a 502 too, and charges nothing.
@@ -190,7 +286,13 @@ async fn upstream_failure_charges_nothing() {
     let dead_url = dead.url("");
     drop(dead);
     let gw2 = env
-        .gateway_with(&mock, &[("TOLLGATE__PROVIDERS__OPENAI__BASE_URL", &format!("{dead_url}/v1"))])
+        .gateway_with(
+            &mock,
+            &[(
+                "TOLLGATE__PROVIDERS__OPENAI__BASE_URL",
+                &format!("{dead_url}/v1"),
+            )],
+        )
         .await;
     let (status, _, body) = env
         .chat(&gw2, &token, json!({"model": "gpt-5", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}))
@@ -204,19 +306,35 @@ async fn upstream_failure_charges_nothing() {
 async fn concurrent_requests_never_overspend() {
     let env = TestEnv::new().await;
     // Each request costs ceil((100 + 400) × 2 / 1000) = 1 credit; the balance covers 10.
-    let mock = env.mock(&["--prompt-tokens", "100", "--completion-tokens", "400", "--latency-ms", "50"]).await;
+    let mock = env
+        .mock(&[
+            "--prompt-tokens",
+            "100",
+            "--completion-tokens",
+            "400",
+            "--latency-ms",
+            "50",
+        ])
+        .await;
     let gw = env.gateway(&mock).await;
     let (user, token) = env.user(10).await;
     let body = json!({"model": "gpt-5", "max_tokens": 400, "messages": [{"role": "user", "content": "y".repeat(120)}]});
     let mut tasks = Vec::new();
     for _ in 0..50 {
-        let (env_http, url, token, body) = (env.http.clone(), gw.url("/v1/chat/completions"), token.clone(), body.clone());
+        let (env_http, url, token, body) = (
+            env.http.clone(),
+            gw.url("/v1/chat/completions"),
+            token.clone(),
+            body.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let req = http::Request::builder()
                 .method("POST")
                 .uri(url)
                 .header("authorization", format!("Bearer {token}"))
-                .body(http_body_util::Full::new(bytes::Bytes::from(serde_json::to_vec(&body).unwrap())))
+                .body(http_body_util::Full::new(bytes::Bytes::from(
+                    serde_json::to_vec(&body).unwrap(),
+                )))
                 .unwrap();
             let resp = env_http.request(req).await.unwrap();
             let status = resp.status().as_u16();
@@ -235,21 +353,40 @@ async fn concurrent_requests_never_overspend() {
         }
     }
     assert!(!ok.is_empty() && ok.len() <= 10, "{} successes", ok.len());
-    let n = env.wait_for_count("SELECT count(*) FROM usage_history", ok.len() as i64, FLUSH_WAIT).await;
+    let n = env
+        .wait_for_count(
+            "SELECT count(*) FROM usage_history",
+            ok.len() as i64,
+            FLUSH_WAIT,
+        )
+        .await;
     assert_eq!(n, ok.len() as i64);
     let db = env.db().await;
     for rid in &ok {
         let c: i64 = db
-            .query_one("SELECT count(*) FROM usage_history WHERE id = $1", &[&Uuid::parse_str(rid).unwrap()])
+            .query_one(
+                "SELECT count(*) FROM usage_history WHERE id = $1",
+                &[&Uuid::parse_str(rid).unwrap()],
+            )
             .await
             .unwrap()
             .get(0);
         assert_eq!(c, 1, "every success has exactly one row");
     }
-    let charged: i64 =
-        db.query_one("SELECT coalesce(sum(credits_used), 0)::bigint FROM usage_history", &[]).await.unwrap().get(0);
+    let charged: i64 = db
+        .query_one(
+            "SELECT coalesce(sum(credits_used), 0)::bigint FROM usage_history",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
     assert!(charged <= 10, "charged {charged} > balance 10");
-    let used: i64 = db.query_one("SELECT sum(used_credits)::bigint FROM credits", &[]).await.unwrap().get(0);
+    let used: i64 = db
+        .query_one("SELECT sum(used_credits)::bigint FROM credits", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(used, charged);
     assert_eq!(env.redis_balance(&user).await, Some(10 - charged));
 }
@@ -263,7 +400,9 @@ async fn bad_input_gets_clear_errors_and_charges_nothing() {
     let (user, token) = env.user(100).await;
     let url = gw.url("/v1/chat/completions");
     let msgs = json!([{"role": "user", "content": "hi"}]);
-    let cases: Vec<(&str, Option<&str>, Vec<u8>, u16, &str)> = vec![
+    // (what, token, body, expected status, expected error code or "")
+    type Case<'a> = (&'a str, Option<&'a str>, Vec<u8>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         ("no token", None, b"{}".to_vec(), 401, "missing_api_key"),
         ("garbage token", Some("abc.def.ghi"), b"{}".to_vec(), 401, "invalid_api_key"),
         ("malformed JSON", Some(&token), b"{\"model\":".to_vec(), 400, ""),
@@ -275,7 +414,10 @@ async fn bad_input_gets_clear_errors_and_charges_nothing() {
     for (what, tok, body, want, code) in cases {
         let (status, headers, resp) = env.request("POST", &url, tok, Some(body)).await;
         assert_eq!(status, want, "{what}: {}", String::from_utf8_lossy(&resp));
-        assert!(headers.contains_key("x-request-id"), "{what}: no x-request-id");
+        assert!(
+            headers.contains_key("x-request-id"),
+            "{what}: no x-request-id"
+        );
         let e = openai_error(&resp);
         if !code.is_empty() {
             assert_eq!(e["code"], code, "{what}");
@@ -284,19 +426,39 @@ async fn bad_input_gets_clear_errors_and_charges_nothing() {
             assert!(headers["www-authenticate"].starts_with("Bearer"), "{what}");
         }
     }
-    let (status, headers, body) = env.request("GET", &gw.url("/v1/nowhere"), Some(&token), None).await;
+    let (status, headers, body) = env
+        .request("GET", &gw.url("/v1/nowhere"), Some(&token), None)
+        .await;
     assert_eq!(status, 404);
     assert!(headers.contains_key("x-request-id"));
     openai_error(&body);
     // An expired token is refused (no leeway configured for this gateway).
-    let email: String = env.db().await.query_one("SELECT email FROM users WHERE id = $1", &[&user]).await.unwrap().get(0);
-    let expired = env.cli(&["token", "issue", "--email", &email, "--ttl", "0"]).await;
-    let strict = env.gateway_with(&mock, &[("TOLLGATE__AUTH__LEEWAY_SECS", "0")]).await;
+    let email: String = env
+        .db()
+        .await
+        .query_one("SELECT email FROM users WHERE id = $1", &[&user])
+        .await
+        .unwrap()
+        .get(0);
+    let expired = env
+        .cli(&["token", "issue", "--email", &email, "--ttl", "0"])
+        .await;
+    let strict = env
+        .gateway_with(&mock, &[("TOLLGATE__AUTH__LEEWAY_SECS", "0")])
+        .await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let (status, headers, body) = env.request("GET", &strict.url("/v1/models"), Some(&expired), None).await;
+    let (status, headers, body) = env
+        .request("GET", &strict.url("/v1/models"), Some(&expired), None)
+        .await;
     assert_eq!(status, 401);
-    assert_eq!(headers["www-authenticate"], "Bearer error=\"invalid_token\"");
-    assert!(openai_error(&body)["message"].as_str().unwrap().contains("expired"));
+    assert_eq!(
+        headers["www-authenticate"],
+        "Bearer error=\"invalid_token\""
+    );
+    assert!(openai_error(&body)["message"]
+        .as_str()
+        .unwrap()
+        .contains("expired"));
     assert_eq!(mock_stats(&env, &mock).await["requests"], 0);
     assert_eq!(env.redis_balance(&user).await.unwrap_or(100), 100);
     assert_eq!(env.usage_rows().await, 0);
@@ -308,16 +470,27 @@ async fn models_are_listed_from_the_table() {
     let mock = env.mock(&[]).await;
     let gw = env.gateway(&mock).await;
     let (_, token) = env.user(0).await;
-    let (status, _, body) = env.request("GET", &gw.url("/v1/models"), Some(&token), None).await;
+    let (status, _, body) = env
+        .request("GET", &gw.url("/v1/models"), Some(&token), None)
+        .await;
     assert_eq!(status, 200);
     let v = json(&body);
-    let mut ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    let mut ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
     ids.sort_unstable();
     assert_eq!(ids, ["claude-3.5-sonnet", "gemini-2.0-pro", "gpt-5"]);
-    let (status, _, body) = env.request("GET", &gw.url("/v1/models/gpt-5"), Some(&token), None).await;
+    let (status, _, body) = env
+        .request("GET", &gw.url("/v1/models/gpt-5"), Some(&token), None)
+        .await;
     assert_eq!(status, 200);
     assert_eq!(json(&body)["owned_by"], "openai");
-    let (status, _, body) = env.request("GET", &gw.url("/v1/models/nope"), Some(&token), None).await;
+    let (status, _, body) = env
+        .request("GET", &gw.url("/v1/models/nope"), Some(&token), None)
+        .await;
     assert_eq!(status, 404);
     assert_eq!(openai_error(&body)["code"], "model_not_found");
 }

@@ -34,7 +34,9 @@ pub fn db_url(name: &str) -> String {
 }
 
 pub async fn pg(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect to PostgreSQL");
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to PostgreSQL");
     tokio::spawn(conn);
     client
 }
@@ -63,12 +65,25 @@ fn template_name() -> String {
 async fn ensure_template() -> String {
     let name = template_name();
     let admin = pg(PG_ADMIN).await;
-    admin.execute("SELECT pg_advisory_lock(7415)", &[]).await.unwrap();
-    let exists = admin.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await.unwrap().is_some();
+    admin
+        .execute("SELECT pg_advisory_lock(7415)", &[])
+        .await
+        .unwrap();
+    let exists = admin
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await
+        .unwrap()
+        .is_some();
     if !exists {
         let building = format!("{name}_building");
-        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)")).await.unwrap();
-        admin.batch_execute(&format!("CREATE DATABASE {building}")).await.unwrap();
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)"))
+            .await
+            .unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {building}"))
+            .await
+            .unwrap();
         for cmd in [["migrate"], ["seed"]] {
             let out = std::process::Command::new(bin())
                 .args(cmd)
@@ -77,11 +92,21 @@ async fn ensure_template() -> String {
                 .env("DATABASE_URL", db_url(&building))
                 .output()
                 .unwrap();
-            assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{cmd:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
-        admin.batch_execute(&format!("ALTER DATABASE {building} RENAME TO {name}")).await.unwrap();
+        admin
+            .batch_execute(&format!("ALTER DATABASE {building} RENAME TO {name}"))
+            .await
+            .unwrap();
     }
-    admin.execute("SELECT pg_advisory_unlock(7415)", &[]).await.unwrap();
+    admin
+        .execute("SELECT pg_advisory_unlock(7415)", &[])
+        .await
+        .unwrap();
     name
 }
 
@@ -106,14 +131,20 @@ impl Proc {
     }
 
     pub fn signal(&self, sig: &str) {
-        let st = std::process::Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().unwrap();
+        let st = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
         assert!(st.success());
     }
 }
 
 async fn spawn_listening(mut cmd: Command, log: PathBuf) -> Proc {
     let logf = std::fs::File::create(&log).unwrap();
-    cmd.stdout(Stdio::piped()).stderr(Stdio::from(logf)).kill_on_drop(true);
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::from(logf))
+        .kill_on_drop(true);
     let mut child = cmd.spawn().expect("spawn tollgate");
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
@@ -123,10 +154,18 @@ async fn spawn_listening(mut cmd: Command, log: PathBuf) -> Proc {
                 return a.trim().to_owned();
             }
         }
-        panic!("exited before listening: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        panic!(
+            "exited before listening: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
     })
     .await
-    .unwrap_or_else(|_| panic!("not listening within 30 s: {}", std::fs::read_to_string(&log).unwrap_or_default()));
+    .unwrap_or_else(|_| {
+        panic!(
+            "not listening within 30 s: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    });
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Proc { child, addr, log }
@@ -147,7 +186,10 @@ impl TestEnv {
         let id = Uuid::new_v4().simple().to_string();
         let db_name = format!("tg_test_{id}");
         let admin = pg(PG_ADMIN).await;
-        admin.batch_execute(&format!("CREATE DATABASE {db_name} TEMPLATE {template}")).await.unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db_name} TEMPLATE {template}"))
+            .await
+            .unwrap();
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         TestEnv {
@@ -173,7 +215,10 @@ impl TestEnv {
             .env("DATABASE_URL", &self.db_url)
             .env("REDIS_URL", REDIS)
             .env("TOLLGATE__REDIS__KEY_PREFIX", &self.prefix)
-            .env("TOLLGATE__AUTH__SIGNING_KEY_PATH", self.dir.path().join("signing.pem"))
+            .env(
+                "TOLLGATE__AUTH__SIGNING_KEY_PATH",
+                self.dir.path().join("signing.pem"),
+            )
             .env("TOLLGATE__FLUSH__INTERVAL_MS", "20")
             .env("TOLLGATE__FLUSH__CLAIM_IDLE_MS", "1000")
             .env("OPENAI_API_KEY", PROVIDER_KEY)
@@ -187,7 +232,11 @@ impl TestEnv {
     /// Runs a CLI command; returns trimmed stdout, panicking on failure.
     pub async fn cli(&self, args: &[&str]) -> String {
         let out = self.command(args).output().await.unwrap();
-        assert!(out.status.success(), "tollgate {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "tollgate {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
     }
 
@@ -207,8 +256,15 @@ impl TestEnv {
 
     pub async fn mock(&self, opts: &[&str]) -> Proc {
         let mut c = Command::new(bin());
-        c.args(["mock-provider", "--listen", "127.0.0.1:0"]).args(opts);
-        spawn_listening(c, self.dir.path().join(format!("mock-{}.log", Uuid::new_v4().simple()))).await
+        c.args(["mock-provider", "--listen", "127.0.0.1:0"])
+            .args(opts);
+        spawn_listening(
+            c,
+            self.dir
+                .path()
+                .join(format!("mock-{}.log", Uuid::new_v4().simple())),
+        )
+        .await
     }
 
     pub async fn gateway(&self, mock: &Proc) -> Proc {
@@ -217,20 +273,39 @@ impl TestEnv {
 
     pub async fn gateway_with(&self, mock: &Proc, env: &[(&str, &str)]) -> Proc {
         let mut c = self.command(&["serve"]);
-        c.env("TOLLGATE__SERVER__LISTEN", "127.0.0.1:0")
-            .env("TOLLGATE__PROVIDERS__OPENAI__BASE_URL", format!("http://{}/v1", mock.addr));
+        c.env("TOLLGATE__SERVER__LISTEN", "127.0.0.1:0").env(
+            "TOLLGATE__PROVIDERS__OPENAI__BASE_URL",
+            format!("http://{}/v1", mock.addr),
+        );
         for (k, v) in env {
             c.env(k, v);
         }
-        spawn_listening(c, self.dir.path().join(format!("gw-{}.log", Uuid::new_v4().simple()))).await
+        spawn_listening(
+            c,
+            self.dir
+                .path()
+                .join(format!("gw-{}.log", Uuid::new_v4().simple())),
+        )
+        .await
     }
 
     /// Creates a user with `credits` granted; returns (user id, access token).
     pub async fn user(&self, credits: i32) -> (Uuid, String) {
-        let email = format!("u{}@example.com", &Uuid::new_v4().simple().to_string()[..10]);
+        let email = format!(
+            "u{}@example.com",
+            &Uuid::new_v4().simple().to_string()[..10]
+        );
         let id = Uuid::parse_str(&self.cli(&["user", "create", "--email", &email]).await).unwrap();
         if credits > 0 {
-            self.cli(&["credits", "grant", "--email", &email, "--amount", &credits.to_string()]).await;
+            self.cli(&[
+                "credits",
+                "grant",
+                "--email",
+                &email,
+                "--amount",
+                &credits.to_string(),
+            ])
+            .await;
         }
         let token = self.cli(&["token", "issue", "--email", &email]).await;
         (id, token)
@@ -241,14 +316,21 @@ impl TestEnv {
     }
 
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(REDIS).unwrap().get_multiplexed_async_connection().await.unwrap()
+        redis::Client::open(REDIS)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
     }
 
     /// The user's live balance in Redis (None if not loaded).
     pub async fn redis_balance(&self, user: &Uuid) -> Option<i64> {
         let mut r = self.redis().await;
-        let keys: Vec<String> =
-            redis::cmd("KEYS").arg(format!("{}*:bal:{user}", self.prefix)).query_async(&mut r).await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}*:bal:{user}", self.prefix))
+            .query_async(&mut r)
+            .await
+            .unwrap();
         match keys.first() {
             Some(k) => redis::cmd("GET").arg(k).query_async(&mut r).await.unwrap(),
             None => None,
@@ -262,11 +344,16 @@ impl TestEnv {
         token: Option<&str>,
         body: Option<Vec<u8>>,
     ) -> (u16, HashMap<String, String>, Bytes) {
-        let mut b = http::Request::builder().method(method).uri(url).header("content-type", "application/json");
+        let mut b = http::Request::builder()
+            .method(method)
+            .uri(url)
+            .header("content-type", "application/json");
         if let Some(t) = token {
             b = b.header("authorization", format!("Bearer {t}"));
         }
-        let req = b.body(Full::new(Bytes::from(body.unwrap_or_default()))).unwrap();
+        let req = b
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .unwrap();
         let resp = self.http.request(req).await.expect("request");
         let status = resp.status().as_u16();
         let headers = resp
@@ -274,13 +361,28 @@ impl TestEnv {
             .iter()
             .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
             .collect();
-        let body = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
         (status, headers, body)
     }
 
-    pub async fn chat(&self, gw: &Proc, token: &str, body: serde_json::Value) -> (u16, HashMap<String, String>, Bytes) {
-        self.request("POST", &gw.url("/v1/chat/completions"), Some(token), Some(serde_json::to_vec(&body).unwrap()))
-            .await
+    pub async fn chat(
+        &self,
+        gw: &Proc,
+        token: &str,
+        body: serde_json::Value,
+    ) -> (u16, HashMap<String, String>, Bytes) {
+        self.request(
+            "POST",
+            &gw.url("/v1/chat/completions"),
+            Some(token),
+            Some(serde_json::to_vec(&body).unwrap()),
+        )
+        .await
     }
 
     /// Waits until `sql` (returning one bigint) yields `want`; returns the last value.
@@ -297,7 +399,12 @@ impl TestEnv {
     }
 
     pub async fn usage_rows(&self) -> i64 {
-        self.db().await.query_one("SELECT count(*) FROM usage_history", &[]).await.unwrap().get(0)
+        self.db()
+            .await
+            .query_one("SELECT count(*) FROM usage_history", &[])
+            .await
+            .unwrap()
+            .get(0)
     }
 }
 
@@ -307,11 +414,20 @@ impl Drop for TestEnv {
         let prefix = self.prefix.clone();
         // Clean up on a separate thread with its own runtime (Drop may run inside one).
         let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
             rt.block_on(async move {
-                if let Ok((c, conn)) = tokio_postgres::connect(PG_ADMIN, tokio_postgres::NoTls).await {
+                if let Ok((c, conn)) =
+                    tokio_postgres::connect(PG_ADMIN, tokio_postgres::NoTls).await
+                {
                     tokio::spawn(conn);
-                    let _ = c.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await;
+                    let _ = c
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                        .await;
                 }
                 if let Ok(client) = redis::Client::open(REDIS) {
                     if let Ok(mut r) = client.get_multiplexed_async_connection().await {
@@ -321,7 +437,8 @@ impl Drop for TestEnv {
                             .await
                             .unwrap_or_default();
                         for k in keys {
-                            let _: Result<(), _> = redis::cmd("DEL").arg(k).query_async(&mut r).await;
+                            let _: Result<(), _> =
+                                redis::cmd("DEL").arg(k).query_async(&mut r).await;
                         }
                     }
                 }
@@ -332,13 +449,17 @@ impl Drop for TestEnv {
 }
 
 pub fn json(b: &[u8]) -> serde_json::Value {
-    serde_json::from_slice(b).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(b)))
+    serde_json::from_slice(b)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(b)))
 }
 
 /// Asserts an OpenAI-shaped error body and returns its `error` object.
 pub fn openai_error(b: &[u8]) -> serde_json::Value {
     let v = json(b);
-    let e = v.get("error").cloned().unwrap_or_else(|| panic!("no `error` in {v}"));
+    let e = v
+        .get("error")
+        .cloned()
+        .unwrap_or_else(|| panic!("no `error` in {v}"));
     for k in ["message", "type", "param", "code"] {
         assert!(e.get(k).is_some(), "error body lacks `{k}`: {v}");
     }

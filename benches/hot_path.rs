@@ -1,0 +1,230 @@
+//! Criterion benches of the hot-path pieces. Run: `cargo bench --bench hot_path`.
+//! The Redis bench talks to the real local Redis (127.0.0.1:6379).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::Ed25519KeyPair;
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use tollgate::authenticate::Authenticator;
+use tollgate::config::AuthConfig;
+use tollgate::ledger::{HoldRequest, Ledger};
+use tollgate::parse::parse_chat;
+use tollgate::route::{Model, Models};
+use tollgate::settle::{cost, UsageEvent};
+use tollgate::stream_back::SseTap;
+use uuid::Uuid;
+
+fn auth_config() -> AuthConfig {
+    AuthConfig {
+        issuer: "http://127.0.0.1:8080".into(),
+        audience: "tollgate".into(),
+        signing_key_path: "unused".into(),
+        access_token_ttl: Duration::from_secs(900),
+        leeway_secs: 30,
+    }
+}
+
+fn jwt(c: &mut Criterion) {
+    let doc = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap();
+    let auth = Authenticator::from_pkcs8(doc.as_ref(), &auth_config()).unwrap();
+    let token = auth
+        .issue(&Uuid::new_v4(), "bench", "llm.inference", None)
+        .unwrap();
+    let header = http::HeaderValue::from_str(&format!("Bearer {token}")).unwrap();
+    c.bench_function("jwt_verify_ed25519", |b| {
+        b.iter(|| auth.verify_header(Some(&header)).unwrap())
+    });
+}
+
+fn model(id: &str) -> Model {
+    Model {
+        id: id.into(),
+        name: id.into(),
+        display_name: id.into(),
+        provider: "openai".into(),
+        capabilities: vec!["text".into()],
+        context_length: 400_000,
+        max_output_tokens: Some(128_000),
+        credits_per_1k_tokens: 2,
+        is_available: true,
+        is_deprecated: false,
+        created: 0,
+    }
+}
+
+fn parse_route(c: &mut Criterion) {
+    let models = Models::default();
+    models.replace(vec![
+        model("gpt-5"),
+        model("gemini-2.0-pro"),
+        model("claude-3.5-sonnet"),
+    ]);
+    let small = br#"{"model":"gpt-5","max_tokens":64,"messages":[{"role":"user","content":"Say hello to the benchmark."}]}"#;
+    let mut msgs = Vec::new();
+    for i in 0..20 {
+        msgs.push(serde_json::json!({"role": if i % 2 == 0 {"user"} else {"assistant"}, "content": "lorem ipsum dolor sit amet ".repeat(40)}));
+    }
+    let large = serde_json::to_vec(
+        &serde_json::json!({"model": "gpt-5", "stream": true, "messages": msgs}),
+    )
+    .unwrap();
+    let mut g = c.benchmark_group("parse_route");
+    for (name, body) in [("small", small.to_vec()), ("20_messages", large)] {
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let r = parse_chat(&body, 2000).unwrap();
+                models.route(&r.model).unwrap()
+            })
+        });
+    }
+    g.finish();
+}
+
+fn sse_tap(c: &mut Criterion) {
+    let mut chunks = Vec::new();
+    chunks.push(Bytes::from_static(b"data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-5\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}],\"usage\":null}\n\n"));
+    for _ in 0..64 {
+        chunks.push(Bytes::from_static(b"data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-5\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hello wor\"},\"finish_reason\":null}],\"usage\":null}\n\n"));
+    }
+    chunks.push(Bytes::from_static(b"data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-5\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":64,\"total_tokens\":76}}\n\n"));
+    chunks.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    let total: usize = chunks.iter().map(Bytes::len).sum();
+    let mut g = c.benchmark_group("sse_tap");
+    g.throughput(Throughput::Bytes(total as u64));
+    g.bench_function("whole_events_per_frame", |b| {
+        b.iter(|| {
+            let mut tap = SseTap::new(false);
+            for ch in &chunks {
+                std::hint::black_box(tap.feed(ch.clone()));
+            }
+            tap.finish()
+        })
+    });
+    // The same bytes cut into 7-byte frames: the slow path that reassembles events.
+    let joined: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+    let split: Vec<Bytes> = joined.chunks(7).map(Bytes::copy_from_slice).collect();
+    g.bench_function("split_frames", |b| {
+        b.iter(|| {
+            let mut tap = SseTap::new(false);
+            for ch in &split {
+                std::hint::black_box(tap.feed(ch.clone()));
+            }
+            tap.finish()
+        })
+    });
+    g.finish();
+}
+
+fn cost_arith(c: &mut Criterion) {
+    c.bench_function("cost_ceil", |b| {
+        let mut t = 0i64;
+        b.iter(|| {
+            t = (t + 7919) % 2_000_000;
+            cost(std::hint::black_box(t), 2).unwrap()
+        })
+    });
+}
+
+fn event(i: i64) -> UsageEvent {
+    UsageEvent {
+        id: Uuid::now_v7(),
+        created_at: chrono::Utc::now(),
+        user_id: Uuid::new_v4(),
+        model_id: "gpt-5".into(),
+        operation: "chat",
+        credits_used: i % 7,
+        input_tokens: i,
+        output_tokens: i * 2,
+        total_tokens: i * 3,
+        duration_ms: 12,
+        metadata: Some(serde_json::json!({"stream": i % 2 == 0})),
+    }
+}
+
+fn batcher_encoding(c: &mut Criterion) {
+    let mut g = c.benchmark_group("batcher");
+    let n = 1000;
+    g.throughput(Throughput::Elements(n as u64));
+    let events: Vec<UsageEvent> = (0..n).map(event).collect();
+    g.bench_function("encode_1000_events", |b| {
+        b.iter(|| events.iter().map(|e| e.fields()).collect::<Vec<_>>())
+    });
+    let encoded: Vec<std::collections::HashMap<&str, String>> = events
+        .iter()
+        .map(|e| e.fields().into_iter().collect())
+        .collect();
+    g.bench_function("decode_1000_events", |b| {
+        b.iter(|| {
+            encoded
+                .iter()
+                .map(|m| UsageEvent::from_fields(|k| m.get(k).cloned()).unwrap())
+                .collect::<Vec<_>>()
+        })
+    });
+    g.finish();
+}
+
+fn redis_round_trip(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let prefix = format!("bench{}:", &Uuid::new_v4().simple().to_string()[..8]);
+    let Ok(ledger) = rt.block_on(Ledger::connect("redis://127.0.0.1:6379", &prefix, 16)) else {
+        eprintln!("redis not reachable on 127.0.0.1:6379: skipping the reserve+settle bench");
+        return;
+    };
+    let user = Uuid::new_v4();
+    let keys = ledger.keys(&user);
+    let mut conn = ledger.conn();
+    rt.block_on(async {
+        let _: () = redis::cmd("SET")
+            .arg(&keys.bal)
+            .arg(i64::MAX / 4)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    });
+    let hold = HoldRequest {
+        price_per_1k: 2,
+        prompt_tokens: 20,
+        max_tokens: 64,
+        min_tokens: 16,
+        ttl_ms: 600_000,
+    };
+    let fields = event(5).fields();
+    c.bench_function("redis_reserve_settle_round_trips", |b| {
+        b.iter_batched(
+            Uuid::now_v7,
+            |rid| {
+                rt.block_on(async {
+                    ledger.reserve(&user, &rid, &hold).await.unwrap();
+                    ledger.settle(&user, &rid, 1, &fields).await.unwrap()
+                })
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    rt.block_on(async {
+        let _: () = redis::cmd("DEL")
+            .arg(&keys.bal)
+            .arg(&keys.holds)
+            .arg(&keys.pend)
+            .arg(&keys.stream)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    });
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    targets = jwt, parse_route, sse_tap, cost_arith, batcher_encoding, redis_round_trip
+}
+criterion_main!(benches);
