@@ -34,9 +34,26 @@ fn jwt(c: &mut Criterion) {
         .issue(&Uuid::new_v4(), "bench", "llm.inference", None)
         .unwrap();
     let header = http::HeaderValue::from_str(&format!("Bearer {token}")).unwrap();
-    c.bench_function("jwt_verify_ed25519", |b| {
+    let mut g = c.benchmark_group("jwt_verify_ed25519");
+    // A token seen before (every request after a client's first): the verified cache.
+    g.bench_function("cached", |b| {
         b.iter(|| auth.verify_header(Some(&header)).unwrap())
     });
+    // A token never seen: signature and claims checked in full.
+    g.bench_function("cold", |b| {
+        b.iter_batched(
+            || {
+                http::HeaderValue::from_str(&format!(
+                    "Bearer {}",
+                    auth.issue(&Uuid::new_v4(), "bench", "", None).unwrap()
+                ))
+                .unwrap()
+            },
+            |h| auth.verify_header(Some(&h)).unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
 }
 
 fn model(id: &str) -> Model {

@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Runs every test: unit, property, in-process and black-box (the real binary against
-# real PostgreSQL and Redis, which are started or installed first).
+# real PostgreSQL and Redis, which are started or installed first), the criterion
+# benches once each in test mode, and a short smoke run of the load harness (which
+# asserts that it runs and that usage rows == successes, never timings).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/services.sh
-cargo build --quiet --all-targets
-cargo test --all-targets -- --test-threads "${TEST_THREADS:-2}"
+threads=${TEST_THREADS:-2}
+cargo test --lib --bins --tests -- --test-threads "$threads"
+cargo test --bench hot_path
+cargo build --release --quiet
+cargo bench --bench load -- --smoke

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::rand::SystemRandom;
@@ -46,8 +47,62 @@ pub struct Claims {
 #[derive(Debug, Clone)]
 pub struct Principal {
     pub user_id: Uuid,
-    pub client_id: String,
-    pub scope: String,
+    pub client_id: Arc<str>,
+    pub scope: Arc<str>,
+}
+
+/// Tokens that verified, with their principal and expiry: a token is checked
+/// cryptographically once, then served from here until it expires (or the key set
+/// changes). Sharded to keep lock hold times short; bounded in size.
+type Shard = Mutex<HashMap<Box<str>, (Principal, u64)>>;
+
+struct VerifiedCache {
+    shards: Vec<Shard>,
+    per_shard: usize,
+}
+
+const CACHE_SHARDS: usize = 16;
+const CACHE_CAPACITY: usize = 65_536;
+
+impl VerifiedCache {
+    fn new() -> VerifiedCache {
+        VerifiedCache {
+            shards: (0..CACHE_SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
+            per_shard: CACHE_CAPACITY / CACHE_SHARDS,
+        }
+    }
+
+    fn shard(&self, token: &str) -> &Shard {
+        // The signature's last bytes are uniformly distributed.
+        let b = token.as_bytes();
+        let i = b.last().map_or(0, |x| usize::from(*x))
+            ^ b.get(b.len().saturating_sub(2))
+                .map_or(0, |x| usize::from(*x) << 3);
+        &self.shards[i % CACHE_SHARDS]
+    }
+
+    fn get(&self, token: &str, now: u64) -> Option<Principal> {
+        let shard = self.shard(token).lock().ok()?;
+        match shard.get(token) {
+            Some((p, exp)) if now < *exp => Some(p.clone()),
+            _ => None,
+        }
+    }
+
+    fn insert(&self, token: &str, p: Principal, exp: u64) {
+        if let Ok(mut shard) = self.shard(token).lock() {
+            if shard.len() >= self.per_shard {
+                let now = now_secs();
+                shard.retain(|_, (_, e)| *e > now);
+                if shard.len() >= self.per_shard {
+                    shard.clear();
+                }
+            }
+            shard.insert(token.into(), (p, exp));
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -80,6 +135,8 @@ pub struct Authenticator {
     issuer: String,
     audience: String,
     ttl_secs: u64,
+    leeway_secs: u64,
+    cache: VerifiedCache,
 }
 
 fn pem_encode(der: &[u8]) -> String {
@@ -210,6 +267,8 @@ impl Authenticator {
             issuer: cfg.issuer.clone(),
             audience: cfg.audience.clone(),
             ttl_secs: cfg.access_token_ttl.as_secs(),
+            leeway_secs: cfg.leeway_secs,
+            cache: VerifiedCache::new(),
         })
     }
 
@@ -275,8 +334,21 @@ impl Authenticator {
         self.verify(token)
     }
 
-    /// Verifies a compact JWS access token.
+    /// Verifies a compact JWS access token (served from the cache of verified tokens
+    /// until the token expires).
     pub fn verify(&self, token: &str) -> Result<Principal, ApiError> {
+        let now = now_secs();
+        if let Some(p) = self.cache.get(token, now) {
+            return Ok(p);
+        }
+        let (p, exp) = self.verify_uncached(token)?;
+        self.cache
+            .insert(token, p.clone(), exp.saturating_add(self.leeway_secs));
+        Ok(p)
+    }
+
+    /// The full check: header, key, signature and claims.
+    fn verify_uncached(&self, token: &str) -> Result<(Principal, u64), ApiError> {
         let invalid = |why: &str| ApiError::Unauthenticated {
             code: "invalid_token",
             message: format!("Invalid access token: {why}."),
@@ -315,11 +387,12 @@ impl Authenticator {
             })?;
         let user_id =
             Uuid::parse_str(&data.claims.sub).map_err(|_| invalid("sub is not a user id"))?;
-        Ok(Principal {
+        let p = Principal {
             user_id,
-            client_id: data.claims.client_id,
-            scope: data.claims.scope,
-        })
+            client_id: data.claims.client_id.into(),
+            scope: data.claims.scope.into(),
+        };
+        Ok((p, data.claims.exp))
     }
 }
 
@@ -360,6 +433,24 @@ mod tests {
                 .user_id,
             u
         );
+    }
+
+    #[test]
+    fn cached_tokens_still_expire() {
+        let a = ed();
+        let u = Uuid::new_v4();
+        let t = a.issue(&u, "c", "", Some(1)).unwrap();
+        assert!(a.verify(&t).is_ok());
+        assert!(a.verify(&t).is_ok(), "served from the cache");
+        // Past exp (+ leeway 0): refused although it is cached.
+        std::thread::sleep(Duration::from_millis(2100));
+        assert!(a.verify(&t).is_err());
+        // A tampered token never matches a cached one.
+        let mut bad = a.issue(&u, "c", "", None).unwrap();
+        assert!(a.verify(&bad).is_ok());
+        bad.pop();
+        bad.push('A');
+        assert!(a.verify(&bad).is_err());
     }
 
     #[test]
