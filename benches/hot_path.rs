@@ -168,17 +168,14 @@ fn batcher_encoding(c: &mut Criterion) {
     g.throughput(Throughput::Elements(n as u64));
     let events: Vec<UsageEvent> = (0..n).map(event).collect();
     g.bench_function("encode_1000_events", |b| {
-        b.iter(|| events.iter().map(|e| e.fields()).collect::<Vec<_>>())
+        b.iter(|| events.iter().map(UsageEvent::encode).collect::<Vec<_>>())
     });
-    let encoded: Vec<std::collections::HashMap<&str, String>> = events
-        .iter()
-        .map(|e| e.fields().into_iter().collect())
-        .collect();
+    let encoded: Vec<String> = events.iter().map(UsageEvent::encode).collect();
     g.bench_function("decode_1000_events", |b| {
         b.iter(|| {
             encoded
                 .iter()
-                .map(|m| UsageEvent::from_fields(|k| m.get(k).cloned()).unwrap())
+                .map(|m| UsageEvent::decode(m).unwrap())
                 .collect::<Vec<_>>()
         })
     });
@@ -200,8 +197,9 @@ fn redis_round_trip(c: &mut Criterion) {
     let keys = ledger.keys(&user);
     let mut conn = ledger.conn();
     rt.block_on(async {
-        let _: () = redis::cmd("SET")
-            .arg(&keys.bal)
+        let _: () = redis::cmd("HSET")
+            .arg(&keys.acct)
+            .arg("bal")
             .arg(i64::MAX / 4)
             .query_async(&mut conn)
             .await
@@ -214,14 +212,14 @@ fn redis_round_trip(c: &mut Criterion) {
         min_tokens: 16,
         ttl_ms: 600_000,
     };
-    let fields = event(5).fields();
+    let encoded = event(5).encode();
     c.bench_function("redis_reserve_settle_round_trips", |b| {
         b.iter_batched(
             Uuid::now_v7,
             |rid| {
                 rt.block_on(async {
                     ledger.reserve(&user, &rid, &hold).await.unwrap();
-                    ledger.settle(&user, &rid, 1, &fields).await.unwrap()
+                    ledger.settle(&user, &rid, 1, &encoded).await.unwrap()
                 })
             },
             BatchSize::SmallInput,
@@ -229,8 +227,7 @@ fn redis_round_trip(c: &mut Criterion) {
     });
     rt.block_on(async {
         let _: () = redis::cmd("DEL")
-            .arg(&keys.bal)
-            .arg(&keys.holds)
+            .arg(&keys.acct)
             .arg(&keys.pend)
             .arg(&keys.stream)
             .query_async(&mut conn)

@@ -74,7 +74,7 @@ impl Flusher {
 
     fn entries_of(bucket: u32, ids: Vec<StreamId>, out: &mut Vec<Entry>) {
         for s in ids {
-            let event = UsageEvent::from_fields(|k| field(&s.map, k));
+            let event = field(&s.map, "e").as_deref().and_then(UsageEvent::decode);
             if event.is_none() {
                 tracing::error!(entry = %s.id, "unreadable usage event; acknowledging it to unblock the stream");
             }

@@ -7,13 +7,14 @@
 //!
 //! | key                        | type   | holds                                                  |
 //! |----------------------------|--------|--------------------------------------------------------|
-//! | `P{bN}:bal:u`              | string | spendable credits (granted − charged − held)           |
-//! | `P{bN}:holds:u`            | hash   | request id → `amount:expires_at_ms`                    |
+//! | `P{bN}:acct:u`             | hash   | `bal`: spendable credits (granted − charged − held);   |
+//! |                            |        | `h:<request id>` → `amount:expires_at_ms` (holds);     |
+//! |                            |        | `exp`: no hold expires before this (ms)                |
 //! | `P{bN}:pend:u`             | hash   | request id → cost, settled and not yet in PostgreSQL   |
 //! | `P{bN}:cred:u`             | hash   | credits row id → total, the rows `bal` reflects        |
 //! | `P{bN}:usage`              | stream | usage events of the bucket, read by the flushers       |
 //!
-//! `bal`, `holds` and `cred` are created together by [`Ledger::load`] and never expire
+//! `acct` and `cred` are created together by [`Ledger::load`] and never expire
 //! (Redis must run with `maxmemory-policy noeviction`). `pend` outlives them, so a
 //! balance rebuilt from PostgreSQL never forgets a charge that is settled but not flushed.
 
@@ -24,22 +25,34 @@ use uuid::Uuid;
 use crate::db::Db;
 
 const RESERVE: &str = r"
--- KEYS: bal, holds. ARGV: rid, price_per_1k, prompt_tokens, max_tokens, min_tokens, ttl_ms
-local bal = redis.call('GET', KEYS[1])
-if not bal then return {-1, 0, 0, 0} end
-bal = tonumber(bal)
+-- KEYS: acct. ARGV: rid, price_per_1k, prompt_tokens, max_tokens, min_tokens, ttl_ms
+local v = redis.call('HMGET', KEYS[1], 'bal', 'exp')
+if not v[1] then return {-1, 0, 0, 0} end
+local bal = tonumber(v[1])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local changed = false
-local holds = redis.call('HGETALL', KEYS[2])
-for i = 1, #holds, 2 do
-  local v = holds[i + 1]
-  local sep = string.find(v, ':', 1, true)
-  if tonumber(string.sub(v, sep + 1)) <= now then
-    bal = bal + tonumber(string.sub(v, 1, sep - 1))
-    redis.call('HDEL', KEYS[2], holds[i])
-    changed = true
+local exp = v[2] and tonumber(v[2])
+if exp and exp <= now then
+  -- Some hold expired (a crash): return every expired hold to the balance.
+  exp = nil
+  local all = redis.call('HGETALL', KEYS[1])
+  for i = 1, #all, 2 do
+    local f = all[i]
+    if string.byte(f, 1) == 104 and string.byte(f, 2) == 58 then -- 'h:'
+      local h = all[i + 1]
+      local sep = string.find(h, ':', 1, true)
+      local e = tonumber(string.sub(h, sep + 1))
+      if e <= now then
+        bal = bal + tonumber(string.sub(h, 1, sep - 1))
+        redis.call('HDEL', KEYS[1], f)
+      elseif not exp or e < exp then
+        exp = e
+      end
+    end
   end
+  if exp then redis.call('HSET', KEYS[1], 'exp', string.format('%d', exp)) else redis.call('HDEL', KEYS[1], 'exp') end
+  changed = true
 end
 local price = tonumber(ARGV[2])
 local p = tonumber(ARGV[3])
@@ -60,49 +73,57 @@ if cost > bal then
 end
 if status == 1 then
   bal = bal - cost
-  redis.call('HSET', KEYS[2], ARGV[1], string.format('%d:%d', cost, now + tonumber(ARGV[6])))
-  changed = true
+  local e = now + tonumber(ARGV[6])
+  if exp and exp <= e then
+    redis.call('HSET', KEYS[1], 'bal', string.format('%d', bal), 'h:' .. ARGV[1], string.format('%d:%d', cost, e))
+  else
+    redis.call('HSET', KEYS[1], 'bal', string.format('%d', bal), 'h:' .. ARGV[1], string.format('%d:%d', cost, e),
+      'exp', string.format('%d', e))
+  end
+elseif changed then
+  redis.call('HSET', KEYS[1], 'bal', string.format('%d', bal))
 end
-if changed then redis.call('SET', KEYS[1], string.format('%d', bal)) end
 return {status, cost, m, bal}
 ";
 
 const SETTLE: &str = r"
--- KEYS: bal, holds, pend, stream. ARGV: rid, cost, then the event's field/value pairs
+-- KEYS: acct, pend, stream. ARGV: rid, cost, the encoded usage event
+local f = 'h:' .. ARGV[1]
 local held = 0
-local v = redis.call('HGET', KEYS[2], ARGV[1])
+local v = redis.call('HGET', KEYS[1], f)
 if v then
   held = tonumber(string.sub(v, 1, string.find(v, ':', 1, true) - 1))
-  redis.call('HDEL', KEYS[2], ARGV[1])
-elseif redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then
+  redis.call('HDEL', KEYS[1], f)
+elseif redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
   return {0, 0}
 end
 local bal = 0
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  bal = redis.call('INCRBY', KEYS[1], string.format('%d', held - tonumber(ARGV[2])))
+if redis.call('HEXISTS', KEYS[1], 'bal') == 1 then
+  bal = redis.call('HINCRBY', KEYS[1], 'bal', string.format('%d', held - tonumber(ARGV[2])))
 end
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
-redis.call('XADD', KEYS[4], '*', unpack(ARGV, 3))
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('XADD', KEYS[3], '*', 'e', ARGV[3])
 return {1, bal}
 ";
 
 const RELEASE: &str = r"
--- KEYS: bal, holds. ARGV: rid
-local v = redis.call('HGET', KEYS[2], ARGV[1])
+-- KEYS: acct. ARGV: rid
+local f = 'h:' .. ARGV[1]
+local v = redis.call('HGET', KEYS[1], f)
 if not v then return 0 end
-redis.call('HDEL', KEYS[2], ARGV[1])
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('INCRBY', KEYS[1], string.sub(v, 1, string.find(v, ':', 1, true) - 1))
+redis.call('HDEL', KEYS[1], f)
+if redis.call('HEXISTS', KEYS[1], 'bal') == 1 then
+  redis.call('HINCRBY', KEYS[1], 'bal', string.sub(v, 1, string.find(v, ':', 1, true) - 1))
 end
 return 1
 ";
 
 const LOAD: &str = r"
--- KEYS: bal, pend, cred, holds.
+-- KEYS: acct, pend, cred.
 -- ARGV: available, n, n x (credit_id, total), k, k x (rid, flushed 0|1)
 -- The pairs describe one PostgreSQL snapshot: the user's current credit rows and which
 -- of the pending request ids (read from KEYS[2] just before) it already holds.
-if redis.call('EXISTS', KEYS[1]) == 1 then return {1, tonumber(redis.call('GET', KEYS[1]))} end
+if redis.call('HEXISTS', KEYS[1], 'bal') == 1 then return {1, tonumber(redis.call('HGET', KEYS[1], 'bal'))} end
 local bal = tonumber(ARGV[1])
 local idx = 3
 local snap = {}
@@ -126,15 +147,16 @@ for i = 1, #cred, 2 do
   if snap[cred[i]] == nil then bal = bal + tonumber(cred[i + 1]) end
 end
 for id, total in pairs(snap) do redis.call('HSET', KEYS[3], id, total) end
-redis.call('DEL', KEYS[4])
-redis.call('SET', KEYS[1], string.format('%d', bal))
+-- Holds of a lost balance are meaningless: their settles charge in full.
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'bal', string.format('%d', bal))
 return {1, bal}
 ";
 
 const GRANT: &str = r"
--- KEYS: bal, cred. ARGV: credit_id, amount
-if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 and redis.call('EXISTS', KEYS[1]) == 1 then
-  return {1, redis.call('INCRBY', KEYS[1], ARGV[2])}
+-- KEYS: acct, cred. ARGV: credit_id, amount
+if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 and redis.call('HEXISTS', KEYS[1], 'bal') == 1 then
+  return {1, redis.call('HINCRBY', KEYS[1], 'bal', ARGV[2])}
 end
 return {0, 0}
 ";
@@ -219,8 +241,7 @@ pub struct HoldRequest {
 
 /// Redis keys of one user.
 pub struct UserKeys {
-    pub bal: String,
-    pub holds: String,
+    pub acct: String,
     pub pend: String,
     pub cred: String,
     pub stream: String,
@@ -289,12 +310,16 @@ impl Ledger {
         format!("{}{{b{bucket}}}:pend:{user}", self.prefix)
     }
 
+    /// The account hash of a user (balance and holds): all the hot path's reserve needs.
+    pub fn acct_key(&self, user: &Uuid) -> String {
+        format!("{}{{b{}}}:acct:{user}", self.prefix, self.bucket_of(user))
+    }
+
     pub fn keys(&self, user: &Uuid) -> UserKeys {
         let b = self.bucket_of(user);
         let tag = format!("{}{{b{b}}}", self.prefix);
         UserKeys {
-            bal: format!("{tag}:bal:{user}"),
-            holds: format!("{tag}:holds:{user}"),
+            acct: format!("{tag}:acct:{user}"),
             pend: format!("{tag}:pend:{user}"),
             cred: format!("{tag}:cred:{user}"),
             stream: format!("{tag}:usage"),
@@ -311,11 +336,9 @@ impl Ledger {
         rid: &Uuid,
         h: &HoldRequest,
     ) -> Result<Reserve, redis::RedisError> {
-        let k = self.keys(user);
         let (status, cost, m, bal): (i64, i64, i64, i64) = self
             .reserve
-            .key(&k.bal)
-            .key(&k.holds)
+            .key(self.acct_key(user))
             .arg(rid.to_string())
             .arg(h.price_per_1k)
             .arg(h.prompt_tokens)
@@ -335,38 +358,36 @@ impl Ledger {
         })
     }
 
-    /// Charges `cost`, releases the rest of the hold and appends `fields` (the usage
-    /// event) to the bucket's stream, atomically. Returns false if this request was
-    /// already settled.
+    /// Charges `cost`, releases the rest of the hold and appends `event` (the encoded
+    /// usage event) to the bucket's stream, atomically. Returns false if this request
+    /// was already settled.
     pub async fn settle(
         &self,
         user: &Uuid,
         rid: &Uuid,
         cost: i64,
-        fields: &[(&str, String)],
+        event: &str,
     ) -> Result<bool, redis::RedisError> {
-        let k = self.keys(user);
-        let mut inv = self.settle.prepare_invoke();
-        inv.key(&k.bal)
-            .key(&k.holds)
-            .key(&k.pend)
-            .key(&k.stream)
+        let b = self.bucket_of(user);
+        let tag = format!("{}{{b{b}}}", self.prefix);
+        let (done, _bal): (i64, i64) = self
+            .settle
+            .key(format!("{tag}:acct:{user}"))
+            .key(format!("{tag}:pend:{user}"))
+            .key(format!("{tag}:usage"))
             .arg(rid.to_string())
-            .arg(cost);
-        for (f, v) in fields {
-            inv.arg(*f).arg(v.as_str());
-        }
-        let (done, _bal): (i64, i64) = inv.invoke_async(&mut self.conn.clone()).await?;
+            .arg(cost)
+            .arg(event)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
         Ok(done == 1)
     }
 
     /// Returns a hold to the balance (a failed request charges nothing).
     pub async fn release(&self, user: &Uuid, rid: &Uuid) -> Result<bool, redis::RedisError> {
-        let k = self.keys(user);
         let n: i64 = self
             .release
-            .key(&k.bal)
-            .key(&k.holds)
+            .key(self.acct_key(user))
             .arg(rid.to_string())
             .invoke_async(&mut self.conn.clone())
             .await?;
@@ -384,7 +405,7 @@ impl Ledger {
         let k = self.keys(user);
         let (applied, _): (i64, i64) = self
             .grant
-            .key(&k.bal)
+            .key(&k.acct)
             .key(&k.cred)
             .arg(credit_id.to_string())
             .arg(amount)
@@ -395,9 +416,9 @@ impl Ledger {
 
     /// The user's spendable balance, if it is loaded.
     pub async fn balance(&self, user: &Uuid) -> Result<Option<i64>, redis::RedisError> {
-        let k = self.keys(user);
-        redis::cmd("GET")
-            .arg(&k.bal)
+        redis::cmd("HGET")
+            .arg(self.acct_key(user))
+            .arg("bal")
             .query_async(&mut self.conn.clone())
             .await
     }
@@ -431,7 +452,7 @@ impl Ledger {
             let flushed: Vec<Uuid> = row.get(1);
             let mut available: i64 = 0;
             let mut inv = self.load.prepare_invoke();
-            inv.key(&k.bal).key(&k.pend).key(&k.cred).key(&k.holds);
+            inv.key(&k.acct).key(&k.pend).key(&k.cred);
             let rows = credits.as_array().cloned().unwrap_or_default();
             let mut pairs = Vec::with_capacity(rows.len());
             for r in &rows {

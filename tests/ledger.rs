@@ -80,7 +80,7 @@ async fn charge(ledger: &Ledger, user: Uuid, cost: i64) -> UsageEvent {
         "{r:?}"
     );
     let e = event(user, rid, cost);
-    assert!(ledger.settle(&user, &rid, cost, &e.fields()).await.unwrap());
+    assert!(ledger.settle(&user, &rid, cost, &e.encode()).await.unwrap());
     e
 }
 
@@ -88,9 +88,8 @@ async fn forget_balance(env: &TestEnv, ledger: &Ledger, user: &Uuid) {
     let k = ledger.keys(user);
     let mut r = env.redis().await;
     let _: () = redis::cmd("DEL")
-        .arg(&k.bal)
+        .arg(&k.acct)
         .arg(&k.cred)
-        .arg(&k.holds)
         .query_async(&mut r)
         .await
         .unwrap();
@@ -163,9 +162,9 @@ async fn settle_is_idempotent_and_release_returns_the_hold() {
         .unwrap();
     assert_eq!(ledger.balance(&user).await.unwrap(), Some(30));
     let e = event(user, rid, 8);
-    assert!(ledger.settle(&user, &rid, 8, &e.fields()).await.unwrap());
+    assert!(ledger.settle(&user, &rid, 8, &e.encode()).await.unwrap());
     assert!(
-        !ledger.settle(&user, &rid, 8, &e.fields()).await.unwrap(),
+        !ledger.settle(&user, &rid, 8, &e.encode()).await.unwrap(),
         "second settle is a no-op"
     );
     assert_eq!(ledger.balance(&user).await.unwrap(), Some(42));
@@ -261,4 +260,32 @@ async fn grants_apply_exactly_once_whether_or_not_the_balance_is_loaded() {
     // Rebuilt from PostgreSQL, the same.
     forget_balance(&env, &ledger, &user).await;
     assert_eq!(ledger.load(&db, &user).await.unwrap(), 22);
+}
+
+#[tokio::test]
+async fn only_expired_holds_come_back() {
+    let env = TestEnv::new().await;
+    let (ledger, db, user) = setup(&env, 10).await;
+    ledger.load(&db, &user).await.unwrap();
+    let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    ledger.reserve(&user, &a, &hold(3, 40)).await.unwrap();
+    ledger.reserve(&user, &b, &hold(2, 60_000)).await.unwrap();
+    assert_eq!(ledger.balance(&user).await.unwrap(), Some(5));
+    tokio::time::sleep(std::time::Duration::from_millis(70)).await;
+    // `a` expired and returns; `b` is still held.
+    match ledger.reserve(&user, &c, &hold(1, 40)).await.unwrap() {
+        Reserve::Admitted { balance, .. } => assert_eq!(balance, 7),
+        other => panic!("{other:?}"),
+    }
+    // `a` settles late: it is charged in full (its hold is gone).
+    let e = event(user, a, 3);
+    assert!(ledger.settle(&user, &a, 3, &e.encode()).await.unwrap());
+    assert_eq!(ledger.balance(&user).await.unwrap(), Some(4));
+    assert!(ledger.release(&user, &b).await.unwrap());
+    tokio::time::sleep(std::time::Duration::from_millis(70)).await;
+    // `c` expired too: 4 + 2 (b released) + 1 (c back) = 7, less the new hold of 1.
+    match ledger.reserve(&user, &Uuid::now_v7(), &hold(1, 60_000)).await.unwrap() {
+        Reserve::Admitted { balance, .. } => assert_eq!(balance, 6),
+        other => panic!("{other:?}"),
+    }
 }

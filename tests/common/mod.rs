@@ -327,12 +327,17 @@ impl TestEnv {
     pub async fn redis_balance(&self, user: &Uuid) -> Option<i64> {
         let mut r = self.redis().await;
         let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}*:bal:{user}", self.prefix))
+            .arg(format!("{}*:acct:{user}", self.prefix))
             .query_async(&mut r)
             .await
             .unwrap();
         match keys.first() {
-            Some(k) => redis::cmd("GET").arg(k).query_async(&mut r).await.unwrap(),
+            Some(k) => redis::cmd("HGET")
+                .arg(k)
+                .arg("bal")
+                .query_async(&mut r)
+                .await
+                .unwrap(),
             None => None,
         }
     }
