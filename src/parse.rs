@@ -20,6 +20,8 @@ struct RawChat<'a> {
     max_completion_tokens: Option<serde_json::Value>,
     #[serde(default)]
     stream_options: Option<RawStreamOptions>,
+    #[serde(default)]
+    n: Option<serde_json::Value>,
     #[serde(default, borrow)]
     messages: Option<Vec<RawMessage<'a>>>,
     #[serde(default, borrow)]
@@ -78,7 +80,12 @@ pub struct ChatRequest {
     pub max_tokens_field: Option<&'static str>,
     /// An upper bound of the prompt's tokens (see [`parse_chat`]).
     pub prompt_tokens_bound: i64,
+    /// How many choices the client asked for (`n`): each can use `max_tokens`.
+    pub choices: i64,
 }
+
+/// The largest `n` accepted (OpenAI's own limit).
+pub const MAX_CHOICES: i64 = 128;
 
 /// Overhead per message (role and separator tokens) and per request (priming).
 const TOKENS_PER_MESSAGE: i64 = 4;
@@ -175,6 +182,16 @@ pub fn parse_chat(body: &[u8], image_tokens: i64) -> Result<ChatRequest, ApiErro
         (None, Some(b)) => (Some(b), Some("max_tokens")),
         (None, None) => (None, None),
     };
+    let choices = match token_limit(&raw.n, "n")? {
+        None => 1,
+        Some(n) if n <= MAX_CHOICES => n,
+        Some(_) => {
+            return Err(ApiError::InvalidRequest {
+                message: format!("`n` must be at most {MAX_CHOICES}"),
+                param: Some("n"),
+            })
+        }
+    };
     let stream = raw.stream.unwrap_or(false);
     Ok(ChatRequest {
         model,
@@ -188,6 +205,7 @@ pub fn parse_chat(body: &[u8], image_tokens: i64) -> Result<ChatRequest, ApiErro
         max_tokens,
         max_tokens_field,
         prompt_tokens_bound: bound,
+        choices,
     })
 }
 
@@ -281,6 +299,7 @@ mod tests {
         let b = br#"{"model":"m","max_tokens":5,"max_completion_tokens":7,"messages":[{"role":"user","content":[{"type":"text","text":"abc"},{"type":"image_url","image_url":{"url":"data:..."}}]}]}"#;
         let r = parse_chat(b, 2000).unwrap();
         assert_eq!(r.max_tokens, Some(7));
+        assert_eq!(r.choices, 1);
         assert_eq!(
             r.prompt_tokens_bound,
             TOKENS_PER_REQUEST + TOKENS_PER_MESSAGE + 3 + 2000
@@ -306,6 +325,14 @@ mod tests {
                 "max_tokens",
             ),
             (br#"[1,2]"#, "invalid chat request"),
+            (
+                br#"{"model":"gpt-5","n":0,"messages":[{"role":"user","content":"x"}]}"#,
+                "`n`",
+            ),
+            (
+                br#"{"model":"gpt-5","n":500,"messages":[{"role":"user","content":"x"}]}"#,
+                "`n`",
+            ),
         ] {
             let e = parse_chat(body, 0).unwrap_err();
             assert_eq!(e.status_code(), http::StatusCode::BAD_REQUEST);

@@ -196,22 +196,22 @@ impl Admitted {
     }
 }
 
-/// Reserve, loading the balance from PostgreSQL on first use.
+/// Reserve, loading the balance from PostgreSQL on first use. Holds room for
+/// `want` tokens in each of the `n` choices; returns (hold, tokens per choice).
 async fn reserve(
     state: &AppState,
     user: &Uuid,
     rid: &Uuid,
     model: &Model,
     chat: &ChatRequest,
+    want: i64,
 ) -> Result<(i64, i64), ApiError> {
-    let cap = model.output_cap();
-    let want = chat.max_tokens.map_or(cap, |m| m.min(cap));
     let m = &state.cfg.metering;
     let hold = HoldRequest {
         price_per_1k: model.credits_per_1k_tokens,
         prompt_tokens: chat.prompt_tokens_bound,
-        max_tokens: want,
-        min_tokens: i64::from(m.min_output_tokens),
+        max_tokens: want.saturating_mul(chat.choices),
+        min_tokens: i64::from(m.min_output_tokens).saturating_mul(chat.choices),
         ttl_ms: u64::try_from(m.hold_ttl.as_millis()).unwrap_or(u64::MAX),
     };
     for _ in 0..3 {
@@ -223,7 +223,7 @@ async fn reserve(
         match r {
             Reserve::Admitted {
                 hold, max_tokens, ..
-            } => return Ok((hold, max_tokens)),
+            } => return Ok((hold, max_tokens / chat.choices.max(1))),
             Reserve::Insufficient { .. } => return Err(ApiError::InsufficientQuota),
             Reserve::NeedsLoad => {
                 state
@@ -259,7 +259,8 @@ async fn chat_completions(
     let want = chat
         .max_tokens
         .map_or(model.output_cap(), |m| m.min(model.output_cap()));
-    let (_hold, max_tokens) = reserve(&state, &principal.user_id, &rid, &model, &chat).await?;
+    let (_hold, max_tokens) =
+        reserve(&state, &principal.user_id, &rid, &model, &chat, want).await?;
     let adm = Admitted {
         state: state.clone(),
         rid,

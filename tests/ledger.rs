@@ -284,7 +284,11 @@ async fn only_expired_holds_come_back() {
     assert!(ledger.release(&user, &b).await.unwrap());
     tokio::time::sleep(std::time::Duration::from_millis(70)).await;
     // `c` expired too: 4 + 2 (b released) + 1 (c back) = 7, less the new hold of 1.
-    match ledger.reserve(&user, &Uuid::now_v7(), &hold(1, 60_000)).await.unwrap() {
+    match ledger
+        .reserve(&user, &Uuid::now_v7(), &hold(1, 60_000))
+        .await
+        .unwrap()
+    {
         Reserve::Admitted { balance, .. } => assert_eq!(balance, 6),
         other => panic!("{other:?}"),
     }

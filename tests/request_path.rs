@@ -494,3 +494,32 @@ async fn models_are_listed_from_the_table() {
     assert_eq!(status, 404);
     assert_eq!(openai_error(&body)["code"], "model_not_found");
 }
+
+#[tokio::test]
+async fn every_choice_is_held_for() {
+    let env = TestEnv::new().await;
+    let mock = env.mock(&[]).await;
+    let gw = env.gateway(&mock).await;
+    // 1 credit at 2 credits/1k affords 500 tokens; 128 choices of at least
+    // metering.min_output_tokens (16) each cannot fit, one choice can.
+    let (_, token) = env.user(1).await;
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    let (status, _, body) = env
+        .chat(
+            &gw,
+            &token,
+            json!({"model": "gpt-5", "n": 128, "max_tokens": 100, "messages": msgs}),
+        )
+        .await;
+    assert_eq!(status, 429, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(openai_error(&body)["code"], "insufficient_quota");
+    assert_eq!(mock_stats(&env, &mock).await["requests"], 0);
+    let (status, _, body) = env
+        .chat(
+            &gw,
+            &token,
+            json!({"model": "gpt-5", "n": 1, "max_tokens": 100, "messages": msgs}),
+        )
+        .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+}
