@@ -236,9 +236,121 @@ fn redis_round_trip(c: &mut Criterion) {
     });
 }
 
+/// The usage writer against the real local PostgreSQL: 1000 rows per transaction
+/// (UNNEST insert + credit increments), in a scratch database.
+fn flush_writer(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let name = format!(
+        "tollgate_bench_flush_{}",
+        &Uuid::new_v4().simple().to_string()[..8]
+    );
+    let admin = "postgres://postgres@127.0.0.1:5432/postgres";
+    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+    let setup = rt.block_on(async {
+        let (a, conn) = tokio_postgres::connect(admin, tokio_postgres::NoTls).await.ok()?;
+        tokio::spawn(conn);
+        a.batch_execute(&format!("CREATE DATABASE {name}")).await.ok()?;
+        let (mut c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.ok()?;
+        tokio::spawn(conn);
+        tollgate::db::migrate(&mut c).await.ok()?;
+        tollgate::db::ensure_partitions(&c, 1).await.ok()?;
+        tollgate::db::seed(&mut c).await.ok()?;
+        let mut users = Vec::new();
+        for i in 0..50 {
+            let u: Uuid = c
+                .query_one("INSERT INTO users (email) VALUES ($1) RETURNING id", &[&format!("b{i}@bench.test")])
+                .await
+                .ok()?
+                .get(0);
+            c.execute(
+                "INSERT INTO credits (user_id, total_credits, billing_period_start, billing_period_end)
+                 VALUES ($1, 2000000000, now(), now() + interval '1 day')",
+                &[&u],
+            )
+            .await
+            .ok()?;
+            users.push(u);
+        }
+        Some((a, users))
+    });
+    let Some((admin_client, users)) = setup else {
+        eprintln!("PostgreSQL not reachable on 127.0.0.1:5432: skipping the usage writer bench");
+        return;
+    };
+    let guard = rt.enter();
+    let db = tollgate::db::Db::new(&tollgate::config::DatabaseConfig {
+        url: url.clone(),
+        pool_size: 2,
+        idle_timeout: Duration::from_secs(30),
+        connect_timeout: Duration::from_secs(5),
+        partitions_ahead_months: 1,
+    })
+    .unwrap();
+    let mut g = c.benchmark_group("usage_writer");
+    g.throughput(Throughput::Elements(1000));
+    g.sample_size(20);
+    g.bench_function("write_batch_1000_rows", |b| {
+        b.iter_batched(
+            || {
+                (0..1000)
+                    .map(|i| UsageEvent {
+                        user_id: users[i % users.len()],
+                        ..event(i as i64)
+                    })
+                    .collect::<Vec<_>>()
+            },
+            |events| {
+                rt.block_on(tollgate::flush::write_batch(&db, &events))
+                    .unwrap()
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    // Two batches written at once, as the flusher does with a backlog.
+    g.throughput(Throughput::Elements(2000));
+    g.bench_function("write_batch_2x1000_rows_concurrently", |b| {
+        b.iter_batched(
+            || {
+                let mk = || {
+                    (0..1000)
+                        .map(|i| UsageEvent {
+                            user_id: users[i % users.len()],
+                            ..event(i as i64)
+                        })
+                        .collect::<Vec<_>>()
+                };
+                (mk(), mk())
+            },
+            |(a, b)| {
+                rt.block_on(async {
+                    let (x, y) = tokio::join!(
+                        tollgate::flush::write_batch(&db, &a),
+                        tollgate::flush::write_batch(&db, &b)
+                    );
+                    x.unwrap();
+                    y.unwrap();
+                })
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    g.finish();
+    drop(db);
+    drop(guard);
+    rt.block_on(async {
+        let _ = admin_client
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await;
+    });
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = jwt, parse_route, sse_tap, cost_arith, batcher_encoding, redis_round_trip
+    targets = jwt, parse_route, sse_tap, cost_arith, batcher_encoding, redis_round_trip, flush_writer
 }
 criterion_main!(benches);
