@@ -38,6 +38,8 @@ pub struct RawServer {
     pub max_body_bytes: u64,
     pub max_response_bytes: u64,
     pub shutdown_grace_ms: u64,
+    pub shutdown_delay_ms: u64,
+    pub disconnect_drain_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -143,6 +145,8 @@ impl Default for RawServer {
             max_body_bytes: 4 * 1024 * 1024,
             max_response_bytes: 64 * 1024 * 1024,
             shutdown_grace_ms: 10_000,
+            shutdown_delay_ms: 0,
+            disconnect_drain_ms: 30_000,
         }
     }
 }
@@ -284,6 +288,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub max_response_bytes: usize,
     pub shutdown_grace: Duration,
+    pub shutdown_delay: Duration,
+    pub disconnect_drain: Duration,
     pub database: DatabaseConfig,
     pub redis: RedisConfig,
     pub auth: AuthConfig,
@@ -443,6 +449,8 @@ impl RawConfig {
             max_response_bytes: usize::try_from(self.server.max_response_bytes)
                 .map_err(|e| bad("server.max_response_bytes", e))?,
             shutdown_grace: Duration::from_millis(self.server.shutdown_grace_ms),
+            shutdown_delay: Duration::from_millis(self.server.shutdown_delay_ms),
+            disconnect_drain: Duration::from_millis(self.server.disconnect_drain_ms),
             database: DatabaseConfig {
                 url: self.database.url,
                 pool_size: self.database.pool_size,

@@ -368,13 +368,29 @@ async fn forward_stream(
         let mut tap = SseTap::new(include_usage);
         let mut client_gone = false;
         let mut cut = false;
-        while let Some(frame) = upstream.frame().await {
+        let mut drain_timed_out = false;
+        let drain = adm.state.cfg.disconnect_drain;
+        let mut drain_deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let next = match drain_deadline {
+                None => upstream.frame().await,
+                Some(d) => match tokio::time::timeout_at(d, upstream.frame()).await {
+                    Ok(f) => f,
+                    Err(_) => {
+                        drain_timed_out = true;
+                        break;
+                    }
+                },
+            };
+            let Some(frame) = next else { break };
             match frame {
                 Ok(f) => {
                     if let Ok(data) = f.into_data() {
                         if let Some(out) = tap.feed(data) {
                             if !client_gone && tx.send(out).await.is_err() {
+                                // Keep reading (bounded) so the user is billed what was generated.
                                 client_gone = true;
+                                drain_deadline = Some(tokio::time::Instant::now() + drain);
                             }
                         }
                     }
@@ -395,6 +411,9 @@ async fn forward_stream(
         }
         if cut {
             extra.insert("upstream_cut".into(), serde_json::Value::Bool(true));
+        }
+        if drain_timed_out {
+            extra.insert("drain_timed_out".into(), serde_json::Value::Bool(true));
         }
         let extra = (!extra.is_empty()).then_some(serde_json::Value::Object(extra));
         if adm.settle(usage, extra).await.is_ok() && !client_gone {

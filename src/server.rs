@@ -139,33 +139,50 @@ pub async fn run(
     let app = crate::router::router(state.clone());
     let graceful = GracefulShutdown::new();
     let builder = auto::Builder::new(TokioExecutor::new());
+    let serve = |stream: tokio::net::TcpStream| {
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    };
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, _peer) = match accepted {
-                    Ok(x) => x,
+                match accepted {
+                    Ok((stream, _peer)) => serve(stream),
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
                     }
-                };
-                let _ = stream.set_nodelay(true);
-                let service = TowerToHyperService::new(app.clone());
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn.into_owned());
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
+                }
             }
             _ = &mut shutdown => break,
         }
     }
-    drop(listener);
     state.draining.store(true, Ordering::SeqCst);
+    if !state.cfg.shutdown_delay.is_zero() {
+        // Keep serving while load balancers see /readyz fail and move traffic away.
+        tracing::info!(delay = ?state.cfg.shutdown_delay, "draining: /readyz now fails");
+        let until = tokio::time::sleep(state.cfg.shutdown_delay);
+        tokio::pin!(until);
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    if let Ok((stream, _)) = accepted {
+                        serve(stream);
+                    }
+                }
+                _ = &mut until => break,
+            }
+        }
+    }
+    drop(listener);
     tracing::info!("shutting down: draining in-flight requests");
     let grace = state.cfg.shutdown_grace;
     state.tasks.close();

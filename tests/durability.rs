@@ -219,3 +219,120 @@ async fn kill_9_during_load_then_restart_loses_and_duplicates_nothing() {
         "balance {bal} vs charged {charged}"
     );
 }
+
+#[tokio::test]
+async fn sigterm_fails_readiness_first_then_exits() {
+    let env = TestEnv::new().await;
+    let mock = env.mock(&[]).await;
+    let mut gw = env
+        .gateway_with(&mock, &[("TOLLGATE__SERVER__SHUTDOWN_DELAY_MS", "1500")])
+        .await;
+    let (s, _, _) = env.request("GET", &gw.url("/readyz"), None, None).await;
+    assert_eq!(s, 200);
+    gw.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (s, _, body) = env.request("GET", &gw.url("/readyz"), None, None).await;
+    assert_eq!(s, 503, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(json(&body)["draining"], true);
+    let (s, _, _) = env.request("GET", &gw.url("/livez"), None, None).await;
+    assert_eq!(s, 200, "still alive while draining");
+    let status = tokio::time::timeout(Duration::from_secs(20), gw.child.wait())
+        .await
+        .expect("exits")
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Reads the first event of a stream, then drops the connection.
+async fn read_first_then_disconnect(env: &TestEnv, gw: &Proc, token: &str) -> Uuid {
+    let body = serde_json::json!({"model": "gpt-5", "stream": true, "max_tokens": 500,
+                                  "messages": [{"role": "user", "content": "tell me a long story"}]});
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(gw.url("/v1/chat/completions"))
+        .header("authorization", format!("Bearer {token}"))
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            serde_json::to_vec(&body).unwrap(),
+        )))
+        .unwrap();
+    // A client of its own, so dropping the body closes the connection.
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let rid = Uuid::parse_str(resp.headers()["x-request-id"].to_str().unwrap()).unwrap();
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.is_data());
+    drop(body);
+    drop(client);
+    rid
+}
+
+#[tokio::test]
+async fn client_disconnect_mid_stream_is_still_billed() {
+    let env = TestEnv::new().await;
+    let mock = env
+        .mock(&[
+            "--chunks",
+            "10",
+            "--chunk-interval-ms",
+            "80",
+            "--prompt-tokens",
+            "30",
+            "--completion-tokens",
+            "470",
+        ])
+        .await;
+    let gw = env.gateway(&mock).await;
+    let gw_short = env
+        .gateway_with(&mock, &[("TOLLGATE__SERVER__DISCONNECT_DRAIN_MS", "150")])
+        .await;
+    let (user, token) = env.user(100).await;
+
+    // The gateway keeps reading after the client left and bills what the provider reports.
+    let rid = read_first_then_disconnect(&env, &gw, &token).await;
+    let n = env
+        .wait_for_count(
+            &format!("SELECT count(*) FROM usage_history WHERE id = '{rid}'"),
+            1,
+            Duration::from_secs(15),
+        )
+        .await;
+    assert_eq!(n, 1);
+    let db = env.db().await;
+    let row = db
+        .query_one(
+            "SELECT credits_used, total_tokens, request_metadata FROM usage_history WHERE id = $1",
+            &[&rid],
+        )
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, i32>(0), row.get::<_, i32>(1)), (1, 500));
+    let meta: serde_json::Value = row.get(2);
+    assert_eq!(meta["client_disconnected"], true);
+    assert!(meta.get("usage_estimated").is_none());
+
+    // With a short drain bound the read stops early: billed from an estimate, marked so.
+    let rid = read_first_then_disconnect(&env, &gw_short, &token).await;
+    let n = env
+        .wait_for_count(
+            &format!("SELECT count(*) FROM usage_history WHERE id = '{rid}'"),
+            1,
+            Duration::from_secs(15),
+        )
+        .await;
+    assert_eq!(n, 1);
+    let meta: serde_json::Value = db
+        .query_one(
+            "SELECT request_metadata FROM usage_history WHERE id = $1",
+            &[&rid],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(meta["drain_timed_out"], true);
+    assert_eq!(meta["usage_estimated"], true);
+    assert!(env.redis_balance(&user).await.unwrap() < 99);
+}
