@@ -244,7 +244,7 @@ async fn sigterm_fails_readiness_first_then_exits() {
 }
 
 /// Reads the first event of a stream, then drops the connection.
-async fn read_first_then_disconnect(env: &TestEnv, gw: &Proc, token: &str) -> Uuid {
+async fn read_first_then_disconnect(gw: &Proc, token: &str) -> Uuid {
     let body = serde_json::json!({"model": "gpt-5", "stream": true, "max_tokens": 500,
                                   "messages": [{"role": "user", "content": "tell me a long story"}]});
     let req = http::Request::builder()
@@ -292,7 +292,7 @@ async fn client_disconnect_mid_stream_is_still_billed() {
     let (user, token) = env.user(100).await;
 
     // The gateway keeps reading after the client left and bills what the provider reports.
-    let rid = read_first_then_disconnect(&env, &gw, &token).await;
+    let rid = read_first_then_disconnect(&gw, &token).await;
     let n = env
         .wait_for_count(
             &format!("SELECT count(*) FROM usage_history WHERE id = '{rid}'"),
@@ -315,7 +315,7 @@ async fn client_disconnect_mid_stream_is_still_billed() {
     assert!(meta.get("usage_estimated").is_none());
 
     // With a short drain bound the read stops early: billed from an estimate, marked so.
-    let rid = read_first_then_disconnect(&env, &gw_short, &token).await;
+    let rid = read_first_then_disconnect(&gw_short, &token).await;
     let n = env
         .wait_for_count(
             &format!("SELECT count(*) FROM usage_history WHERE id = '{rid}'"),
