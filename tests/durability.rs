@@ -38,14 +38,7 @@ fn start_load(
                 sent += 1;
                 let body = serde_json::json!({"model": "gpt-5", "stream": stream, "max_tokens": 50,
                                               "messages": [{"role": "user", "content": "load"}]});
-                let req = http::Request::builder()
-                    .method("POST")
-                    .uri(&url)
-                    .header("authorization", format!("Bearer {token}"))
-                    .body(http_body_util::Full::new(bytes::Bytes::from(
-                        serde_json::to_vec(&body).unwrap(),
-                    )))
-                    .unwrap();
+                let req = chat_request(&url, &token, &body);
                 let Ok(resp) = http.request(req).await else {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                     continue;
@@ -247,14 +240,7 @@ async fn sigterm_fails_readiness_first_then_exits() {
 async fn read_first_then_disconnect(gw: &Proc, token: &str) -> Uuid {
     let body = serde_json::json!({"model": "gpt-5", "stream": true, "max_tokens": 500,
                                   "messages": [{"role": "user", "content": "tell me a long story"}]});
-    let req = http::Request::builder()
-        .method("POST")
-        .uri(gw.url("/v1/chat/completions"))
-        .header("authorization", format!("Bearer {token}"))
-        .body(http_body_util::Full::new(bytes::Bytes::from(
-            serde_json::to_vec(&body).unwrap(),
-        )))
-        .unwrap();
+    let req = chat_request(&gw.url("/v1/chat/completions"), token, &body);
     // A client of its own, so dropping the body closes the connection.
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_max_idle_per_host(0)

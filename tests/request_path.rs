@@ -96,15 +96,7 @@ async fn read_stream(
     token: &str,
     body: serde_json::Value,
 ) -> (u16, String, Vec<(Instant, String)>) {
-    let req = http::Request::builder()
-        .method("POST")
-        .uri(gw.url("/v1/chat/completions"))
-        .header("authorization", format!("Bearer {token}"))
-        .header("content-type", "application/json")
-        .body(http_body_util::Full::new(bytes::Bytes::from(
-            serde_json::to_vec(&body).unwrap(),
-        )))
-        .unwrap();
+    let req = chat_request(&gw.url("/v1/chat/completions"), token, &body);
     let resp = env.http.request(req).await.unwrap();
     let status = resp.status().as_u16();
     let rid = resp
@@ -328,14 +320,7 @@ async fn concurrent_requests_never_overspend() {
             body.clone(),
         );
         tasks.push(tokio::spawn(async move {
-            let req = http::Request::builder()
-                .method("POST")
-                .uri(url)
-                .header("authorization", format!("Bearer {token}"))
-                .body(http_body_util::Full::new(bytes::Bytes::from(
-                    serde_json::to_vec(&body).unwrap(),
-                )))
-                .unwrap();
+            let req = chat_request(&url, &token, &body);
             let resp = env_http.request(req).await.unwrap();
             let status = resp.status().as_u16();
             let rid = resp.headers()["x-request-id"].to_str().unwrap().to_owned();

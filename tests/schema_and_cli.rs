@@ -49,25 +49,7 @@ impl TempDb {
 impl Drop for TempDb {
     fn drop(&mut self) {
         let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                if let Ok((c, conn)) =
-                    tokio_postgres::connect(PG_ADMIN, tokio_postgres::NoTls).await
-                {
-                    tokio::spawn(conn);
-                    let _ = c
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .await;
-                }
-            });
-        })
-        .join();
+        block_on_side(async move { drop_database(&name).await });
     }
 }
 

@@ -413,44 +413,65 @@ impl TestEnv {
     }
 }
 
+/// Runs `f` to completion on a runtime of its own, on another thread: cleanup code
+/// called from `Drop`, which may itself run inside a runtime.
+pub fn block_on_side<F: std::future::Future<Output = ()> + Send + 'static>(f: F) {
+    let _ = std::thread::spawn(move || {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            rt.block_on(f);
+        }
+    })
+    .join();
+}
+
+/// Drops a database (best effort, connections forced out).
+pub async fn drop_database(name: &str) {
+    if let Ok((c, conn)) = tokio_postgres::connect(PG_ADMIN, tokio_postgres::NoTls).await {
+        tokio::spawn(conn);
+        let _ = c
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await;
+    }
+}
+
 impl Drop for TestEnv {
     fn drop(&mut self) {
         let db = self.db_name.clone();
         let prefix = self.prefix.clone();
-        // Clean up on a separate thread with its own runtime (Drop may run inside one).
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                if let Ok((c, conn)) =
-                    tokio_postgres::connect(PG_ADMIN, tokio_postgres::NoTls).await
-                {
-                    tokio::spawn(conn);
-                    let _ = c
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-                        .await;
-                }
-                if let Ok(client) = redis::Client::open(REDIS) {
-                    if let Ok(mut r) = client.get_multiplexed_async_connection().await {
-                        let keys: Vec<String> = redis::cmd("KEYS")
-                            .arg(format!("{prefix}*"))
-                            .query_async(&mut r)
-                            .await
-                            .unwrap_or_default();
-                        for k in keys {
-                            let _: Result<(), _> =
-                                redis::cmd("DEL").arg(k).query_async(&mut r).await;
-                        }
+        block_on_side(async move {
+            drop_database(&db).await;
+            if let Ok(client) = redis::Client::open(REDIS) {
+                if let Ok(mut r) = client.get_multiplexed_async_connection().await {
+                    let keys: Vec<String> = redis::cmd("KEYS")
+                        .arg(format!("{prefix}*"))
+                        .query_async(&mut r)
+                        .await
+                        .unwrap_or_default();
+                    for k in keys {
+                        let _: Result<(), _> = redis::cmd("DEL").arg(k).query_async(&mut r).await;
                     }
                 }
-            });
-        })
-        .join();
+            }
+        });
     }
+}
+
+/// A chat-completions POST with a bearer token.
+pub fn chat_request(
+    url: &str,
+    token: &str,
+    body: &serde_json::Value,
+) -> http::Request<Full<Bytes>> {
+    http::Request::builder()
+        .method("POST")
+        .uri(url)
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(serde_json::to_vec(body).unwrap())))
+        .unwrap()
 }
 
 pub fn json(b: &[u8]) -> serde_json::Value {
