@@ -24,86 +24,112 @@ use uuid::Uuid;
 
 use crate::db::Db;
 
-const RESERVE: &str = r"
--- KEYS: acct. ARGV: rid, price_per_1k, prompt_tokens, max_tokens, min_tokens, ttl_ms
-local v = redis.call('HMGET', KEYS[1], 'bal', 'exp')
-if not v[1] then return {-1, 0, 0, 0} end
-local bal = tonumber(v[1])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local changed = false
-local exp = v[2] and tonumber(v[2])
-if exp and exp <= now then
-  -- Some hold expired (a crash): return every expired hold to the balance.
-  exp = nil
-  local all = redis.call('HGETALL', KEYS[1])
-  for i = 1, #all, 2 do
-    local f = all[i]
-    if string.byte(f, 1) == 104 and string.byte(f, 2) == 58 then -- 'h:'
-      local h = all[i + 1]
-      local sep = string.find(h, ':', 1, true)
-      local e = tonumber(string.sub(h, sep + 1))
-      if e <= now then
-        bal = bal + tonumber(string.sub(h, 1, sep - 1))
-        redis.call('HDEL', KEYS[1], f)
-      elseif not exp or e < exp then
-        exp = e
+/// The hot-path scripts as Lua functions, shared by the one-op scripts and the batch.
+const HOT_FUNCTIONS: &str = r"
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Holds ceil((p + m) * price / 1000) under rid, lowering m (not below minm) to what the
+-- balance affords. Returns {status (1 admitted, 0 refused, -1 not loaded), hold, m, bal}.
+local function reserve(acct, rid, price, p, m, minm, ttl, now)
+  local v = redis.call('HMGET', acct, 'bal', 'exp')
+  if not v[1] then return {-1, 0, 0, 0} end
+  local bal = tonumber(v[1])
+  local changed = false
+  local exp = v[2] and tonumber(v[2])
+  if exp and exp <= now then
+    -- Some hold expired (a crash): return every expired hold to the balance.
+    exp = nil
+    local all = redis.call('HGETALL', acct)
+    for i = 1, #all, 2 do
+      local f = all[i]
+      if string.byte(f, 1) == 104 and string.byte(f, 2) == 58 then -- 'h:'
+        local h = all[i + 1]
+        local sep = string.find(h, ':', 1, true)
+        local e = tonumber(string.sub(h, sep + 1))
+        if e <= now then
+          bal = bal + tonumber(string.sub(h, 1, sep - 1))
+          redis.call('HDEL', acct, f)
+        elseif not exp or e < exp then
+          exp = e
+        end
+      end
+    end
+    if exp then redis.call('HSET', acct, 'exp', string.format('%d', exp)) else redis.call('HDEL', acct, 'exp') end
+    changed = true
+  end
+  local cost = math.ceil((p + m) * price / 1000)
+  local status = 1
+  if cost > bal then
+    status = 0
+    if price > 0 and minm > 0 and bal > 0 then
+      local afford = math.floor(bal * 1000 / price) - p
+      if afford >= minm then
+        if afford < m then m = afford end
+        cost = math.ceil((p + m) * price / 1000)
+        if cost <= bal then status = 1 end
       end
     end
   end
-  if exp then redis.call('HSET', KEYS[1], 'exp', string.format('%d', exp)) else redis.call('HDEL', KEYS[1], 'exp') end
-  changed = true
-end
-local price = tonumber(ARGV[2])
-local p = tonumber(ARGV[3])
-local m = tonumber(ARGV[4])
-local minm = tonumber(ARGV[5])
-local cost = math.ceil((p + m) * price / 1000)
-local status = 1
-if cost > bal then
-  status = 0
-  if price > 0 and minm > 0 and bal > 0 then
-    local afford = math.floor(bal * 1000 / price) - p
-    if afford >= minm then
-      if afford < m then m = afford end
-      cost = math.ceil((p + m) * price / 1000)
-      if cost <= bal then status = 1 end
+  if status == 1 then
+    bal = bal - cost
+    local e = now + ttl
+    if exp and exp <= e then
+      redis.call('HSET', acct, 'bal', string.format('%d', bal), 'h:' .. rid, string.format('%d:%d', cost, e))
+    else
+      redis.call('HSET', acct, 'bal', string.format('%d', bal), 'h:' .. rid, string.format('%d:%d', cost, e),
+        'exp', string.format('%d', e))
     end
+  elseif changed then
+    redis.call('HSET', acct, 'bal', string.format('%d', bal))
   end
+  return {status, cost, m, bal}
 end
-if status == 1 then
-  bal = bal - cost
-  local e = now + tonumber(ARGV[6])
-  if exp and exp <= e then
-    redis.call('HSET', KEYS[1], 'bal', string.format('%d', bal), 'h:' .. ARGV[1], string.format('%d:%d', cost, e))
-  else
-    redis.call('HSET', KEYS[1], 'bal', string.format('%d', bal), 'h:' .. ARGV[1], string.format('%d:%d', cost, e),
-      'exp', string.format('%d', e))
+
+-- Charges cost, releases the rest of rid's hold and appends the usage event.
+-- Returns {1, bal}, or {0, 0} when rid was already settled.
+local function settle(acct, pend, stream, rid, cost, ev)
+  local f = 'h:' .. rid
+  local held = 0
+  local v = redis.call('HGET', acct, f)
+  if v then
+    held = tonumber(string.sub(v, 1, string.find(v, ':', 1, true) - 1))
+    redis.call('HDEL', acct, f)
+  elseif redis.call('HEXISTS', pend, rid) == 1 then
+    return {0, 0}
   end
-elseif changed then
-  redis.call('HSET', KEYS[1], 'bal', string.format('%d', bal))
+  local bal = 0
+  if redis.call('HEXISTS', acct, 'bal') == 1 then
+    bal = redis.call('HINCRBY', acct, 'bal', string.format('%d', held - tonumber(cost)))
+  end
+  redis.call('HSET', pend, rid, cost)
+  redis.call('XADD', stream, '*', 'e', ev)
+  return {1, bal}
 end
-return {status, cost, m, bal}
 ";
 
-const SETTLE: &str = r"
--- KEYS: acct, pend, stream. ARGV: rid, cost, the encoded usage event
-local f = 'h:' .. ARGV[1]
-local held = 0
-local v = redis.call('HGET', KEYS[1], f)
-if v then
-  held = tonumber(string.sub(v, 1, string.find(v, ':', 1, true) - 1))
-  redis.call('HDEL', KEYS[1], f)
-elseif redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
-  return {0, 0}
+/// Many reserves and settles of one bucket in one call (group commit). ARGV holds op
+/// records: `r, acct#, rid, price, p, m, minm, ttl` or `s, acct#, pend#, stream#, rid,
+/// cost, event` (# = index into KEYS). Returns one result per op, in order.
+const BATCH_CALL: &str = r"
+local out = {}
+local i = 1
+local now = nil
+while i <= #ARGV do
+  if ARGV[i] == 'r' then
+    now = now or now_ms()
+    out[#out + 1] = reserve(KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2], tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]),
+      tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6]), tonumber(ARGV[i + 7]), now)
+    i = i + 8
+  else
+    out[#out + 1] = settle(KEYS[tonumber(ARGV[i + 1])], KEYS[tonumber(ARGV[i + 2])], KEYS[tonumber(ARGV[i + 3])],
+      ARGV[i + 4], ARGV[i + 5], ARGV[i + 6])
+    i = i + 7
+  end
 end
-local bal = 0
-if redis.call('HEXISTS', KEYS[1], 'bal') == 1 then
-  bal = redis.call('HINCRBY', KEYS[1], 'bal', string.format('%d', held - tonumber(ARGV[2])))
-end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-redis.call('XADD', KEYS[3], '*', 'e', ARGV[3])
-return {1, bal}
+return out
 ";
 
 const RELEASE: &str = r"
@@ -250,10 +276,10 @@ pub struct UserKeys {
 #[derive(Clone)]
 pub struct Ledger {
     conn: ConnectionManager,
+    /// Reserves and settles go through the group-commit task.
+    ops: tokio::sync::mpsc::Sender<Op>,
     prefix: String,
     buckets: u32,
-    reserve: Script,
-    settle: Script,
     release: Script,
     load: Script,
     grant: Script,
@@ -272,12 +298,13 @@ impl Ledger {
             .set_response_timeout(Some(std::time::Duration::from_secs(5)))
             .set_number_of_retries(2);
         let conn = ConnectionManager::new_with_config(client, cfg).await?;
+        let (ops, rx) = tokio::sync::mpsc::channel(4096);
+        tokio::spawn(GroupCommit::new(conn.clone()).run(rx));
         Ok(Ledger {
             conn,
+            ops,
             prefix: prefix.to_owned(),
             buckets,
-            reserve: Script::new(RESERVE),
-            settle: Script::new(SETTLE),
             release: Script::new(RELEASE),
             load: Script::new(LOAD),
             grant: Script::new(GRANT),
@@ -336,26 +363,31 @@ impl Ledger {
         rid: &Uuid,
         h: &HoldRequest,
     ) -> Result<Reserve, redis::RedisError> {
-        let (status, cost, m, bal): (i64, i64, i64, i64) = self
-            .reserve
-            .key(self.acct_key(user))
-            .arg(rid.to_string())
-            .arg(h.price_per_1k)
-            .arg(h.prompt_tokens)
-            .arg(h.max_tokens)
-            .arg(h.min_tokens)
-            .arg(h.ttl_ms)
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        Ok(match status {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let op = Op::Reserve {
+            bucket: self.bucket_of(user),
+            acct: self.acct_key(user),
+            rid: rid.to_string(),
+            h: *h,
+            reply,
+        };
+        self.submit(op).await?;
+        let r = rx.await.map_err(|_| gone())??;
+        Ok(match r.first().copied().unwrap_or(-1) {
             1 => Reserve::Admitted {
-                hold: cost,
-                max_tokens: m,
-                balance: bal,
+                hold: r.get(1).copied().unwrap_or(0),
+                max_tokens: r.get(2).copied().unwrap_or(0),
+                balance: r.get(3).copied().unwrap_or(0),
             },
-            0 => Reserve::Insufficient { balance: bal },
+            0 => Reserve::Insufficient {
+                balance: r.get(3).copied().unwrap_or(0),
+            },
             _ => Reserve::NeedsLoad,
         })
+    }
+
+    async fn submit(&self, op: Op) -> Result<(), redis::RedisError> {
+        self.ops.send(op).await.map_err(|_| gone())
     }
 
     /// Charges `cost`, releases the rest of the hold and appends `event` (the encoded
@@ -370,17 +402,20 @@ impl Ledger {
     ) -> Result<bool, redis::RedisError> {
         let b = self.bucket_of(user);
         let tag = format!("{}{{b{b}}}", self.prefix);
-        let (done, _bal): (i64, i64) = self
-            .settle
-            .key(format!("{tag}:acct:{user}"))
-            .key(format!("{tag}:pend:{user}"))
-            .key(format!("{tag}:usage"))
-            .arg(rid.to_string())
-            .arg(cost)
-            .arg(event)
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        Ok(done == 1)
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let op = Op::Settle {
+            bucket: b,
+            acct: format!("{tag}:acct:{user}"),
+            pend: format!("{tag}:pend:{user}"),
+            stream: format!("{tag}:usage"),
+            rid: rid.to_string(),
+            cost,
+            event: event.to_owned(),
+            reply,
+        };
+        self.submit(op).await?;
+        let r = rx.await.map_err(|_| gone())??;
+        Ok(r.first().copied() == Some(1))
     }
 
     /// Returns a hold to the balance (a failed request charges nothing).
@@ -523,5 +558,197 @@ impl Ledger {
             .query_async(&mut self.conn.clone())
             .await?;
         Ok(())
+    }
+}
+
+fn gone() -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::Io,
+        "the ledger's group-commit task has stopped",
+    ))
+}
+
+/// A reserve or settle waiting for the next group commit.
+enum Op {
+    Reserve {
+        bucket: u32,
+        acct: String,
+        rid: String,
+        h: HoldRequest,
+        reply: tokio::sync::oneshot::Sender<Result<Vec<i64>, redis::RedisError>>,
+    },
+    Settle {
+        bucket: u32,
+        acct: String,
+        pend: String,
+        stream: String,
+        rid: String,
+        cost: i64,
+        event: String,
+        reply: tokio::sync::oneshot::Sender<Result<Vec<i64>, redis::RedisError>>,
+    },
+}
+
+impl Op {
+    fn bucket(&self) -> u32 {
+        match self {
+            Op::Reserve { bucket, .. } | Op::Settle { bucket, .. } => *bucket,
+        }
+    }
+
+    fn reply(self, r: Result<Vec<i64>, redis::RedisError>) {
+        let _ = match self {
+            Op::Reserve { reply, .. } | Op::Settle { reply, .. } => reply.send(r),
+        };
+    }
+}
+
+/// Most ops in one script call.
+const MAX_BATCH: usize = 256;
+
+/// Group commit: one task takes every reserve and settle queued while the previous
+/// call was in flight and runs them as one script call per bucket (all calls of a
+/// round pipelined on the connection). At concurrency 1 a batch is one op; under load
+/// Redis parses, dispatches and answers once per batch instead of once per request.
+struct GroupCommit {
+    conn: ConnectionManager,
+    source: String,
+    script: Script,
+}
+
+impl GroupCommit {
+    fn new(conn: ConnectionManager) -> GroupCommit {
+        let source = format!("{HOT_FUNCTIONS}{BATCH_CALL}");
+        let script = Script::new(&source);
+        GroupCommit {
+            conn,
+            source,
+            script,
+        }
+    }
+
+    async fn run(self, mut rx: tokio::sync::mpsc::Receiver<Op>) {
+        let mut ops = Vec::with_capacity(MAX_BATCH);
+        while let Some(op) = rx.recv().await {
+            ops.push(op);
+            while ops.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.commit(std::mem::take(&mut ops)).await;
+        }
+    }
+
+    async fn commit(&self, ops: Vec<Op>) {
+        let mut groups: std::collections::BTreeMap<u32, Vec<Op>> =
+            std::collections::BTreeMap::new();
+        for op in ops {
+            groups.entry(op.bucket()).or_default().push(op);
+        }
+        let calls = groups.into_values().map(|group| self.commit_group(group));
+        futures_util::future::join_all(calls).await;
+    }
+
+    fn command(&self, group: &[Op]) -> redis::Cmd {
+        fn index<'a>(k: &'a str, keys: &mut Vec<&'a str>) -> usize {
+            match keys.iter().position(|x| *x == k) {
+                Some(i) => i + 1,
+                None => {
+                    keys.push(k);
+                    keys.len()
+                }
+            }
+        }
+        let mut keys: Vec<&str> = Vec::new();
+        let mut args: Vec<String> = Vec::with_capacity(group.len() * 8);
+        for op in group {
+            match op {
+                Op::Reserve { acct, rid, h, .. } => {
+                    let a = index(acct, &mut keys);
+                    args.extend([
+                        "r".to_owned(),
+                        a.to_string(),
+                        rid.clone(),
+                        h.price_per_1k.to_string(),
+                        h.prompt_tokens.to_string(),
+                        h.max_tokens.to_string(),
+                        h.min_tokens.to_string(),
+                        h.ttl_ms.to_string(),
+                    ]);
+                }
+                Op::Settle {
+                    acct,
+                    pend,
+                    stream,
+                    rid,
+                    cost,
+                    event,
+                    ..
+                } => {
+                    let a = index(acct, &mut keys);
+                    let p = index(pend, &mut keys);
+                    let s = index(stream, &mut keys);
+                    args.extend([
+                        "s".to_owned(),
+                        a.to_string(),
+                        p.to_string(),
+                        s.to_string(),
+                        rid.clone(),
+                        cost.to_string(),
+                        event.clone(),
+                    ]);
+                }
+            }
+        }
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.script.get_hash())
+            .arg(keys.len())
+            .arg(&keys)
+            .arg(&args);
+        cmd
+    }
+
+    async fn commit_group(&self, group: Vec<Op>) {
+        let cmd = self.command(&group);
+        let mut conn = self.conn.clone();
+        let mut result: Result<Vec<Vec<i64>>, redis::RedisError> = cmd.query_async(&mut conn).await;
+        if matches!(&result, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
+        {
+            // Redis lost its script cache (restart): load it and run the group again.
+            // NOSCRIPT means nothing of the group ran.
+            let load: Result<String, _> = redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(&self.source)
+                .query_async(&mut conn)
+                .await;
+            result = match load {
+                Ok(_) => cmd.query_async(&mut conn).await,
+                Err(e) => Err(e),
+            };
+        }
+        match result {
+            Ok(rows) if rows.len() == group.len() => {
+                for (op, row) in group.into_iter().zip(rows) {
+                    op.reply(Ok(row));
+                }
+            }
+            Ok(rows) => {
+                let n = rows.len();
+                for op in group {
+                    op.reply(Err(redis::RedisError::from((
+                        redis::ErrorKind::Parse,
+                        "ledger batch answered the wrong number of results",
+                        n.to_string(),
+                    ))));
+                }
+            }
+            Err(e) => {
+                for op in group {
+                    op.reply(Err(e.clone()));
+                }
+            }
+        }
     }
 }

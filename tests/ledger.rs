@@ -293,3 +293,67 @@ async fn only_expired_holds_come_back() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test]
+async fn concurrent_reserves_commit_in_groups_without_overspending() {
+    let env = TestEnv::new().await;
+    let (ledger, db, user) = setup(&env, 50).await;
+    ledger.load(&db, &user).await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let ledger = ledger.clone();
+        tasks.push(tokio::spawn(async move {
+            let rid = Uuid::now_v7();
+            match ledger.reserve(&user, &rid, &hold(1, 60_000)).await.unwrap() {
+                Reserve::Admitted { .. } => {
+                    let e = event(user, rid, 1);
+                    assert!(ledger.settle(&user, &rid, 1, &e.encode()).await.unwrap());
+                    1
+                }
+                Reserve::Insufficient { .. } => 0,
+                Reserve::NeedsLoad => panic!("loaded above"),
+            }
+        }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += t.await.unwrap();
+    }
+    assert_eq!(admitted, 50, "exactly the balance's worth is admitted");
+    assert_eq!(ledger.balance(&user).await.unwrap(), Some(0));
+    let mut r = env.redis().await;
+    let len: i64 = redis::cmd("XLEN")
+        .arg(&ledger.keys(&user).stream)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(len, 50, "one usage event per settled request");
+}
+
+#[tokio::test]
+async fn survives_redis_losing_its_script_cache() {
+    let env = TestEnv::new().await;
+    let (ledger, db, user) = setup(&env, 10).await;
+    ledger.load(&db, &user).await.unwrap();
+    let mut r = env.redis().await;
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let rid = Uuid::now_v7();
+    assert!(matches!(
+        ledger.reserve(&user, &rid, &hold(3, 60_000)).await.unwrap(),
+        Reserve::Admitted { .. }
+    ));
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert!(ledger
+        .settle(&user, &rid, 2, &event(user, rid, 2).encode())
+        .await
+        .unwrap());
+    assert_eq!(ledger.balance(&user).await.unwrap(), Some(8));
+}
