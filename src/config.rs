@@ -100,6 +100,7 @@ pub struct RawProvider {
     pub base_url: String,
     pub api_key_env: String,
     pub connect_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for RawConfig {
@@ -108,6 +109,7 @@ impl Default for RawConfig {
             base_url: base_url.to_owned(),
             api_key_env: key.to_owned(),
             connect_timeout_ms: 5_000,
+            idle_timeout_ms: 120_000,
         };
         let mut providers = BTreeMap::new();
         providers.insert(
@@ -219,6 +221,7 @@ impl Default for RawProvider {
             base_url: String::new(),
             api_key_env: String::new(),
             connect_timeout_ms: 5_000,
+            idle_timeout_ms: 120_000,
         }
     }
 }
@@ -348,6 +351,8 @@ pub struct ProviderConfig {
     pub base_uri: http::Uri,
     pub api_key_env: String,
     pub connect_timeout: Duration,
+    /// Longest wait for the answer to start, and between two of its frames.
+    pub idle_timeout: Duration,
 }
 
 impl RawConfig {
@@ -439,6 +444,7 @@ impl RawConfig {
                     base_uri,
                     api_key_env: p.api_key_env,
                     connect_timeout: Duration::from_millis(p.connect_timeout_ms),
+                    idle_timeout: Duration::from_millis(p.idle_timeout_ms),
                 },
             );
         }

@@ -33,6 +33,10 @@ pub enum ApiError {
         status: StatusCode,
         body: bytes::Bytes,
     },
+    /// The provider is rate-limiting the gateway (its own 429): retry later.
+    UpstreamBusy {
+        retry_after: Option<http::HeaderValue>,
+    },
     /// The provider could not be reached or answered garbage.
     BadGateway {
         message: String,
@@ -58,6 +62,7 @@ impl ApiError {
             ApiError::ProviderNotImplemented { .. } => StatusCode::NOT_IMPLEMENTED,
             ApiError::Upstream { status, .. } => *status,
             ApiError::BadGateway { .. } => StatusCode::BAD_GATEWAY,
+            ApiError::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -76,6 +81,7 @@ impl ApiError {
             ApiError::ProviderNotImplemented { .. } => "provider_not_implemented",
             ApiError::Upstream { .. } => "upstream_status",
             ApiError::BadGateway { .. } => "bad_gateway",
+            ApiError::UpstreamBusy { .. } => "upstream_busy",
             ApiError::Unavailable { .. } => "unavailable",
             ApiError::Internal { .. } => "internal",
         }
@@ -171,6 +177,12 @@ impl ApiError {
             ApiError::BadGateway { message } => {
                 (message.clone(), "upstream_error", None, Some("bad_gateway"))
             }
+            ApiError::UpstreamBusy { .. } => (
+                "The upstream provider is busy; retry after the time in `retry-after`.".into(),
+                "server_error",
+                None,
+                Some("upstream_rate_limited"),
+            ),
             ApiError::Unavailable { message } => (
                 message.clone(),
                 "server_error",
@@ -227,6 +239,12 @@ impl IntoResponse for ApiError {
             }
             ApiError::InsufficientQuota => {
                 h.insert("x-should-retry", HeaderValue::from_static("false"));
+            }
+            ApiError::UpstreamBusy { retry_after } => {
+                h.insert(
+                    header::RETRY_AFTER,
+                    retry_after.clone().unwrap_or(HeaderValue::from_static("1")),
+                );
             }
             _ => {}
         }

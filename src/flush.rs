@@ -138,6 +138,13 @@ impl Flusher {
         if entries.is_empty() {
             return Ok(0);
         }
+        // One pass can see an entry twice (claimed, then re-read from this consumer's
+        // pending list): write and acknowledge each entry once.
+        let mut seen = std::collections::HashSet::new();
+        let entries: Vec<Entry> = entries
+            .into_iter()
+            .filter(|e| seen.insert((e.bucket, e.entry_id.clone())))
+            .collect();
         let events: Vec<UsageEvent> = entries.iter().filter_map(|e| e.event.clone()).collect();
         let mut written = 0;
         for chunk in events.chunks(self.cfg.batch_rows.max(1)) {
@@ -342,10 +349,11 @@ pub async fn write_batch(db: &Db, events: &[UsageEvent]) -> Result<Vec<Uuid>, Db
         )
         .await?;
     let inserted: Vec<Uuid> = inserted.iter().map(|r| r.get(0)).collect();
-    let inserted_set: std::collections::HashSet<Uuid> = inserted.iter().copied().collect();
+    // Each inserted row moves credits once, even if the batch held its event twice.
+    let mut uncounted: std::collections::HashSet<Uuid> = inserted.iter().copied().collect();
     let mut inc: HashMap<Uuid, i64> = HashMap::new();
     for (e, alloc) in events.iter().zip(&allocations) {
-        if inserted_set.contains(&e.id) {
+        if uncounted.remove(&e.id) {
             for (row, amount) in alloc {
                 *inc.entry(*row).or_default() += amount;
             }

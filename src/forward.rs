@@ -24,6 +24,8 @@ pub struct Provider {
     client: Client<Https, Full<Bytes>>,
     chat_uri: Uri,
     api_key: Option<HeaderValue>,
+    /// Longest wait for the answer to start, and between two of its frames.
+    pub idle_timeout: Duration,
 }
 
 pub struct Upstream {
@@ -70,6 +72,7 @@ impl Upstream {
                     client,
                     chat_uri,
                     api_key,
+                    idle_timeout: p.idle_timeout,
                 },
             );
         }
@@ -126,11 +129,20 @@ impl Provider {
         if let Some(k) = &self.api_key {
             req.headers_mut().insert(header::AUTHORIZATION, k.clone());
         }
-        self.client.request(req).await.map_err(|e| {
-            tracing::warn!(provider = %self.name, error = %e, "upstream request failed");
-            ApiError::BadGateway {
-                message: format!("the upstream provider `{}` could not be reached", self.name),
+        match tokio::time::timeout(self.idle_timeout, self.client.request(req)).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => {
+                tracing::warn!(provider = %self.name, error = %e, "upstream request failed");
+                Err(ApiError::BadGateway {
+                    message: format!("the upstream provider `{}` could not be reached", self.name),
+                })
             }
-        })
+            Err(_) => {
+                tracing::warn!(provider = %self.name, "upstream did not answer in time");
+                Err(ApiError::BadGateway {
+                    message: format!("the upstream provider `{}` timed out", self.name),
+                })
+            }
+        }
     }
 }

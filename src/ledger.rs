@@ -364,15 +364,29 @@ impl Ledger {
         h: &HoldRequest,
     ) -> Result<Reserve, redis::RedisError> {
         let (reply, rx) = tokio::sync::oneshot::channel();
+        let acct = self.acct_key(user);
         let op = Op::Reserve {
             bucket: self.bucket_of(user),
-            acct: self.acct_key(user),
+            acct: acct.clone(),
             rid: rid.to_string(),
             h: *h,
             reply,
         };
         self.submit(op).await?;
-        let r = rx.await.map_err(|_| gone())??;
+        // If this future is dropped from here on (the request was cancelled), the guard
+        // releases a hold that was taken for nobody.
+        let mut guard = CancelledReserve {
+            rx: Some(rx),
+            conn: self.conn.clone(),
+            acct,
+            rid: *rid,
+        };
+        let r = match guard.rx.as_mut() {
+            Some(rx) => rx.await,
+            None => return Err(gone()),
+        };
+        guard.rx = None;
+        let r = r.map_err(|_| gone())??;
         Ok(match r.first().copied().unwrap_or(-1) {
             1 => Reserve::Admitted {
                 hold: r.get(1).copied().unwrap_or(0),
@@ -447,6 +461,16 @@ impl Ledger {
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(applied == 1)
+    }
+
+    /// Whether `rid` is settled and not yet flushed.
+    pub async fn is_pending(&self, user: &Uuid, rid: &Uuid) -> Result<bool, redis::RedisError> {
+        let k = self.pend_key(self.bucket_of(user), &user.to_string());
+        redis::cmd("HEXISTS")
+            .arg(k)
+            .arg(rid.to_string())
+            .query_async(&mut self.conn.clone())
+            .await
     }
 
     /// The user's spendable balance, if it is loaded.
@@ -596,10 +620,21 @@ impl Op {
         }
     }
 
-    fn reply(self, r: Result<Vec<i64>, redis::RedisError>) {
-        let _ = match self {
-            Op::Reserve { reply, .. } | Op::Settle { reply, .. } => reply.send(r),
-        };
+    /// Answers the caller. Returns the (acct key, rid) of a hold that was taken for a
+    /// caller that is gone (its request was cancelled): the hold must be released.
+    fn reply(self, r: Result<Vec<i64>, redis::RedisError>) -> Option<(String, String)> {
+        match self {
+            Op::Reserve {
+                reply, acct, rid, ..
+            } => match reply.send(r) {
+                Err(Ok(row)) if row.first() == Some(&1) => Some((acct, rid)),
+                _ => None,
+            },
+            Op::Settle { reply, .. } => {
+                let _ = reply.send(r);
+                None
+            }
+        }
     }
 }
 
@@ -614,6 +649,7 @@ struct GroupCommit {
     conn: ConnectionManager,
     source: String,
     script: Script,
+    release: Script,
 }
 
 impl GroupCommit {
@@ -624,6 +660,7 @@ impl GroupCommit {
             conn,
             source,
             script,
+            release: Script::new(RELEASE),
         }
     }
 
@@ -731,13 +768,23 @@ impl GroupCommit {
         match result {
             Ok(rows) if rows.len() == group.len() => {
                 for (op, row) in group.into_iter().zip(rows) {
-                    op.reply(Ok(row));
+                    if let Some((acct, rid)) = op.reply(Ok(row)) {
+                        let r: Result<i64, _> = self
+                            .release
+                            .key(acct)
+                            .arg(&rid)
+                            .invoke_async(&mut self.conn.clone())
+                            .await;
+                        if let Err(e) = r {
+                            tracing::warn!(request_id = %rid, error = %e, "releasing the hold of a cancelled request failed");
+                        }
+                    }
                 }
             }
             Ok(rows) => {
                 let n = rows.len();
                 for op in group {
-                    op.reply(Err(redis::RedisError::from((
+                    let _ = op.reply(Err(redis::RedisError::from((
                         redis::ErrorKind::Parse,
                         "ledger batch answered the wrong number of results",
                         n.to_string(),
@@ -746,7 +793,41 @@ impl GroupCommit {
             }
             Err(e) => {
                 for op in group {
-                    op.reply(Err(e.clone()));
+                    let _ = op.reply(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+static RELEASE_SCRIPT: std::sync::LazyLock<Script> =
+    std::sync::LazyLock::new(|| Script::new(RELEASE));
+
+/// Owns the answer of a submitted reserve until its caller has read it.
+struct CancelledReserve {
+    rx: Option<tokio::sync::oneshot::Receiver<Result<Vec<i64>, redis::RedisError>>>,
+    conn: ConnectionManager,
+    acct: String,
+    rid: Uuid,
+}
+
+impl Drop for CancelledReserve {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else { return };
+        // Not answered yet: the group commit finds the channel closed and releases the
+        // hold itself. Answered but never read: release it here.
+        if let Ok(Ok(row)) = rx.try_recv() {
+            if row.first() == Some(&1) {
+                if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                    let (mut conn, acct, rid) =
+                        (self.conn.clone(), std::mem::take(&mut self.acct), self.rid);
+                    handle.spawn(async move {
+                        let r: Result<i64, _> =
+                            RELEASE_SCRIPT.key(acct).arg(rid.to_string()).invoke_async(&mut conn).await;
+                        if let Err(e) = r {
+                            tracing::warn!(request_id = %rid, error = %e, "releasing the hold of a cancelled request failed");
+                        }
+                    });
                 }
             }
         }

@@ -24,10 +24,6 @@ struct RawChat<'a> {
     n: Option<serde_json::Value>,
     #[serde(default, borrow)]
     messages: Option<Vec<RawMessage<'a>>>,
-    #[serde(default, borrow)]
-    tools: Option<&'a serde_json::value::RawValue>,
-    #[serde(default, borrow)]
-    functions: Option<&'a serde_json::value::RawValue>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -39,22 +35,7 @@ struct RawStreamOptions {
 #[derive(Debug, Deserialize)]
 struct RawMessage<'a> {
     #[serde(default, borrow)]
-    content: Option<RawContent<'a>>,
-    #[serde(default, borrow)]
-    tool_calls: Option<&'a serde_json::value::RawValue>,
-    #[serde(default, borrow)]
-    function_call: Option<&'a serde_json::value::RawValue>,
-    #[serde(default, borrow)]
-    name: Option<Cow<'a, str>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum RawContent<'a> {
-    #[serde(borrow)]
-    Text(Cow<'a, str>),
-    #[serde(borrow)]
-    Parts(Vec<RawPart<'a>>),
+    content: Option<&'a serde_json::value::RawValue>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -62,7 +43,7 @@ struct RawPart<'a> {
     #[serde(rename = "type", borrow)]
     kind: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
-    text: Option<Cow<'a, str>>,
+    image_url: Option<&'a serde_json::value::RawValue>,
 }
 
 /// What the gateway knows about a chat request.
@@ -144,36 +125,25 @@ pub fn parse_chat(body: &[u8], image_tokens: i64) -> Result<ChatRequest, ApiErro
             param: Some("messages"),
         });
     }
-    let mut bound = TOKENS_PER_REQUEST;
-    let len = |s: &str| i64::try_from(s.len()).unwrap_or(i64::MAX);
+    // Every byte of the body (texts, tools, schemas, files, audio) counts as a token,
+    // except that an image counts `image_tokens` instead of its (base64) bytes.
+    let len = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    let mut bound = TOKENS_PER_REQUEST.saturating_add(len(body.len()));
     for m in &messages {
         bound = bound.saturating_add(TOKENS_PER_MESSAGE);
-        match &m.content {
-            Some(RawContent::Text(t)) => bound = bound.saturating_add(len(t)),
-            Some(RawContent::Parts(parts)) => {
-                for p in parts {
-                    if let Some(t) = &p.text {
-                        bound = bound.saturating_add(len(t));
-                    }
-                    if matches!(
-                        p.kind.as_deref(),
-                        Some("image_url" | "input_image" | "input_audio" | "file")
-                    ) {
-                        bound = bound.saturating_add(image_tokens);
-                    }
-                }
-            }
-            None => {}
+        // Multi-part content (an array) is read again, part by part, for its images.
+        let parts = m
+            .content
+            .filter(|c| c.get().starts_with('['))
+            .and_then(|c| serde_json::from_str::<Vec<RawPart<'_>>>(c.get()).ok())
+            .unwrap_or_default();
+        for p in parts
+            .iter()
+            .filter(|p| p.kind.as_deref() == Some("image_url"))
+        {
+            let raw = p.image_url.map_or(0, |r| r.get().len());
+            bound = bound.saturating_sub(len(raw)).saturating_add(image_tokens);
         }
-        for raw in [m.tool_calls, m.function_call].into_iter().flatten() {
-            bound = bound.saturating_add(len(raw.get()));
-        }
-        if let Some(n) = &m.name {
-            bound = bound.saturating_add(len(n));
-        }
-    }
-    for raw in [raw.tools, raw.functions].into_iter().flatten() {
-        bound = bound.saturating_add(len(raw.get()));
     }
     let mct = token_limit(&raw.max_completion_tokens, "max_completion_tokens")?;
     let mt = token_limit(&raw.max_tokens, "max_tokens")?;
@@ -224,8 +194,13 @@ pub fn rewrite_body(
     if !want_usage && !rename && lowered_max_tokens.is_none() {
         return Ok(None);
     }
-    let clash = (want_usage && req.has_stream_options)
-        || (lowered_max_tokens.is_some() && req.max_tokens.is_some());
+    // Keys present in the body at all (even as null) are rewritten, never duplicated.
+    let has_key = |k: &[u8]| memchr::memmem::find(body, k).is_some();
+    let clash = (want_usage && (req.has_stream_options || has_key(b"\"stream_options\"")))
+        || (lowered_max_tokens.is_some()
+            && (req.max_tokens.is_some()
+                || has_key(b"\"max_completion_tokens\"")
+                || has_key(b"\"max_tokens\"")));
     let splice_ok = !rename && !clash;
     if splice_ok {
         let start = body.iter().position(|b| !b.is_ascii_whitespace());
@@ -290,7 +265,7 @@ mod tests {
         assert_eq!(r.max_tokens_field, Some("max_tokens"));
         assert_eq!(
             r.prompt_tokens_bound,
-            TOKENS_PER_REQUEST + TOKENS_PER_MESSAGE + 5
+            TOKENS_PER_REQUEST + TOKENS_PER_MESSAGE + b.len() as i64
         );
     }
 
@@ -300,9 +275,10 @@ mod tests {
         let r = parse_chat(b, 2000).unwrap();
         assert_eq!(r.max_tokens, Some(7));
         assert_eq!(r.choices, 1);
+        let image = r#"{"url":"data:..."}"#.len() as i64;
         assert_eq!(
             r.prompt_tokens_bound,
-            TOKENS_PER_REQUEST + TOKENS_PER_MESSAGE + 3 + 2000
+            TOKENS_PER_REQUEST + TOKENS_PER_MESSAGE + b.len() as i64 - image + 2000
         );
     }
 
@@ -371,6 +347,32 @@ mod tests {
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["max_tokens"], 300);
         assert_eq!(v["model"], "gpt-5-upstream");
+    }
+
+    #[test]
+    fn null_keys_are_rewritten_not_duplicated() {
+        let b = br#"{"model":"gpt-5","stream":true,"stream_options":null,"max_completion_tokens":null,"messages":[{"role":"user","content":"hi"}]}"#;
+        let r = parse_chat(b, 0).unwrap();
+        let out = rewrite_body(b, &r, "gpt-5", Some(300)).unwrap().unwrap();
+        let s = std::str::from_utf8(&out).unwrap();
+        assert_eq!(s.matches("stream_options").count(), 1, "{s}");
+        assert_eq!(s.matches("max_completion_tokens").count(), 1, "{s}");
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["max_completion_tokens"], 300);
+    }
+
+    #[test]
+    fn files_and_schemas_count_by_their_bytes() {
+        let pdf = "A".repeat(30_000);
+        let body = serde_json::to_vec(&serde_json::json!({
+            "model": "gpt-5",
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"description": "d".repeat(5000)}}},
+            "messages": [{"role": "user", "content": [{"type": "file", "file": {"file_data": pdf}}]}]
+        }))
+        .unwrap();
+        let r = parse_chat(&body, 2000).unwrap();
+        assert!(r.prompt_tokens_bound >= 35_000, "{}", r.prompt_tokens_bound);
     }
 
     #[test]

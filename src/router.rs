@@ -131,6 +131,7 @@ struct Admitted {
     model: std::sync::Arc<Model>,
     started: Instant,
     prompt_bound: i64,
+    hold: i64,
     stream: bool,
 }
 
@@ -147,8 +148,12 @@ impl Admitted {
         usage: Usage,
         extra: Option<serde_json::Value>,
     ) -> Result<UsageEvent, ApiError> {
-        let credits = cost(usage.total_tokens, self.model.credits_per_1k_tokens)
+        let mut credits = cost(usage.total_tokens, self.model.credits_per_1k_tokens)
             .ok_or_else(|| ApiError::internal("cost overflow"))?;
+        if usage.estimated {
+            // A guess never charges more than was held for the request.
+            credits = credits.min(self.hold);
+        }
         let mut meta = serde_json::json!({"stream": self.stream});
         if usage.estimated {
             meta["usage_estimated"] = serde_json::Value::Bool(true);
@@ -183,14 +188,23 @@ impl Admitted {
         })
     }
 
-    /// Usage when the provider reported none: the prompt bound plus a token per four
-    /// bytes received, marked as estimated.
-    fn estimate(&self, bytes: usize) -> Usage {
-        let completion = i64::try_from(bytes.div_ceil(4)).unwrap_or(i64::MAX);
+    /// Usage when the provider reported none, marked as estimated: the prompt at four
+    /// bytes a token (the bound counts one token a byte) plus `completion_tokens`;
+    /// nothing at all when nothing was received. The charge of an estimate is capped
+    /// at the hold (see [`Admitted::event`]).
+    fn estimate(&self, received_bytes: usize, completion_tokens: usize) -> Usage {
+        if received_bytes == 0 {
+            return Usage {
+                estimated: true,
+                ..Usage::default()
+            };
+        }
+        let prompt = (self.prompt_bound.max(0) + 3) / 4;
+        let completion = i64::try_from(completion_tokens).unwrap_or(i64::MAX);
         Usage {
-            prompt_tokens: self.prompt_bound,
+            prompt_tokens: prompt,
             completion_tokens: completion,
-            total_tokens: self.prompt_bound.saturating_add(completion),
+            total_tokens: prompt.saturating_add(completion),
             estimated: true,
         }
     }
@@ -259,8 +273,7 @@ async fn chat_completions(
     let want = chat
         .max_tokens
         .map_or(model.output_cap(), |m| m.min(model.output_cap()));
-    let (_hold, max_tokens) =
-        reserve(&state, &principal.user_id, &rid, &model, &chat, want).await?;
+    let (hold, max_tokens) = reserve(&state, &principal.user_id, &rid, &model, &chat, want).await?;
     let adm = Admitted {
         state: state.clone(),
         rid,
@@ -268,6 +281,7 @@ async fn chat_completions(
         model: model.clone(),
         started,
         prompt_bound: chat.prompt_tokens_bound,
+        hold,
         stream: chat.stream,
     };
     let lowered = (max_tokens < want).then_some(max_tokens);
@@ -309,6 +323,7 @@ async fn send(
     if status.is_success() {
         return Ok(resp);
     }
+    let retry_after = resp.headers().get(header::RETRY_AFTER).cloned();
     let body = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
         .collect()
         .await
@@ -316,12 +331,20 @@ async fn send(
         .unwrap_or_default();
     adm.release().await;
     tracing::info!(request_id = %adm.rid, %status, "upstream answered with an error");
-    Err(if status.is_server_error() {
-        ApiError::BadGateway {
-            message: format!("the upstream provider failed ({status})"),
+    Err(match status.as_u16() {
+        // The provider refused the gateway's own key: not the caller's fault, and its
+        // message (which may quote the key) is not passed on.
+        401 | 403 => {
+            tracing::error!(provider = %adm.model.provider, %status, "the provider rejected the gateway's credentials");
+            ApiError::BadGateway {
+                message: "the upstream provider refused the gateway's credentials".into(),
+            }
         }
-    } else {
-        ApiError::Upstream { status, body }
+        429 => ApiError::UpstreamBusy { retry_after },
+        _ if status.is_server_error() => ApiError::BadGateway {
+            message: format!("the upstream provider failed ({status})"),
+        },
+        _ => ApiError::Upstream { status, body },
     })
 }
 
@@ -330,10 +353,17 @@ async fn forward_json(adm: Admitted, body: Bytes) -> Result<Response, ApiError> 
     let status = resp.status();
     let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
     let limit = adm.state.cfg.max_response_bytes;
-    let bytes = match http_body_util::Limited::new(resp.into_body(), limit)
-        .collect()
-        .await
-    {
+    let idle = adm
+        .state
+        .upstream
+        .provider(&adm.model.provider)
+        .map(|p| p.idle_timeout)
+        .unwrap_or_default();
+    let body = tokio::time::timeout(
+        idle,
+        http_body_util::Limited::new(resp.into_body(), limit).collect(),
+    );
+    let bytes = match body.await.map_err(|_| "timed out".into()).and_then(|r| r) {
         Ok(c) => c.to_bytes(),
         Err(e) => {
             adm.release().await;
@@ -343,7 +373,8 @@ async fn forward_json(adm: Admitted, body: Bytes) -> Result<Response, ApiError> 
             });
         }
     };
-    let usage = Usage::from_openai_json(&bytes).unwrap_or_else(|| adm.estimate(bytes.len()));
+    let usage = Usage::from_openai_json(&bytes)
+        .unwrap_or_else(|| adm.estimate(bytes.len(), bytes.len().div_ceil(4)));
     adm.settle(usage, None).await?;
     let mut out = Response::new(Body::from(bytes));
     *out.status_mut() = status;
@@ -370,25 +401,41 @@ async fn forward_stream(
         let mut cut = false;
         let mut drain_timed_out = false;
         let drain = adm.state.cfg.disconnect_drain;
+        let idle = adm
+            .state
+            .upstream
+            .provider(&adm.model.provider)
+            .map(|p| p.idle_timeout)
+            .unwrap_or(drain);
         let mut drain_deadline: Option<tokio::time::Instant> = None;
         loop {
-            let next = match drain_deadline {
-                None => upstream.frame().await,
-                Some(d) => match tokio::time::timeout_at(d, upstream.frame()).await {
-                    Ok(f) => f,
-                    Err(_) => {
-                        drain_timed_out = true;
-                        break;
-                    }
-                },
+            // A silent provider is cut after its idle timeout; once the client has left,
+            // reading stops at the drain deadline too.
+            let mut deadline = tokio::time::Instant::now() + idle;
+            if let Some(d) = drain_deadline {
+                deadline = deadline.min(d);
+            }
+            let next = match tokio::time::timeout_at(deadline, upstream.frame()).await {
+                Ok(f) => f,
+                Err(_) if drain_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) => {
+                    drain_timed_out = true;
+                    break;
+                }
+                Err(_) => {
+                    tracing::warn!(request_id = %adm.rid, "upstream went silent");
+                    cut = true;
+                    break;
+                }
             };
             let Some(frame) = next else { break };
             match frame {
                 Ok(f) => {
                     if let Ok(data) = f.into_data() {
                         if let Some(out) = tap.feed(data) {
-                            if !client_gone && tx.send(out).await.is_err() {
-                                // Keep reading (bounded) so the user is billed what was generated.
+                            // A client that is gone, or has stopped reading for the whole
+                            // drain time, is treated as gone; reading goes on (bounded) so
+                            // the user is billed what was generated.
+                            if !client_gone && tx.send_timeout(out, drain).await.is_err() {
                                 client_gone = true;
                                 drain_deadline = Some(tokio::time::Instant::now() + drain);
                             }
@@ -404,7 +451,7 @@ async fn forward_stream(
         }
         let usage = tap
             .usage()
-            .unwrap_or_else(|| adm.estimate(tap.bytes_seen()));
+            .unwrap_or_else(|| adm.estimate(tap.bytes_seen(), tap.events_seen()));
         let mut extra = serde_json::Map::new();
         if client_gone {
             extra.insert("client_disconnected".into(), serde_json::Value::Bool(true));

@@ -153,14 +153,22 @@ impl std::fmt::Display for SettleError {
     }
 }
 
-/// Settles a completed request. Retries the (idempotent) script a few times; if Redis
-/// stays unreachable, writes the usage row straight to PostgreSQL so it is never lost
-/// (the live balance then catches up when it is next rebuilt from PostgreSQL).
+/// Settles a completed request. A failed call is retried, but only after checking that
+/// it did not in fact run (a lost reply): the charge is applied once. If Redis stays
+/// unreachable, the usage row is written straight to PostgreSQL so it is never lost,
+/// and a background task keeps applying the charge to the live balance until Redis
+/// takes it (the row's replay through the stream then inserts nothing).
 pub async fn settle(state: &AppState, event: &UsageEvent) -> Result<(), SettleError> {
     let encoded = event.encode();
     let attempts = state.cfg.metering.settle_retries.max(1);
     let mut last = String::new();
     for attempt in 0..attempts {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(20 << attempt.min(6))).await;
+            if already_recorded(state, event).await {
+                return Ok(());
+            }
+        }
         match state
             .ledger
             .settle(&event.user_id, &event.id, event.credits_used, &encoded)
@@ -169,18 +177,50 @@ pub async fn settle(state: &AppState, event: &UsageEvent) -> Result<(), SettleEr
             Ok(_) => return Ok(()),
             Err(e) => {
                 last = e.to_string();
-                tracing::warn!(request_id = %event.id, attempt, error = %e, "settle failed; retrying");
-                tokio::time::sleep(Duration::from_millis(20 << attempt.min(6))).await;
+                tracing::warn!(request_id = %event.id, attempt, error = %e, "settle failed");
             }
         }
+    }
+    if already_recorded(state, event).await {
+        return Ok(());
     }
     match crate::flush::write_batch(&state.db, std::slice::from_ref(event)).await {
         Ok(_) => {
             tracing::warn!(request_id = %event.id, "redis unavailable: usage written directly to PostgreSQL");
+            let (state2, event, encoded) = (state.clone(), event.clone(), encoded);
+            state.tasks.spawn(async move {
+                let deadline = tokio::time::Instant::now() + state2.cfg.metering.hold_ttl;
+                while tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let r = state2.ledger.settle(&event.user_id, &event.id, event.credits_used, &encoded).await;
+                    if r.is_ok() {
+                        tracing::info!(request_id = %event.id, "charge applied to the live balance after redis returned");
+                        return;
+                    }
+                }
+                tracing::error!(request_id = %event.id, "charge recorded in PostgreSQL never reached the live balance");
+            });
             Ok(())
         }
         Err(e) => Err(SettleError(format!("redis: {last}; postgres: {e}"))),
     }
+}
+
+/// Whether this event is already recorded: pending in Redis, or in PostgreSQL.
+async fn already_recorded(state: &AppState, event: &UsageEvent) -> bool {
+    if let Ok(true) = state.ledger.is_pending(&event.user_id, &event.id).await {
+        return true;
+    }
+    let Ok(c) = state.db.get().await else {
+        return false;
+    };
+    c.query_one(
+        "SELECT EXISTS (SELECT 1 FROM usage_history WHERE id = $1 AND created_at = $2)",
+        &[&event.id, &event.created_at],
+    )
+    .await
+    .map(|r| r.get::<_, bool>(0))
+    .unwrap_or(false)
 }
 
 #[cfg(test)]

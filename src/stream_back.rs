@@ -19,6 +19,16 @@ pub struct SseTap {
     usage: Option<Usage>,
     done: bool,
     bytes: usize,
+    events: usize,
+}
+
+/// Whether `b` holds a `"usage"` key whose value is an object (whitespace allowed),
+/// as opposed to the `"usage":null` of ordinary chunks.
+pub fn has_usage_object(b: &[u8]) -> bool {
+    memmem::find_iter(b, b"\"usage\"").any(|i| {
+        let mut rest = b[i + 7..].iter().skip_while(|c| c.is_ascii_whitespace());
+        rest.next() == Some(&b':') && rest.find(|c| !c.is_ascii_whitespace()) == Some(&b'{')
+    })
 }
 
 #[derive(serde::Deserialize)]
@@ -60,6 +70,7 @@ impl SseTap {
             usage: None,
             done: false,
             bytes: 0,
+            events: 0,
         }
     }
 
@@ -73,14 +84,20 @@ impl SseTap {
         self.bytes
     }
 
+    /// Data events received so far (a provider's stream carries about one token each).
+    pub fn events_seen(&self) -> usize {
+        self.events
+    }
+
     /// Feeds one frame from the provider; returns what to send the client now.
     pub fn feed(&mut self, chunk: Bytes) -> Option<Bytes> {
         self.bytes += chunk.len();
         if self.buf.is_empty()
             && chunk.ends_with(b"\n\n")
-            && memmem::find(&chunk, b"\"usage\":{").is_none()
+            && !has_usage_object(&chunk)
             && memmem::find(&chunk, b"[DONE]").is_none()
         {
+            self.events += memmem::find_iter(&chunk, b"data:").count();
             return Some(chunk);
         }
         self.buf.extend_from_slice(&chunk);
@@ -98,7 +115,10 @@ impl SseTap {
             self.done = true;
             return;
         }
-        if memmem::find(&data, b"\"usage\"").is_some() {
+        if !data.is_empty() {
+            self.events += 1;
+        }
+        if has_usage_object(&data) {
             if let Some(u) = Usage::from_openai_json(&data) {
                 self.usage = Some(u);
                 let usage_only = serde_json::from_slice::<ChoicesOnly>(&data)
@@ -191,6 +211,20 @@ mod tests {
             Bytes::from_static(b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\n");
         let out = tap.feed(frame.clone()).unwrap();
         assert_eq!(out.as_ptr(), frame.as_ptr());
+    }
+
+    #[test]
+    fn usage_objects_are_found_with_any_spacing() {
+        assert!(has_usage_object(br#"{"usage":{"total_tokens":1}}"#));
+        assert!(has_usage_object(b"{\"usage\" :\n { \"total_tokens\":1}}"));
+        assert!(!has_usage_object(br#"{"usage":null}"#));
+        assert!(!has_usage_object(br#"{"usage" : null, "x":{}}"#));
+        assert!(!has_usage_object(br#"{"usage"#));
+        let spaced = STREAM.replace("\"usage\":{", "\"usage\": {");
+        let mut tap = SseTap::new(false);
+        let out = run(&mut tap, &[spaced.as_bytes()]);
+        assert_eq!(tap.usage().unwrap().total_tokens, 7);
+        assert!(!String::from_utf8(out).unwrap().contains("\"choices\":[]"));
     }
 
     #[test]

@@ -357,3 +357,58 @@ async fn survives_redis_losing_its_script_cache() {
         .unwrap());
     assert_eq!(ledger.balance(&user).await.unwrap(), Some(8));
 }
+
+#[tokio::test]
+async fn a_batch_holding_an_event_twice_counts_it_once() {
+    let env = TestEnv::new().await;
+    let (_ledger, db, user) = setup(&env, 100).await;
+    let e = event(user, Uuid::now_v7(), 9);
+    let inserted = tollgate::flush::write_batch(&db, &[e.clone(), e.clone()])
+        .await
+        .unwrap();
+    assert_eq!(inserted.len(), 1);
+    let c = env.db().await;
+    let used: i32 = c
+        .query_one(
+            "SELECT used_credits FROM credits WHERE user_id = $1",
+            &[&user],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(used, 9);
+    let rows: i64 = c
+        .query_one("SELECT count(*) FROM usage_history", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1);
+}
+
+#[tokio::test]
+async fn a_cancelled_reserve_leaves_no_hold() {
+    let env = TestEnv::new().await;
+    let (ledger, db, user) = setup(&env, 10).await;
+    ledger.load(&db, &user).await.unwrap();
+    // Callers that give up at every stage of a reserve (the client disconnected).
+    for i in 0..40u64 {
+        let l = ledger.clone();
+        let rid = Uuid::now_v7();
+        let h = tokio::spawn(async move { l.reserve(&user, &rid, &hold(10, 60_000)).await });
+        if i % 4 != 0 {
+            tokio::time::sleep(std::time::Duration::from_micros(50 * i)).await;
+        }
+        h.abort();
+        // A reserve that completed before the abort was answered: its caller owns the
+        // hold and gives it back as a failed request would.
+        if let Ok(Ok(Reserve::Admitted { .. })) = h.await {
+            assert!(ledger.release(&user, &rid).await.unwrap());
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(
+        ledger.balance(&user).await.unwrap(),
+        Some(10),
+        "no hold outlives its caller"
+    );
+}

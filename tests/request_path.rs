@@ -508,3 +508,54 @@ async fn every_choice_is_held_for() {
         .await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
 }
+
+#[tokio::test]
+async fn provider_refusals_are_not_passed_off_as_the_callers() {
+    let env = TestEnv::new().await;
+    let (user, token) = env.user(100).await;
+    let body = json!({"model": "gpt-5", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]});
+    // The provider rejects the gateway's key: a 502, never the caller's 401, and the
+    // provider's message (which may quote the key) is not passed on.
+    let mock = env.mock(&["--fail-status", "401"]).await;
+    let gw = env.gateway(&mock).await;
+    let (status, headers, resp) = env.chat(&gw, &token, body.clone()).await;
+    assert_eq!(status, 502, "{}", String::from_utf8_lossy(&resp));
+    assert!(!headers.contains_key("www-authenticate"));
+    assert_eq!(openai_error(&resp)["code"], "bad_gateway");
+    // The provider rate-limits the gateway: 503 with retry-after, not insufficient_quota.
+    let mock = env.mock(&["--fail-status", "429"]).await;
+    let gw = env.gateway(&mock).await;
+    let (status, headers, resp) = env.chat(&gw, &token, body.clone()).await;
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&resp));
+    assert!(headers.contains_key("retry-after"));
+    assert_eq!(openai_error(&resp)["code"], "upstream_rate_limited");
+    // A provider 400 (about the request itself) is passed on as it is.
+    let mock = env.mock(&["--fail-status", "400"]).await;
+    let gw = env.gateway(&mock).await;
+    let (status, _, resp) = env.chat(&gw, &token, body).await;
+    assert_eq!(status, 400);
+    openai_error(&resp);
+    assert_eq!(env.redis_balance(&user).await, Some(100), "nothing charged");
+}
+
+#[tokio::test]
+async fn a_silent_provider_is_cut_off_and_charges_nothing() {
+    let env = TestEnv::new().await;
+    let mock = env.mock(&["--latency-ms", "3000"]).await;
+    let gw = env
+        .gateway_with(
+            &mock,
+            &[("TOLLGATE__PROVIDERS__OPENAI__IDLE_TIMEOUT_MS", "300")],
+        )
+        .await;
+    let (user, token) = env.user(100).await;
+    let (status, _, resp) = env
+        .chat(&gw, &token, json!({"model": "gpt-5", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}))
+        .await;
+    assert_eq!(status, 502, "{}", String::from_utf8_lossy(&resp));
+    assert!(openai_error(&resp)["message"]
+        .as_str()
+        .unwrap()
+        .contains("timed out"));
+    assert_eq!(env.redis_balance(&user).await, Some(100));
+}
