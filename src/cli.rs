@@ -66,6 +66,12 @@ pub enum UserCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum CreditsCommand {
+    /// Apply the user's current credits rows to the live balance (after a grant whose
+    /// Redis step failed). Idempotent.
+    Sync {
+        #[arg(long)]
+        email: String,
+    },
     /// A one-time credit allocation (no subscription); effective at once.
     Grant {
         #[arg(long)]
@@ -202,6 +208,15 @@ async fn dispatch(cli: Cli) -> Result<(), BoxError> {
             println!("{id}");
             Ok(())
         }
+        Command::Credits(CreditsCommand::Sync { email }) => {
+            let client = db::connect(&cfg.database).await?;
+            let user = active_user(&client, email).await?;
+            match sync_credits(&cfg, &client, &user).await? {
+                Some(b) => println!("credits of {email} in sync; balance {b}"),
+                None => println!("credits of {email} in sync (balance not loaded yet)"),
+            }
+            Ok(())
+        }
         Command::Credits(CreditsCommand::Grant {
             email,
             amount,
@@ -336,9 +351,33 @@ async fn grant(
         )
         .await?;
     let credit: Uuid = row.get(0);
+    let balance = sync_credits(cfg, &client, &user).await.map_err(|e| {
+        format!(
+            "credits row {credit} is committed, but the live balance was not updated ({e}); \
+             run `tollgate credits sync --email {email}` once Redis is reachable"
+        )
+    })?;
+    Ok((credit, balance))
+}
+
+/// Applies every current credits row of the user to the live balance in Redis, once
+/// each (rows already applied are skipped). Returns the balance, if it is loaded.
+async fn sync_credits(
+    cfg: &Config,
+    client: &tokio_postgres::Client,
+    user: &Uuid,
+) -> Result<Option<i64>, BoxError> {
+    let rows = client
+        .query(
+            "SELECT id, total_credits::bigint FROM credits WHERE user_id = $1 AND is_current",
+            &[user],
+        )
+        .await?;
     let ledger =
         crate::ledger::Ledger::connect(&cfg.redis.url, &cfg.redis.key_prefix, cfg.redis.buckets)
             .await?;
-    ledger.grant(&user, &credit, i64::from(amount)).await?;
-    Ok((credit, ledger.balance(&user).await?))
+    for r in rows {
+        ledger.grant(user, &r.get(0), r.get(1)).await?;
+    }
+    Ok(ledger.balance(user).await?)
 }

@@ -146,7 +146,7 @@ return 1
 
 const LOAD: &str = r"
 -- KEYS: acct, pend, cred.
--- ARGV: available, n, n x (credit_id, total), k, k x (rid, flushed 0|1)
+-- ARGV: available, n, n x (credit_id, total), k, k x (rid, flushed 0|1), s, s x stale credit_id
 -- The pairs describe one PostgreSQL snapshot: the user's current credit rows and which
 -- of the pending request ids (read from KEYS[2] just before) it already holds.
 if redis.call('HEXISTS', KEYS[1], 'bal') == 1 then return {1, tonumber(redis.call('HGET', KEYS[1], 'bal'))} end
@@ -168,9 +168,16 @@ end
 for id, f in pairs(seenp) do
   if f == '0' and not present[id] then return {0, 0} end
 end
+local stale = {}
+for i = 1, tonumber(ARGV[idx]) do stale[ARGV[idx + i]] = true end
 local cred = redis.call('HGETALL', KEYS[3])
 for i = 1, #cred, 2 do
-  if snap[cred[i]] == nil then bal = bal + tonumber(cred[i + 1]) end
+  if stale[cred[i]] then
+    redis.call('HDEL', KEYS[3], cred[i])
+  elseif snap[cred[i]] == nil then
+    -- Committed after the snapshot and announced by its grant: count it.
+    bal = bal + tonumber(cred[i + 1])
+  end
 end
 for id, total in pairs(snap) do redis.call('HSET', KEYS[3], id, total) end
 -- Holds of a lost balance are meaningless: their settles charge in full.
@@ -496,19 +503,33 @@ impl Ledger {
                 .iter()
                 .filter_map(|(id, _)| Uuid::parse_str(id).ok())
                 .collect();
+            let cred: Vec<String> = redis::cmd("HKEYS")
+                .arg(&k.cred)
+                .query_async(&mut conn)
+                .await?;
+            let cred_ids: Vec<Uuid> = cred
+                .iter()
+                .filter_map(|id| Uuid::parse_str(id).ok())
+                .collect();
             let client = db.get().await?;
+            // One statement, one snapshot: the current credit rows, which pending
+            // charges are already flushed, and which rows `cred` knows that are no longer
+            // current (they must not be counted as new grants).
             let row = client
                 .query_one(
                     "SELECT
                        (SELECT coalesce(json_agg(json_build_array(id, total_credits, used_credits)), '[]'::json)
                           FROM credits WHERE user_id = $1 AND is_current),
-                       (SELECT coalesce(array_agg(id), '{}') FROM usage_history WHERE user_id = $1 AND id = ANY($2))",
-                    &[user, &ids],
+                       (SELECT coalesce(array_agg(id), '{}') FROM usage_history WHERE user_id = $1 AND id = ANY($2)),
+                       (SELECT coalesce(array_agg(id::text), '{}') FROM credits
+                         WHERE user_id = $1 AND id = ANY($3) AND NOT is_current)",
+                    &[user, &ids, &cred_ids],
                 )
                 .await?;
             drop(client);
             let credits: serde_json::Value = row.get(0);
             let flushed: Vec<Uuid> = row.get(1);
+            let stale: Vec<String> = row.get(2);
             let mut available: i64 = 0;
             let mut inv = self.load.prepare_invoke();
             inv.key(&k.acct).key(&k.pend).key(&k.cred);
@@ -535,6 +556,10 @@ impl Ledger {
                     .map(|u| flushed.contains(&u))
                     .unwrap_or(false);
                 inv.arg(id.as_str()).arg(if is_flushed { 1 } else { 0 });
+            }
+            inv.arg(stale.len());
+            for id in &stale {
+                inv.arg(id.as_str());
             }
             let (ok, bal): (i64, i64) = inv.invoke_async(&mut conn).await?;
             if ok == 1 {

@@ -260,6 +260,21 @@ async fn grants_apply_exactly_once_whether_or_not_the_balance_is_loaded() {
     // Rebuilt from PostgreSQL, the same.
     forget_balance(&env, &ledger, &user).await;
     assert_eq!(ledger.load(&db, &user).await.unwrap(), 22);
+    // A row that stopped being current is not counted again when only the balance is
+    // rebuilt (its id is still in `cred`).
+    c.execute(
+        "UPDATE credits SET is_current = false WHERE id = $1",
+        &[&g2],
+    )
+    .await
+    .unwrap();
+    let mut r = env.redis().await;
+    let _: () = redis::cmd("DEL")
+        .arg(ledger.keys(&user).acct)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(ledger.load(&db, &user).await.unwrap(), 15);
 }
 
 #[tokio::test]

@@ -559,3 +559,52 @@ async fn a_silent_provider_is_cut_off_and_charges_nothing() {
         .contains("timed out"));
     assert_eq!(env.redis_balance(&user).await, Some(100));
 }
+
+#[tokio::test]
+async fn a_grant_that_missed_redis_is_applied_once_by_sync() {
+    let env = TestEnv::new().await;
+    let mock = env.mock(&[]).await;
+    let gw = env.gateway(&mock).await;
+    let (user, token) = env.user(0).await;
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    let (status, _, _) = env
+        .chat(
+            &gw,
+            &token,
+            json!({"model": "gpt-5", "max_tokens": 50, "messages": msgs}),
+        )
+        .await;
+    assert_eq!(status, 429, "balance 0 is now loaded in Redis");
+    let email: String = env
+        .db()
+        .await
+        .query_one("SELECT email FROM users WHERE id = $1", &[&user])
+        .await
+        .unwrap()
+        .get(0);
+    let (ok, _, err) = env
+        .cli_raw(
+            &["credits", "grant", "--email", &email, "--amount", "50"],
+            &[("REDIS_URL", "redis://127.0.0.1:1")],
+        )
+        .await;
+    assert!(!ok);
+    assert!(err.contains("credits sync"), "{err}");
+    assert_eq!(env.redis_balance(&user).await, Some(0));
+    env.cli(&["credits", "sync", "--email", &email]).await;
+    assert_eq!(env.redis_balance(&user).await, Some(50));
+    env.cli(&["credits", "sync", "--email", &email]).await;
+    assert_eq!(
+        env.redis_balance(&user).await,
+        Some(50),
+        "sync applies a row once"
+    );
+    let (status, _, _) = env
+        .chat(
+            &gw,
+            &token,
+            json!({"model": "gpt-5", "max_tokens": 50, "messages": msgs}),
+        )
+        .await;
+    assert_eq!(status, 200);
+}
