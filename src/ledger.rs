@@ -283,8 +283,10 @@ pub struct UserKeys {
 #[derive(Clone)]
 pub struct Ledger {
     conn: ConnectionManager,
-    /// Reserves and settles go through the group-commit task.
+    /// Reserves and settles go through the group-commit task...
     ops: tokio::sync::mpsc::Sender<Op>,
+    /// ...unless no call is in flight: then the caller runs its op itself.
+    group: std::sync::Arc<GroupCommit>,
     prefix: String,
     buckets: u32,
     release: Script,
@@ -306,10 +308,12 @@ impl Ledger {
             .set_number_of_retries(2);
         let conn = ConnectionManager::new_with_config(client, cfg).await?;
         let (ops, rx) = tokio::sync::mpsc::channel(4096);
-        tokio::spawn(GroupCommit::new(conn.clone()).run(rx));
+        let group = std::sync::Arc::new(GroupCommit::new(conn.clone()));
+        tokio::spawn(group.clone().run(rx));
         Ok(Ledger {
             conn,
             ops,
+            group,
             prefix: prefix.to_owned(),
             buckets,
             release: Script::new(RELEASE),
@@ -379,15 +383,15 @@ impl Ledger {
             h: *h,
             reply,
         };
-        self.submit(op).await?;
-        // If this future is dropped from here on (the request was cancelled), the guard
-        // releases a hold that was taken for nobody.
+        // If this future is dropped before it has read the answer (the request was
+        // cancelled), the guard releases a hold that may have been taken for nobody.
         let mut guard = CancelledReserve {
             rx: Some(rx),
             conn: self.conn.clone(),
             acct,
             rid: *rid,
         };
+        self.submit(op).await?;
         let r = match guard.rx.as_mut() {
             Some(rx) => rx.await,
             None => return Err(gone()),
@@ -407,7 +411,18 @@ impl Ledger {
         })
     }
 
+    /// Runs `op` at once when the ledger is idle (no queue hop at low load), or queues
+    /// it for the next group commit. The answer arrives on the op's reply channel.
     async fn submit(&self, op: Op) -> Result<(), redis::RedisError> {
+        if self
+            .group
+            .in_flight
+            .load(std::sync::atomic::Ordering::Acquire)
+            == 0
+        {
+            self.group.commit(vec![op]).await;
+            return Ok(());
+        }
         self.ops.send(op).await.map_err(|_| gone())
     }
 
@@ -675,6 +690,8 @@ struct GroupCommit {
     source: String,
     script: Script,
     release: Script,
+    /// Script calls in flight (batches and direct ops).
+    in_flight: std::sync::atomic::AtomicUsize,
 }
 
 impl GroupCommit {
@@ -686,10 +703,11 @@ impl GroupCommit {
             source,
             script,
             release: Script::new(RELEASE),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
-    async fn run(self, mut rx: tokio::sync::mpsc::Receiver<Op>) {
+    async fn run(self: std::sync::Arc<Self>, mut rx: tokio::sync::mpsc::Receiver<Op>) {
         let mut ops = Vec::with_capacity(MAX_BATCH);
         while let Some(op) = rx.recv().await {
             ops.push(op);
@@ -704,6 +722,9 @@ impl GroupCommit {
     }
 
     async fn commit(&self, ops: Vec<Op>) {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let _done = InFlight(&self.in_flight);
         let mut groups: std::collections::BTreeMap<u32, Vec<Op>> =
             std::collections::BTreeMap::new();
         for op in ops {
@@ -825,6 +846,15 @@ impl GroupCommit {
     }
 }
 
+/// Decrements the in-flight count however the commit ends (also when cancelled).
+struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 static RELEASE_SCRIPT: std::sync::LazyLock<Script> =
     std::sync::LazyLock::new(|| Script::new(RELEASE));
 
@@ -839,22 +869,25 @@ struct CancelledReserve {
 impl Drop for CancelledReserve {
     fn drop(&mut self) {
         let Some(mut rx) = self.rx.take() else { return };
-        // Not answered yet: the group commit finds the channel closed and releases the
-        // hold itself. Answered but never read: release it here.
+        // Answered with a refusal: nothing is held.
         if let Ok(Ok(row)) = rx.try_recv() {
-            if row.first() == Some(&1) {
-                if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                    let (mut conn, acct, rid) =
-                        (self.conn.clone(), std::mem::take(&mut self.acct), self.rid);
-                    handle.spawn(async move {
-                        let r: Result<i64, _> =
-                            RELEASE_SCRIPT.key(acct).arg(rid.to_string()).invoke_async(&mut conn).await;
-                        if let Err(e) = r {
-                            tracing::warn!(request_id = %rid, error = %e, "releasing the hold of a cancelled request failed");
-                        }
-                    });
-                }
+            if row.first() != Some(&1) {
+                return;
             }
+        }
+        // Admitted but never read, or not answered yet (a reserve sent on this
+        // connection runs before this release; one still queued finds its reply channel
+        // closed and is released by the group commit): give the hold back. Releasing a
+        // hold that does not exist changes nothing.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let (mut conn, acct, rid) =
+                (self.conn.clone(), std::mem::take(&mut self.acct), self.rid);
+            handle.spawn(async move {
+                let r: Result<i64, _> = RELEASE_SCRIPT.key(acct).arg(rid.to_string()).invoke_async(&mut conn).await;
+                if let Err(e) = r {
+                    tracing::warn!(request_id = %rid, error = %e, "releasing the hold of a cancelled request failed");
+                }
+            });
         }
     }
 }
