@@ -197,16 +197,20 @@ impl Flusher {
                     last_claim = Some(Instant::now());
                     match self.claim_stale().await {
                         Ok(v) => batch.extend(v),
-                        Err(e) => tracing::warn!(error = %e, "claiming stale usage events failed"),
+                        Err(e) => {
+                            // Streams or groups may be gone (Redis lost its data): recreate.
+                            groups_ready = false;
+                            tracing::warn!(error = %e, "claiming stale usage events failed");
+                        }
                     }
                 }
                 match self.read(own_pending).await {
                     Ok(v) => batch.extend(v),
                     Err(e) => {
                         read_failed = true;
-                        if e.code() == Some("NOGROUP") {
-                            groups_ready = false;
-                        }
+                        // Streams or groups may be gone (Redis lost its data): recreate
+                        // them (idempotent) before the next read.
+                        groups_ready = false;
                         tracing::warn!(error = %e, "reading usage events failed");
                     }
                 }

@@ -322,3 +322,119 @@ async fn client_disconnect_mid_stream_is_still_billed() {
     assert_eq!(meta["usage_estimated"], true);
     assert!(env.redis_balance(&user).await.unwrap() < 99);
 }
+
+async fn ok_chat(env: &TestEnv, gw: &Proc, token: &str) -> Uuid {
+    let body = serde_json::json!({"model": "gpt-5", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]});
+    let (status, headers, resp) = env.chat(gw, token, body).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&resp));
+    Uuid::parse_str(&headers["x-request-id"]).unwrap()
+}
+
+#[tokio::test]
+async fn usage_waits_in_redis_while_postgres_refuses_and_drains_after() {
+    let env = TestEnv::new().await;
+    let mock = env
+        .mock(&["--prompt-tokens", "500", "--completion-tokens", "500"])
+        .await;
+    let gw = env.gateway(&mock).await;
+    let (user, token) = env.user(100).await;
+    ok_chat(&env, &gw, &token).await; // balance loaded while PostgreSQL is up
+    let admin = pg(PG_ADMIN).await;
+    // PostgreSQL refuses this database: no new connections, existing ones cut.
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {} CONNECTION LIMIT 0",
+            env.db_name
+        ))
+        .await
+        .unwrap();
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+            &[&env.db_name],
+        )
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(ok_chat(&env, &gw, &token).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Charged live, recorded nowhere in PostgreSQL yet.
+    assert_eq!(env.redis_balance(&user).await, Some(100 - 2 * 6));
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {} CONNECTION LIMIT -1",
+            env.db_name
+        ))
+        .await
+        .unwrap();
+    let n = env
+        .wait_for_count(
+            "SELECT count(*) FROM usage_history",
+            6,
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(
+        n, 6,
+        "every settled request reaches PostgreSQL once it is back"
+    );
+    let rows = rows_per_id(&env).await;
+    assert!(ids.iter().all(|id| rows.get(id) == Some(&1)));
+    let used: i64 = env
+        .db()
+        .await
+        .query_one("SELECT sum(used_credits)::bigint FROM credits", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(used, 12);
+}
+
+#[tokio::test]
+async fn after_redis_loses_its_data_balances_are_rebuilt_from_postgres() {
+    let env = TestEnv::new().await;
+    let mock = env
+        .mock(&["--prompt-tokens", "500", "--completion-tokens", "500"])
+        .await;
+    let gw = env.gateway(&mock).await;
+    let (user, token) = env.user(100).await;
+    for _ in 0..3 {
+        ok_chat(&env, &gw, &token).await;
+    }
+    assert_eq!(
+        env.wait_for_count(
+            "SELECT count(*) FROM usage_history",
+            3,
+            Duration::from_secs(15)
+        )
+        .await,
+        3
+    );
+    // Redis loses everything of this gateway (a restart without persistence).
+    let mut r = env.redis().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", env.prefix))
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty());
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    // The next request rebuilds the balance from PostgreSQL: 100 − 3 × 2.
+    let id = ok_chat(&env, &gw, &token).await;
+    assert_eq!(env.redis_balance(&user).await, Some(100 - 4 * 2));
+    // The flusher recreates its consumer groups and records the new request.
+    let n = env
+        .wait_for_count(
+            &format!("SELECT count(*) FROM usage_history WHERE id = '{id}'"),
+            1,
+            Duration::from_secs(15),
+        )
+        .await;
+    assert_eq!(n, 1);
+}
