@@ -1271,3 +1271,125 @@ async fn health_reflects_database_pool_size() {
     let v = json(&b);
     assert_eq!(v["pool"]["total"], 7, "{v}");
 }
+
+#[tokio::test]
+async fn readiness_fails_while_redis_is_down_and_recovers() {
+    // A Redis of this test's own, so it can be stopped without touching the others.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut redis_server = tokio::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-server is installed (scripts/services.sh)");
+    let url = format!("redis://127.0.0.1:{port}");
+    for _ in 0..100 {
+        if redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let env = TestEnv::new().await;
+    let mock = env.mock(&[]).await;
+    let gw = env
+        .gateway_with(&mock, &[("REDIS_URL", url.as_str())])
+        .await;
+    let (s, _, _) = env.request("GET", &gw.url("/readyz"), None, None).await;
+    assert_eq!(s, 200);
+    redis_server.kill().await.unwrap();
+    let _ = redis_server.wait().await;
+    let (s, _, b) = env.request("GET", &gw.url("/readyz"), None, None).await;
+    assert_eq!(s, 503, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json(&b)["redis"], false);
+    let (s, _, b) = env.request("GET", &gw.url("/health"), None, None).await;
+    assert_eq!(s, 503);
+    assert_eq!(json(&b)["redis"]["status"], "unhealthy");
+    // A request that needs Redis gets a clear 503, not a hang.
+    let (_, token) = env.user(0).await;
+    let (s, h, b) = env
+        .chat(
+            &gw,
+            &token,
+            serde_json::json!({"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(s, 503, "{}", String::from_utf8_lossy(&b));
+    assert!(h.contains_key("x-request-id"));
+    assert_eq!(openai_error(&b)["code"], "service_unavailable");
+    // Redis returns (empty): readiness follows.
+    let mut again = tokio::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut ready = false;
+    for _ in 0..100 {
+        let (s, _, _) = env.request("GET", &gw.url("/readyz"), None, None).await;
+        if s == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "ready again once Redis is back");
+    again.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_server_creates_upcoming_partitions() {
+    let env = TestEnv::new().await;
+    let db = env.db().await;
+    let now = Utc::now().date_naive();
+    let (y, m) = if now.month() == 12 {
+        (now.year() + 1, 1)
+    } else {
+        (now.year(), now.month() + 1)
+    };
+    let next = format!("usage_history_{y:04}_{m:02}");
+    db.batch_execute(&format!("DROP TABLE {next}"))
+        .await
+        .unwrap();
+    let mock = env.mock(&[]).await;
+    let _gw = env.gateway(&mock).await;
+    let mut found = false;
+    for _ in 0..100 {
+        let r: Option<String> = db
+            .query_one("SELECT to_regclass($1)::text", &[&next])
+            .await
+            .unwrap()
+            .get(0);
+        if r.is_some() {
+            found = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(found, "{next} recreated by the running server");
+}
