@@ -136,6 +136,15 @@ struct Admitted {
 }
 
 impl Admitted {
+    /// The provider's idle timeout (wait for the answer, and between its chunks).
+    fn idle_timeout(&self) -> std::time::Duration {
+        self.state
+            .upstream
+            .provider(&self.model.provider)
+            .map(|p| p.idle_timeout)
+            .unwrap_or_default()
+    }
+
     async fn release(&self) {
         if let Err(e) = self.state.ledger.release(&self.user, &self.rid).await {
             // The hold expires on its own (metering.hold_ttl_ms) and is returned then.
@@ -353,12 +362,7 @@ async fn forward_json(adm: Admitted, body: Bytes) -> Result<Response, ApiError> 
     let status = resp.status();
     let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
     let limit = adm.state.cfg.max_response_bytes;
-    let idle = adm
-        .state
-        .upstream
-        .provider(&adm.model.provider)
-        .map(|p| p.idle_timeout)
-        .unwrap_or_default();
+    let idle = adm.idle_timeout();
     let body = tokio::time::timeout(
         idle,
         http_body_util::Limited::new(resp.into_body(), limit).collect(),
@@ -401,12 +405,7 @@ async fn forward_stream(
         let mut cut = false;
         let mut drain_timed_out = false;
         let drain = adm.state.cfg.disconnect_drain;
-        let idle = adm
-            .state
-            .upstream
-            .provider(&adm.model.provider)
-            .map(|p| p.idle_timeout)
-            .unwrap_or(drain);
+        let idle = adm.idle_timeout();
         let mut drain_deadline: Option<tokio::time::Instant> = None;
         loop {
             // A silent provider is cut after its idle timeout; once the client has left,
