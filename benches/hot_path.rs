@@ -284,7 +284,7 @@ fn flush_writer(c: &mut Criterion) {
     let guard = rt.enter();
     let db = tollgate::db::Db::new(&tollgate::config::DatabaseConfig {
         url: url.clone(),
-        pool_size: 2,
+        pool_size: 4,
         idle_timeout: Duration::from_secs(30),
         connect_timeout: Duration::from_secs(5),
         partitions_ahead_months: 1,
@@ -310,20 +310,21 @@ fn flush_writer(c: &mut Criterion) {
             BatchSize::LargeInput,
         )
     });
-    // Two batches written at once, as the flusher does with a backlog.
+    // Two batches over disjoint users written at once (no shared credit rows to lock).
     g.throughput(Throughput::Elements(2000));
     g.bench_function("write_batch_2x1000_rows_concurrently", |b| {
         b.iter_batched(
             || {
-                let mk = || {
+                let half = users.len() / 2;
+                let mk = |offset: usize| {
                     (0..1000)
                         .map(|i| UsageEvent {
-                            user_id: users[i % users.len()],
+                            user_id: users[offset + i % half],
                             ..event(i as i64)
                         })
                         .collect::<Vec<_>>()
                 };
-                (mk(), mk())
+                (mk(0), mk(half))
             },
             |(a, b)| {
                 rt.block_on(async {
@@ -338,6 +339,94 @@ fn flush_writer(c: &mut Criterion) {
             BatchSize::LargeInput,
         )
     });
+    // The whole flusher, end to end: 10k settled events waiting in the usage streams
+    // (as settle leaves them), drained into PostgreSQL by a fresh flusher.
+    let prefix = format!("benchflush{}:", &Uuid::new_v4().simple().to_string()[..8]);
+    if let Ok(ledger) = rt.block_on(Ledger::connect("redis://127.0.0.1:6379", &prefix, 16)) {
+        let n = 10_000usize;
+        g.throughput(Throughput::Elements(n as u64));
+        g.sample_size(10);
+        let cfg = tollgate::config::FlushConfig {
+            batch_rows: 1000,
+            writers: 2,
+            interval: Duration::from_millis(50),
+            claim_idle: Duration::from_secs(30),
+            consumer_group: "bench".into(),
+        };
+        g.bench_function("flusher_drains_10k_settled_events", |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    rt.block_on(async {
+                        let mut conn = ledger.conn();
+                        let mut pipe = redis::pipe();
+                        for i in 0..n {
+                            let e = UsageEvent {
+                                user_id: users[i % users.len()],
+                                ..event(i as i64)
+                            };
+                            let b = ledger.bucket_of(&e.user_id);
+                            pipe.cmd("XADD")
+                                .arg(ledger.stream_key(b))
+                                .arg("*")
+                                .arg("e")
+                                .arg(e.encode())
+                                .ignore();
+                            pipe.cmd("HSET")
+                                .arg(ledger.pend_key(b, &e.user_id.to_string()))
+                                .arg(e.id.to_string())
+                                .arg(e.credits_used)
+                                .ignore();
+                        }
+                        let _: () = pipe.query_async(&mut conn).await.unwrap();
+                        let before: i64 = db
+                            .get()
+                            .await
+                            .unwrap()
+                            .query_one("SELECT count(*) FROM usage_history", &[])
+                            .await
+                            .unwrap()
+                            .get(0);
+                        let (stop, rx) = tokio::sync::watch::channel(false);
+                        let started = std::time::Instant::now();
+                        let flusher = tokio::spawn(
+                            tollgate::flush::Flusher::new(ledger.clone(), db.clone(), cfg.clone())
+                                .run(rx),
+                        );
+                        loop {
+                            let now: i64 = db
+                                .get()
+                                .await
+                                .unwrap()
+                                .query_one("SELECT count(*) FROM usage_history", &[])
+                                .await
+                                .unwrap()
+                                .get(0);
+                            if now - before >= n as i64 {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        total += started.elapsed();
+                        let _ = stop.send(true);
+                        let _ = flusher.await;
+                    });
+                }
+                total
+            })
+        });
+        rt.block_on(async {
+            let mut conn = ledger.conn();
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{prefix}*"))
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_default();
+            if !keys.is_empty() {
+                let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
+            }
+        });
+    }
     g.finish();
     drop(db);
     drop(guard);

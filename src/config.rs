@@ -83,6 +83,7 @@ pub struct RawMetering {
 #[serde(deny_unknown_fields, default)]
 pub struct RawFlush {
     pub batch_rows: usize,
+    pub writers: usize,
     pub interval_ms: u64,
     pub claim_idle_ms: u64,
     pub consumer_group: String,
@@ -202,6 +203,7 @@ impl Default for RawFlush {
     fn default() -> Self {
         RawFlush {
             batch_rows: 1_000,
+            writers: 2,
             interval_ms: 50,
             claim_idle_ms: 30_000,
             consumer_group: "tollgate-flush".into(),
@@ -338,6 +340,8 @@ pub struct MeteringConfig {
 #[derive(Debug, Clone)]
 pub struct FlushConfig {
     pub batch_rows: usize,
+    /// Concurrent writer transactions, over disjoint users.
+    pub writers: usize,
     pub interval: Duration,
     pub claim_idle: Duration,
     pub consumer_group: String,
@@ -383,6 +387,8 @@ impl RawConfig {
         )?;
         positive("metering.hold_ttl_ms", self.metering.hold_ttl_ms)?;
         positive("flush.batch_rows", self.flush.batch_rows as u64)?;
+        positive("flush.writers", self.flush.writers as u64)?;
+        positive("flush.writers", self.flush.writers as u64)?;
         positive("flush.interval_ms", self.flush.interval_ms)?;
         positive("flush.claim_idle_ms", self.flush.claim_idle_ms)?;
         positive("models.refresh_ms", self.models.refresh_ms)?;
@@ -487,6 +493,7 @@ impl RawConfig {
             },
             flush: FlushConfig {
                 batch_rows: self.flush.batch_rows,
+                writers: self.flush.writers,
                 interval: Duration::from_millis(self.flush.interval_ms),
                 claim_idle: Duration::from_millis(self.flush.claim_idle_ms),
                 consumer_group: self.flush.consumer_group,

@@ -145,25 +145,58 @@ impl Flusher {
             .into_iter()
             .filter(|e| seen.insert((e.bucket, e.entry_id.clone())))
             .collect();
-        let events: Vec<UsageEvent> = entries.iter().filter_map(|e| e.event.clone()).collect();
-        let mut written = 0;
-        for chunk in events.chunks(self.cfg.batch_rows.max(1)) {
-            written += write_batch(&self.db, chunk)
-                .await
-                .map_err(|e| e.to_string())?
-                .len();
-        }
-        let mut by_bucket: HashMap<u32, Vec<(String, String, String)>> = HashMap::new();
+        // Split by user into `flush.writers` groups written concurrently: disjoint users
+        // lock disjoint credit rows, and one writer alone waits on PostgreSQL's round
+        // trips more than it uses its CPU. Entries without a readable event ride along
+        // with group 0 (they are only acknowledged).
+        let writers = self.cfg.writers.max(1);
+        let mut groups: Vec<Vec<Entry>> = (0..writers).map(|_| Vec::new()).collect();
         for e in entries {
-            let (rid, user) = e
+            let g = e
                 .event
                 .as_ref()
-                .map(|ev| (ev.id.to_string(), ev.user_id.to_string()))
-                .unwrap_or_default();
-            by_bucket
-                .entry(e.bucket)
-                .or_default()
-                .push((e.entry_id, rid, user));
+                .map_or(0, |ev| (ev.user_id.as_u128() % writers as u128) as usize);
+            groups[g].push(e);
+        }
+        let results =
+            futures_util::future::join_all(groups.into_iter().filter(|g| !g.is_empty()).map(
+                |group| async move {
+                    let events: Vec<UsageEvent> =
+                        group.iter().filter_map(|e| e.event.clone()).collect();
+                    let mut written = 0;
+                    for chunk in events.chunks(self.cfg.batch_rows.max(1)) {
+                        match write_batch(&self.db, chunk).await {
+                            Ok(ids) => written += ids.len(),
+                            Err(e) => return (group, Err(e.to_string())),
+                        }
+                    }
+                    (group, Ok(written))
+                },
+            ))
+            .await;
+        // Acknowledge what was committed; what failed stays pending and is retried.
+        let mut written = 0;
+        let mut failure = None;
+        let mut by_bucket: HashMap<u32, Vec<(String, String, String)>> = HashMap::new();
+        for (group, result) in results {
+            match result {
+                Ok(n) => written += n,
+                Err(e) => {
+                    failure = Some(e);
+                    continue;
+                }
+            }
+            for e in group {
+                let (rid, user) = e
+                    .event
+                    .as_ref()
+                    .map(|ev| (ev.id.to_string(), ev.user_id.to_string()))
+                    .unwrap_or_default();
+                by_bucket
+                    .entry(e.bucket)
+                    .or_default()
+                    .push((e.entry_id, rid, user));
+            }
         }
         for (bucket, list) in by_bucket {
             self.ledger
@@ -171,7 +204,10 @@ impl Flusher {
                 .await
                 .map_err(|e| e.to_string())?;
         }
-        Ok(written)
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(written),
+        }
     }
 
     /// Runs until `shutdown` flips, then drains what is left: everything settled
