@@ -348,7 +348,7 @@ fn flush_writer(c: &mut Criterion) {
         g.sample_size(10);
         let cfg = tollgate::config::FlushConfig {
             batch_rows: 1000,
-            writers: 2,
+            writers: 4,
             interval: Duration::from_millis(50),
             claim_idle: Duration::from_secs(30),
             consumer_group: "bench".into(),

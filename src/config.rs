@@ -203,7 +203,7 @@ impl Default for RawFlush {
     fn default() -> Self {
         RawFlush {
             batch_rows: 1_000,
-            writers: 2,
+            writers: 4,
             interval_ms: 50,
             claim_idle_ms: 30_000,
             consumer_group: "tollgate-flush".into(),
