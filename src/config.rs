@@ -388,7 +388,6 @@ impl RawConfig {
         positive("metering.hold_ttl_ms", self.metering.hold_ttl_ms)?;
         positive("flush.batch_rows", self.flush.batch_rows as u64)?;
         positive("flush.writers", self.flush.writers as u64)?;
-        positive("flush.writers", self.flush.writers as u64)?;
         positive("flush.interval_ms", self.flush.interval_ms)?;
         positive("flush.claim_idle_ms", self.flush.claim_idle_ms)?;
         positive("models.refresh_ms", self.models.refresh_ms)?;
