@@ -289,7 +289,6 @@ pub struct Ledger {
     group: std::sync::Arc<GroupCommit>,
     prefix: String,
     buckets: u32,
-    release: Script,
     load: Script,
     grant: Script,
     ack: Script,
@@ -316,7 +315,6 @@ impl Ledger {
             group,
             prefix: prefix.to_owned(),
             buckets,
-            release: Script::new(RELEASE),
             load: Script::new(LOAD),
             grant: Script::new(GRANT),
             ack: Script::new(ACK),
@@ -456,8 +454,7 @@ impl Ledger {
 
     /// Returns a hold to the balance (a failed request charges nothing).
     pub async fn release(&self, user: &Uuid, rid: &Uuid) -> Result<bool, redis::RedisError> {
-        let n: i64 = self
-            .release
+        let n: i64 = RELEASE_SCRIPT
             .key(self.acct_key(user))
             .arg(rid.to_string())
             .invoke_async(&mut self.conn.clone())
@@ -689,7 +686,6 @@ struct GroupCommit {
     conn: ConnectionManager,
     source: String,
     script: Script,
-    release: Script,
     /// Script calls in flight (batches and direct ops).
     in_flight: std::sync::atomic::AtomicUsize,
 }
@@ -702,7 +698,6 @@ impl GroupCommit {
             conn,
             source,
             script,
-            release: Script::new(RELEASE),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
         }
     }
@@ -815,8 +810,7 @@ impl GroupCommit {
             Ok(rows) if rows.len() == group.len() => {
                 for (op, row) in group.into_iter().zip(rows) {
                     if let Some((acct, rid)) = op.reply(Ok(row)) {
-                        let r: Result<i64, _> = self
-                            .release
+                        let r: Result<i64, _> = RELEASE_SCRIPT
                             .key(acct)
                             .arg(&rid)
                             .invoke_async(&mut self.conn.clone())

@@ -1051,19 +1051,8 @@ async fn token_issue_prints_an_at_jwt_with_a_kid() {
 /// Runs `tollgate serve --config <config>` with the test's databases and `vars`;
 /// it must exit (a configuration error) within 30 s. Returns (success, stdout, stderr).
 async fn serve_once(env: &TestEnv, config: &Path, vars: &[(&str, &str)]) -> (bool, String, String) {
-    let mut c = tokio::process::Command::new(bin());
-    c.arg("serve")
-        .arg("--config")
-        .arg(config)
-        .env("DATABASE_URL", &env.db_url)
-        .env("REDIS_URL", REDIS)
-        .env("TOLLGATE__REDIS__KEY_PREFIX", &env.prefix)
-        .env(
-            "TOLLGATE__AUTH__SIGNING_KEY_PATH",
-            env.dir.path().join("signing.pem"),
-        )
-        .env("TOLLGATE__SERVER__LISTEN", "127.0.0.1:0")
-        .env("OPENAI_API_KEY", PROVIDER_KEY)
+    let mut c = env.command_with_config(&["serve"], config);
+    c.env("TOLLGATE__SERVER__LISTEN", "127.0.0.1:0")
         .stdin(Stdio::null())
         .kill_on_drop(true);
     for (k, v) in vars {

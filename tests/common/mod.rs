@@ -208,10 +208,16 @@ impl TestEnv {
     }
 
     fn command(&self, args: &[&str]) -> Command {
+        self.command_with_config(args, &config_path())
+    }
+
+    /// A `tollgate` command with this test's databases, Redis prefix and key, reading
+    /// `config`.
+    pub fn command_with_config(&self, args: &[&str], config: &Path) -> Command {
         let mut c = Command::new(bin());
         c.args(args)
             .arg("--config")
-            .arg(config_path())
+            .arg(config)
             .env("DATABASE_URL", &self.db_url)
             .env("REDIS_URL", REDIS)
             .env("TOLLGATE__REDIS__KEY_PREFIX", &self.prefix)
