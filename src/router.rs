@@ -123,7 +123,6 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
 }
 
 /// What one admitted request carries from reserve to settle.
-#[derive(Clone)]
 struct Admitted {
     state: AppState,
     rid: Uuid,
