@@ -210,14 +210,56 @@ impl Flusher {
         }
     }
 
+    /// Claims entries left by dead consumers (every `claim_idle / 2`) and reads the
+    /// next batch. A failed read marks the groups for recreation (Redis may have lost
+    /// its data; XGROUP CREATE is idempotent).
+    async fn next_batch(
+        &self,
+        own_pending: bool,
+        last_claim: &mut Option<Instant>,
+        groups_ready: &mut bool,
+    ) -> Result<Vec<Entry>, ()> {
+        let mut batch = Vec::new();
+        if last_claim.is_none_or(|t| t.elapsed() >= self.cfg.claim_idle / 2) {
+            *last_claim = Some(Instant::now());
+            match self.claim_stale().await {
+                Ok(v) => batch.extend(v),
+                Err(e) => {
+                    *groups_ready = false;
+                    tracing::warn!(error = %e, "claiming stale usage events failed");
+                }
+            }
+        }
+        match self.read(own_pending).await {
+            Ok(v) => {
+                batch.extend(v);
+                Ok(batch)
+            }
+            Err(e) => {
+                *groups_ready = false;
+                tracing::warn!(error = %e, "reading usage events failed");
+                Err(())
+            }
+        }
+    }
+
     /// Runs until `shutdown` flips, then drains what is left: everything settled
     /// before the flip is written before this returns (unless PostgreSQL is down, in
     /// which case the entries stay pending in Redis for the next gateway).
+    ///
+    /// While the streams hold more than a batch, the next batch is read while the
+    /// current one is written (two stages in flight). After a failed write the
+    /// concurrently read batch is dropped — it stays in this consumer's pending list —
+    /// and the next pass re-reads that list alone.
     pub async fn run(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let mut groups_ready = false;
         let mut last_claim: Option<Instant> = None;
         let mut own_pending = false;
         let mut backoff = self.cfg.interval;
+        // Read and not yet written, and whether it came from this consumer's own
+        // pending list (which may hold more than one read returns).
+        let mut carried: Vec<Entry> = Vec::new();
+        let mut carried_pending = false;
         loop {
             let stopping = *shutdown.borrow();
             if !groups_ready {
@@ -226,47 +268,62 @@ impl Flusher {
                     Err(e) => tracing::warn!(error = %e, "usage streams unavailable"),
                 }
             }
-            let mut batch = Vec::new();
-            let mut read_failed = false;
-            if groups_ready {
-                if last_claim.is_none_or(|t| t.elapsed() >= self.cfg.claim_idle / 2) {
-                    last_claim = Some(Instant::now());
-                    match self.claim_stale().await {
-                        Ok(v) => batch.extend(v),
-                        Err(e) => {
-                            // Streams or groups may be gone (Redis lost its data): recreate.
-                            groups_ready = false;
-                            tracing::warn!(error = %e, "claiming stale usage events failed");
-                        }
+            let writing = std::mem::take(&mut carried);
+            let writing_pending = carried_pending;
+            let n_writing = writing.len();
+            // Read alongside the write only when the last read was full (more is
+            // likely waiting) and not while recovering this consumer's pending list.
+            let read_now = groups_ready
+                && (n_writing == 0 || (n_writing >= self.cfg.batch_rows && !own_pending));
+            let read_pending = own_pending;
+            let (written, read) = tokio::join!(
+                async {
+                    if writing.is_empty() {
+                        None
+                    } else {
+                        Some(self.write_and_ack(writing).await)
+                    }
+                },
+                async {
+                    if read_now {
+                        Some(
+                            self.next_batch(read_pending, &mut last_claim, &mut groups_ready)
+                                .await,
+                        )
+                    } else {
+                        None
                     }
                 }
-                match self.read(own_pending).await {
-                    Ok(v) => batch.extend(v),
-                    Err(e) => {
-                        read_failed = true;
-                        // Streams or groups may be gone (Redis lost its data): recreate
-                        // them (idempotent) before the next read.
-                        groups_ready = false;
-                        tracing::warn!(error = %e, "reading usage events failed");
-                    }
+            );
+            let mut write_failed = false;
+            match written {
+                Some(Ok(w)) => {
+                    tracing::debug!(entries = n_writing, inserted = w, "usage batch flushed");
+                    // A full batch from the pending list: read the list again.
+                    own_pending = writing_pending && n_writing >= self.cfg.batch_rows;
                 }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, entries = n_writing, "usage batch failed; will retry");
+                    own_pending = true;
+                    write_failed = true;
+                }
+                None => {}
             }
-            let n = batch.len();
-            let mut failed = read_failed || !groups_ready;
-            if n > 0 {
-                match self.write_and_ack(batch).await {
-                    Ok(w) => {
-                        tracing::debug!(entries = n, inserted = w, "usage batch flushed");
+            let mut failed = write_failed || !groups_ready;
+            match read {
+                // After a failed write the batch read alongside stays in this
+                // consumer's pending list and is read again from there.
+                Some(Ok(batch)) if !write_failed => {
+                    if read_pending && batch.is_empty() {
                         own_pending = false;
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, entries = n, "usage batch failed; will retry");
-                        own_pending = true;
-                        failed = true;
-                    }
+                    carried = batch;
+                    carried_pending = read_pending;
                 }
+                Some(Ok(_)) | None => {}
+                Some(Err(())) => failed = true,
             }
-            if stopping && (failed || (n == 0 && !own_pending)) {
+            if stopping && carried.is_empty() && (failed || (read_now && !own_pending)) {
                 break;
             }
             backoff = if failed {
@@ -274,7 +331,7 @@ impl Flusher {
             } else {
                 self.cfg.interval
             };
-            if n >= self.cfg.batch_rows && !failed {
+            if !failed && !carried.is_empty() {
                 continue;
             }
             if stopping && !failed {

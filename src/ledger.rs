@@ -195,14 +195,30 @@ return {0, 0}
 ";
 
 const ACK: &str = r"
--- KEYS: stream, pend keys... ARGV: group, then (entry_id, rid, pend_key_index) triples
+-- KEYS: stream, then pend keys. ARGV: group, n, n entry ids, then for each pend key in
+-- KEYS order: count, request ids. Variadic commands in chunks (Lua's unpack limit):
+-- three commands per thousand entries instead of three per entry.
+local n = tonumber(ARGV[2])
 local acked = 0
-for i = 2, #ARGV, 3 do
-  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
-    redis.call('XDEL', KEYS[1], ARGV[i])
-    redis.call('HDEL', KEYS[tonumber(ARGV[i + 2])], ARGV[i + 1])
-    acked = acked + 1
+local i = 3
+while i < 3 + n do
+  local j = math.min(i + 999, 2 + n)
+  acked = acked + redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, i, j))
+  redis.call('XDEL', KEYS[1], unpack(ARGV, i, j))
+  i = j + 1
+end
+local k = 2
+while i <= #ARGV do
+  local c = tonumber(ARGV[i])
+  local s = i + 1
+  local last = i + c
+  while s <= last do
+    local e = math.min(s + 999, last)
+    redis.call('HDEL', KEYS[k], unpack(ARGV, s, e))
+    s = e + 1
   end
+  i = last + 1
+  k = k + 1
 end
 return acked
 ";
@@ -582,8 +598,9 @@ impl Ledger {
         Err(LedgerError::Contended)
     }
 
-    /// Acknowledges flushed entries of one bucket's stream: XACK + XDEL, and drops
-    /// their pending charges. `entries` are (stream entry id, request id, user id).
+    /// Acknowledges and deletes flushed stream entries of one bucket and forgets their
+    /// pending charges (PostgreSQL holds them now). `entries` are (entry id, request
+    /// id, user id); an entry without a readable event has an empty request id.
     pub async fn ack(
         &self,
         bucket: u32,
@@ -593,23 +610,25 @@ impl Ledger {
         if entries.is_empty() {
             return Ok(0);
         }
-        let mut inv = self.ack.prepare_invoke();
-        inv.key(self.stream_key(bucket));
-        let mut pend_index: std::collections::HashMap<&str, usize> =
-            std::collections::HashMap::new();
-        let mut next = 2usize;
-        for (_, _, user) in entries {
-            if !pend_index.contains_key(user.as_str()) {
-                inv.key(self.pend_key(bucket, user));
-                pend_index.insert(user.as_str(), next);
-                next += 1;
+        let mut by_user: std::collections::BTreeMap<&str, Vec<&str>> =
+            std::collections::BTreeMap::new();
+        for (_, rid, user) in entries {
+            if !rid.is_empty() {
+                by_user.entry(user.as_str()).or_default().push(rid.as_str());
             }
         }
-        inv.arg(group);
-        for (entry, rid, user) in entries {
-            inv.arg(entry.as_str())
-                .arg(rid.as_str())
-                .arg(pend_index.get(user.as_str()).copied().unwrap_or(2));
+        let mut inv = self.ack.prepare_invoke();
+        inv.key(self.stream_key(bucket));
+        inv.arg(group).arg(entries.len());
+        for (entry, _, _) in entries {
+            inv.arg(entry.as_str());
+        }
+        for (user, rids) in &by_user {
+            inv.key(self.pend_key(bucket, user));
+            inv.arg(rids.len());
+            for rid in rids {
+                inv.arg(*rid);
+            }
         }
         inv.invoke_async(&mut self.conn.clone()).await
     }

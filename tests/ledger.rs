@@ -427,3 +427,93 @@ async fn a_cancelled_reserve_leaves_no_hold() {
         "no hold outlives its caller"
     );
 }
+
+#[tokio::test]
+async fn the_flusher_drains_many_batches_once_and_leaves_nothing_pending() {
+    let env = TestEnv::new().await;
+    let (ledger, db, user) = setup(&env, 1_000_000).await;
+    ledger.load(&db, &user).await.unwrap();
+    // A few more users so the events spread over several buckets.
+    let c = env.db().await;
+    let mut users = vec![user];
+    for _ in 0..5 {
+        let u: Uuid = c
+            .query_one(
+                "INSERT INTO users (email) VALUES ($1) RETURNING id",
+                &[&format!("{}@l.test", Uuid::new_v4())],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        c.execute(
+            "INSERT INTO credits (user_id, total_credits, billing_period_start, billing_period_end)
+             VALUES ($1, 1000000, now(), now() + interval '30 days')",
+            &[&u],
+        )
+        .await
+        .unwrap();
+        ledger.load(&db, &u).await.unwrap();
+        users.push(u);
+    }
+    // Batches of 7 per bucket: the flusher reads the next batch while writing one.
+    let mut want: std::collections::HashMap<Uuid, i64> = Default::default();
+    for i in 0..600i64 {
+        let u = users[(i as usize) % users.len()];
+        let e = charge(&ledger, u, 1 + i % 5).await;
+        *want.entry(u).or_default() += e.credits_used;
+    }
+    let cfg = tollgate::config::FlushConfig {
+        batch_rows: 7,
+        writers: 3,
+        interval: std::time::Duration::from_millis(20),
+        claim_idle: std::time::Duration::from_secs(30),
+        consumer_group: "usage-flush".into(),
+    };
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let flusher =
+        tokio::spawn(tollgate::flush::Flusher::new(ledger.clone(), db.clone(), cfg).run(rx));
+    let rows = env
+        .wait_for_count(
+            "SELECT count(*) FROM usage_history",
+            600,
+            std::time::Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(rows, 600);
+    stop.send(true).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), flusher)
+        .await
+        .expect("the flusher stops after draining")
+        .unwrap();
+    for (u, total) in &want {
+        let used: i32 = c
+            .query_one("SELECT used_credits FROM credits WHERE user_id = $1", &[u])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(i64::from(used), *total, "used_credits of {u}");
+    }
+    // Everything acknowledged: no stream entry, no pending entry, no unflushed charge.
+    let mut r = env.redis().await;
+    for u in &users {
+        let k = ledger.keys(u);
+        let pend: i64 = redis::cmd("HLEN")
+            .arg(&k.pend)
+            .query_async(&mut r)
+            .await
+            .unwrap();
+        assert_eq!(pend, 0, "unflushed charges left for {u}");
+    }
+    for b in 0..ledger.buckets() {
+        let len: i64 = redis::cmd("XLEN")
+            .arg(ledger.stream_key(b))
+            .query_async(&mut r)
+            .await
+            .unwrap();
+        assert_eq!(len, 0, "entries left in bucket {b}");
+    }
+    assert_eq!(
+        ledger.balance(&user).await.unwrap().unwrap(),
+        1_000_000 - want[&user]
+    );
+}
