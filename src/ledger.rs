@@ -288,6 +288,17 @@ pub struct HoldRequest {
     pub ttl_ms: u64,
 }
 
+/// A user's live account (see [`Ledger::account`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Account {
+    /// Spendable now: granted − charged − held.
+    pub balance: i64,
+    /// Held by requests in flight.
+    pub held: i64,
+    /// Total of the credit rows the balance reflects.
+    pub granted: i64,
+}
+
 /// Redis keys of one user.
 pub struct UserKeys {
     pub acct: String,
@@ -515,6 +526,42 @@ impl Ledger {
             .arg("bal")
             .query_async(&mut self.conn.clone())
             .await
+    }
+
+    /// The live account of a user, read atomically: (spendable balance, credits held
+    /// by requests in flight, granted credits the balance reflects), or `None` when the
+    /// balance is not loaded.
+    pub async fn account(&self, user: &Uuid) -> Result<Option<Account>, redis::RedisError> {
+        let k = self.keys(user);
+        type Fields = Vec<(String, String)>;
+        let (acct, cred): (Fields, Fields) = redis::pipe()
+            .atomic()
+            .cmd("HGETALL")
+            .arg(&k.acct)
+            .cmd("HGETALL")
+            .arg(&k.cred)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        let mut balance = None;
+        let mut held = 0i64;
+        for (f, v) in &acct {
+            if f == "bal" {
+                balance = v.parse::<i64>().ok();
+            } else if let Some(amount) = f
+                .strip_prefix("h:")
+                .and_then(|_| v.split(':').next())
+                .and_then(|a| a.parse::<i64>().ok())
+            {
+                held = held.saturating_add(amount);
+            }
+        }
+        Ok(balance.map(|balance| Account {
+            balance,
+            held,
+            granted: cred.iter().fold(0i64, |t, (_, v)| {
+                t.saturating_add(v.parse::<i64>().unwrap_or(0))
+            }),
+        }))
     }
 
     /// Loads the balance from PostgreSQL (current credit rows: total − used) minus the

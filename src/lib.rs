@@ -4,6 +4,7 @@
 //! module doc of [`router`].
 #![forbid(unsafe_code)]
 
+pub mod account;
 pub mod authenticate;
 pub mod cli;
 pub mod config;

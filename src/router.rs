@@ -50,6 +50,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
+        .route("/v1/users/me", get(crate::account::me))
+        .route(
+            "/v1/users/me/preferences",
+            get(crate::account::get_preferences).put(crate::account::put_preferences),
+        )
+        .route("/v1/credits", get(crate::account::credits))
+        .route("/v1/usage", get(crate::account::usage))
         .route("/health", get(crate::ops::health))
         .route("/livez", get(crate::ops::livez))
         .route("/readyz", get(crate::ops::readyz))
