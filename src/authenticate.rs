@@ -25,7 +25,7 @@ use crate::config::AuthConfig;
 use crate::error::ApiError;
 
 /// Routes reachable without a token; everything else requires one.
-pub const UNAUTHENTICATED_ROUTES: &[&str] = &["/health", "/livez", "/readyz"];
+pub const UNAUTHENTICATED_ROUTES: &[&str] = &["/health", "/livez", "/readyz", "/metrics"];
 
 /// The claims of an access token (RFC 9068).
 #[derive(Debug, Clone, Serialize, Deserialize)]

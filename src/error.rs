@@ -207,6 +207,7 @@ pub fn error_body(
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        metrics::counter!("tollgate_errors_total", "error" => self.label()).increment(1);
         let status = self.status_code();
         let body = match &self {
             // The provider's own OpenAI-shaped body is passed on when it is one.

@@ -299,11 +299,13 @@ impl Flusher {
             match written {
                 Some(Ok(w)) => {
                     tracing::debug!(entries = n_writing, inserted = w, "usage batch flushed");
+                    metrics::counter!("tollgate_usage_rows_flushed_total").increment(w as u64);
                     // A full batch from the pending list: read the list again.
                     own_pending = writing_pending && n_writing >= self.cfg.batch_rows;
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, entries = n_writing, "usage batch failed; will retry");
+                    metrics::counter!("tollgate_flush_failures_total").increment(1);
                     own_pending = true;
                     write_failed = true;
                 }

@@ -680,6 +680,16 @@ impl Ledger {
         inv.invoke_async(&mut self.conn.clone()).await
     }
 
+    /// Usage events waiting in the streams (all buckets), for `/metrics`.
+    pub async fn backlog(&self) -> Result<i64, redis::RedisError> {
+        let mut pipe = redis::pipe();
+        for b in 0..self.buckets {
+            pipe.cmd("XLEN").arg(self.stream_key(b));
+        }
+        let lens: Vec<i64> = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(lens.iter().sum())
+    }
+
     pub async fn ping(&self) -> Result<(), redis::RedisError> {
         let _: String = redis::cmd("PING")
             .query_async(&mut self.conn.clone())

@@ -22,3 +22,4 @@ pub mod server;
 pub mod settle;
 pub mod state;
 pub mod stream_back;
+pub mod telemetry;

@@ -59,6 +59,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/usage", get(crate::account::usage))
         .route("/health", get(crate::ops::health))
         .route("/livez", get(crate::ops::livez))
+        .route("/metrics", get(crate::telemetry::render))
         .route("/readyz", get(crate::ops::readyz))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -66,6 +67,7 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             authenticate,
         ))
+        .layer(axum::middleware::from_fn(crate::telemetry::track))
         .layer(axum::middleware::from_fn(request_id))
         .with_state(state)
 }
@@ -200,7 +202,17 @@ impl Admitted {
             ApiError::Unavailable {
                 message: "the usage of this request could not be recorded; retry shortly".into(),
             }
-        })
+        })?;
+        let model = self.model.id.clone();
+        metrics::counter!("tollgate_requests_settled_total", "model" => model.clone(), "operation" => event.operation)
+            .increment(1);
+        metrics::counter!("tollgate_credits_charged_total", "model" => model.clone())
+            .increment(u64::try_from(event.credits_used).unwrap_or(0));
+        metrics::counter!("tollgate_tokens_total", "model" => model.clone(), "kind" => "input")
+            .increment(u64::try_from(event.input_tokens).unwrap_or(0));
+        metrics::counter!("tollgate_tokens_total", "model" => model, "kind" => "output")
+            .increment(u64::try_from(event.output_tokens).unwrap_or(0));
+        Ok(())
     }
 
     /// Usage when the provider reported none, marked as estimated: the prompt at four

@@ -86,6 +86,7 @@ pub async fn run(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), BoxError> {
+    crate::telemetry::install();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let background = TaskTracker::new();
 

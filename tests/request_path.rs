@@ -608,3 +608,84 @@ async fn a_grant_that_missed_redis_is_applied_once_by_sync() {
         .await;
     assert_eq!(status, 200);
 }
+
+/// The value of the Prometheus sample `name{labels}` (labels in the exporter's order).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_count_requests_errors_and_charges_without_naming_users() {
+    let env = TestEnv::new().await;
+    let mock = env.mock(&[]).await;
+    let gw = env.gateway(&mock).await;
+    let (user, token) = env.user(1000).await;
+    let mut charged = 0.0;
+    for _ in 0..2 {
+        let (s, _, b) = env
+            .chat(
+                &gw,
+                &token,
+                json!({"model": "gpt-5", "messages": [{"role": "user", "content": "Hi"}]}),
+            )
+            .await;
+        assert_eq!(s, 200);
+        let total = json(&b)["usage"]["total_tokens"].as_i64().unwrap();
+        charged += ((total * 2 + 999) / 1000) as f64;
+    }
+    let (s, _, _) = env
+        .chat(
+            &gw,
+            &token,
+            json!({"model": "no-such-model", "messages": [{"role": "user", "content": "Hi"}]}),
+        )
+        .await;
+    assert_eq!(s, 404);
+    let (s, _, _) = env.request("GET", &gw.url("/v1/models"), None, None).await;
+    assert_eq!(s, 401);
+
+    let (s, h, body) = env.request("GET", &gw.url("/metrics"), None, None).await;
+    assert_eq!(s, 200, "/metrics needs no token");
+    assert!(h["content-type"].starts_with("text/plain"));
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    assert_eq!(
+        sample(
+            &text,
+            r#"tollgate_http_requests_total{route="/v1/chat/completions",method="POST",status="200"}"#
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"tollgate_http_requests_total{route="/v1/chat/completions",method="POST",status="404"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, r#"tollgate_errors_total{error="model_not_found"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, r#"tollgate_errors_total{error="unauthenticated"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, r#"tollgate_credits_charged_total{model="gpt-5"}"#),
+        Some(charged)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"tollgate_requests_settled_total{model="gpt-5",operation="chat"}"#
+        ),
+        Some(2.0)
+    );
+    assert!(sample(&text, "tollgate_usage_backlog_entries").is_some());
+    assert!(text.contains("tollgate_http_request_duration_seconds_bucket"));
+    assert!(!text.contains(&user.to_string()), "no user id in metrics");
+    assert!(!text.contains(&token[..20]), "no token in metrics");
+}
