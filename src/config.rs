@@ -28,6 +28,7 @@ pub struct RawConfig {
     pub metering: RawMetering,
     pub flush: RawFlush,
     pub models: RawModels,
+    pub rate_limits: RawRateLimits,
     pub providers: BTreeMap<String, RawProvider>,
 }
 
@@ -97,6 +98,34 @@ pub struct RawModels {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct RawRateLimits {
+    pub tier_cache_ms: u64,
+    pub free: RawTierLimit,
+    pub pro: RawTierLimit,
+    pub enterprise: RawTierLimit,
+}
+
+/// Per-minute limits of one subscription tier; 0 means no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTierLimit {
+    pub requests_per_minute: u32,
+    pub tokens_per_minute: u32,
+}
+
+impl Default for RawRateLimits {
+    fn default() -> Self {
+        RawRateLimits {
+            tier_cache_ms: 60_000,
+            free: RawTierLimit::default(),
+            pro: RawTierLimit::default(),
+            enterprise: RawTierLimit::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RawProvider {
     pub base_url: String,
     pub api_key_env: String,
@@ -136,6 +165,7 @@ impl Default for RawConfig {
             metering: RawMetering::default(),
             flush: RawFlush::default(),
             models: RawModels::default(),
+            rate_limits: RawRateLimits::default(),
             providers,
         }
     }
@@ -301,7 +331,16 @@ pub struct Config {
     pub metering: MeteringConfig,
     pub flush: FlushConfig,
     pub models_refresh: Duration,
+    pub rate_limits: RateLimitConfig,
     pub providers: BTreeMap<String, ProviderConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RateLimitConfig {
+    /// How long a user's subscription tier is remembered.
+    pub tier_cache: Duration,
+    /// Tier name → its per-minute limits (0 = none).
+    pub tiers: BTreeMap<String, RawTierLimit>,
 }
 
 #[derive(Debug, Clone)]
@@ -498,6 +537,20 @@ impl RawConfig {
                 consumer_group: self.flush.consumer_group,
             },
             models_refresh: Duration::from_millis(self.models.refresh_ms),
+            rate_limits: RateLimitConfig {
+                tier_cache: Duration::from_millis(positive(
+                    "rate_limits.tier_cache_ms",
+                    self.rate_limits.tier_cache_ms,
+                )?),
+                tiers: [
+                    ("free", self.rate_limits.free),
+                    ("pro", self.rate_limits.pro),
+                    ("enterprise", self.rate_limits.enterprise),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
+            },
             providers,
         })
     }
@@ -570,5 +623,18 @@ mod tests {
     fn bad_listen_is_named() {
         let e = load_str("[server]\nlisten = \"localhost\"\n").unwrap_err();
         assert!(e.to_string().contains("server.listen"), "{e}");
+    }
+
+    #[test]
+    fn rate_limit_keys_are_validated_and_named() {
+        let e = load_str("[rate_limits]\ntier_cache_ms = 0\n").unwrap_err();
+        assert!(e.to_string().contains("rate_limits.tier_cache_ms"), "{e}");
+        let e = load_str("[rate_limits.gold]\nrequests_per_minute = 1\n").unwrap_err();
+        assert!(e.to_string().contains("gold"), "{e}");
+        let e = load_str("[rate_limits.pro]\nrequests_per_minute = -1\n").unwrap_err();
+        assert!(e.to_string().contains("requests_per_minute"), "{e}");
+        let c = load_str("[rate_limits.pro]\ntokens_per_minute = 90000\n").unwrap();
+        assert_eq!(c.rate_limits.tiers["pro"].tokens_per_minute, 90000);
+        assert_eq!(c.rate_limits.tiers["free"].tokens_per_minute, 0);
     }
 }

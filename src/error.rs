@@ -24,6 +24,12 @@ pub enum ApiError {
     NotFound,
     MethodNotAllowed,
     InsufficientQuota,
+    /// A per-minute limit of the user's tier; `retry_after` is `None` when the request
+    /// is larger than the whole limit (it can never pass).
+    RateLimited {
+        message: String,
+        retry_after: Option<u64>,
+    },
     /// The provider of this model is not wired yet.
     ProviderNotImplemented {
         provider: String,
@@ -58,7 +64,9 @@ impl ApiError {
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::ModelNotFound { .. } | ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::InsufficientQuota => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::InsufficientQuota | ApiError::RateLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::ProviderNotImplemented { .. } => StatusCode::NOT_IMPLEMENTED,
             ApiError::Upstream { status, .. } => *status,
             ApiError::BadGateway { .. } => StatusCode::BAD_GATEWAY,
@@ -78,6 +86,7 @@ impl ApiError {
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::InsufficientQuota => "insufficient_quota",
+            ApiError::RateLimited { .. } => "rate_limited",
             ApiError::ProviderNotImplemented { .. } => "provider_not_implemented",
             ApiError::Upstream { .. } => "upstream_status",
             ApiError::BadGateway { .. } => "bad_gateway",
@@ -162,6 +171,12 @@ impl ApiError {
                 None,
                 Some("insufficient_quota"),
             ),
+            ApiError::RateLimited { message, .. } => (
+                message.clone(),
+                "requests",
+                None,
+                Some("rate_limit_exceeded"),
+            ),
             ApiError::ProviderNotImplemented { provider } => (
                 format!("models of provider `{provider}` are not served yet"),
                 "invalid_request_error",
@@ -238,8 +253,19 @@ impl IntoResponse for ApiError {
                 };
                 h.insert(header::WWW_AUTHENTICATE, v);
             }
-            ApiError::InsufficientQuota => {
+            ApiError::InsufficientQuota
+            | ApiError::RateLimited {
+                retry_after: None, ..
+            } => {
                 h.insert("x-should-retry", HeaderValue::from_static("false"));
+            }
+            ApiError::RateLimited {
+                retry_after: Some(secs),
+                ..
+            } => {
+                if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                    h.insert(header::RETRY_AFTER, v);
+                }
             }
             ApiError::UpstreamBusy { retry_after } => {
                 h.insert(

@@ -16,6 +16,7 @@ pub mod ledger;
 pub mod mock_provider;
 pub mod ops;
 pub mod parse;
+pub mod rate_limit;
 pub mod route;
 pub mod router;
 pub mod server;

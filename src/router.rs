@@ -5,6 +5,8 @@
 //!    (UUIDv7) is assigned and returned as `x-request-id` on every response.
 //! 2. [`authenticate`](crate::authenticate) — verify the bearer JWT locally (every route
 //!    except [`UNAUTHENTICATED_ROUTES`]).
+//!    Then [`rate_limit`](crate::rate_limit) — per-user requests and tokens per minute by
+//!    tier, in memory (checked once the request is parsed, before anything is held).
 //! 3. [`parse`](crate::parse) — read `model`, `stream`, token limits and a prompt bound.
 //! 4. [`route`](crate::route) — model → provider and price, from memory.
 //! 5. [`reserve`](crate::ledger::Ledger::reserve) — one Lua call holds an upper bound of
@@ -300,6 +302,15 @@ async fn chat_completions(
     let want = chat
         .max_tokens
         .map_or(model.output_cap(), |m| m.min(model.output_cap()));
+    let allowance = state
+        .rate_limits
+        .check(
+            &state.db,
+            &principal.user_id,
+            chat.prompt_tokens_bound
+                .saturating_add(want.saturating_mul(chat.choices.max(1))),
+        )
+        .await?;
     let (hold, max_tokens) = reserve(&state, &principal.user_id, &rid, &model, &chat, want).await?;
     let adm = Admitted {
         state: state.clone(),
@@ -330,7 +341,9 @@ async fn chat_completions(
             forward_json(adm, upstream_body).await
         }
     });
-    handle.await.map_err(ApiError::internal)?
+    let mut resp = handle.await.map_err(ApiError::internal)??;
+    allowance.write_headers(resp.headers_mut());
+    Ok(resp)
 }
 
 /// Sends the request upstream; a failure or a non-2xx answer releases the hold.

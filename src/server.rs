@@ -62,6 +62,7 @@ pub async fn build_state(cfg: Config) -> Result<AppState, BoxError> {
     let auth = Authenticator::from_config(&cfg.auth)?;
     let upstream = Upstream::new(&cfg.providers)?;
     let models = Models::default();
+    let rate_limits = crate::rate_limit::RateLimits::new(&cfg.rate_limits);
     match models.refresh(&db).await {
         Ok(n) => tracing::info!(models = n, "model table loaded"),
         Err(e) => {
@@ -75,6 +76,7 @@ pub async fn build_state(cfg: Config) -> Result<AppState, BoxError> {
         auth,
         models,
         upstream,
+        rate_limits,
         draining: AtomicBool::new(false),
         tasks: TaskTracker::new(),
     })))
@@ -105,6 +107,7 @@ pub async fn run(
                 if let Err(e) = state.models.refresh(&state.db).await {
                     tracing::warn!(error = %e, "model refresh failed");
                 }
+                state.rate_limits.housekeeping();
                 if tokio::time::Instant::now() >= partitions_at {
                     match state.db.get().await {
                         Ok(c) => match crate::db::ensure_partitions(

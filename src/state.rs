@@ -20,6 +20,7 @@ pub struct Inner {
     pub auth: Authenticator,
     pub models: Models,
     pub upstream: Upstream,
+    pub rate_limits: crate::rate_limit::RateLimits,
     /// Set on SIGTERM: `/readyz` answers 503 while in-flight requests finish.
     pub draining: AtomicBool,
     /// Request tails (streams draining, settles) that shutdown must wait for.
