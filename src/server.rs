@@ -68,6 +68,8 @@ pub async fn build_state(cfg: Config) -> Result<AppState, BoxError> {
             tracing::warn!(error = %e, "model table not loaded yet; retrying in the background")
         }
     }
+    let preferences = crate::preferences::PreferenceCache::new(&cfg.preferences);
+    let drains = tokio::sync::Semaphore::new(cfg.disconnect_drains as usize);
     Ok(AppState(Arc::new(Inner {
         cfg,
         db,
@@ -75,6 +77,8 @@ pub async fn build_state(cfg: Config) -> Result<AppState, BoxError> {
         auth,
         models,
         upstream,
+        preferences,
+        drains,
         draining: AtomicBool::new(false),
         tasks: TaskTracker::new(),
     })))
