@@ -725,4 +725,70 @@ mod tests {
         let e = load_str("[server]\nlisten = \"localhost\"\n").unwrap_err();
         assert!(e.to_string().contains("server.listen"), "{e}");
     }
+
+    #[test]
+    fn deployments_replace_the_single_form_and_inherit_the_key() {
+        let c = load_str(
+            "[providers.openai]\nmax_attempts = 0\ndeployments = [\n  { base_url = \"http://a.example/v1/\", api_key_env = \"KEY_A\", weight = 3 },\n  { base_url = \"https://b.example/v1\" },\n  { base_url = \"https://c.example/v1\", weight = 0 },\n]\n",
+        )
+        .unwrap();
+        let p = &c.providers["openai"];
+        let d: Vec<_> = p
+            .deployments
+            .iter()
+            .map(|d| (d.base_url.as_str(), d.api_key_env.as_str(), d.weight))
+            .collect();
+        assert_eq!(
+            d,
+            [
+                ("http://a.example/v1", "KEY_A", 3),
+                ("https://b.example/v1", "OPENAI_API_KEY", 1),
+                ("https://c.example/v1", "OPENAI_API_KEY", 0),
+            ]
+        );
+        assert_eq!(p.max_attempts, 3, "0 means one attempt per deployment");
+        let single = &c.providers["google"];
+        assert_eq!(single.deployments.len(), 1);
+        assert_eq!(single.max_attempts, 1);
+        assert_eq!(single.deployments[0].api_key_env, "GEMINI_API_KEY");
+    }
+
+    #[test]
+    fn bad_deployments_and_retry_settings_are_named() {
+        for (toml, key) in [
+            (
+                "[providers.openai]\ndeployments = [{ base_url = \"https://ok\" }, { base_url = \"ftp://x\" }]\n",
+                "providers.openai.deployments[1].base_url",
+            ),
+            (
+                "[providers.openai]\ndeployments = [{ base_url = \"https://ok\", wieght = 2 }]\n",
+                "wieght",
+            ),
+            (
+                "[providers.openai]\ndeployments = [{ api_key_env = \"K\" }]\n",
+                "base_url",
+            ),
+            (
+                "[providers.openai]\nbackoff_base_ms = 500\nbackoff_max_ms = 100\n",
+                "providers.openai.backoff_max_ms",
+            ),
+            (
+                "[providers.anthropic]\nbreaker_failures = 0\n",
+                "providers.anthropic.breaker_failures",
+            ),
+            (
+                "[providers.google]\nfirst_byte_timeout_ms = 0\n",
+                "providers.google.first_byte_timeout_ms",
+            ),
+            (
+                "[providers.openai]\nmax_attempts = 50\n",
+                "providers.openai.max_attempts",
+            ),
+            ("[preferences]\ncache_ttl_ms = 0\n", "preferences.cache_ttl_ms"),
+            ("[server]\ndisconnect_drains = -1\n", "disconnect_drains"),
+        ] {
+            let e = load_str(toml).unwrap_err();
+            assert!(e.to_string().contains(key), "{toml}: {e}");
+        }
+    }
 }

@@ -1,7 +1,8 @@
-//! Stage 6, forward: send the request to the model's provider over pooled keep-alive
-//! connections (TCP_NODELAY, rustls for https). The client's own `Authorization` and
-//! cookies are never forwarded; the provider key comes from the environment variable
-//! named in config.
+//! Stage 6, forward: send the request to one of the model's provider's deployments
+//! (chosen, retried and failed over in [`crate::deploy`]) over pooled keep-alive
+//! connections (TCP_NODELAY, rustls for https). The upstream request is built afresh:
+//! the client's own `Authorization`, cookies and other headers are never forwarded;
+//! each deployment's key comes from the environment variable named in config.
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -589,7 +589,10 @@ impl MockProvider {
         );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         if cut_after.is_some() {
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("100000000"));
+            headers.insert(
+                header::CONTENT_LENGTH,
+                HeaderValue::from_static("100000000"),
+            );
         }
         insert_request_id(headers);
         resp

@@ -454,6 +454,59 @@ mod tests {
         assert!(rewrite_body(b, &r, "gpt-5", None).unwrap().is_none());
     }
 
+    #[test]
+    fn preference_edits_are_spliced_when_the_keys_are_absent() {
+        let b = br#"{"messages":[{"role":"user","content":"hi"}]}"#;
+        let r = parse_chat_lenient(b, 0).unwrap();
+        assert!(r.model.is_empty() && !r.model_in_body && !r.has_temperature);
+        assert!(
+            parse_chat(b, 0).is_err(),
+            "strict parse still wants a model"
+        );
+        let mut r = r;
+        r.model = "gpt-5".into();
+        let edits = Edits {
+            max_tokens: Some(77),
+            temperature: Some(0.25),
+        };
+        let out = rewrite_body_with(b, &r, "gpt-5-2025", edits)
+            .unwrap()
+            .unwrap();
+        let s = std::str::from_utf8(&out).unwrap();
+        assert!(
+            s.starts_with(
+                r#"{"max_completion_tokens":77,"temperature":0.25,"model":"gpt-5-2025","messages""#
+            ),
+            "{s}"
+        );
+        serde_json::from_slice::<serde_json::Value>(&out).unwrap();
+    }
+
+    #[test]
+    fn a_temperature_in_the_body_wins_and_null_keys_are_rewritten() {
+        let b = br#"{"model":"gpt-5","temperature":1,"messages":[{"role":"user","content":"hi"}]}"#;
+        let r = parse_chat(b, 0).unwrap();
+        assert!(r.has_temperature);
+        let edits = Edits {
+            max_tokens: None,
+            temperature: Some(0.25),
+        };
+        assert!(rewrite_body_with(b, &r, "gpt-5", edits).unwrap().is_none());
+        let b = br#"{"model":null,"temperature":null,"messages":[{"role":"user","content":"hi"}]}"#;
+        let mut r = parse_chat_lenient(b, 0).unwrap();
+        assert!(!r.has_temperature && !r.model_in_body);
+        r.model = "gpt-5".into();
+        let out = rewrite_body_with(b, &r, "gpt-5", edits).unwrap().unwrap();
+        let s = std::str::from_utf8(&out).unwrap();
+        assert_eq!(s.matches("temperature").count(), 1, "{s}");
+        assert_eq!(s.matches("\"model\"").count(), 1, "{s}");
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            (v["model"].as_str(), v["temperature"].as_f64()),
+            (Some("gpt-5"), Some(0.25))
+        );
+    }
+
     proptest! {
         /// The bound never undercounts: it is at least the bytes of every text.
         #[test]
