@@ -268,7 +268,7 @@ impl Default for RawProvider {
             api_key_env: String::new(),
             deployments: Vec::new(),
             connect_timeout_ms: 5_000,
-            first_byte_timeout_ms: 60_000,
+            first_byte_timeout_ms: 120_000,
             idle_timeout_ms: 120_000,
             max_attempts: 0,
             backoff_base_ms: 100,
