@@ -617,3 +617,30 @@ async fn preferences_fill_in_the_model_max_tokens_and_temperature() {
     }
     assert_eq!(seen, 55);
 }
+
+#[tokio::test]
+async fn with_every_circuit_open_requests_fail_fast_and_charge_nothing() {
+    let env = TestEnv::new().await;
+    let broken = env.mock(&["--fail-status", "500"]).await;
+    let gw = env
+        .gateway_with(
+            &broken,
+            &[
+                ("TOLLGATE__PROVIDERS__OPENAI__BREAKER_FAILURES", "1"),
+                ("TOLLGATE__PROVIDERS__OPENAI__BREAKER_OPEN_MS", "60000"),
+            ],
+        )
+        .await;
+    let (user, token) = env.user(100).await;
+    let (status, _, body) = env.chat(&gw, &token, small(false)).await;
+    assert_eq!(status, 502, "{}", String::from_utf8_lossy(&body));
+    let (status, _, body) = env.chat(&gw, &token, small(true)).await;
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(openai_error(&body)["code"], "service_unavailable");
+    assert_eq!(
+        stats(&env, &broken).await["requests"],
+        1,
+        "the open circuit sent nothing"
+    );
+    assert_eq!(env.redis_balance(&user).await, Some(100));
+}
