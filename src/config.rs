@@ -29,6 +29,7 @@ pub struct RawConfig {
     pub flush: RawFlush,
     pub models: RawModels,
     pub rate_limits: RawRateLimits,
+    pub preferences: RawPreferences,
     pub providers: BTreeMap<String, RawProvider>,
 }
 
@@ -41,6 +42,7 @@ pub struct RawServer {
     pub shutdown_grace_ms: u64,
     pub shutdown_delay_ms: u64,
     pub disconnect_drain_ms: u64,
+    pub disconnect_drains: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -126,11 +128,42 @@ impl Default for RawRateLimits {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct RawPreferences {
+    pub cache_ttl_ms: u64,
+    pub cache_entries: usize,
+    pub load_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RawProvider {
     pub base_url: String,
     pub api_key_env: String,
+    pub deployments: Vec<RawDeployment>,
     pub connect_timeout_ms: u64,
+    pub first_byte_timeout_ms: u64,
     pub idle_timeout_ms: u64,
+    pub max_attempts: u32,
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+    pub retry_after_max_ms: u64,
+    pub breaker_failures: u32,
+    pub breaker_open_ms: u64,
+}
+
+/// One deployment of a provider: `api_key_env` empty means the provider's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDeployment {
+    pub base_url: String,
+    #[serde(default)]
+    pub api_key_env: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
 }
 
 impl Default for RawConfig {
@@ -138,8 +171,7 @@ impl Default for RawConfig {
         let provider = |base_url: &str, key: &str| RawProvider {
             base_url: base_url.to_owned(),
             api_key_env: key.to_owned(),
-            connect_timeout_ms: 5_000,
-            idle_timeout_ms: 120_000,
+            ..RawProvider::default()
         };
         let mut providers = BTreeMap::new();
         providers.insert(
@@ -166,6 +198,7 @@ impl Default for RawConfig {
             flush: RawFlush::default(),
             models: RawModels::default(),
             rate_limits: RawRateLimits::default(),
+            preferences: RawPreferences::default(),
             providers,
         }
     }
@@ -180,6 +213,7 @@ impl Default for RawServer {
             shutdown_grace_ms: 10_000,
             shutdown_delay_ms: 0,
             disconnect_drain_ms: 30_000,
+            disconnect_drains: 256,
         }
     }
 }
@@ -247,13 +281,31 @@ impl Default for RawModels {
     }
 }
 
+impl Default for RawPreferences {
+    fn default() -> Self {
+        RawPreferences {
+            cache_ttl_ms: 10_000,
+            cache_entries: 100_000,
+            load_timeout_ms: 250,
+        }
+    }
+}
+
 impl Default for RawProvider {
     fn default() -> Self {
         RawProvider {
             base_url: String::new(),
             api_key_env: String::new(),
+            deployments: Vec::new(),
             connect_timeout_ms: 5_000,
+            first_byte_timeout_ms: 120_000,
             idle_timeout_ms: 120_000,
+            max_attempts: 0,
+            backoff_base_ms: 100,
+            backoff_max_ms: 2_000,
+            retry_after_max_ms: 10_000,
+            breaker_failures: 5,
+            breaker_open_ms: 30_000,
         }
     }
 }
@@ -325,6 +377,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub shutdown_delay: Duration,
     pub disconnect_drain: Duration,
+    /// Disconnected streams read on at once; beyond that they stop at once (estimated).
+    pub disconnect_drains: u32,
     pub database: DatabaseConfig,
     pub redis: RedisConfig,
     pub auth: AuthConfig,
@@ -332,6 +386,7 @@ pub struct Config {
     pub flush: FlushConfig,
     pub models_refresh: Duration,
     pub rate_limits: RateLimitConfig,
+    pub preferences: PreferencesConfig,
     pub providers: BTreeMap<String, ProviderConfig>,
 }
 
@@ -341,6 +396,15 @@ pub struct RateLimitConfig {
     pub tier_cache: Duration,
     /// Tier name → its per-minute limits (0 = none).
     pub tiers: BTreeMap<String, RawTierLimit>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PreferencesConfig {
+    /// A cached row is used this long before it is reloaded (in the background).
+    pub cache_ttl: Duration,
+    pub cache_entries: usize,
+    /// Longest wait for a user's first load; past it the request goes on without.
+    pub load_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -389,13 +453,48 @@ pub struct FlushConfig {
 #[derive(Debug, Clone)]
 pub struct ProviderConfig {
     pub name: String,
+    /// At least one; `providers.<name>.base_url` and `.api_key_env` when
+    /// `deployments` is empty.
+    pub deployments: Vec<DeploymentConfig>,
+    pub connect_timeout: Duration,
+    /// Longest wait for the answer to start (headers, and a stream's first chunk).
+    pub first_byte_timeout: Duration,
+    /// Longest silence: before the answer starts, and between two of its frames.
+    pub idle_timeout: Duration,
+    /// Upstream attempts per request, across deployments (at least 1).
+    pub max_attempts: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// A `retry-after` longer than this is not waited for (that deployment is done).
+    pub retry_after_max: Duration,
+    /// Consecutive failures that open a deployment's circuit.
+    pub breaker_failures: u32,
+    /// How long an open circuit refuses requests before one probe is let through.
+    pub breaker_open: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeploymentConfig {
     /// Base URL without a trailing slash.
     pub base_url: String,
     pub base_uri: http::Uri,
     pub api_key_env: String,
-    pub connect_timeout: Duration,
-    /// Longest wait for the answer to start, and between two of its frames.
-    pub idle_timeout: Duration,
+    /// Share of first attempts; 0 = a backup, tried only after the weighted ones.
+    pub weight: u32,
+}
+
+/// Most deployments one provider may have.
+pub const MAX_DEPLOYMENTS: usize = 64;
+
+fn parse_base_url(key: &str, url: &str) -> Result<(String, http::Uri), ConfigError> {
+    let base_url = url.trim_end_matches('/').to_owned();
+    let base_uri: http::Uri = base_url
+        .parse()
+        .map_err(|e| bad(key, format!("unparsable URL ({e})")))?;
+    match (base_uri.scheme_str(), base_uri.host()) {
+        (Some("http" | "https"), Some(_)) => Ok((base_url, base_uri)),
+        _ => Err(bad(key, "must be an absolute http:// or https:// URL")),
+    }
 }
 
 impl RawConfig {
@@ -461,37 +560,86 @@ impl RawConfig {
                     format!("unknown provider (known: {})", PROVIDERS.join(", ")),
                 ));
             }
-            let key = format!("providers.{name}.base_url");
-            let base_url = p.base_url.trim_end_matches('/').to_owned();
-            let base_uri: http::Uri = base_url
-                .parse()
-                .map_err(|e| bad(&key, format!("unparsable URL ({e})")))?;
-            match (base_uri.scheme_str(), base_uri.host()) {
-                (Some("http" | "https"), Some(_)) => {}
-                _ => return Err(bad(&key, "must be an absolute http:// or https:// URL")),
-            }
+            let k = |field: &str| format!("providers.{name}.{field}");
             if p.api_key_env.is_empty() {
+                return Err(bad(&k("api_key_env"), "must name an environment variable"));
+            }
+            positive(&k("connect_timeout_ms"), p.connect_timeout_ms)?;
+            positive(&k("first_byte_timeout_ms"), p.first_byte_timeout_ms)?;
+            positive(&k("idle_timeout_ms"), p.idle_timeout_ms)?;
+            positive(&k("backoff_base_ms"), p.backoff_base_ms)?;
+            positive(&k("breaker_failures"), u64::from(p.breaker_failures))?;
+            positive(&k("breaker_open_ms"), p.breaker_open_ms)?;
+            if p.backoff_max_ms < p.backoff_base_ms {
                 return Err(bad(
-                    &format!("providers.{name}.api_key_env"),
-                    "must name an environment variable",
+                    &k("backoff_max_ms"),
+                    "must be at least `backoff_base_ms`",
                 ));
             }
-            positive(
-                &format!("providers.{name}.connect_timeout_ms"),
-                p.connect_timeout_ms,
-            )?;
+            let mut deployments = Vec::new();
+            if p.deployments.is_empty() {
+                let (base_url, base_uri) = parse_base_url(&k("base_url"), &p.base_url)?;
+                deployments.push(DeploymentConfig {
+                    base_url,
+                    base_uri,
+                    api_key_env: p.api_key_env.clone(),
+                    weight: 1,
+                });
+            }
+            if p.deployments.len() > MAX_DEPLOYMENTS {
+                return Err(bad(
+                    &k("deployments"),
+                    format!("at most {MAX_DEPLOYMENTS} deployments"),
+                ));
+            }
+            for (i, d) in p.deployments.iter().enumerate() {
+                let dk = |field: &str| format!("providers.{name}.deployments[{i}].{field}");
+                let (base_url, base_uri) = parse_base_url(&dk("base_url"), &d.base_url)?;
+                deployments.push(DeploymentConfig {
+                    base_url,
+                    base_uri,
+                    api_key_env: if d.api_key_env.is_empty() {
+                        p.api_key_env.clone()
+                    } else {
+                        d.api_key_env.clone()
+                    },
+                    weight: d.weight,
+                });
+            }
+            let max_attempts = if p.max_attempts == 0 {
+                u32::try_from(deployments.len()).unwrap_or(u32::MAX)
+            } else {
+                p.max_attempts
+            };
+            if max_attempts > 20 {
+                return Err(bad(&k("max_attempts"), "must be at most 20"));
+            }
             providers.insert(
                 name.clone(),
                 ProviderConfig {
                     name,
-                    base_url,
-                    base_uri,
-                    api_key_env: p.api_key_env,
+                    deployments,
                     connect_timeout: Duration::from_millis(p.connect_timeout_ms),
+                    first_byte_timeout: Duration::from_millis(p.first_byte_timeout_ms),
                     idle_timeout: Duration::from_millis(p.idle_timeout_ms),
+                    max_attempts,
+                    backoff_base: Duration::from_millis(p.backoff_base_ms),
+                    backoff_max: Duration::from_millis(p.backoff_max_ms),
+                    retry_after_max: Duration::from_millis(p.retry_after_max_ms),
+                    breaker_failures: p.breaker_failures,
+                    breaker_open: Duration::from_millis(p.breaker_open_ms),
                 },
             );
         }
+        positive("preferences.cache_ttl_ms", self.preferences.cache_ttl_ms)?;
+        positive(
+            "preferences.cache_entries",
+            self.preferences.cache_entries as u64,
+        )?;
+        positive(
+            "preferences.load_timeout_ms",
+            self.preferences.load_timeout_ms,
+        )?;
         Ok(Config {
             listen,
             max_body_bytes: usize::try_from(self.server.max_body_bytes)
@@ -501,6 +649,7 @@ impl RawConfig {
             shutdown_grace: Duration::from_millis(self.server.shutdown_grace_ms),
             shutdown_delay: Duration::from_millis(self.server.shutdown_delay_ms),
             disconnect_drain: Duration::from_millis(self.server.disconnect_drain_ms),
+            disconnect_drains: self.server.disconnect_drains,
             database: DatabaseConfig {
                 url: self.database.url,
                 pool_size: self.database.pool_size,
@@ -551,6 +700,11 @@ impl RawConfig {
                 .map(|(k, v)| (k.to_owned(), v))
                 .collect(),
             },
+            preferences: PreferencesConfig {
+                cache_ttl: Duration::from_millis(self.preferences.cache_ttl_ms),
+                cache_entries: self.preferences.cache_entries,
+                load_timeout: Duration::from_millis(self.preferences.load_timeout_ms),
+            },
             providers,
         })
     }
@@ -587,7 +741,7 @@ mod tests {
         assert_eq!(c.database.idle_timeout, Duration::from_secs(30));
         assert_eq!(c.database.connect_timeout, Duration::from_secs(10));
         assert_eq!(
-            c.providers["anthropic"].base_url,
+            c.providers["anthropic"].deployments[0].base_url,
             "https://api.anthropic.com"
         );
     }
@@ -636,5 +790,71 @@ mod tests {
         let c = load_str("[rate_limits.pro]\ntokens_per_minute = 90000\n").unwrap();
         assert_eq!(c.rate_limits.tiers["pro"].tokens_per_minute, 90000);
         assert_eq!(c.rate_limits.tiers["free"].tokens_per_minute, 0);
+    }
+
+    #[test]
+    fn deployments_replace_the_single_form_and_inherit_the_key() {
+        let c = load_str(
+            "[providers.openai]\nmax_attempts = 0\ndeployments = [\n  { base_url = \"http://a.example/v1/\", api_key_env = \"KEY_A\", weight = 3 },\n  { base_url = \"https://b.example/v1\" },\n  { base_url = \"https://c.example/v1\", weight = 0 },\n]\n",
+        )
+        .unwrap();
+        let p = &c.providers["openai"];
+        let d: Vec<_> = p
+            .deployments
+            .iter()
+            .map(|d| (d.base_url.as_str(), d.api_key_env.as_str(), d.weight))
+            .collect();
+        assert_eq!(
+            d,
+            [
+                ("http://a.example/v1", "KEY_A", 3),
+                ("https://b.example/v1", "OPENAI_API_KEY", 1),
+                ("https://c.example/v1", "OPENAI_API_KEY", 0),
+            ]
+        );
+        assert_eq!(p.max_attempts, 3, "0 means one attempt per deployment");
+        let single = &c.providers["google"];
+        assert_eq!(single.deployments.len(), 1);
+        assert_eq!(single.max_attempts, 1);
+        assert_eq!(single.deployments[0].api_key_env, "GEMINI_API_KEY");
+    }
+
+    #[test]
+    fn bad_deployments_and_retry_settings_are_named() {
+        for (toml, key) in [
+            (
+                "[providers.openai]\ndeployments = [{ base_url = \"https://ok\" }, { base_url = \"ftp://x\" }]\n",
+                "providers.openai.deployments[1].base_url",
+            ),
+            (
+                "[providers.openai]\ndeployments = [{ base_url = \"https://ok\", wieght = 2 }]\n",
+                "wieght",
+            ),
+            (
+                "[providers.openai]\ndeployments = [{ api_key_env = \"K\" }]\n",
+                "base_url",
+            ),
+            (
+                "[providers.openai]\nbackoff_base_ms = 500\nbackoff_max_ms = 100\n",
+                "providers.openai.backoff_max_ms",
+            ),
+            (
+                "[providers.anthropic]\nbreaker_failures = 0\n",
+                "providers.anthropic.breaker_failures",
+            ),
+            (
+                "[providers.google]\nfirst_byte_timeout_ms = 0\n",
+                "providers.google.first_byte_timeout_ms",
+            ),
+            (
+                "[providers.openai]\nmax_attempts = 50\n",
+                "providers.openai.max_attempts",
+            ),
+            ("[preferences]\ncache_ttl_ms = 0\n", "preferences.cache_ttl_ms"),
+            ("[server]\ndisconnect_drains = -1\n", "disconnect_drains"),
+        ] {
+            let e = load_str(toml).unwrap_err();
+            assert!(e.to_string().contains(key), "{toml}: {e}");
+        }
     }
 }

@@ -1,7 +1,8 @@
-//! Stage 6, forward: send the request to the model's provider over pooled keep-alive
-//! connections (TCP_NODELAY, rustls for https). The client's own `Authorization` and
-//! cookies are never forwarded; the provider key comes from the environment variable
-//! named in config.
+//! Stage 6, forward: send the request to one of the model's provider's deployments
+//! (chosen, retried and failed over in [`crate::deploy`]) over pooled keep-alive
+//! connections (TCP_NODELAY, rustls for https). The upstream request is built afresh:
+//! the client's own `Authorization`, cookies and other headers are never forwarded;
+//! each deployment's key comes from the environment variable named in config.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -9,22 +10,22 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Uri};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::config::ProviderConfig;
+use crate::deploy::{HttpClient, Mode, Pool, Sent};
 use crate::error::ApiError;
-
-type Https = hyper_rustls::HttpsConnector<HttpConnector>;
 
 pub struct Provider {
     pub name: String,
-    client: Client<Https, Full<Bytes>>,
-    chat_uri: Uri,
-    api_key: Option<HeaderValue>,
-    /// Longest wait for the answer to start, and between two of its frames.
+    client: HttpClient,
+    /// The deployments, their breakers and the retry policy.
+    pub pool: Pool,
+    /// `<base_url>/chat/completions` of each deployment, by index.
+    chat_uris: Vec<Uri>,
+    /// Longest wait between two frames of an answer.
     pub idle_timeout: Duration,
 }
 
@@ -54,24 +55,23 @@ impl Upstream {
                 .pool_idle_timeout(Duration::from_secs(90))
                 .pool_max_idle_per_host(256)
                 .build(https);
-            let chat_uri: Uri = format!("{}/chat/completions", p.base_url)
-                .parse()
-                .map_err(|e| format!("providers.{name}.base_url: {e}"))?;
-            let api_key = std::env::var(&p.api_key_env)
-                .ok()
-                .filter(|k| !k.is_empty())
-                .and_then(|k| {
-                    let mut v = HeaderValue::from_str(&format!("Bearer {k}")).ok()?;
-                    v.set_sensitive(true);
-                    Some(v)
-                });
+            let chat_uris = p
+                .deployments
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    format!("{}/chat/completions", d.base_url)
+                        .parse::<Uri>()
+                        .map_err(|e| format!("providers.{name}.deployments[{i}].base_url: {e}"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             out.insert(
                 name.clone(),
                 Provider {
                     name: name.clone(),
                     client,
-                    chat_uri,
-                    api_key,
+                    pool: Pool::new(p),
+                    chat_uris,
                     idle_timeout: p.idle_timeout,
                 },
             );
@@ -102,47 +102,48 @@ fn rustls_config() -> Result<rustls::ClientConfig, String> {
 }
 
 impl Provider {
-    /// POSTs an OpenAI chat-completions body. Errors before any response are 502.
+    /// POSTs an OpenAI chat-completions body to the provider's deployments (retries
+    /// and failover in [`Pool::send`]). The request is built afresh: nothing of the
+    /// client's request but the body goes upstream.
     pub async fn chat(
         &self,
         body: Bytes,
         stream: bool,
-    ) -> Result<http::Response<Incoming>, ApiError> {
-        let mut req = Request::builder()
-            .method(Method::POST)
-            .uri(self.chat_uri.clone())
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(
-                header::ACCEPT,
-                if stream {
-                    "text/event-stream"
-                } else {
-                    "application/json"
-                },
-            )
-            .header(
-                header::USER_AGENT,
-                concat!("tollgate/", env!("CARGO_PKG_VERSION")),
-            )
-            .body(Full::new(body))
-            .map_err(ApiError::internal)?;
-        if let Some(k) = &self.api_key {
-            req.headers_mut().insert(header::AUTHORIZATION, k.clone());
-        }
-        match tokio::time::timeout(self.idle_timeout, self.client.request(req)).await {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => {
-                tracing::warn!(provider = %self.name, error = %e, "upstream request failed");
-                Err(ApiError::BadGateway {
-                    message: format!("the upstream provider `{}` could not be reached", self.name),
-                })
-            }
-            Err(_) => {
-                tracing::warn!(provider = %self.name, "upstream did not answer in time");
-                Err(ApiError::BadGateway {
-                    message: format!("the upstream provider `{}` timed out", self.name),
-                })
-            }
-        }
+        max_bytes: usize,
+    ) -> Result<Sent, ApiError> {
+        let mode = if stream {
+            Mode::Stream
+        } else {
+            Mode::Json { max_bytes }
+        };
+        let accept = HeaderValue::from_static(if stream {
+            "text/event-stream"
+        } else {
+            "application/json"
+        });
+        self.pool
+            .send(&self.client, mode, |d| {
+                let uri = self
+                    .chat_uris
+                    .get(d.index)
+                    .cloned()
+                    .ok_or_else(|| ApiError::internal("deployment without a URL"))?;
+                let mut req = Request::builder()
+                    .method(Method::POST)
+                    .uri(uri)
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .header(header::ACCEPT, accept.clone())
+                    .header(
+                        header::USER_AGENT,
+                        concat!("tollgate/", env!("CARGO_PKG_VERSION")),
+                    )
+                    .body(Full::new(body.clone()))
+                    .map_err(ApiError::internal)?;
+                if let Some(k) = &d.bearer {
+                    req.headers_mut().insert(header::AUTHORIZATION, k.clone());
+                }
+                Ok(req)
+            })
+            .await
     }
 }

@@ -7,9 +7,10 @@
 //! - `POST /v1/chat/completions` — JSON or SSE (`stream: true`) answers with usage.
 //! - `GET /v1/models` — a one-model list.
 //! - `GET /_mock/stats` — request counters and the last `Authorization` header seen.
+//! - `GET /_mock/last` — the headers and JSON body of the last chat request received.
 //!
 //! Per-request overrides (headers): `x-mock-fail: <status>`,
-//! `x-mock-completion-tokens: N`, `x-mock-latency-ms: N`.
+//! `x-mock-completion-tokens: N`, `x-mock-latency-ms: N`, `x-mock-cut-after: N`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -55,6 +56,15 @@ pub struct MockOptions {
     /// Fail one request in N with 500 (0 = never)
     #[arg(long, default_value_t = 0)]
     pub fail_every: u32,
+    /// With --fail-status: fail only the first N requests, then answer (0 = all)
+    #[arg(long, default_value_t = 0)]
+    pub fail_first: u64,
+    /// Send `retry-after: N` (seconds) with injected 429 and 503 answers
+    #[arg(long)]
+    pub retry_after: Option<u64>,
+    /// Cut streams off (connection dropped mid-body) after N events
+    #[arg(long)]
+    pub cut_after: Option<usize>,
 }
 
 /// State shared by every connection of one mock server: options and counters.
@@ -68,6 +78,8 @@ pub struct MockProvider {
     failed: AtomicU64,
     /// Last `Authorization` header value seen (any route but `/_mock/stats`).
     authorization: Mutex<Option<String>>,
+    /// Headers and body of the last chat request (`/_mock/last`).
+    last: Mutex<Option<serde_json::Value>>,
 }
 
 type RespBody = BoxBody<Bytes, Infallible>;
@@ -295,6 +307,7 @@ struct Overrides {
     fail: Option<u16>,
     completion_tokens: Option<u32>,
     latency_ms: Option<u64>,
+    cut_after: Option<usize>,
 }
 
 impl Overrides {
@@ -309,6 +322,7 @@ impl Overrides {
             fail: parse(headers, "x-mock-fail"),
             completion_tokens: parse(headers, "x-mock-completion-tokens"),
             latency_ms: parse(headers, "x-mock-latency-ms"),
+            cut_after: parse(headers, "x-mock-cut-after"),
         }
     }
 }
@@ -321,6 +335,7 @@ impl MockProvider {
             served: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             authorization: Mutex::new(None),
+            last: Mutex::new(None),
         }
     }
 
@@ -338,6 +353,14 @@ impl MockProvider {
             (&Method::POST, "/v1/chat/completions") => self.chat(req).await,
             (&Method::GET, "/v1/models") => self.models(),
             (&Method::GET, "/_mock/stats") => self.stats(),
+            (&Method::GET, "/_mock/last") => {
+                let last = self
+                    .last
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .clone();
+                json_response(StatusCode::OK, &last)
+            }
             (method, path) => {
                 let msg = format!("Invalid URL ({method} {path})");
                 error_response(StatusCode::NOT_FOUND, &msg)
@@ -381,6 +404,16 @@ impl MockProvider {
     async fn chat(self: Arc<Self>, req: Request<Incoming>) -> Response<RespBody> {
         let seq = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
         let overrides = Overrides::from_headers(req.headers());
+        let mut headers = serde_json::Map::new();
+        for name in req.headers().keys() {
+            let values: Vec<String> = req
+                .headers()
+                .get_all(name)
+                .iter()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .collect();
+            headers.insert(name.as_str().to_owned(), values.join(", ").into());
+        }
 
         let body = match Limited::new(req.into_body(), MAX_BODY_BYTES)
             .collect()
@@ -392,6 +425,13 @@ impl MockProvider {
                 return self.fail(StatusCode::BAD_REQUEST, &msg);
             }
         };
+        *self
+            .last
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(serde_json::json!({
+            "headers": headers,
+            "body": serde_json::from_slice::<serde_json::Value>(&body).ok(),
+        }));
 
         let latency = overrides.latency_ms.unwrap_or(self.opts.latency_ms);
         if latency > 0 {
@@ -410,7 +450,11 @@ impl MockProvider {
         };
 
         // Failure injection: header, then --fail-status, then --fail-every.
-        let injected = overrides.fail.or(self.opts.fail_status).or_else(|| {
+        let fail_status = self
+            .opts
+            .fail_status
+            .filter(|_| self.opts.fail_first == 0 || seq <= self.opts.fail_first);
+        let injected = overrides.fail.or(fail_status).or_else(|| {
             let every = u64::from(self.opts.fail_every);
             (every > 0 && seq.is_multiple_of(every)).then_some(500)
         });
@@ -422,7 +466,12 @@ impl MockProvider {
             } else {
                 format!("Mock failure injected with status {}", status.as_u16())
             };
-            return self.fail(status, &msg);
+            let mut resp = self.fail(status, &msg);
+            if let (Some(secs), 429 | 503) = (self.opts.retry_after, status.as_u16()) {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            return resp;
         }
 
         let prompt_tokens = match self.opts.prompt_tokens {
@@ -467,7 +516,8 @@ impl MockProvider {
                 .stream_options
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false);
-            self.stream(answer, include_usage)
+            let cut_after = overrides.cut_after.or(self.opts.cut_after);
+            self.stream(answer, include_usage, cut_after)
         } else {
             let content = WORD.repeat(usize::try_from(completion_tokens).unwrap_or(0));
             let completion = Completion {
@@ -492,8 +542,18 @@ impl MockProvider {
         }
     }
 
-    fn stream(self: Arc<Self>, answer: Answer, include_usage: bool) -> Response<RespBody> {
-        let events = answer.sse_events(self.opts.chunks, include_usage);
+    /// Streams the answer; with `cut_after`, only that many events, then the
+    /// connection is dropped mid-body (a declared length is never reached).
+    fn stream(
+        self: Arc<Self>,
+        answer: Answer,
+        include_usage: bool,
+        cut_after: Option<usize>,
+    ) -> Response<RespBody> {
+        let mut events = answer.sse_events(self.opts.chunks, include_usage);
+        if let Some(n) = cut_after {
+            events.truncate(n);
+        }
         let interval = Duration::from_millis(self.opts.chunk_interval_ms);
         let (tx, rx) = mpsc::channel::<Bytes>(1);
         let provider = self;
@@ -503,18 +563,22 @@ impl MockProvider {
                 if i > 0 && !interval.is_zero() {
                     tokio::time::sleep(interval).await;
                 }
-                if i == last {
+                if i == last && cut_after.is_none() {
                     // Count before the terminal `[DONE]` goes out so a client that
                     // saw `[DONE]` always finds the request counted as served.
                     provider.served.fetch_add(1, Ordering::Relaxed);
                 }
                 if tx.send(event).await.is_err() {
-                    if i == last {
+                    if i == last && cut_after.is_none() {
                         provider.served.fetch_sub(1, Ordering::Relaxed);
                     }
                     tracing::debug!("mock provider: client went away mid-stream");
                     return;
                 }
+            }
+            if cut_after.is_some() {
+                // Let what was sent be flushed before the connection drops.
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
         let mut resp = Response::new(ChannelBody { rx }.boxed());
@@ -524,6 +588,12 @@ impl MockProvider {
             HeaderValue::from_static("text/event-stream; charset=utf-8"),
         );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        if cut_after.is_some() {
+            headers.insert(
+                header::CONTENT_LENGTH,
+                HeaderValue::from_static("100000000"),
+            );
+        }
         insert_request_id(headers);
         resp
     }
@@ -707,6 +777,9 @@ mod tests {
             prompt_tokens: None,
             fail_status: None,
             fail_every: 0,
+            fail_first: 0,
+            retry_after: None,
+            cut_after: None,
         }
     }
 
@@ -1153,6 +1226,80 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(150));
         assert_eq!(resp.status(), StatusCode::OK);
         let _ = body_bytes(resp).await;
+        srv.stop().await;
+    }
+
+    #[tokio::test]
+    async fn fail_first_with_retry_after_then_answers() {
+        let srv = Server::start(MockOptions {
+            fail_status: Some(429),
+            fail_first: 2,
+            retry_after: Some(3),
+            ..opts()
+        })
+        .await;
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let resp = srv.post_chat(&[], &chat_body(false, None)).await;
+            let ra = resp
+                .headers()
+                .get(header::RETRY_AFTER)
+                .map(|v| v.to_str().unwrap().to_owned());
+            seen.push((resp.status().as_u16(), ra));
+            let _ = body_bytes(resp).await;
+        }
+        assert_eq!(
+            seen,
+            [
+                (429, Some("3".to_owned())),
+                (429, Some("3".to_owned())),
+                (200, None)
+            ]
+        );
+        srv.stop().await;
+    }
+
+    #[tokio::test]
+    async fn cut_after_drops_the_stream_mid_body() {
+        let srv = Server::start(opts()).await;
+        let resp = srv
+            .post_chat(&[("x-mock-cut-after", "3")], &chat_body(true, Some(true)))
+            .await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut body = resp.into_body();
+        let mut data = Vec::new();
+        let mut failed = false;
+        while let Some(f) = body.frame().await {
+            match f {
+                Ok(f) => data.extend_from_slice(&f.into_data().unwrap()),
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        assert!(failed, "the body must end in an error, not cleanly");
+        let text = String::from_utf8(data).unwrap();
+        assert_eq!(text.matches("data: ").count(), 3, "{text}");
+        assert!(!text.contains("[DONE]"));
+        assert_eq!(srv.stats().await["served"], 0);
+        srv.stop().await;
+    }
+
+    #[tokio::test]
+    async fn last_request_is_recorded() {
+        let srv = Server::start(opts()).await;
+        let resp = srv
+            .post_chat(
+                &[("authorization", "Bearer k"), ("cookie", "a=1")],
+                &chat_body(false, None),
+            )
+            .await;
+        let _ = body_bytes(resp).await;
+        let v = body_json(srv.request(Method::GET, "/_mock/last", &[], "").await).await;
+        assert_eq!(v["headers"]["authorization"], "Bearer k");
+        assert_eq!(v["headers"]["cookie"], "a=1");
+        assert_eq!(v["body"]["model"], "gpt-5-mini");
         srv.stop().await;
     }
 

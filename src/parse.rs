@@ -22,6 +22,8 @@ struct RawChat<'a> {
     stream_options: Option<RawStreamOptions>,
     #[serde(default)]
     n: Option<serde_json::Value>,
+    #[serde(default)]
+    temperature: Option<serde_json::Value>,
     #[serde(default, borrow)]
     messages: Option<Vec<RawMessage<'a>>>,
 }
@@ -49,7 +51,12 @@ struct RawPart<'a> {
 /// What the gateway knows about a chat request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChatRequest {
+    /// The model the body names; filled from the user's preferences when it names none.
     pub model: String,
+    /// The body names the model (else it is added upstream).
+    pub model_in_body: bool,
+    /// The body sets `temperature` (else the user's preference may add it).
+    pub has_temperature: bool,
     pub stream: bool,
     /// `stream_options` was sent at all (then it must be rewritten, not added).
     pub has_stream_options: bool,
@@ -92,11 +99,31 @@ fn token_limit(
     }
 }
 
+/// The error of a request that names no model (and has no default model).
+pub fn missing_model() -> ApiError {
+    ApiError::InvalidRequest {
+        message: "you must provide a model parameter".into(),
+        param: Some("model"),
+    }
+}
+
+/// Parses a chat-completions body; a missing model is an error (see
+/// [`parse_chat_lenient`]).
+pub fn parse_chat(body: &[u8], image_tokens: i64) -> Result<ChatRequest, ApiError> {
+    let r = parse_chat_lenient(body, image_tokens)?;
+    if r.model.is_empty() {
+        return Err(missing_model());
+    }
+    Ok(r)
+}
+
 /// Parses a chat-completions body. The prompt bound counts every byte of text as a
 /// token (byte-level BPE tokenizers never produce more tokens than bytes), plus a fixed
 /// overhead per message and `image_tokens` per image part; it is an upper bound, used
 /// only to size the hold.
-pub fn parse_chat(body: &[u8], image_tokens: i64) -> Result<ChatRequest, ApiError> {
+///
+/// A body that names no model parses with an empty `model` (a default may apply).
+pub fn parse_chat_lenient(body: &[u8], image_tokens: i64) -> Result<ChatRequest, ApiError> {
     let raw: RawChat<'_> = serde_json::from_slice(body).map_err(|e| {
         if e.is_data() {
             ApiError::invalid(format!("invalid chat request: {e}"))
@@ -108,12 +135,8 @@ pub fn parse_chat(body: &[u8], image_tokens: i64) -> Result<ChatRequest, ApiErro
     })?;
     let model = match raw.model {
         Some(m) if !m.is_empty() => m.into_owned(),
-        _ => {
-            return Err(ApiError::InvalidRequest {
-                message: "you must provide a model parameter".into(),
-                param: Some("model"),
-            })
-        }
+        Some(_) => return Err(missing_model()),
+        None => String::new(),
     };
     let messages = raw.messages.ok_or(ApiError::InvalidRequest {
         message: "`messages` is required".into(),
@@ -164,7 +187,9 @@ pub fn parse_chat(body: &[u8], image_tokens: i64) -> Result<ChatRequest, ApiErro
     };
     let stream = raw.stream.unwrap_or(false);
     Ok(ChatRequest {
+        model_in_body: !model.is_empty(),
         model,
+        has_temperature: !matches!(raw.temperature, None | Some(serde_json::Value::Null)),
         stream,
         has_stream_options: raw.stream_options.is_some(),
         include_usage: stream
@@ -179,19 +204,53 @@ pub fn parse_chat(body: &[u8], image_tokens: i64) -> Result<ChatRequest, ApiErro
     })
 }
 
+/// Edits of the upstream body beyond the model name and the usage chunk.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Edits {
+    /// Set this token limit (lowered to what the balance affords, or a preference).
+    pub max_tokens: Option<i64>,
+    /// Set `temperature` (a preference; only when the body sets none).
+    pub temperature: Option<f64>,
+}
+
 /// Applies the gateway's edits to the JSON body sent upstream: ask for the usage
-/// chunk on streams, set a lowered token limit, and name the provider's model. The
-/// body is spliced (keys prepended) when none of the edited keys is present, so the
-/// common case copies the body once and never re-serialises it.
+/// chunk on streams, set a lowered token limit, and name the provider's model.
 pub fn rewrite_body(
     body: &[u8],
     req: &ChatRequest,
     upstream_model: &str,
     lowered_max_tokens: Option<i64>,
 ) -> Result<Option<Vec<u8>>, ApiError> {
+    rewrite_body_with(
+        body,
+        req,
+        upstream_model,
+        Edits {
+            max_tokens: lowered_max_tokens,
+            temperature: None,
+        },
+    )
+}
+
+/// [`rewrite_body`] with every edit. The body is spliced (keys prepended) when none
+/// of the edited keys is present, so the common case copies the body once and never
+/// re-serialises it.
+pub fn rewrite_body_with(
+    body: &[u8],
+    req: &ChatRequest,
+    upstream_model: &str,
+    edits: Edits,
+) -> Result<Option<Vec<u8>>, ApiError> {
+    let lowered_max_tokens = edits.max_tokens;
+    let temperature = edits
+        .temperature
+        .filter(|_| !req.has_temperature)
+        .and_then(serde_json::Number::from_f64);
     let want_usage = req.stream && !req.include_usage;
     let rename = upstream_model != req.model;
-    if !want_usage && !rename && lowered_max_tokens.is_none() {
+    let add_model = !req.model_in_body;
+    if !want_usage && !rename && !add_model && lowered_max_tokens.is_none() && temperature.is_none()
+    {
         return Ok(None);
     }
     // Keys present in the body at all (even as null) are rewritten, never duplicated.
@@ -200,8 +259,10 @@ pub fn rewrite_body(
         || (lowered_max_tokens.is_some()
             && (req.max_tokens.is_some()
                 || has_key(b"\"max_completion_tokens\"")
-                || has_key(b"\"max_tokens\"")));
-    let splice_ok = !rename && !clash;
+                || has_key(b"\"max_tokens\"")))
+        || (temperature.is_some() && has_key(b"\"temperature\""))
+        || (add_model && has_key(b"\"model\""));
+    let splice_ok = (!rename || add_model) && !clash;
     if splice_ok {
         let start = body.iter().position(|b| !b.is_ascii_whitespace());
         if let Some(i) = start.filter(|i| body[*i] == b'{') {
@@ -212,6 +273,14 @@ pub fn rewrite_body(
             }
             if let Some(m) = lowered_max_tokens {
                 out.extend_from_slice(format!("\"max_completion_tokens\":{m},").as_bytes());
+            }
+            if let Some(t) = &temperature {
+                out.extend_from_slice(format!("\"temperature\":{t},").as_bytes());
+            }
+            if add_model {
+                out.extend_from_slice(b"\"model\":");
+                serde_json::to_writer(&mut out, upstream_model).map_err(ApiError::internal)?;
+                out.push(b',');
             }
             let rest = &body[i + 1..];
             // An empty object `{}` would leave a trailing comma: fall back below.
@@ -240,7 +309,10 @@ pub fn rewrite_body(
         let field = req.max_tokens_field.unwrap_or("max_completion_tokens");
         obj.insert(field.into(), serde_json::Value::from(m));
     }
-    if rename {
+    if let Some(t) = temperature {
+        obj.insert("temperature".into(), serde_json::Value::Number(t));
+    }
+    if rename || add_model {
         obj.insert(
             "model".into(),
             serde_json::Value::String(upstream_model.to_owned()),
@@ -380,6 +452,59 @@ mod tests {
         let b = br#"{"model":"gpt-5","messages":[{"role":"user","content":"hi"}]}"#;
         let r = parse_chat(b, 0).unwrap();
         assert!(rewrite_body(b, &r, "gpt-5", None).unwrap().is_none());
+    }
+
+    #[test]
+    fn preference_edits_are_spliced_when_the_keys_are_absent() {
+        let b = br#"{"messages":[{"role":"user","content":"hi"}]}"#;
+        let r = parse_chat_lenient(b, 0).unwrap();
+        assert!(r.model.is_empty() && !r.model_in_body && !r.has_temperature);
+        assert!(
+            parse_chat(b, 0).is_err(),
+            "strict parse still wants a model"
+        );
+        let mut r = r;
+        r.model = "gpt-5".into();
+        let edits = Edits {
+            max_tokens: Some(77),
+            temperature: Some(0.25),
+        };
+        let out = rewrite_body_with(b, &r, "gpt-5-2025", edits)
+            .unwrap()
+            .unwrap();
+        let s = std::str::from_utf8(&out).unwrap();
+        assert!(
+            s.starts_with(
+                r#"{"max_completion_tokens":77,"temperature":0.25,"model":"gpt-5-2025","messages""#
+            ),
+            "{s}"
+        );
+        serde_json::from_slice::<serde_json::Value>(&out).unwrap();
+    }
+
+    #[test]
+    fn a_temperature_in_the_body_wins_and_null_keys_are_rewritten() {
+        let b = br#"{"model":"gpt-5","temperature":1,"messages":[{"role":"user","content":"hi"}]}"#;
+        let r = parse_chat(b, 0).unwrap();
+        assert!(r.has_temperature);
+        let edits = Edits {
+            max_tokens: None,
+            temperature: Some(0.25),
+        };
+        assert!(rewrite_body_with(b, &r, "gpt-5", edits).unwrap().is_none());
+        let b = br#"{"model":null,"temperature":null,"messages":[{"role":"user","content":"hi"}]}"#;
+        let mut r = parse_chat_lenient(b, 0).unwrap();
+        assert!(!r.has_temperature && !r.model_in_body);
+        r.model = "gpt-5".into();
+        let out = rewrite_body_with(b, &r, "gpt-5", edits).unwrap().unwrap();
+        let s = std::str::from_utf8(&out).unwrap();
+        assert_eq!(s.matches("temperature").count(), 1, "{s}");
+        assert_eq!(s.matches("\"model\"").count(), 1, "{s}");
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            (v["model"].as_str(), v["temperature"].as_f64()),
+            (Some("gpt-5"), Some(0.25))
+        );
     }
 
     proptest! {

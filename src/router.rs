@@ -7,11 +7,13 @@
 //!    except [`UNAUTHENTICATED_ROUTES`]).
 //!    Then [`rate_limit`](crate::rate_limit) — per-user requests and tokens per minute by
 //!    tier, in memory (checked once the request is parsed, before anything is held).
-//! 3. [`parse`](crate::parse) — read `model`, `stream`, token limits and a prompt bound.
+//! 3. [`parse`](crate::parse) — read `model`, `stream`, token limits and a prompt bound;
+//!    the user's [`preferences`](crate::preferences) fill in what the request leaves out.
 //! 4. [`route`](crate::route) — model → provider and price, from memory.
 //! 5. [`reserve`](crate::ledger::Ledger::reserve) — one Lua call holds an upper bound of
 //!    the cost, or answers 429 `insufficient_quota`.
-//! 6. [`forward`](crate::forward) — pooled keep-alive connection to the provider.
+//! 6. [`forward`](crate::forward) — pooled keep-alive connection to one of the provider's
+//!    [deployments](crate::deploy), with failover and retries before any byte is sent.
 //! 7. [`stream_back`](crate::stream_back) — bytes to the client as they arrive; usage tapped.
 //! 8. [`settle`](crate::settle) — one Lua call charges, releases the rest of the hold and
 //!    appends the usage event, before the client sees the end of the answer.
@@ -35,9 +37,10 @@ use uuid::Uuid;
 
 use crate::authenticate::Principal;
 pub use crate::authenticate::UNAUTHENTICATED_ROUTES;
+use crate::deploy::{Answer, Sent};
 use crate::error::ApiError;
 use crate::ledger::{HoldRequest, Reserve};
-use crate::parse::{parse_chat, rewrite_body, ChatRequest};
+use crate::parse::{missing_model, parse_chat_lenient, rewrite_body_with, ChatRequest, Edits};
 use crate::route::Model;
 use crate::settle::{cost, settle, Usage, UsageEvent};
 use crate::state::AppState;
@@ -146,7 +149,7 @@ struct Admitted {
 }
 
 impl Admitted {
-    /// The provider's idle timeout (wait for the answer, and between its chunks).
+    /// The provider's idle timeout (longest wait between two chunks).
     fn idle_timeout(&self) -> std::time::Duration {
         self.state
             .upstream
@@ -291,7 +294,24 @@ async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let body = read_body(req.into_body(), state.cfg.max_body_bytes).await?;
-    let chat = parse_chat(&body, i64::from(state.cfg.metering.image_tokens))?;
+    let mut chat = parse_chat_lenient(&body, i64::from(state.cfg.metering.image_tokens))?;
+    // The user's preferences fill in what the request leaves out (from memory).
+    let prefs = if chat.model.is_empty() || chat.max_tokens.is_none() || !chat.has_temperature {
+        state.preferences.get(&state, principal.user_id).await
+    } else {
+        None
+    };
+    if chat.model.is_empty() {
+        chat.model = prefs
+            .as_ref()
+            .and_then(|p| p.default_model.clone())
+            .ok_or_else(missing_model)?;
+    }
+    let pref_max_tokens = prefs
+        .as_ref()
+        .and_then(|p| p.max_tokens)
+        .filter(|m| *m > 0 && chat.max_tokens.is_none());
+    let temperature = prefs.as_ref().and_then(|p| p.temperature);
     let model = state.models.route(&chat.model)?;
     let provider_ok = state.upstream.provider(&model.provider).is_ok();
     if !provider_ok {
@@ -301,6 +321,7 @@ async fn chat_completions(
     }
     let want = chat
         .max_tokens
+        .or(pref_max_tokens)
         .map_or(model.output_cap(), |m| m.min(model.output_cap()));
     let allowance = state
         .rate_limits
@@ -322,8 +343,11 @@ async fn chat_completions(
         hold,
         stream: chat.stream,
     };
-    let lowered = (max_tokens < want).then_some(max_tokens);
-    let upstream_body = match rewrite_body(&body, &chat, &model.name, lowered) {
+    let edits = Edits {
+        max_tokens: (max_tokens < want || pref_max_tokens.is_some()).then_some(max_tokens),
+        temperature,
+    };
+    let upstream_body = match rewrite_body_with(&body, &chat, &model.name, edits) {
         Ok(Some(b)) => Bytes::from(b),
         Ok(None) => body,
         Err(e) => {
@@ -346,71 +370,48 @@ async fn chat_completions(
     Ok(resp)
 }
 
-/// Sends the request upstream; a failure or a non-2xx answer releases the hold.
-async fn send(
-    adm: &Admitted,
-    body: Bytes,
-) -> Result<http::Response<hyper::body::Incoming>, ApiError> {
+/// Sends the request upstream (retries and failover inside); a final failure releases
+/// the hold.
+async fn send(adm: &Admitted, body: Bytes) -> Result<Sent, ApiError> {
     let provider = adm.state.upstream.provider(&adm.model.provider)?;
-    let resp = match provider.chat(body, adm.stream).await {
-        Ok(r) => r,
+    match provider
+        .chat(body, adm.stream, adm.state.cfg.max_response_bytes)
+        .await
+    {
+        Ok(sent) => Ok(sent),
         Err(e) => {
             adm.release().await;
-            return Err(e);
+            tracing::info!(request_id = %adm.rid, error = e.label(), "upstream failed");
+            Err(e)
         }
-    };
-    let status = resp.status();
-    if status.is_success() {
-        return Ok(resp);
     }
-    let retry_after = resp.headers().get(header::RETRY_AFTER).cloned();
-    let body = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
-    adm.release().await;
-    tracing::info!(request_id = %adm.rid, %status, "upstream answered with an error");
-    Err(match status.as_u16() {
-        // The provider refused the gateway's own key: not the caller's fault, and its
-        // message (which may quote the key) is not passed on.
-        401 | 403 => {
-            tracing::error!(provider = %adm.model.provider, %status, "the provider rejected the gateway's credentials");
-            ApiError::BadGateway {
-                message: "the upstream provider refused the gateway's credentials".into(),
-            }
-        }
-        429 => ApiError::UpstreamBusy { retry_after },
-        _ if status.is_server_error() => ApiError::BadGateway {
-            message: format!("the upstream provider failed ({status})"),
-        },
-        _ => ApiError::Upstream { status, body },
-    })
+}
+
+/// Metadata of a request that needed more than one upstream attempt.
+fn attempts_meta(sent: &Sent, extra: &mut serde_json::Map<String, serde_json::Value>) {
+    if sent.attempts > 1 {
+        extra.insert("attempts".into(), sent.attempts.into());
+        extra.insert("deployment".into(), sent.deployment.into());
+    }
 }
 
 async fn forward_json(adm: Admitted, body: Bytes) -> Result<Response, ApiError> {
-    let resp = send(&adm, body).await?;
-    let status = resp.status();
-    let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
-    let limit = adm.state.cfg.max_response_bytes;
-    let idle = adm.idle_timeout();
-    let body = tokio::time::timeout(
-        idle,
-        http_body_util::Limited::new(resp.into_body(), limit).collect(),
-    );
-    let bytes = match body.await.map_err(|_| "timed out".into()).and_then(|r| r) {
-        Ok(c) => c.to_bytes(),
-        Err(e) => {
-            adm.release().await;
-            tracing::warn!(request_id = %adm.rid, error = %e, "upstream body failed");
-            return Err(ApiError::BadGateway {
-                message: "the upstream provider's answer was cut off".into(),
-            });
-        }
+    let sent = send(&adm, body).await?;
+    let mut extra = serde_json::Map::new();
+    attempts_meta(&sent, &mut extra);
+    let Answer::Json {
+        status,
+        content_type,
+        body: bytes,
+    } = sent.answer
+    else {
+        adm.release().await;
+        return Err(ApiError::internal("a streamed answer to a JSON request"));
     };
     let usage = Usage::from_openai_json(&bytes)
         .unwrap_or_else(|| adm.estimate(bytes.len(), bytes.len().div_ceil(4)));
-    adm.settle(usage, None).await?;
+    let extra = (!extra.is_empty()).then_some(serde_json::Value::Object(extra));
+    adm.settle(usage, extra).await?;
     let mut out = Response::new(Body::from(bytes));
     *out.status_mut() = status;
     out.headers_mut().insert(
@@ -425,16 +426,28 @@ async fn forward_stream(
     body: Bytes,
     include_usage: bool,
 ) -> Result<Response, ApiError> {
-    let resp = send(&adm, body).await?;
-    let status = resp.status();
+    let sent = send(&adm, body).await?;
+    let mut extra = serde_json::Map::new();
+    attempts_meta(&sent, &mut extra);
+    let Answer::Stream {
+        status,
+        first,
+        rest: mut upstream,
+    } = sent.answer
+    else {
+        adm.release().await;
+        return Err(ApiError::internal("a JSON answer to a streamed request"));
+    };
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
     let state = adm.state.clone();
     state.tasks.spawn(async move {
-        let mut upstream = resp.into_body();
+        let mut first = first;
         let mut tap = SseTap::new(include_usage);
         let mut client_gone = false;
         let mut cut = false;
         let mut drain_timed_out = false;
+        let mut drain_skipped = false;
+        let mut drain_permit = None;
         let drain = adm.state.cfg.disconnect_drain;
         let idle = adm.idle_timeout();
         let mut drain_deadline: Option<tokio::time::Instant> = None;
@@ -445,17 +458,21 @@ async fn forward_stream(
             if let Some(d) = drain_deadline {
                 deadline = deadline.min(d);
             }
-            let next = match tokio::time::timeout_at(deadline, upstream.frame()).await {
-                Ok(f) => f,
-                Err(_) if drain_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) => {
-                    drain_timed_out = true;
-                    break;
-                }
-                Err(_) => {
-                    tracing::warn!(request_id = %adm.rid, "upstream went silent");
-                    cut = true;
-                    break;
-                }
+            let next = match first.take() {
+                // The first chunk was read before the answer was committed to.
+                Some(data) => Some(Ok(Frame::data(data))),
+                None => match tokio::time::timeout_at(deadline, upstream.frame()).await {
+                    Ok(f) => f,
+                    Err(_) if drain_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) => {
+                        drain_timed_out = true;
+                        break;
+                    }
+                    Err(_) => {
+                        tracing::warn!(request_id = %adm.rid, "upstream went silent");
+                        cut = true;
+                        break;
+                    }
+                },
             };
             let Some(frame) = next else { break };
             match frame {
@@ -468,6 +485,14 @@ async fn forward_stream(
                             if !client_gone && tx.send_timeout(out, drain).await.is_err() {
                                 client_gone = true;
                                 drain_deadline = Some(tokio::time::Instant::now() + drain);
+                                // Reads on after a disconnect are bounded in number too.
+                                match adm.state.drains.try_acquire() {
+                                    Ok(p) => drain_permit = Some(p),
+                                    Err(_) => {
+                                        drain_skipped = true;
+                                        break;
+                                    }
+                                }
                             }
                         }
                     }
@@ -482,7 +507,7 @@ async fn forward_stream(
         let usage = tap
             .usage()
             .unwrap_or_else(|| adm.estimate(tap.bytes_seen(), tap.events_seen()));
-        let mut extra = serde_json::Map::new();
+        drop(drain_permit);
         if client_gone {
             extra.insert("client_disconnected".into(), serde_json::Value::Bool(true));
         }
@@ -491,6 +516,9 @@ async fn forward_stream(
         }
         if drain_timed_out {
             extra.insert("drain_timed_out".into(), serde_json::Value::Bool(true));
+        }
+        if drain_skipped {
+            extra.insert("drain_skipped".into(), serde_json::Value::Bool(true));
         }
         let extra = (!extra.is_empty()).then_some(serde_json::Value::Object(extra));
         if adm.settle(usage, extra).await.is_ok() && !client_gone {

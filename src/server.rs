@@ -69,6 +69,8 @@ pub async fn build_state(cfg: Config) -> Result<AppState, BoxError> {
             tracing::warn!(error = %e, "model table not loaded yet; retrying in the background")
         }
     }
+    let preferences = crate::preferences::PreferenceCache::new(&cfg.preferences);
+    let drains = tokio::sync::Semaphore::new(cfg.disconnect_drains as usize);
     Ok(AppState(Arc::new(Inner {
         cfg,
         db,
@@ -77,6 +79,8 @@ pub async fn build_state(cfg: Config) -> Result<AppState, BoxError> {
         models,
         upstream,
         rate_limits,
+        preferences,
+        drains,
         draining: AtomicBool::new(false),
         tasks: TaskTracker::new(),
     })))

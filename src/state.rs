@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::db::Db;
 use crate::forward::Upstream;
 use crate::ledger::Ledger;
+use crate::preferences::PreferenceCache;
 use crate::route::Models;
 
 pub struct Inner {
@@ -21,6 +22,9 @@ pub struct Inner {
     pub models: Models,
     pub upstream: Upstream,
     pub rate_limits: crate::rate_limit::RateLimits,
+    pub preferences: PreferenceCache,
+    /// Permits for reading on after a streaming client left (`server.disconnect_drains`).
+    pub drains: tokio::sync::Semaphore,
     /// Set on SIGTERM: `/readyz` answers 503 while in-flight requests finish.
     pub draining: AtomicBool,
     /// Request tails (streams draining, settles) that shutdown must wait for.
