@@ -352,6 +352,9 @@ pub async fn put_preferences(
     )
     .await
     .map_err(db_error)?;
+    // This gateway applies the new values at once; other replicas within
+    // `preferences.cache_ttl_ms`.
+    state.preferences.invalidate(&p.user_id);
     let row = c
         .query_opt(PREFERENCES_SQL, &[&p.user_id])
         .await

@@ -296,3 +296,36 @@ async fn usage_pages_newest_first_filters_and_refuses_bad_queries() {
         assert_eq!(e["param"].as_str(), param, "{query}: {e}");
     }
 }
+
+#[tokio::test]
+async fn saved_preferences_apply_to_the_next_request_at_once() {
+    let env = TestEnv::new().await;
+    let mock = env.mock(&[]).await;
+    let gw = env.gateway(&mock).await;
+    let (_, token) = env.user(1000).await;
+    let bare = json!({"messages": [{"role": "user", "content": "Hello"}]});
+    // No model in the request and none preferred: 400 naming `model`.
+    let (status, _, body) = env.chat(&gw, &token, bare.clone()).await;
+    assert_eq!(status, 400);
+    assert_eq!(openai_error(&body)["param"], "model");
+    let prefs = json!({"default_model_id": "gpt-5", "max_tokens": 64, "temperature": 0.4});
+    let (status, _, _) = env
+        .request(
+            "PUT",
+            &gw.url("/v1/users/me/preferences"),
+            Some(&token),
+            Some(serde_json::to_vec(&prefs).unwrap()),
+        )
+        .await;
+    assert_eq!(status, 200);
+    // The cached "no preferences" is dropped on save: no wait for the cache's TTL.
+    let (status, _, body) = env.chat(&gw, &token, bare).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let (_, _, last) = env
+        .request("GET", &mock.url("/_mock/last"), None, None)
+        .await;
+    let sent = json(&last)["body"].clone();
+    assert_eq!(sent["model"], "gpt-5");
+    assert_eq!(sent["max_completion_tokens"], 64);
+    assert_eq!(sent["temperature"], 0.4);
+}
