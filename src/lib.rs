@@ -19,5 +19,7 @@ pub mod route;
 pub mod router;
 pub mod server;
 pub mod settle;
+pub mod sse;
 pub mod state;
 pub mod stream_back;
+pub mod translate;
