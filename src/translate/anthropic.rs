@@ -39,7 +39,10 @@ const KNOWN: &[&str] = &[
 pub fn request(req: &Map<String, Value>, model: &Model) -> Result<Value, ApiError> {
     check_keys(req, KNOWN, "Anthropic")?;
     if req.get("n").and_then(Value::as_i64).is_some_and(|n| n != 1) {
-        return Err(bad("n", "Anthropic models answer with one choice (`n` = 1)"));
+        return Err(bad(
+            "n",
+            "Anthropic models answer with one choice (`n` = 1)",
+        ));
     }
     match req.get("response_format").map(|f| &f["type"]) {
         None | Some(Value::Null) => {}
@@ -136,7 +139,10 @@ pub fn request(req: &Map<String, Value>, model: &Model) -> Result<Value, ApiErro
         );
     }
     if let Some(t) = req.get("top_p").filter(|v| !v.is_null()) {
-        out.insert("top_p".into(), number_in(t, "top_p", 0.0, 1.0, "Anthropic")?);
+        out.insert(
+            "top_p".into(),
+            number_in(t, "top_p", 0.0, 1.0, "Anthropic")?,
+        );
     }
     if let Some(s) = req.get("stop") {
         let s = stop_list(s)?;
@@ -333,11 +339,9 @@ impl StreamState for Stream {
                     }
                 }
             }
-            "message_stop" => {
-                if !self.stopped {
-                    self.stopped = true;
-                    w.finish(out, "stop");
-                }
+            "message_stop" if !self.stopped => {
+                self.stopped = true;
+                w.finish(out, "stop");
             }
             "error" => return Step::Failed,
             _ => {}
@@ -502,8 +506,8 @@ mod tests {
           "stop_sequence": null,
           "usage": {"input_tokens": 2095, "output_tokens": 503, "cache_creation_input_tokens": 10, "cache_read_input_tokens": 100}
         }"#;
-        let a = translate_response(Kind::Anthropic, body, "chatcmpl-1", "claude-3.5-sonnet")
-            .unwrap();
+        let a =
+            translate_response(Kind::Anthropic, body, "chatcmpl-1", "claude-3.5-sonnet").unwrap();
         let v: Value = serde_json::from_slice(&a.body).unwrap();
         assert_eq!(v["object"], "chat.completion");
         assert_eq!(v["id"], "chatcmpl-1");
@@ -552,7 +556,10 @@ mod tests {
             let mut t = StreamTranslator::new(Kind::Anthropic, "chatcmpl-x", "claude", true);
             let out = run(&mut t, TEXT_STREAM.as_bytes(), step);
             let c = chunks(&out);
-            assert_eq!(c[0]["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
+            assert_eq!(
+                c[0]["choices"][0]["delta"],
+                json!({"role": "assistant", "content": ""})
+            );
             let text: String = c
                 .iter()
                 .filter_map(|x| x["choices"][0]["delta"]["content"].as_str())

@@ -41,7 +41,9 @@ fn clean_schema(v: &Value) -> Value {
     match v {
         Value::Object(o) => Value::Object(
             o.iter()
-                .filter(|(k, _)| !matches!(k.as_str(), "additionalProperties" | "$schema" | "strict"))
+                .filter(|(k, _)| {
+                    !matches!(k.as_str(), "additionalProperties" | "$schema" | "strict")
+                })
                 .map(|(k, v)| (k.clone(), clean_schema(v)))
                 .collect(),
         ),
@@ -54,7 +56,10 @@ fn clean_schema(v: &Value) -> Value {
 pub fn request(req: &Map<String, Value>, model: &Model) -> Result<Value, ApiError> {
     check_keys(req, KNOWN, "Gemini")?;
     if req.get("n").and_then(Value::as_i64).is_some_and(|n| n != 1) {
-        return Err(bad("n", "Gemini models are served with one choice (`n` = 1)"));
+        return Err(bad(
+            "n",
+            "Gemini models are served with one choice (`n` = 1)",
+        ));
     }
     if req.get("parallel_tool_calls").and_then(Value::as_bool) == Some(false) {
         return Err(bad(
@@ -117,7 +122,9 @@ pub fn request(req: &Map<String, Value>, model: &Model) -> Result<Value, ApiErro
                 let name = call_names.get(id).ok_or_else(|| {
                     bad(
                         "messages",
-                        format!("the tool message's `tool_call_id` `{id}` matches no earlier tool call"),
+                        format!(
+                            "the tool message's `tool_call_id` `{id}` matches no earlier tool call"
+                        ),
                     )
                 })?;
                 let text = text_of(content, "messages")?;
@@ -260,8 +267,9 @@ pub fn request(req: &Map<String, Value>, model: &Model) -> Result<Value, ApiErro
 pub fn finish_reason(reason: &str) -> &'static str {
     match reason {
         "MAX_TOKENS" => "length",
-        "SAFETY" | "RECITATION" | "BLOCKLIST" | "PROHIBITED_CONTENT" | "SPII"
-        | "IMAGE_SAFETY" => "content_filter",
+        "SAFETY" | "RECITATION" | "BLOCKLIST" | "PROHIBITED_CONTENT" | "SPII" | "IMAGE_SAFETY" => {
+            "content_filter"
+        }
         _ => "stop",
     }
 }
@@ -413,7 +421,9 @@ impl StreamState for Stream {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::super::tests::{chunks, model, run};
-    use super::super::{request as translate, response as translate_response, Kind, StreamTranslator};
+    use super::super::{
+        request as translate, response as translate_response, Kind, StreamTranslator,
+    };
     use super::*;
 
     fn req(v: Value) -> Result<Value, ApiError> {
@@ -502,8 +512,15 @@ mod tests {
             json!({"role": "user", "parts": [{"functionResponse": {"name": "find_theaters",
                 "response": {"name": "find_theaters", "content": {"movie": "Barbie", "theaters": [{"name": "AMC"}]}}}}]})
         );
-        let orphan = req(json!({"messages": [{"role": "tool", "tool_call_id": "nope", "content": "x"}]}));
-        assert!(matches!(orphan, Err(ApiError::InvalidRequest { param: Some("messages"), .. })));
+        let orphan =
+            req(json!({"messages": [{"role": "tool", "tool_call_id": "nope", "content": "x"}]}));
+        assert!(matches!(
+            orphan,
+            Err(ApiError::InvalidRequest {
+                param: Some("messages"),
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -514,7 +531,10 @@ mod tests {
             (json!({"n": 3}), "n"),
             (json!({"temperature": 3}), "temperature"),
             (json!({"parallel_tool_calls": false}), "parallel_tool_calls"),
-            (json!({"response_format": {"type": "yaml"}}), "response_format"),
+            (
+                json!({"response_format": {"type": "yaml"}}),
+                "response_format",
+            ),
         ] {
             let mut body = json!({"messages": [{"role": "user", "content": "x"}]});
             for (k, v) in extra.as_object().unwrap() {
@@ -525,8 +545,16 @@ mod tests {
                 other => panic!("{param}: {other:?}"),
             }
         }
-        let url_image = req(json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]}));
-        assert!(matches!(url_image, Err(ApiError::InvalidRequest { param: Some("messages"), .. })));
+        let url_image = req(
+            json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]}),
+        );
+        assert!(matches!(
+            url_image,
+            Err(ApiError::InvalidRequest {
+                param: Some("messages"),
+                ..
+            })
+        ));
     }
 
     /// The text generation example of Gemini's `generateContent` reference.
@@ -566,7 +594,8 @@ mod tests {
         assert!(tc["id"].as_str().unwrap().starts_with("call_"));
         assert_eq!(a.usage.unwrap().completion_tokens, 8);
         assert_eq!(a.usage.unwrap().total_tokens, 17);
-        let limited = br#"{"candidates":[{"content":{"parts":[{"text":"a"}]},"finishReason":"MAX_TOKENS"}]}"#;
+        let limited =
+            br#"{"candidates":[{"content":{"parts":[{"text":"a"}]},"finishReason":"MAX_TOKENS"}]}"#;
         let a = translate_response(Kind::Gemini, limited, "c", "m").unwrap();
         assert!(a.usage.is_none());
         assert!(String::from_utf8_lossy(&a.body).contains("\"length\""));

@@ -384,7 +384,10 @@ pub(crate) fn stop_list(v: &Value) -> Result<Vec<Value>, ApiError> {
         Value::Null => Ok(vec![]),
         Value::String(_) => Ok(vec![v.clone()]),
         Value::Array(a) if a.iter().all(Value::is_string) => Ok(a.clone()),
-        _ => Err(bad("stop", "`stop` must be a string or an array of strings")),
+        _ => Err(bad(
+            "stop",
+            "`stop` must be a string or an array of strings",
+        )),
     }
 }
 
@@ -496,7 +499,10 @@ fn image(url: &str) -> Result<Part, ApiError> {
             .strip_suffix(";base64")
             .ok_or_else(|| bad("messages", "image data URLs must be base64-encoded"))?;
         if !media_type.starts_with("image/") {
-            return Err(bad("messages", "an image data URL must be of an image/* type"));
+            return Err(bad(
+                "messages",
+                "an image data URL must be of an image/* type",
+            ));
         }
         return Ok(Part::InlineImage {
             media_type: media_type.to_owned(),
