@@ -16,14 +16,20 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::config::ProviderConfig;
 use crate::error::ApiError;
+use crate::translate::Kind;
 
 type Https = hyper_rustls::HttpsConnector<HttpConnector>;
 
 pub struct Provider {
     pub name: String,
+    /// The wire format it speaks.
+    pub kind: Kind,
     client: Client<Https, Full<Bytes>>,
+    base_url: String,
     chat_uri: Uri,
-    api_key: Option<HeaderValue>,
+    /// The key header: `authorization: Bearer` (OpenAI), `x-api-key` (Anthropic),
+    /// `x-goog-api-key` (Gemini).
+    api_key: Option<(header::HeaderName, HeaderValue)>,
     /// Longest wait for the answer to start, and between two of its frames.
     pub idle_timeout: Duration,
 }
@@ -57,19 +63,27 @@ impl Upstream {
             let chat_uri: Uri = format!("{}/chat/completions", p.base_url)
                 .parse()
                 .map_err(|e| format!("providers.{name}.base_url: {e}"))?;
+            let kind = Kind::of(name);
             let api_key = std::env::var(&p.api_key_env)
                 .ok()
                 .filter(|k| !k.is_empty())
                 .and_then(|k| {
-                    let mut v = HeaderValue::from_str(&format!("Bearer {k}")).ok()?;
+                    let (name, value) = match kind {
+                        Kind::OpenAi => (header::AUTHORIZATION, format!("Bearer {k}")),
+                        Kind::Anthropic => (header::HeaderName::from_static("x-api-key"), k),
+                        Kind::Gemini => (header::HeaderName::from_static("x-goog-api-key"), k),
+                    };
+                    let mut v = HeaderValue::from_str(&value).ok()?;
                     v.set_sensitive(true);
-                    Some(v)
+                    Some((name, v))
                 });
             out.insert(
                 name.clone(),
                 Provider {
                     name: name.clone(),
+                    kind,
                     client,
+                    base_url: p.base_url.clone(),
                     chat_uri,
                     api_key,
                     idle_timeout: p.idle_timeout,
@@ -79,14 +93,13 @@ impl Upstream {
         Ok(Upstream { providers: out })
     }
 
-    /// The provider serving `name`, if it is wired (OpenAI's wire format today).
+    /// The provider serving `name`, if it is configured.
     pub fn provider(&self, name: &str) -> Result<&Provider, ApiError> {
-        match self.providers.get(name) {
-            Some(p) if name == "openai" => Ok(p),
-            _ => Err(ApiError::ProviderNotImplemented {
+        self.providers
+            .get(name)
+            .ok_or_else(|| ApiError::ProviderNotImplemented {
                 provider: name.to_owned(),
-            }),
-        }
+            })
     }
 }
 
@@ -101,16 +114,75 @@ fn rustls_config() -> Result<rustls::ClientConfig, String> {
         .with_no_client_auth())
 }
 
+/// What a request asks of a provider; each provider knows its URL for it.
+#[derive(Debug, Clone, Copy)]
+pub enum Endpoint<'a> {
+    /// Chat: OpenAI `/chat/completions`, Anthropic `/v1/messages`, Gemini
+    /// `models/{model}:generateContent` (`:streamGenerateContent?alt=sse` for streams).
+    Chat { model: &'a str },
+    /// OpenAI `/completions`.
+    Completions,
+    /// OpenAI `/embeddings`, Gemini `models/{model}:batchEmbedContents`.
+    Embeddings { model: &'a str },
+}
+
 impl Provider {
-    /// POSTs an OpenAI chat-completions body. Errors before any response are 502.
+    /// The URL of `endpoint` at this provider.
+    pub fn uri(&self, endpoint: Endpoint<'_>, stream: bool) -> Result<Uri, ApiError> {
+        let model_ok = |m: &str| {
+            !m.is_empty()
+                && m.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+        };
+        let url = match (self.kind, endpoint) {
+            (Kind::OpenAi, Endpoint::Chat { .. }) => return Ok(self.chat_uri.clone()),
+            (Kind::OpenAi, Endpoint::Completions) => format!("{}/completions", self.base_url),
+            (Kind::OpenAi, Endpoint::Embeddings { .. }) => {
+                format!("{}/embeddings", self.base_url)
+            }
+            (Kind::Anthropic, Endpoint::Chat { .. }) => format!("{}/v1/messages", self.base_url),
+            (Kind::Gemini, Endpoint::Chat { model }) if model_ok(model) => {
+                if stream {
+                    format!(
+                        "{}/v1beta/models/{model}:streamGenerateContent?alt=sse",
+                        self.base_url
+                    )
+                } else {
+                    format!("{}/v1beta/models/{model}:generateContent", self.base_url)
+                }
+            }
+            (Kind::Gemini, Endpoint::Embeddings { model }) if model_ok(model) => {
+                format!("{}/v1beta/models/{model}:batchEmbedContents", self.base_url)
+            }
+            _ => {
+                return Err(ApiError::internal(format!(
+                    "no {endpoint:?} endpoint at provider {}",
+                    self.name
+                )))
+            }
+        };
+        url.parse().map_err(ApiError::internal)
+    }
+
+    /// POSTs an OpenAI chat-completions body (OpenAI providers).
     pub async fn chat(
         &self,
         body: Bytes,
         stream: bool,
     ) -> Result<http::Response<Incoming>, ApiError> {
+        self.post(self.chat_uri.clone(), body, stream).await
+    }
+
+    /// POSTs `body` to `uri` with the provider's key. Errors before any response are 502.
+    pub async fn post(
+        &self,
+        uri: Uri,
+        body: Bytes,
+        stream: bool,
+    ) -> Result<http::Response<Incoming>, ApiError> {
         let mut req = Request::builder()
             .method(Method::POST)
-            .uri(self.chat_uri.clone())
+            .uri(uri)
             .header(header::CONTENT_TYPE, "application/json")
             .header(
                 header::ACCEPT,
@@ -126,8 +198,14 @@ impl Provider {
             )
             .body(Full::new(body))
             .map_err(ApiError::internal)?;
-        if let Some(k) = &self.api_key {
-            req.headers_mut().insert(header::AUTHORIZATION, k.clone());
+        if let Some((name, value)) = &self.api_key {
+            req.headers_mut().insert(name.clone(), value.clone());
+        }
+        if self.kind == Kind::Anthropic {
+            req.headers_mut().insert(
+                "anthropic-version",
+                HeaderValue::from_static(crate::translate::anthropic::VERSION),
+            );
         }
         match tokio::time::timeout(self.idle_timeout, self.client.request(req)).await {
             Ok(Ok(resp)) => Ok(resp),

@@ -8,6 +8,7 @@ pub mod authenticate;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod endpoints;
 pub mod error;
 pub mod flush;
 pub mod forward;

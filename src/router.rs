@@ -39,7 +39,8 @@ use crate::parse::{parse_chat, rewrite_body, ChatRequest};
 use crate::route::Model;
 use crate::settle::{cost, settle, Usage, UsageEvent};
 use crate::state::AppState;
-use crate::stream_back::SseTap;
+use crate::stream_back::Tap;
+use crate::translate::{self, Kind};
 
 /// The request id: the key of the hold, the settle and the `usage_history` row.
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +49,8 @@ pub struct RequestId(pub Uuid);
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(crate::endpoints::completions))
+        .route("/v1/embeddings", post(crate::endpoints::embeddings))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route("/health", get(crate::ops::health))
@@ -107,7 +110,7 @@ async fn get_model(
 }
 
 /// Reads the body, refusing more than `limit` bytes with 413.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e)
@@ -123,15 +126,33 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
 }
 
 /// What one admitted request carries from reserve to settle.
-struct Admitted {
-    state: AppState,
-    rid: Uuid,
-    user: Uuid,
-    model: std::sync::Arc<Model>,
-    started: Instant,
-    prompt_bound: i64,
-    hold: i64,
-    stream: bool,
+pub(crate) struct Admitted {
+    pub(crate) state: AppState,
+    pub(crate) rid: Uuid,
+    pub(crate) user: Uuid,
+    pub(crate) model: std::sync::Arc<Model>,
+    pub(crate) started: Instant,
+    pub(crate) prompt_bound: i64,
+    pub(crate) hold: i64,
+    pub(crate) stream: bool,
+    /// The wire format of the model's provider (anything but OpenAI is translated).
+    pub(crate) kind: Kind,
+    /// Which provider endpoint the request goes to.
+    pub(crate) endpoint: Api,
+    /// The `usage_history.operation` recorded (`chat` becomes `function_call` when the
+    /// answer calls a tool).
+    pub(crate) operation: &'static str,
+}
+
+/// The OpenAI endpoint a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Api {
+    Chat,
+    Completions,
+    /// `base64`: the client asked for `encoding_format: base64`.
+    Embeddings {
+        base64: bool,
+    },
 }
 
 impl Admitted {
@@ -144,7 +165,7 @@ impl Admitted {
             .unwrap_or_default()
     }
 
-    async fn release(&self) {
+    pub(crate) async fn release(&self) {
         if let Err(e) = self.state.ledger.release(&self.user, &self.rid).await {
             // The hold expires on its own (metering.hold_ttl_ms) and is returned then.
             tracing::warn!(request_id = %self.rid, error = %e, "releasing a hold failed");
@@ -176,7 +197,7 @@ impl Admitted {
             created_at: Utc::now(),
             user_id: self.user,
             model_id: self.model.id.clone(),
-            operation: "chat",
+            operation: self.operation,
             credits_used: credits,
             input_tokens: usage.prompt_tokens,
             output_tokens: usage.completion_tokens,
@@ -220,7 +241,7 @@ impl Admitted {
 
 /// Reserve, loading the balance from PostgreSQL on first use. Holds room for
 /// `want` tokens in each of the `n` choices; returns (hold, tokens per choice).
-async fn reserve(
+pub(crate) async fn reserve(
     state: &AppState,
     user: &Uuid,
     rid: &Uuid,
@@ -272,12 +293,12 @@ async fn chat_completions(
     let body = read_body(req.into_body(), state.cfg.max_body_bytes).await?;
     let chat = parse_chat(&body, i64::from(state.cfg.metering.image_tokens))?;
     let model = state.models.route(&chat.model)?;
-    let provider_ok = state.upstream.provider(&model.provider).is_ok();
-    if !provider_ok {
-        return Err(ApiError::ProviderNotImplemented {
-            provider: model.provider.clone(),
-        });
-    }
+    let kind = state.upstream.provider(&model.provider)?.kind;
+    // Translation runs before anything is held: what the provider cannot honour is a 400.
+    let translated = match kind {
+        Kind::OpenAi => None,
+        _ => Some(translate::request(kind, &body, &model)?),
+    };
     let want = chat
         .max_tokens
         .map_or(model.output_cap(), |m| m.min(model.output_cap()));
@@ -291,10 +312,21 @@ async fn chat_completions(
         prompt_bound: chat.prompt_tokens_bound,
         hold,
         stream: chat.stream,
+        kind,
+        endpoint: Api::Chat,
+        operation: "chat",
     };
     let lowered = (max_tokens < want).then_some(max_tokens);
-    let upstream_body = match rewrite_body(&body, &chat, &model.name, lowered) {
-        Ok(Some(b)) => Bytes::from(b),
+    let upstream = match translated {
+        // The provider's limit is always set: the hold covers exactly that many tokens.
+        Some(mut t) => {
+            t.set_max_tokens(max_tokens);
+            t.to_bytes().map(Some)
+        }
+        None => rewrite_body(&body, &chat, &model.name, lowered).map(|b| b.map(Bytes::from)),
+    };
+    let upstream_body = match upstream {
+        Ok(Some(b)) => b,
         Ok(None) => body,
         Err(e) => {
             adm.release().await;
@@ -303,7 +335,17 @@ async fn chat_completions(
     };
     // From here on the request runs in its own task: a client that disconnects cannot
     // cancel the settle of what the provider produced.
-    let include_usage = chat.include_usage;
+    run(adm, upstream_body, chat.include_usage).await
+}
+
+/// Forwards an admitted request in a task of its own: a client that disconnects cannot
+/// cancel the settle of what the provider produced.
+pub(crate) async fn run(
+    adm: Admitted,
+    upstream_body: Bytes,
+    include_usage: bool,
+) -> Result<Response, ApiError> {
+    let state = adm.state.clone();
     let handle = state.tasks.spawn(async move {
         if adm.stream {
             forward_stream(adm, upstream_body, include_usage).await
@@ -320,7 +362,20 @@ async fn send(
     body: Bytes,
 ) -> Result<http::Response<hyper::body::Incoming>, ApiError> {
     let provider = adm.state.upstream.provider(&adm.model.provider)?;
-    let resp = match provider.chat(body, adm.stream).await {
+    let model = adm.model.name.as_str();
+    let endpoint = match adm.endpoint {
+        Api::Chat => crate::forward::Endpoint::Chat { model },
+        Api::Completions => crate::forward::Endpoint::Completions,
+        Api::Embeddings { .. } => crate::forward::Endpoint::Embeddings { model },
+    };
+    let uri = match provider.uri(endpoint, adm.stream) {
+        Ok(u) => u,
+        Err(e) => {
+            adm.release().await;
+            return Err(e);
+        }
+    };
+    let resp = match provider.post(uri, body, adm.stream).await {
         Ok(r) => r,
         Err(e) => {
             adm.release().await;
@@ -339,16 +394,26 @@ async fn send(
         .unwrap_or_default();
     adm.release().await;
     tracing::info!(request_id = %adm.rid, %status, "upstream answered with an error");
+    let key_refused =
+        adm.kind == Kind::Gemini && memchr::memmem::find(&body, b"API_KEY_INVALID").is_some();
+    let body = match adm.kind {
+        Kind::OpenAi => body,
+        kind => translate::error(kind, status, &body),
+    };
     Err(match status.as_u16() {
         // The provider refused the gateway's own key: not the caller's fault, and its
         // message (which may quote the key) is not passed on.
+        _ if key_refused => ApiError::BadGateway {
+            message: "the upstream provider refused the gateway's credentials".into(),
+        },
         401 | 403 => {
             tracing::error!(provider = %adm.model.provider, %status, "the provider rejected the gateway's credentials");
             ApiError::BadGateway {
                 message: "the upstream provider refused the gateway's credentials".into(),
             }
         }
-        429 => ApiError::UpstreamBusy { retry_after },
+        // Rate-limited or overloaded (Anthropic's 529): the caller may retry later.
+        429 | 529 => ApiError::UpstreamBusy { retry_after },
         _ if status.is_server_error() => ApiError::BadGateway {
             message: format!("the upstream provider failed ({status})"),
         },
@@ -356,7 +421,7 @@ async fn send(
     })
 }
 
-async fn forward_json(adm: Admitted, body: Bytes) -> Result<Response, ApiError> {
+async fn forward_json(mut adm: Admitted, body: Bytes) -> Result<Response, ApiError> {
     let resp = send(&adm, body).await?;
     let status = resp.status();
     let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
@@ -376,8 +441,33 @@ async fn forward_json(adm: Admitted, body: Bytes) -> Result<Response, ApiError> 
             });
         }
     };
-    let usage = Usage::from_openai_json(&bytes)
-        .unwrap_or_else(|| adm.estimate(bytes.len(), bytes.len().div_ceil(4)));
+    let (bytes, usage, tool_call) = if adm.kind == Kind::OpenAi {
+        let usage = Usage::from_openai_json(&bytes);
+        let tool_call = crate::stream_back::finished_with_tool_calls(&bytes);
+        (bytes, usage, tool_call)
+    } else {
+        let id = format!("chatcmpl-{}", adm.rid.simple());
+        let answer = match adm.endpoint {
+            Api::Embeddings { base64 } => {
+                translate::gemini::embed_response(&bytes, &adm.model.id, base64)
+            }
+            _ => translate::response(adm.kind, &bytes, &id, &adm.model.id),
+        };
+        match answer {
+            Ok(a) => (a.body, a.usage, a.tool_call),
+            Err(e) => {
+                adm.release().await;
+                tracing::warn!(request_id = %adm.rid, error = %e, "upstream answer not understood");
+                return Err(ApiError::BadGateway {
+                    message: "the upstream provider's answer could not be read".into(),
+                });
+            }
+        }
+    };
+    if tool_call && adm.operation == "chat" {
+        adm.operation = "function_call";
+    }
+    let usage = usage.unwrap_or_else(|| adm.estimate(bytes.len(), bytes.len().div_ceil(4)));
     adm.settle(usage, None).await?;
     let mut out = Response::new(Body::from(bytes));
     *out.status_mut() = status;
@@ -398,8 +488,9 @@ async fn forward_stream(
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
     let state = adm.state.clone();
     state.tasks.spawn(async move {
+        let mut adm = adm;
         let mut upstream = resp.into_body();
-        let mut tap = SseTap::new(include_usage);
+        let mut tap = Tap::new(adm.kind, include_usage, adm.rid, &adm.model.id);
         let mut client_gone = false;
         let mut cut = false;
         let mut drain_timed_out = false;
@@ -446,6 +537,10 @@ async fn forward_stream(
                     break;
                 }
             }
+        }
+        cut |= tap.failed();
+        if tap.tool_call() && adm.operation == "chat" {
+            adm.operation = "function_call";
         }
         let usage = tap
             .usage()

@@ -417,6 +417,76 @@ impl StreamState for Stream {
     }
 }
 
+/// OpenAI embeddings `input` → a `batchEmbedContents` request (texts only).
+pub fn embed_request(
+    input: &Value,
+    model: &Model,
+    dimensions: Option<i64>,
+) -> Result<Value, ApiError> {
+    let texts: Vec<&str> = match input {
+        Value::String(s) => vec![s.as_str()],
+        Value::Array(a) if !a.is_empty() && a.iter().all(Value::is_string) => {
+            a.iter().filter_map(Value::as_str).collect()
+        }
+        _ => {
+            return Err(bad(
+                "input",
+                "Gemini embeddings take `input` as a string or a non-empty array of strings",
+            ))
+        }
+    };
+    let name = format!("models/{}", model.name);
+    let requests: Vec<Value> = texts
+        .into_iter()
+        .map(|t| {
+            let mut r = json!({"model": name, "content": {"parts": [{"text": t}]}});
+            if let Some(d) = dimensions {
+                r["outputDimensionality"] = Value::from(d);
+            }
+            r
+        })
+        .collect();
+    Ok(json!({ "requests": requests }))
+}
+
+/// A `batchEmbedContents` answer → an OpenAI embeddings list. The usage is the one
+/// the provider reports (`usageMetadata`), if any.
+pub fn embed_response(bytes: &[u8], model: &str, base64: bool) -> Result<super::Answer, String> {
+    use base64::Engine as _;
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let list = v["embeddings"]
+        .as_array()
+        .ok_or("no `embeddings` in the answer")?;
+    let mut data = Vec::with_capacity(list.len());
+    for (i, e) in list.iter().enumerate() {
+        let values = e["values"]
+            .as_array()
+            .ok_or("an embedding has no `values`")?;
+        let embedding = if base64 {
+            let mut raw = Vec::with_capacity(values.len() * 4);
+            for x in values {
+                #[allow(clippy::cast_possible_truncation)]
+                let f = x.as_f64().unwrap_or(0.0) as f32;
+                raw.extend_from_slice(&f.to_le_bytes());
+            }
+            Value::String(base64::engine::general_purpose::STANDARD.encode(raw))
+        } else {
+            Value::Array(values.clone())
+        };
+        data.push(json!({"object": "embedding", "index": i, "embedding": embedding}));
+    }
+    let usage = read_usage(&v["usageMetadata"]).map(|u| u.usage());
+    let mut out = json!({"object": "list", "data": data, "model": model});
+    if let Some(u) = &usage {
+        out["usage"] = json!({"prompt_tokens": u.prompt_tokens, "total_tokens": u.total_tokens});
+    }
+    Ok(super::Answer {
+        body: bytes::Bytes::from(out.to_string()),
+        usage,
+        tool_call: false,
+    })
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
@@ -651,5 +721,42 @@ mod tests {
             .any(|x| x["choices"][0]["finish_reason"] == "tool_calls"));
         assert!(t.tool_call());
         assert_eq!(t.usage().unwrap().total_tokens, 24);
+    }
+
+    #[test]
+    fn embeddings_are_batched_and_answered_as_floats_or_base64() {
+        let m = model("google", &["text"]);
+        let r = embed_request(&json!(["a", "b"]), &m, Some(8)).unwrap();
+        assert_eq!(
+            r,
+            json!({"requests": [
+                {"model": "models/google-upstream", "content": {"parts": [{"text": "a"}]}, "outputDimensionality": 8},
+                {"model": "models/google-upstream", "content": {"parts": [{"text": "b"}]}, "outputDimensionality": 8}
+            ]})
+        );
+        assert!(matches!(
+            embed_request(&json!([1, 2]), &m, None),
+            Err(ApiError::InvalidRequest {
+                param: Some("input"),
+                ..
+            })
+        ));
+        let body = br#"{"embeddings":[{"values":[0.5,-1.0]},{"values":[0.25,2.0]}],"usageMetadata":{"promptTokenCount":4,"totalTokenCount":4}}"#;
+        let a = embed_response(body, "emb", false).unwrap();
+        let v: Value = serde_json::from_slice(&a.body).unwrap();
+        assert_eq!(v["data"][1]["embedding"], json!([0.25, 2.0]));
+        assert_eq!(v["data"][1]["index"], 1);
+        assert_eq!(v["usage"], json!({"prompt_tokens": 4, "total_tokens": 4}));
+        assert_eq!(a.usage.unwrap().total_tokens, 4);
+        let a = embed_response(body, "emb", true).unwrap();
+        let v: Value = serde_json::from_slice(&a.body).unwrap();
+        use base64::Engine as _;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(v["data"][0]["embedding"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(
+            raw,
+            [0.5f32.to_le_bytes(), (-1.0f32).to_le_bytes()].concat()
+        );
     }
 }
