@@ -1,10 +1,15 @@
-//! Bundled mock LLM provider speaking OpenAI's chat-completions wire format.
+//! Bundled mock LLM provider speaking OpenAI's chat-completions wire format, and (in
+//! its child module `formats`) Anthropic's, Gemini's and OpenAI's other endpoints.
 //!
 //! Used for load tests, local development and integration tests of the gateway.
 //! Self-contained: references nothing else from this crate.
 //!
 //! Routes:
-//! - `POST /v1/chat/completions` — JSON or SSE (`stream: true`) answers with usage.
+//! - `POST /v1/chat/completions` — JSON or SSE (`stream: true`) answers with usage;
+//!   a request offering tools gets a tool call (see [`formats`]).
+//! - `POST /v1/messages`, `POST /v1beta/models/{m}:generateContent`,
+//!   `:streamGenerateContent?alt=sse`, `:batchEmbedContents`, `POST /v1/completions`,
+//!   `POST /v1/embeddings` — see [`formats`].
 //! - `GET /v1/models` — a one-model list.
 //! - `GET /_mock/stats` — request counters and the last `Authorization` header seen.
 //!
@@ -30,6 +35,9 @@ use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use hyper_util::server::graceful::GracefulShutdown;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+
+#[path = "mock_formats.rs"]
+mod formats;
 
 /// Options of the mock provider (also usable as a clap sub-command's arguments).
 #[derive(Debug, Clone, clap::Args)]
@@ -336,6 +344,7 @@ impl MockProvider {
         }
         match (req.method(), req.uri().path()) {
             (&Method::POST, "/v1/chat/completions") => self.chat(req).await,
+            (&Method::POST, path) if formats::serves(path) => self.handle_format(req).await,
             (&Method::GET, "/v1/models") => self.models(),
             (&Method::GET, "/_mock/stats") => self.stats(),
             (method, path) => {
@@ -423,6 +432,12 @@ impl MockProvider {
                 format!("Mock failure injected with status {}", status.as_u16())
             };
             return self.fail(status, &msg);
+        }
+        let tool_tokens = overrides
+            .completion_tokens
+            .unwrap_or(self.opts.completion_tokens);
+        if let Some(resp) = formats::openai_tool_call(&self, &body, u64::from(tool_tokens)) {
+            return resp;
         }
 
         let prompt_tokens = match self.opts.prompt_tokens {

@@ -538,7 +538,7 @@ async fn forward_stream(
                 }
             }
         }
-        cut |= tap.failed();
+        cut |= !drain_timed_out && tap.failed();
         if tap.tool_call() && adm.operation == "chat" {
             adm.operation = "function_call";
         }

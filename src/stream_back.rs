@@ -69,11 +69,12 @@ impl Tap {
         }
     }
 
-    /// The provider reported an error inside the stream.
+    /// A translated stream that ended without the provider's end of the answer (an
+    /// error event, or the connection closed early): it was cut.
     pub fn failed(&self) -> bool {
         match self {
             Tap::OpenAi(_) => false,
-            Tap::Translated(t) => t.failed(),
+            Tap::Translated(t) => !t.complete(),
         }
     }
 

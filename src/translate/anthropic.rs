@@ -353,7 +353,7 @@ impl StreamState for Stream {
         (self.started && self.final_usage).then(|| self.usage.usage())
     }
 
-    fn end(&mut self, _w: &mut ChunkWriter, _out: &mut BytesMut) -> bool {
+    fn stopped(&self) -> bool {
         self.stopped
     }
 

@@ -408,7 +408,7 @@ impl StreamState for Stream {
         self.usage.filter(|_| self.stopped).map(|u| u.usage())
     }
 
-    fn end(&mut self, _w: &mut ChunkWriter, _out: &mut BytesMut) -> bool {
+    fn stopped(&self) -> bool {
         self.stopped
     }
 

@@ -275,8 +275,8 @@ trait StreamState {
     fn event(&mut self, ev: &SseEvent, w: &mut ChunkWriter, out: &mut BytesMut) -> Step;
     /// The usage reported so far (None until the provider's final count is known).
     fn usage(&self) -> Option<Usage>;
-    /// At the end of the stream: the closing chunk (finish reason), if not sent yet.
-    fn end(&mut self, w: &mut ChunkWriter, out: &mut BytesMut) -> bool;
+    /// The provider's end of the answer was seen (its finish chunk is sent).
+    fn stopped(&self) -> bool;
     fn tool_call(&self) -> bool;
 }
 
@@ -359,6 +359,12 @@ impl StreamTranslator {
         self.failed
     }
 
+    /// Whether the provider's end of the answer was seen (a stream that closes
+    /// before it was cut).
+    pub fn complete(&self) -> bool {
+        !self.failed && self.state.stopped()
+    }
+
     /// After the provider's stream ended (and the request is settled): the closing
     /// chunk, the usage chunk if asked for, and `[DONE]` — only for a stream that
     /// ended properly (a cut stream ends without `[DONE]`, as OpenAI's would).
@@ -368,7 +374,7 @@ impl StreamTranslator {
             return out.freeze();
         }
         self.ended = true;
-        if self.state.end(&mut self.writer, &mut out) {
+        if self.state.stopped() {
             if let Some(u) = self.state.usage() {
                 self.writer.usage(&mut out, &u);
             }
