@@ -4,10 +4,12 @@
 //! `POST /v1/completions`, `POST /v1/embeddings` and tool calls in chat.
 //!
 //! Every route honours the mock's options and `x-mock-fail`, `x-mock-latency-ms`,
-//! `x-mock-completion-tokens`, plus:
-//! - `x-mock-retry-after: S` — the `retry-after` of an injected 429 (default 1);
-//! - `x-mock-cut-after: N` — a stream stops after N events, without its end event;
-//! - `x-mock-cache-read-tokens: N` — Anthropic reports N cache-read input tokens.
+//! `x-mock-completion-tokens`, plus (each also a command-line option):
+//! - `x-mock-retry-after: S` (`--retry-after`) — the `retry-after` of an injected 429;
+//! - `x-mock-cut-after: N` (`--cut-after`) — a stream stops after N events, without
+//!   its end event;
+//! - `x-mock-cache-read-tokens: N` (`--cache-read-tokens`) — Anthropic reports N
+//!   cache-read input tokens.
 //!
 //! A request that offers tools is answered with a call of the first tool, unless its
 //! last message already carries a tool result (then with text): a tool round trip.
@@ -76,14 +78,19 @@ struct Extra {
 }
 
 impl Extra {
-    fn from_headers(h: &HeaderMap) -> Extra {
+    /// Headers first, then the mock's options.
+    fn new(h: &HeaderMap, o: &super::MockOptions) -> Extra {
         let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::trim);
         Extra {
-            retry_after: get("x-mock-retry-after").unwrap_or("1").to_owned(),
-            cut_after: get("x-mock-cut-after").and_then(|v| v.parse().ok()),
+            retry_after: get("x-mock-retry-after")
+                .unwrap_or(&o.retry_after)
+                .to_owned(),
+            cut_after: get("x-mock-cut-after")
+                .and_then(|v| v.parse().ok())
+                .or(o.cut_after),
             cache_read: get("x-mock-cache-read-tokens")
                 .and_then(|v| v.parse().ok())
-                .unwrap_or(0),
+                .unwrap_or(o.cache_read_tokens),
         }
     }
 }
@@ -214,7 +221,7 @@ impl MockProvider {
         };
         let seq = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
         let overrides = Overrides::from_headers(req.headers());
-        let extra = Extra::from_headers(req.headers());
+        let extra = Extra::new(req.headers(), &self.opts);
         let headers = req.headers().clone();
         let query = req.uri().query().unwrap_or_default().to_owned();
         let body = match Limited::new(req.into_body(), MAX_BODY_BYTES)

@@ -63,6 +63,16 @@ pub struct MockOptions {
     /// Fail one request in N with 500 (0 = never)
     #[arg(long, default_value_t = 0)]
     pub fail_every: u32,
+    /// `retry-after` of injected 429s (Anthropic and Gemini formats; header x-mock-retry-after)
+    #[arg(long, default_value = "1")]
+    pub retry_after: String,
+    /// End Anthropic/Gemini/completions streams after N events, without their end event
+    /// (header x-mock-cut-after)
+    #[arg(long)]
+    pub cut_after: Option<usize>,
+    /// Cache-read input tokens Anthropic answers report (header x-mock-cache-read-tokens)
+    #[arg(long, default_value_t = 0)]
+    pub cache_read_tokens: u64,
 }
 
 /// State shared by every connection of one mock server: options and counters.
@@ -722,6 +732,9 @@ mod tests {
             prompt_tokens: None,
             fail_status: None,
             fail_every: 0,
+            retry_after: "1".into(),
+            cut_after: None,
+            cache_read_tokens: 0,
         }
     }
 
