@@ -607,3 +607,122 @@ async fn a_stream_cut_by_the_provider_is_recorded_as_cut_and_estimated() {
         assert!(row.total > 0);
     }
 }
+
+/// A venv with the official `openai` SDK from PyPI, cached under `target/` (created
+/// once; later runs reuse it). Fails, never skips, when Python cannot provide it.
+fn sdk_python() -> std::path::PathBuf {
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/openai-sdk-venv");
+    let py = venv.join("bin/python");
+    let ready = |py: &std::path::Path| {
+        std::process::Command::new(py)
+            .args(["-c", "import openai"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if ready(&py) {
+        return py;
+    }
+    let st = std::process::Command::new("python3")
+        .args(["-m", "venv", "--clear"])
+        .arg(&venv)
+        .status()
+        .expect("python3 is required (scripts/test.sh installs python3-venv)");
+    assert!(
+        st.success(),
+        "python3 -m venv failed (install python3-venv)"
+    );
+    let st = std::process::Command::new(&py)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "openai>=1.40,<3",
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success(), "pip install openai failed");
+    assert!(ready(&py), "the openai SDK does not import");
+    py
+}
+
+#[tokio::test]
+async fn the_openai_python_sdk_works_against_every_provider() {
+    let py = tokio::task::spawn_blocking(sdk_python).await.unwrap();
+    let s = setup(
+        &["--prompt-tokens", "300", "--completion-tokens", "12"],
+        10_000,
+    )
+    .await;
+    let (_, broke) = s.env.user(0).await;
+    let busy_mock = s.env.mock(&["--fail-status", "429"]).await;
+    let busy_base = format!("http://{}", busy_mock.addr);
+    let busy = s
+        .env
+        .gateway_with(
+            &busy_mock,
+            &[
+                ("TOLLGATE__PROVIDERS__ANTHROPIC__BASE_URL", &busy_base),
+                ("TOLLGATE__PROVIDERS__GOOGLE__BASE_URL", &busy_base),
+                ("ANTHROPIC_API_KEY", PROVIDER_KEY),
+                ("GEMINI_API_KEY", PROVIDER_KEY),
+            ],
+        )
+        .await;
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/openai_client.py");
+    let out = tokio::process::Command::new(&py)
+        .arg(script)
+        .arg(s.gw.url(""))
+        .arg(&s.token)
+        .arg(&broke)
+        .arg(busy.url(""))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the SDK script failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    // Per provider: chat, streamed chat, tool call, tool result; two embeddings; one completion.
+    assert_eq!(seen.len(), 3 * 4 + 2 + 1, "{seen:?}");
+    let price_of = |m: &str| match m {
+        "gpt-5" | "claude-3.5-sonnet" => 2,
+        _ => 1,
+    };
+    let mut billed = 0;
+    for r in &seen {
+        let model = r["model"].as_str().unwrap();
+        let row = s.row(r["request_id"].as_str().unwrap()).await;
+        assert_eq!(row.model, model);
+        assert_eq!(row.operation, r["kind"].as_str().unwrap(), "{r}");
+        assert_eq!(row.total, r["total_tokens"].as_i64().unwrap(), "{r}");
+        assert_eq!(row.input, r["prompt_tokens"].as_i64().unwrap(), "{r}");
+        assert_eq!(row.credits, price(row.total, price_of(model)), "{r}");
+        billed += row.credits;
+    }
+    // Per provider also a stream without the usage chunk; per embedding model also a
+    // float request: 20 rows in all, and the live balance is charged exactly their sum.
+    let rows = s
+        .env
+        .wait_for_count("SELECT count(*) FROM usage_history", 20, FLUSH_WAIT)
+        .await;
+    assert_eq!(rows, 20);
+    let all: i64 = s
+        .env
+        .db()
+        .await
+        .query_one(
+            "SELECT coalesce(sum(credits_used), 0)::bigint FROM usage_history",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(all >= billed);
+    assert_eq!(s.env.redis_balance(&s.user).await, Some(10_000 - all));
+}
