@@ -777,3 +777,64 @@ impl Gen {
         out
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_of_each_format() {
+        assert!(matches!(
+            route("/v1/messages"),
+            Some((Format::Anthropic, Route::Messages, _))
+        ));
+        let (f, r, m) =
+            route("/v1beta/models/gemini-2.0-pro-exp-02-05:streamGenerateContent").unwrap();
+        assert!(f == Format::Gemini && r == Route::Generate { stream: true });
+        assert_eq!(m, "gemini-2.0-pro-exp-02-05");
+        assert!(matches!(
+            route("/v1beta/models/e:batchEmbedContents"),
+            Some((_, Route::GeminiEmbed, _))
+        ));
+        assert!(route("/v1beta/models/e:countTokens").is_none());
+        assert!(!serves("/v1/chat/completions"));
+    }
+
+    #[test]
+    fn tools_are_called_until_a_result_comes_back() {
+        let body = json!({"tools": [{"name": "f", "input_schema": {"type": "object", "required": ["a", "b"]}}],
+            "messages": [{"role": "user", "content": "x"}]});
+        let (name, args) = tool_to_call(Format::Anthropic, &body).unwrap();
+        assert_eq!(name, "f");
+        assert_eq!(
+            serde_json::from_str::<Value>(&args).unwrap(),
+            json!({"a": "mock", "b": "mock"})
+        );
+        let answered = json!({"tools": body["tools"], "messages": [{"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t", "content": "ok"}]}]});
+        assert!(tool_to_call(Format::Anthropic, &answered).is_none());
+        let gemini = json!({"tools": [{"functionDeclarations": [{"name": "g"}]}],
+            "contents": [{"role": "user", "parts": [{"functionResponse": {"name": "g"}}]}]});
+        assert!(tool_to_call(Format::Gemini, &gemini).is_none());
+        let openai = json!({"tools": [{"type": "function", "function": {"name": "h"}}], "tool_choice": "none",
+            "messages": [{"role": "user", "content": "x"}]});
+        assert!(tool_to_call(Format::OpenAi, &openai).is_none());
+    }
+
+    #[test]
+    fn error_bodies_have_each_providers_shape() {
+        let a = error_body(
+            Format::Anthropic,
+            StatusCode::from_u16(529).unwrap(),
+            "Overloaded",
+        );
+        assert_eq!(
+            a,
+            json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+        );
+        let g = error_body(Format::Gemini, StatusCode::TOO_MANY_REQUESTS, "slow down");
+        assert_eq!(g["error"]["status"], "RESOURCE_EXHAUSTED");
+        assert_eq!(g["error"]["code"], 429);
+    }
+}
