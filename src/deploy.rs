@@ -31,6 +31,7 @@ use hyper_util::client::legacy::Client;
 
 use crate::config::ProviderConfig;
 use crate::error::ApiError;
+use crate::translate::Kind;
 
 pub type Https = hyper_rustls::HttpsConnector<HttpConnector>;
 pub type HttpClient = Client<Https, Full<Bytes>>;
@@ -220,6 +221,8 @@ enum Outcome {
 /// The deployments of one provider and its retry policy.
 pub struct Pool {
     pub provider: String,
+    /// The provider's wire format (for reading its error answers).
+    pub kind: Kind,
     deployments: Vec<Deployment>,
     total_weight: u64,
     max_attempts: u32,
@@ -251,6 +254,7 @@ impl Pool {
             .collect();
         Pool {
             provider: cfg.name.clone(),
+            kind: Kind::of(&cfg.name),
             total_weight: deployments.iter().map(|d| u64::from(d.weight)).sum(),
             deployments,
             max_attempts: cfg.max_attempts.max(1),
@@ -469,9 +473,19 @@ impl Pool {
         .map(|c| c.to_bytes())
         .unwrap_or_default();
         tracing::info!(provider = %name, deployment = d.index, %status, "upstream answered with an error");
+        // Gemini refuses a bad key with 400 API_KEY_INVALID.
+        let key_refused =
+            self.kind == Kind::Gemini && memchr::memmem::find(&body, b"API_KEY_INVALID").is_some();
         match status.as_u16() {
             // The provider refused the gateway's own key: not the caller's fault, and
             // its message (which may quote the key) is not passed on.
+            _ if key_refused => {
+                tracing::error!(provider = %name, deployment = d.index, %status,
+                                "the provider rejected the gateway's credentials");
+                Err(Outcome::Fatal(ApiError::BadGateway {
+                    message: "the upstream provider refused the gateway's credentials".into(),
+                }))
+            }
             401 | 403 => {
                 tracing::error!(provider = %name, deployment = d.index, %status,
                                 "the provider rejected the gateway's credentials");
@@ -479,7 +493,8 @@ impl Pool {
                     message: "the upstream provider refused the gateway's credentials".into(),
                 }))
             }
-            429 => Err(Outcome::Retry {
+            // Rate-limited, or overloaded (Anthropic's 529): the caller may retry later.
+            429 | 529 => Err(Outcome::Retry {
                 error: ApiError::UpstreamBusy {
                     retry_after: retry_after_header,
                 },
@@ -494,6 +509,10 @@ impl Pool {
             _ => {
                 // The deployment is healthy; the request is at fault.
                 d.breaker.success();
+                let body = match self.kind {
+                    Kind::OpenAi => body,
+                    kind => crate::translate::error(kind, status, &body),
+                };
                 Err(Outcome::Fatal(ApiError::Upstream { status, body }))
             }
         }

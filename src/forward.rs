@@ -1,8 +1,10 @@
 //! Stage 6, forward: send the request to one of the model's provider's deployments
 //! (chosen, retried and failed over in [`crate::deploy`]) over pooled keep-alive
-//! connections (TCP_NODELAY, rustls for https). The upstream request is built afresh:
-//! the client's own `Authorization`, cookies and other headers are never forwarded;
-//! each deployment's key comes from the environment variable named in config.
+//! connections (TCP_NODELAY, rustls for https), in the provider's own wire format
+//! ([`crate::translate`] turns OpenAI requests into it). The upstream request is built
+//! afresh: the client's own `Authorization`, cookies and other headers are never
+//! forwarded; each deployment's key comes from the environment variable named in
+//! config, in the header its provider expects.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -15,15 +17,18 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::config::ProviderConfig;
-use crate::deploy::{HttpClient, Mode, Pool, Sent};
+use crate::deploy::{Deployment, HttpClient, Mode, Pool, Sent};
 use crate::error::ApiError;
+use crate::translate::Kind;
 
 pub struct Provider {
     pub name: String,
+    /// The wire format it speaks.
+    pub kind: Kind,
     client: HttpClient,
     /// The deployments, their breakers and the retry policy.
     pub pool: Pool,
-    /// `<base_url>/chat/completions` of each deployment, by index.
+    /// `<base_url>/chat/completions` of each deployment (OpenAI's hot path), by index.
     chat_uris: Vec<Uri>,
     /// Longest wait between two frames of an answer.
     pub idle_timeout: Duration,
@@ -69,6 +74,7 @@ impl Upstream {
                 name.clone(),
                 Provider {
                     name: name.clone(),
+                    kind: Kind::of(name),
                     client,
                     pool: Pool::new(p),
                     chat_uris,
@@ -79,18 +85,17 @@ impl Upstream {
         Ok(Upstream { providers: out })
     }
 
-    /// The provider serving `name`, if it is wired (OpenAI's wire format today).
+    /// The provider serving `name`, if it is configured.
     pub fn provider(&self, name: &str) -> Result<&Provider, ApiError> {
-        match self.providers.get(name) {
-            Some(p) if name == "openai" => Ok(p),
-            _ => Err(ApiError::ProviderNotImplemented {
+        self.providers
+            .get(name)
+            .ok_or_else(|| ApiError::ProviderNotImplemented {
                 provider: name.to_owned(),
-            }),
-        }
+            })
     }
 }
 
-fn rustls_config() -> Result<rustls::ClientConfig, String> {
+pub(crate) fn rustls_config() -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -101,12 +106,69 @@ fn rustls_config() -> Result<rustls::ClientConfig, String> {
         .with_no_client_auth())
 }
 
+/// What a request asks of a provider; each provider knows its URL for it.
+#[derive(Debug, Clone, Copy)]
+pub enum Endpoint<'a> {
+    /// Chat: OpenAI `/chat/completions`, Anthropic `/v1/messages`, Gemini
+    /// `models/{model}:generateContent` (`:streamGenerateContent?alt=sse` for streams).
+    Chat { model: &'a str },
+    /// OpenAI `/completions`.
+    Completions,
+    /// OpenAI `/embeddings`, Gemini `models/{model}:batchEmbedContents`.
+    Embeddings { model: &'a str },
+}
+
 impl Provider {
-    /// POSTs an OpenAI chat-completions body to the provider's deployments (retries
-    /// and failover in [`Pool::send`]). The request is built afresh: nothing of the
-    /// client's request but the body goes upstream.
-    pub async fn chat(
+    /// The URL of `endpoint` at deployment `d` of this provider.
+    pub fn uri(
         &self,
+        d: &Deployment,
+        endpoint: Endpoint<'_>,
+        stream: bool,
+    ) -> Result<Uri, ApiError> {
+        let model_ok = |m: &str| {
+            !m.is_empty()
+                && m.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+        };
+        let base = &d.base_url;
+        let url = match (self.kind, endpoint) {
+            (Kind::OpenAi, Endpoint::Chat { .. }) => {
+                return self
+                    .chat_uris
+                    .get(d.index)
+                    .cloned()
+                    .ok_or_else(|| ApiError::internal("deployment without a URL"))
+            }
+            (Kind::OpenAi, Endpoint::Completions) => format!("{base}/completions"),
+            (Kind::OpenAi, Endpoint::Embeddings { .. }) => format!("{base}/embeddings"),
+            (Kind::Anthropic, Endpoint::Chat { .. }) => format!("{base}/v1/messages"),
+            (Kind::Gemini, Endpoint::Chat { model }) if model_ok(model) => {
+                if stream {
+                    format!("{base}/v1beta/models/{model}:streamGenerateContent?alt=sse")
+                } else {
+                    format!("{base}/v1beta/models/{model}:generateContent")
+                }
+            }
+            (Kind::Gemini, Endpoint::Embeddings { model }) if model_ok(model) => {
+                format!("{base}/v1beta/models/{model}:batchEmbedContents")
+            }
+            _ => {
+                return Err(ApiError::internal(format!(
+                    "no {endpoint:?} endpoint at provider {}",
+                    self.name
+                )))
+            }
+        };
+        url.parse().map_err(ApiError::internal)
+    }
+
+    /// POSTs `body` (already in the provider's format) to `endpoint` at the provider's
+    /// deployments (retries and failover in [`Pool::send`]). Nothing of the client's
+    /// request but the body goes upstream.
+    pub async fn send(
+        &self,
+        endpoint: Endpoint<'_>,
         body: Bytes,
         stream: bool,
         max_bytes: usize,
@@ -123,14 +185,9 @@ impl Provider {
         });
         self.pool
             .send(&self.client, mode, |d| {
-                let uri = self
-                    .chat_uris
-                    .get(d.index)
-                    .cloned()
-                    .ok_or_else(|| ApiError::internal("deployment without a URL"))?;
                 let mut req = Request::builder()
                     .method(Method::POST)
-                    .uri(uri)
+                    .uri(self.uri(d, endpoint, stream)?)
                     .header(header::CONTENT_TYPE, "application/json")
                     .header(header::ACCEPT, accept.clone())
                     .header(
@@ -139,8 +196,27 @@ impl Provider {
                     )
                     .body(Full::new(body.clone()))
                     .map_err(ApiError::internal)?;
-                if let Some(k) = &d.bearer {
-                    req.headers_mut().insert(header::AUTHORIZATION, k.clone());
+                let h = req.headers_mut();
+                match self.kind {
+                    Kind::OpenAi => {
+                        if let Some(k) = &d.bearer {
+                            h.insert(header::AUTHORIZATION, k.clone());
+                        }
+                    }
+                    Kind::Anthropic => {
+                        if let Some(k) = &d.key {
+                            h.insert("x-api-key", k.clone());
+                        }
+                        h.insert(
+                            "anthropic-version",
+                            HeaderValue::from_static(crate::translate::anthropic::VERSION),
+                        );
+                    }
+                    Kind::Gemini => {
+                        if let Some(k) = &d.key {
+                            h.insert("x-goog-api-key", k.clone());
+                        }
+                    }
                 }
                 Ok(req)
             })

@@ -1,10 +1,15 @@
-//! Bundled mock LLM provider speaking OpenAI's chat-completions wire format.
+//! Bundled mock LLM provider speaking OpenAI's chat-completions wire format, and (in
+//! its child module `formats`) Anthropic's, Gemini's and OpenAI's other endpoints.
 //!
 //! Used for load tests, local development and integration tests of the gateway.
 //! Self-contained: references nothing else from this crate.
 //!
 //! Routes:
-//! - `POST /v1/chat/completions` — JSON or SSE (`stream: true`) answers with usage.
+//! - `POST /v1/chat/completions` — JSON or SSE (`stream: true`) answers with usage;
+//!   a request offering tools gets a tool call (see [`formats`]).
+//! - `POST /v1/messages`, `POST /v1beta/models/{m}:generateContent`,
+//!   `:streamGenerateContent?alt=sse`, `:batchEmbedContents`, `POST /v1/completions`,
+//!   `POST /v1/embeddings` — see [`formats`].
 //! - `GET /v1/models` — a one-model list.
 //! - `GET /_mock/stats` — request counters and the last `Authorization` header seen.
 //! - `GET /_mock/last` — the headers and JSON body of the last chat request received.
@@ -31,6 +36,9 @@ use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use hyper_util::server::graceful::GracefulShutdown;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+
+#[path = "mock_formats.rs"]
+mod formats;
 
 /// Options of the mock provider (also usable as a clap sub-command's arguments).
 #[derive(Debug, Clone, clap::Args)]
@@ -59,12 +67,18 @@ pub struct MockOptions {
     /// With --fail-status: fail only the first N requests, then answer (0 = all)
     #[arg(long, default_value_t = 0)]
     pub fail_first: u64,
-    /// Send `retry-after: N` (seconds) with injected 429 and 503 answers
+    /// Send `retry-after: N` (seconds) with injected 429 and 503 answers (OpenAI format;
+    /// Anthropic and Gemini 429s carry N, default 1; header x-mock-retry-after)
     #[arg(long)]
     pub retry_after: Option<u64>,
-    /// Cut streams off (connection dropped mid-body) after N events
+    /// Cut streams after N events: OpenAI streams drop the connection mid-body;
+    /// Anthropic/Gemini/completions streams end without their end event
+    /// (header x-mock-cut-after)
     #[arg(long)]
     pub cut_after: Option<usize>,
+    /// Cache-read input tokens Anthropic answers report (header x-mock-cache-read-tokens)
+    #[arg(long, default_value_t = 0)]
+    pub cache_read_tokens: u64,
 }
 
 /// State shared by every connection of one mock server: options and counters.
@@ -351,6 +365,7 @@ impl MockProvider {
         }
         match (req.method(), req.uri().path()) {
             (&Method::POST, "/v1/chat/completions") => self.chat(req).await,
+            (&Method::POST, path) if formats::serves(path) => self.handle_format(req).await,
             (&Method::GET, "/v1/models") => self.models(),
             (&Method::GET, "/_mock/stats") => self.stats(),
             (&Method::GET, "/_mock/last") => {
@@ -471,6 +486,12 @@ impl MockProvider {
                 resp.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
+            return resp;
+        }
+        let tool_tokens = overrides
+            .completion_tokens
+            .unwrap_or(self.opts.completion_tokens);
+        if let Some(resp) = formats::openai_tool_call(&self, &body, u64::from(tool_tokens)) {
             return resp;
         }
 
@@ -780,6 +801,7 @@ mod tests {
             fail_first: 0,
             retry_after: None,
             cut_after: None,
+            cache_read_tokens: 0,
         }
     }
 

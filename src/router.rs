@@ -44,7 +44,8 @@ use crate::parse::{missing_model, parse_chat_lenient, rewrite_body_with, ChatReq
 use crate::route::Model;
 use crate::settle::{cost, settle, Usage, UsageEvent};
 use crate::state::AppState;
-use crate::stream_back::SseTap;
+use crate::stream_back::Tap;
+use crate::translate::{self, Kind};
 
 /// The request id: the key of the hold, the settle and the `usage_history` row.
 #[derive(Debug, Clone, Copy)]
@@ -53,6 +54,8 @@ pub struct RequestId(pub Uuid);
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(crate::endpoints::completions))
+        .route("/v1/embeddings", post(crate::endpoints::embeddings))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route("/v1/users/me", get(crate::account::me))
@@ -121,7 +124,7 @@ async fn get_model(
 }
 
 /// Reads the body, refusing more than `limit` bytes with 413.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e)
@@ -137,15 +140,33 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
 }
 
 /// What one admitted request carries from reserve to settle.
-struct Admitted {
-    state: AppState,
-    rid: Uuid,
-    user: Uuid,
-    model: std::sync::Arc<Model>,
-    started: Instant,
-    prompt_bound: i64,
-    hold: i64,
-    stream: bool,
+pub(crate) struct Admitted {
+    pub(crate) state: AppState,
+    pub(crate) rid: Uuid,
+    pub(crate) user: Uuid,
+    pub(crate) model: std::sync::Arc<Model>,
+    pub(crate) started: Instant,
+    pub(crate) prompt_bound: i64,
+    pub(crate) hold: i64,
+    pub(crate) stream: bool,
+    /// The wire format of the model's provider (anything but OpenAI is translated).
+    pub(crate) kind: Kind,
+    /// Which provider endpoint the request goes to.
+    pub(crate) endpoint: Api,
+    /// The `usage_history.operation` recorded (`chat` becomes `function_call` when the
+    /// answer calls a tool).
+    pub(crate) operation: &'static str,
+}
+
+/// The OpenAI endpoint a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Api {
+    Chat,
+    Completions,
+    /// `base64`: the client asked for `encoding_format: base64`.
+    Embeddings {
+        base64: bool,
+    },
 }
 
 impl Admitted {
@@ -158,7 +179,7 @@ impl Admitted {
             .unwrap_or_default()
     }
 
-    async fn release(&self) {
+    pub(crate) async fn release(&self) {
         if let Err(e) = self.state.ledger.release(&self.user, &self.rid).await {
             // The hold expires on its own (metering.hold_ttl_ms) and is returned then.
             tracing::warn!(request_id = %self.rid, error = %e, "releasing a hold failed");
@@ -190,7 +211,7 @@ impl Admitted {
             created_at: Utc::now(),
             user_id: self.user,
             model_id: self.model.id.clone(),
-            operation: "chat",
+            operation: self.operation,
             credits_used: credits,
             input_tokens: usage.prompt_tokens,
             output_tokens: usage.completion_tokens,
@@ -244,7 +265,7 @@ impl Admitted {
 
 /// Reserve, loading the balance from PostgreSQL on first use. Holds room for
 /// `want` tokens in each of the `n` choices; returns (hold, tokens per choice).
-async fn reserve(
+pub(crate) async fn reserve(
     state: &AppState,
     user: &Uuid,
     rid: &Uuid,
@@ -313,12 +334,12 @@ async fn chat_completions(
         .filter(|m| *m > 0 && chat.max_tokens.is_none());
     let temperature = prefs.as_ref().and_then(|p| p.temperature);
     let model = state.models.route(&chat.model)?;
-    let provider_ok = state.upstream.provider(&model.provider).is_ok();
-    if !provider_ok {
-        return Err(ApiError::ProviderNotImplemented {
-            provider: model.provider.clone(),
-        });
-    }
+    let kind = state.upstream.provider(&model.provider)?.kind;
+    // Translation runs before anything is held: what the provider cannot honour is a 400.
+    let translated = match kind {
+        Kind::OpenAi => None,
+        _ => Some(translate::request(kind, &body, &model)?),
+    };
     let want = chat
         .max_tokens
         .or(pref_max_tokens)
@@ -342,13 +363,26 @@ async fn chat_completions(
         prompt_bound: chat.prompt_tokens_bound,
         hold,
         stream: chat.stream,
+        kind,
+        endpoint: Api::Chat,
+        operation: "chat",
     };
-    let edits = Edits {
-        max_tokens: (max_tokens < want || pref_max_tokens.is_some()).then_some(max_tokens),
-        temperature,
+    let upstream = match translated {
+        // The provider's limit is always set: the hold covers exactly that many tokens.
+        Some(mut t) => {
+            t.set_max_tokens(max_tokens);
+            t.to_bytes().map(Some)
+        }
+        None => {
+            let edits = Edits {
+                max_tokens: (max_tokens < want || pref_max_tokens.is_some()).then_some(max_tokens),
+                temperature,
+            };
+            rewrite_body_with(&body, &chat, &model.name, edits).map(|b| b.map(Bytes::from))
+        }
     };
-    let upstream_body = match rewrite_body_with(&body, &chat, &model.name, edits) {
-        Ok(Some(b)) => Bytes::from(b),
+    let upstream_body = match upstream {
+        Ok(Some(b)) => b,
         Ok(None) => body,
         Err(e) => {
             adm.release().await;
@@ -357,7 +391,19 @@ async fn chat_completions(
     };
     // From here on the request runs in its own task: a client that disconnects cannot
     // cancel the settle of what the provider produced.
-    let include_usage = chat.include_usage;
+    let mut resp = run(adm, upstream_body, chat.include_usage).await?;
+    allowance.write_headers(resp.headers_mut());
+    Ok(resp)
+}
+
+/// Forwards an admitted request in a task of its own: a client that disconnects cannot
+/// cancel the settle of what the provider produced.
+pub(crate) async fn run(
+    adm: Admitted,
+    upstream_body: Bytes,
+    include_usage: bool,
+) -> Result<Response, ApiError> {
+    let state = adm.state.clone();
     let handle = state.tasks.spawn(async move {
         if adm.stream {
             forward_stream(adm, upstream_body, include_usage).await
@@ -365,17 +411,21 @@ async fn chat_completions(
             forward_json(adm, upstream_body).await
         }
     });
-    let mut resp = handle.await.map_err(ApiError::internal)??;
-    allowance.write_headers(resp.headers_mut());
-    Ok(resp)
+    handle.await.map_err(ApiError::internal)?
 }
 
 /// Sends the request upstream (retries and failover inside); a final failure releases
 /// the hold.
 async fn send(adm: &Admitted, body: Bytes) -> Result<Sent, ApiError> {
     let provider = adm.state.upstream.provider(&adm.model.provider)?;
+    let model = adm.model.name.as_str();
+    let endpoint = match adm.endpoint {
+        Api::Chat => crate::forward::Endpoint::Chat { model },
+        Api::Completions => crate::forward::Endpoint::Completions,
+        Api::Embeddings { .. } => crate::forward::Endpoint::Embeddings { model },
+    };
     match provider
-        .chat(body, adm.stream, adm.state.cfg.max_response_bytes)
+        .send(endpoint, body, adm.stream, adm.state.cfg.max_response_bytes)
         .await
     {
         Ok(sent) => Ok(sent),
@@ -395,7 +445,7 @@ fn attempts_meta(sent: &Sent, extra: &mut serde_json::Map<String, serde_json::Va
     }
 }
 
-async fn forward_json(adm: Admitted, body: Bytes) -> Result<Response, ApiError> {
+async fn forward_json(mut adm: Admitted, body: Bytes) -> Result<Response, ApiError> {
     let sent = send(&adm, body).await?;
     let mut extra = serde_json::Map::new();
     attempts_meta(&sent, &mut extra);
@@ -408,8 +458,33 @@ async fn forward_json(adm: Admitted, body: Bytes) -> Result<Response, ApiError> 
         adm.release().await;
         return Err(ApiError::internal("a streamed answer to a JSON request"));
     };
-    let usage = Usage::from_openai_json(&bytes)
-        .unwrap_or_else(|| adm.estimate(bytes.len(), bytes.len().div_ceil(4)));
+    let (bytes, usage, tool_call) = if adm.kind == Kind::OpenAi {
+        let usage = Usage::from_openai_json(&bytes);
+        let tool_call = crate::stream_back::finished_with_tool_calls(&bytes);
+        (bytes, usage, tool_call)
+    } else {
+        let id = format!("chatcmpl-{}", adm.rid.simple());
+        let answer = match adm.endpoint {
+            Api::Embeddings { base64 } => {
+                translate::gemini::embed_response(&bytes, &adm.model.id, base64)
+            }
+            _ => translate::response(adm.kind, &bytes, &id, &adm.model.id),
+        };
+        match answer {
+            Ok(a) => (a.body, a.usage, a.tool_call),
+            Err(e) => {
+                adm.release().await;
+                tracing::warn!(request_id = %adm.rid, error = %e, "upstream answer not understood");
+                return Err(ApiError::BadGateway {
+                    message: "the upstream provider's answer could not be read".into(),
+                });
+            }
+        }
+    };
+    if tool_call && adm.operation == "chat" {
+        adm.operation = "function_call";
+    }
+    let usage = usage.unwrap_or_else(|| adm.estimate(bytes.len(), bytes.len().div_ceil(4)));
     let extra = (!extra.is_empty()).then_some(serde_json::Value::Object(extra));
     adm.settle(usage, extra).await?;
     let mut out = Response::new(Body::from(bytes));
@@ -441,8 +516,9 @@ async fn forward_stream(
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
     let state = adm.state.clone();
     state.tasks.spawn(async move {
+        let mut adm = adm;
         let mut first = first;
-        let mut tap = SseTap::new(include_usage);
+        let mut tap = Tap::new(adm.kind, include_usage, adm.rid, &adm.model.id);
         let mut client_gone = false;
         let mut cut = false;
         let mut drain_timed_out = false;
@@ -503,6 +579,10 @@ async fn forward_stream(
                     break;
                 }
             }
+        }
+        cut |= !drain_timed_out && tap.failed();
+        if tap.tool_call() && adm.operation == "chat" {
+            adm.operation = "function_call";
         }
         let usage = tap
             .usage()

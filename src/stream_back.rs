@@ -12,6 +12,79 @@ use bytes::{Bytes, BytesMut};
 use memchr::memmem;
 
 use crate::settle::Usage;
+use crate::translate::{Kind, StreamTranslator};
+
+/// The tap of one stream: OpenAI's passed through, or another provider's translated.
+pub enum Tap {
+    OpenAi(SseTap),
+    Translated(Box<StreamTranslator>),
+}
+
+impl Tap {
+    pub fn new(kind: Kind, client_wants_usage: bool, rid: uuid::Uuid, model: &str) -> Tap {
+        match kind {
+            Kind::OpenAi => Tap::OpenAi(SseTap::new(client_wants_usage)),
+            kind => Tap::Translated(Box::new(StreamTranslator::new(
+                kind,
+                &format!("chatcmpl-{}", rid.simple()),
+                model,
+                client_wants_usage,
+            ))),
+        }
+    }
+
+    pub fn feed(&mut self, chunk: Bytes) -> Option<Bytes> {
+        match self {
+            Tap::OpenAi(t) => t.feed(chunk),
+            Tap::Translated(t) => t.feed(&chunk),
+        }
+    }
+
+    pub fn usage(&self) -> Option<Usage> {
+        match self {
+            Tap::OpenAi(t) => t.usage(),
+            Tap::Translated(t) => t.usage(),
+        }
+    }
+
+    pub fn bytes_seen(&self) -> usize {
+        match self {
+            Tap::OpenAi(t) => t.bytes_seen(),
+            Tap::Translated(t) => t.bytes_seen(),
+        }
+    }
+
+    pub fn events_seen(&self) -> usize {
+        match self {
+            Tap::OpenAi(t) => t.events_seen(),
+            Tap::Translated(t) => t.events_seen(),
+        }
+    }
+
+    /// The answer called a tool.
+    pub fn tool_call(&self) -> bool {
+        match self {
+            Tap::OpenAi(t) => t.tool_call,
+            Tap::Translated(t) => t.tool_call(),
+        }
+    }
+
+    /// A translated stream that ended without the provider's end of the answer (an
+    /// error event, or the connection closed early): it was cut.
+    pub fn failed(&self) -> bool {
+        match self {
+            Tap::OpenAi(_) => false,
+            Tap::Translated(t) => !t.complete(),
+        }
+    }
+
+    pub fn finish(&mut self) -> Bytes {
+        match self {
+            Tap::OpenAi(t) => t.finish(),
+            Tap::Translated(t) => t.finish(),
+        }
+    }
+}
 
 pub struct SseTap {
     buf: BytesMut,
@@ -20,6 +93,21 @@ pub struct SseTap {
     done: bool,
     bytes: usize,
     events: usize,
+    tool_call: bool,
+}
+
+/// Whether `b` holds a `"finish_reason"` of `"tool_calls"` (or the legacy
+/// `"function_call"`): the answer called a tool.
+pub fn finished_with_tool_calls(b: &[u8]) -> bool {
+    let ws = |r: &[u8]| r.iter().take_while(|c| c.is_ascii_whitespace()).count();
+    memmem::find_iter(b, b"\"finish_reason\"").any(|i| {
+        let rest = &b[i + 15..];
+        let Some(rest) = rest[ws(rest)..].strip_prefix(b":") else {
+            return false;
+        };
+        let rest = &rest[ws(rest)..];
+        rest.starts_with(b"\"tool_calls\"") || rest.starts_with(b"\"function_call\"")
+    })
 }
 
 /// Whether `b` holds a `"usage"` key whose value is an object (whitespace allowed),
@@ -71,6 +159,7 @@ impl SseTap {
             done: false,
             bytes: 0,
             events: 0,
+            tool_call: false,
         }
     }
 
@@ -98,6 +187,7 @@ impl SseTap {
             && memmem::find(&chunk, b"[DONE]").is_none()
         {
             self.events += memmem::find_iter(&chunk, b"data:").count();
+            self.tool_call = self.tool_call || finished_with_tool_calls(&chunk);
             return Some(chunk);
         }
         self.buf.extend_from_slice(&chunk);
@@ -117,6 +207,7 @@ impl SseTap {
         }
         if !data.is_empty() {
             self.events += 1;
+            self.tool_call = self.tool_call || finished_with_tool_calls(&data);
         }
         if has_usage_object(&data) {
             if let Some(u) = Usage::from_openai_json(&data) {
@@ -225,6 +316,28 @@ mod tests {
         let out = run(&mut tap, &[spaced.as_bytes()]);
         assert_eq!(tap.usage().unwrap().total_tokens, 7);
         assert!(!String::from_utf8(out).unwrap().contains("\"choices\":[]"));
+    }
+
+    #[test]
+    fn a_tool_call_finish_is_seen_with_any_spacing() {
+        assert!(finished_with_tool_calls(
+            br#"{"choices":[{"finish_reason":"tool_calls"}]}"#
+        ));
+        assert!(finished_with_tool_calls(
+            b"{\"finish_reason\" :\n \"function_call\"}"
+        ));
+        assert!(!finished_with_tool_calls(br#"{"finish_reason":"stop"}"#));
+        assert!(!finished_with_tool_calls(
+            br#"{"content":"\"finish_reason\":\"tool_calls\"","finish_reason":null}"#
+        ));
+        let mut tap = SseTap::new(false);
+        tap.feed(Bytes::from_static(
+            b"data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"tool_calls\"}]}\n\n",
+        ));
+        assert!(tap.tool_call);
+        let mut tap = SseTap::new(false);
+        run(&mut tap, &[STREAM.as_bytes()]);
+        assert!(!tap.tool_call);
     }
 
     #[test]

@@ -380,6 +380,16 @@ async fn concurrent_requests_never_overspend() {
 async fn bad_input_gets_clear_errors_and_charges_nothing() {
     let mut env = TestEnv::new().await;
     env.env("TOLLGATE__SERVER__MAX_BODY_BYTES", "4096");
+    // A model of a provider the gateway has no configuration for.
+    env.db()
+        .await
+        .batch_execute(
+            "INSERT INTO models (id, name, display_name, provider, context_length,
+                                 input_cost_per_million_tokens, output_cost_per_million_tokens, credits_per_1k_tokens)
+             VALUES ('mistral-large', 'mistral-large', 'Mistral Large', 'mistral', 1000, 1, 1, 1)",
+        )
+        .await
+        .unwrap();
     let mock = env.mock(&[]).await;
     let gw = env.gateway(&mock).await;
     let (user, token) = env.user(100).await;
@@ -392,7 +402,8 @@ async fn bad_input_gets_clear_errors_and_charges_nothing() {
         ("garbage token", Some("abc.def.ghi"), b"{}".to_vec(), 401, "invalid_api_key"),
         ("malformed JSON", Some(&token), b"{\"model\":".to_vec(), 400, ""),
         ("unknown model", Some(&token), serde_json::to_vec(&json!({"model": "gpt-9", "messages": msgs})).unwrap(), 404, "model_not_found"),
-        ("provider not wired", Some(&token), serde_json::to_vec(&json!({"model": "claude-3.5-sonnet", "messages": msgs})).unwrap(), 501, "provider_not_implemented"),
+        ("provider not wired", Some(&token), serde_json::to_vec(&json!({"model": "mistral-large", "messages": msgs})).unwrap(), 501, "provider_not_implemented"),
+        ("parameter the provider lacks", Some(&token), serde_json::to_vec(&json!({"model": "claude-3.5-sonnet", "seed": 7, "messages": msgs})).unwrap(), 400, ""),
         ("body too large", Some(&token), serde_json::to_vec(&json!({"model": "gpt-5", "messages": [{"role": "user", "content": "z".repeat(5000)}]})).unwrap(), 413, "request_too_large"),
         ("negative max_tokens", Some(&token), serde_json::to_vec(&json!({"model": "gpt-5", "max_tokens": -5, "messages": msgs})).unwrap(), 400, ""),
     ];

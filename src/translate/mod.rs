@@ -1,0 +1,739 @@
+//! Translation between OpenAI's chat-completions wire format (what clients speak) and
+//! the providers that speak another: Anthropic's Messages API and Gemini's
+//! `generateContent`. Runs only for those providers; OpenAI requests are passed
+//! through untouched by [`crate::parse::rewrite_body`].
+//!
+//! - [`request`]: an OpenAI chat body → the provider's body (400 naming the parameter
+//!   for anything the provider cannot honour).
+//! - [`response`]: the provider's JSON answer → `chat.completion` plus the usage it
+//!   reported.
+//! - [`StreamTranslator`]: the provider's SSE → `chat.completion.chunk` events, the
+//!   usage chunk when the client asked for it, and `[DONE]` withheld until settled.
+//! - [`error`]: the provider's error body → an OpenAI-shaped one.
+
+pub mod anthropic;
+pub mod gemini;
+
+use bytes::{Bytes, BytesMut};
+use serde_json::{json, Map, Value};
+
+use crate::error::ApiError;
+use crate::route::Model;
+use crate::settle::Usage;
+use crate::sse::{SseEvent, SseParser};
+
+/// The wire format a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    OpenAi,
+    Anthropic,
+    Gemini,
+}
+
+impl Kind {
+    pub fn of(provider: &str) -> Kind {
+        match provider {
+            "anthropic" => Kind::Anthropic,
+            "google" => Kind::Gemini,
+            _ => Kind::OpenAi,
+        }
+    }
+}
+
+/// A translated request: the provider body, with the output limit still to be set
+/// (the reserve may lower it).
+#[derive(Debug, Clone)]
+pub struct Translated {
+    pub kind: Kind,
+    pub body: Value,
+}
+
+impl Translated {
+    /// Sets the provider's output-token limit.
+    pub fn set_max_tokens(&mut self, n: i64) {
+        match self.kind {
+            Kind::Anthropic => {
+                self.body["max_tokens"] = Value::from(n);
+            }
+            Kind::Gemini => {
+                if let Some(o) = self.body.as_object_mut() {
+                    let gc = o
+                        .entry("generationConfig")
+                        .or_insert_with(|| Value::Object(Map::new()));
+                    gc["maxOutputTokens"] = Value::from(n);
+                }
+            }
+            Kind::OpenAi => {}
+        }
+    }
+
+    pub fn to_bytes(&self) -> Result<Bytes, ApiError> {
+        serde_json::to_vec(&self.body)
+            .map(Bytes::from)
+            .map_err(ApiError::internal)
+    }
+}
+
+pub(crate) fn bad(param: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::InvalidRequest {
+        message: message.into(),
+        param: Some(param),
+    }
+}
+
+/// Translates an OpenAI chat body for `model`'s provider.
+pub fn request(kind: Kind, body: &[u8], model: &Model) -> Result<Translated, ApiError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("invalid JSON body ({e})")))?;
+    let Value::Object(req) = v else {
+        return Err(ApiError::invalid("the request body must be a JSON object"));
+    };
+    let body = match kind {
+        Kind::Anthropic => anthropic::request(&req, model)?,
+        Kind::Gemini => gemini::request(&req, model)?,
+        Kind::OpenAi => Value::Object(req),
+    };
+    Ok(Translated { kind, body })
+}
+
+/// What a translated JSON answer gives the gateway.
+#[derive(Debug)]
+pub struct Answer {
+    /// The `chat.completion` body for the client.
+    pub body: Bytes,
+    pub usage: Option<Usage>,
+    pub tool_call: bool,
+}
+
+/// Translates a provider's JSON answer into a `chat.completion`.
+pub fn response(kind: Kind, bytes: &[u8], id: &str, model: &str) -> Result<Answer, String> {
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let (message, finish, usage) = match kind {
+        Kind::Anthropic => anthropic::response(&v)?,
+        Kind::Gemini => gemini::response(&v)?,
+        Kind::OpenAi => return Err("not a translated provider".into()),
+    };
+    let tool_call = message.get("tool_calls").is_some();
+    let mut out = json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": now(),
+        "model": model,
+        "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
+    });
+    if let Some(u) = usage {
+        out["usage"] = usage_json(&u);
+    }
+    Ok(Answer {
+        body: Bytes::from(out.to_string()),
+        usage,
+        tool_call,
+    })
+}
+
+/// Provider usage, with the cache-read share shown as OpenAI's `cached_tokens`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProviderUsage {
+    pub prompt: i64,
+    pub completion: i64,
+    pub total: i64,
+    pub cached: i64,
+}
+
+impl ProviderUsage {
+    pub fn usage(&self) -> Usage {
+        let total = self.total.max(self.prompt.saturating_add(self.completion));
+        Usage {
+            prompt_tokens: self.prompt,
+            completion_tokens: self.completion,
+            total_tokens: total,
+            estimated: false,
+        }
+    }
+}
+
+pub(crate) fn usage_json(u: &Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+    })
+}
+
+pub(crate) fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// Translates a provider's error body into an OpenAI-shaped one (same status).
+pub fn error(kind: Kind, status: http::StatusCode, body: &[u8]) -> Bytes {
+    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let (message, code) = match kind {
+        // {"type":"error","error":{"type":"invalid_request_error","message":"..."}}
+        Kind::Anthropic => (
+            v["error"]["message"].as_str().map(str::to_owned),
+            v["error"]["type"].as_str().map(str::to_owned),
+        ),
+        // {"error":{"code":400,"message":"...","status":"INVALID_ARGUMENT"}}
+        Kind::Gemini => (
+            v["error"]["message"].as_str().map(str::to_owned),
+            v["error"]["status"].as_str().map(str::to_owned),
+        ),
+        Kind::OpenAi => return Bytes::copy_from_slice(body),
+    };
+    let kind = match status.as_u16() {
+        404 => "not_found_error",
+        429 => "rate_limit_error",
+        s if s >= 500 => "server_error",
+        _ => "invalid_request_error",
+    };
+    let message = message.unwrap_or_else(|| format!("upstream provider answered {status}"));
+    crate::error::error_body(&format!("upstream: {message}"), kind, None, code.as_deref())
+}
+
+/// Renders OpenAI `chat.completion.chunk` events.
+#[derive(Debug)]
+pub struct ChunkWriter {
+    id: String,
+    created: i64,
+    model: String,
+    include_usage: bool,
+    role_sent: bool,
+}
+
+impl ChunkWriter {
+    pub fn new(id: &str, model: &str, include_usage: bool) -> ChunkWriter {
+        ChunkWriter {
+            id: id.to_owned(),
+            created: now(),
+            model: model.to_owned(),
+            include_usage,
+            role_sent: false,
+        }
+    }
+
+    fn push(&self, out: &mut BytesMut, choices: Value, usage: Option<Value>) {
+        let mut c = json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        });
+        if let Some(u) = usage {
+            c["usage"] = u;
+        } else if self.include_usage {
+            c["usage"] = Value::Null;
+        }
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(c.to_string().as_bytes());
+        out.extend_from_slice(b"\n\n");
+    }
+
+    /// The first chunk carries the role.
+    pub fn role(&mut self, out: &mut BytesMut) {
+        if !self.role_sent {
+            self.role_sent = true;
+            self.delta(out, json!({"role": "assistant", "content": ""}));
+        }
+    }
+
+    pub fn delta(&mut self, out: &mut BytesMut, delta: Value) {
+        if !self.role_sent {
+            self.role(out);
+        }
+        self.push(
+            out,
+            json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}]),
+            None,
+        );
+    }
+
+    pub fn text(&mut self, out: &mut BytesMut, text: &str) {
+        if !text.is_empty() {
+            self.delta(out, json!({ "content": text }));
+        }
+    }
+
+    pub fn finish(&mut self, out: &mut BytesMut, reason: &str) {
+        self.role(out);
+        self.push(
+            out,
+            json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": reason}]),
+            None,
+        );
+    }
+
+    pub fn usage(&self, out: &mut BytesMut, u: &Usage) {
+        if self.include_usage {
+            self.push(out, json!([]), Some(usage_json(u)));
+        }
+    }
+}
+
+/// Per-provider stream state: turns one provider event into OpenAI chunks.
+trait StreamState {
+    fn event(&mut self, ev: &SseEvent, w: &mut ChunkWriter, out: &mut BytesMut) -> Step;
+    /// The usage reported so far (None until the provider's final count is known).
+    fn usage(&self) -> Option<Usage>;
+    /// The provider's end of the answer was seen (its finish chunk is sent).
+    fn stopped(&self) -> bool;
+    fn tool_call(&self) -> bool;
+}
+
+/// What an event meant for the stream.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    Continue,
+    /// The provider reported an error inside the stream.
+    Failed,
+}
+
+/// Translates a provider's SSE stream into OpenAI chunks as it arrives.
+pub struct StreamTranslator {
+    parser: SseParser,
+    state: Box<dyn StreamState + Send>,
+    writer: ChunkWriter,
+    events: Vec<SseEvent>,
+    bytes: usize,
+    deltas: usize,
+    failed: bool,
+    ended: bool,
+}
+
+impl StreamTranslator {
+    pub fn new(kind: Kind, id: &str, model: &str, include_usage: bool) -> StreamTranslator {
+        let state: Box<dyn StreamState + Send> = match kind {
+            Kind::Anthropic => Box::<anthropic::Stream>::default(),
+            _ => Box::<gemini::Stream>::default(),
+        };
+        StreamTranslator {
+            parser: SseParser::new(),
+            state,
+            writer: ChunkWriter::new(id, model, include_usage),
+            events: Vec::new(),
+            bytes: 0,
+            deltas: 0,
+            failed: false,
+            ended: false,
+        }
+    }
+
+    /// Feeds one frame from the provider; returns what to send the client now.
+    pub fn feed(&mut self, chunk: &[u8]) -> Option<Bytes> {
+        self.bytes += chunk.len();
+        self.parser.feed(chunk, &mut self.events);
+        if self.events.is_empty() {
+            return None;
+        }
+        let mut out = BytesMut::new();
+        for ev in std::mem::take(&mut self.events) {
+            if self.failed {
+                break;
+            }
+            self.deltas += 1;
+            if self.state.event(&ev, &mut self.writer, &mut out) == Step::Failed {
+                self.failed = true;
+            }
+        }
+        (!out.is_empty()).then(|| out.freeze())
+    }
+
+    pub fn usage(&self) -> Option<Usage> {
+        self.state.usage()
+    }
+
+    pub fn bytes_seen(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn events_seen(&self) -> usize {
+        self.deltas
+    }
+
+    pub fn tool_call(&self) -> bool {
+        self.state.tool_call()
+    }
+
+    /// Whether the provider reported an error inside the stream.
+    pub fn failed(&self) -> bool {
+        self.failed
+    }
+
+    /// Whether the provider's end of the answer was seen (a stream that closes
+    /// before it was cut).
+    pub fn complete(&self) -> bool {
+        !self.failed && self.state.stopped()
+    }
+
+    /// After the provider's stream ended (and the request is settled): the closing
+    /// chunk, the usage chunk if asked for, and `[DONE]` — only for a stream that
+    /// ended properly (a cut stream ends without `[DONE]`, as OpenAI's would).
+    pub fn finish(&mut self) -> Bytes {
+        let mut out = BytesMut::new();
+        if self.ended || self.failed || self.parser.pending() {
+            return out.freeze();
+        }
+        self.ended = true;
+        if self.state.stopped() {
+            if let Some(u) = self.state.usage() {
+                self.writer.usage(&mut out, &u);
+            }
+            out.extend_from_slice(b"data: [DONE]\n\n");
+        }
+        out.freeze()
+    }
+}
+
+/// Maps OpenAI `stop` (a string or up to 4 strings) to a list.
+pub(crate) fn stop_list(v: &Value) -> Result<Vec<Value>, ApiError> {
+    match v {
+        Value::Null => Ok(vec![]),
+        Value::String(_) => Ok(vec![v.clone()]),
+        Value::Array(a) if a.iter().all(Value::is_string) => Ok(a.clone()),
+        _ => Err(bad(
+            "stop",
+            "`stop` must be a string or an array of strings",
+        )),
+    }
+}
+
+/// A number in `[lo, hi]`, or 400 naming the parameter.
+pub(crate) fn number_in(
+    v: &Value,
+    param: &'static str,
+    lo: f64,
+    hi: f64,
+    provider: &str,
+) -> Result<Value, ApiError> {
+    match v.as_f64() {
+        Some(x) if (lo..=hi).contains(&x) => Ok(v.clone()),
+        _ => Err(bad(
+            param,
+            format!("`{param}` must be a number between {lo} and {hi} for {provider} models"),
+        )),
+    }
+}
+
+/// The text of an OpenAI message content: a string, or an array of text parts.
+pub(crate) fn text_of(content: &Value, param: &'static str) -> Result<String, ApiError> {
+    match content {
+        Value::Null => Ok(String::new()),
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(parts) => {
+            let mut s = String::new();
+            for p in parts {
+                match (p["type"].as_str(), p["text"].as_str()) {
+                    (Some("text"), Some(t)) => s.push_str(t),
+                    _ => {
+                        return Err(bad(
+                            param,
+                            "only text parts are accepted in this message's content",
+                        ))
+                    }
+                }
+            }
+            Ok(s)
+        }
+        _ => Err(bad(param, "message content must be a string or an array")),
+    }
+}
+
+/// A content part the providers understand.
+pub(crate) enum Part {
+    Text(String),
+    /// A `data:` URL image: media type and base64 data.
+    InlineImage {
+        media_type: String,
+        data: String,
+    },
+    /// An http(s) URL image.
+    UrlImage(String),
+}
+
+/// Reads a user message's content into parts; images only for vision models.
+pub(crate) fn user_parts(content: &Value, model: &Model) -> Result<Vec<Part>, ApiError> {
+    match content {
+        Value::String(s) => Ok(vec![Part::Text(s.clone())]),
+        Value::Array(parts) => {
+            let mut out = Vec::with_capacity(parts.len());
+            for p in parts {
+                match p["type"].as_str() {
+                    Some("text") => out.push(Part::Text(
+                        p["text"].as_str().unwrap_or_default().to_owned(),
+                    )),
+                    Some("image_url") => {
+                        if !model.capabilities.iter().any(|c| c == "vision") {
+                            return Err(bad(
+                                "messages",
+                                format!("the model `{}` does not accept images", model.id),
+                            ));
+                        }
+                        let url = p["image_url"]["url"]
+                            .as_str()
+                            .or_else(|| p["image_url"].as_str())
+                            .unwrap_or_default();
+                        out.push(image(url)?);
+                    }
+                    other => {
+                        return Err(bad(
+                            "messages",
+                            format!(
+                                "content parts of type `{}` are not supported for model `{}`",
+                                other.unwrap_or("?"),
+                                model.id
+                            ),
+                        ))
+                    }
+                }
+            }
+            Ok(out)
+        }
+        Value::Null => Ok(vec![]),
+        _ => Err(bad(
+            "messages",
+            "message content must be a string or an array",
+        )),
+    }
+}
+
+fn image(url: &str) -> Result<Part, ApiError> {
+    if let Some(rest) = url.strip_prefix("data:") {
+        let (meta, data) = rest
+            .split_once(',')
+            .ok_or_else(|| bad("messages", "an image data URL has no `,`"))?;
+        let media_type = meta
+            .strip_suffix(";base64")
+            .ok_or_else(|| bad("messages", "image data URLs must be base64-encoded"))?;
+        if !media_type.starts_with("image/") {
+            return Err(bad(
+                "messages",
+                "an image data URL must be of an image/* type",
+            ));
+        }
+        return Ok(Part::InlineImage {
+            media_type: media_type.to_owned(),
+            data: data.to_owned(),
+        });
+    }
+    if url.starts_with("https://") || url.starts_with("http://") {
+        return Ok(Part::UrlImage(url.to_owned()));
+    }
+    Err(bad(
+        "messages",
+        "an image URL must be an http(s) URL or a base64 data URL",
+    ))
+}
+
+/// The function tools of an OpenAI request: (name, description, parameters).
+pub(crate) fn function_tools(
+    tools: &Value,
+    model: &Model,
+) -> Result<Vec<(String, Option<String>, Value)>, ApiError> {
+    let Value::Array(tools) = tools else {
+        return Err(bad("tools", "`tools` must be an array"));
+    };
+    if !tools.is_empty() && !model.capabilities.iter().any(|c| c == "function_calling") {
+        return Err(bad(
+            "tools",
+            format!("the model `{}` does not support function calling", model.id),
+        ));
+    }
+    let mut out = Vec::with_capacity(tools.len());
+    for t in tools {
+        if t["type"].as_str() != Some("function") {
+            return Err(bad("tools", "only tools of type `function` are supported"));
+        }
+        let f = &t["function"];
+        let name = f["name"]
+            .as_str()
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| bad("tools", "every function tool needs a `name`"))?;
+        let params = match &f["parameters"] {
+            Value::Null => json!({"type": "object", "properties": {}}),
+            p => p.clone(),
+        };
+        out.push((
+            name.to_owned(),
+            f["description"].as_str().map(str::to_owned),
+            params,
+        ));
+    }
+    Ok(out)
+}
+
+/// OpenAI `tool_choice`, read.
+pub(crate) enum ToolChoice {
+    Auto,
+    None,
+    Required,
+    Function(String),
+}
+
+pub(crate) fn tool_choice(v: &Value) -> Result<ToolChoice, ApiError> {
+    match v {
+        Value::String(s) if s == "auto" => Ok(ToolChoice::Auto),
+        Value::String(s) if s == "none" => Ok(ToolChoice::None),
+        Value::String(s) if s == "required" => Ok(ToolChoice::Required),
+        Value::Object(_) if v["type"] == "function" => v["function"]["name"]
+            .as_str()
+            .map(|n| ToolChoice::Function(n.to_owned()))
+            .ok_or_else(|| bad("tool_choice", "`tool_choice.function.name` is required")),
+        _ => Err(bad(
+            "tool_choice",
+            "`tool_choice` must be `auto`, `none`, `required` or a function",
+        )),
+    }
+}
+
+/// Checks every key of the request against the ones the translation handles.
+pub(crate) fn check_keys(
+    req: &Map<String, Value>,
+    known: &[&str],
+    provider: &str,
+) -> Result<(), ApiError> {
+    for (k, v) in req {
+        if v.is_null() || known.contains(&k.as_str()) {
+            continue;
+        }
+        // The literal key of the request, named in the error.
+        let param: &'static str = ALL_PARAMS
+            .iter()
+            .find(|p| **p == k.as_str())
+            .copied()
+            .unwrap_or("unknown parameter");
+        return Err(ApiError::InvalidRequest {
+            message: format!("the parameter `{k}` is not supported for {provider} models"),
+            param: Some(param),
+        });
+    }
+    Ok(())
+}
+
+/// OpenAI chat parameters, so an error can name the one at fault with a static str.
+const ALL_PARAMS: &[&str] = &[
+    "audio",
+    "frequency_penalty",
+    "function_call",
+    "functions",
+    "logit_bias",
+    "logprobs",
+    "max_completion_tokens",
+    "max_tokens",
+    "metadata",
+    "modalities",
+    "n",
+    "parallel_tool_calls",
+    "prediction",
+    "presence_penalty",
+    "prompt_cache_key",
+    "reasoning_effort",
+    "response_format",
+    "safety_identifier",
+    "seed",
+    "service_tier",
+    "stop",
+    "store",
+    "temperature",
+    "tool_choice",
+    "tools",
+    "top_logprobs",
+    "top_p",
+    "user",
+    "verbosity",
+    "web_search_options",
+];
+
+/// Arguments of an OpenAI tool call (a JSON string) as a JSON object.
+pub(crate) fn arguments(v: &Value) -> Result<Value, ApiError> {
+    let s = v.as_str().unwrap_or("{}");
+    let s = if s.trim().is_empty() { "{}" } else { s };
+    serde_json::from_str(s).map_err(|_| {
+        bad(
+            "messages",
+            "tool call `arguments` must be a JSON object encoded as a string",
+        )
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn model(provider: &str, caps: &[&str]) -> Model {
+        Model {
+            id: format!("{provider}-model"),
+            name: format!("{provider}-upstream"),
+            display_name: String::new(),
+            provider: provider.into(),
+            capabilities: caps.iter().map(|c| (*c).to_owned()).collect(),
+            context_length: 1000,
+            max_output_tokens: Some(100),
+            credits_per_1k_tokens: 1,
+            is_available: true,
+            is_deprecated: false,
+            created: 0,
+        }
+    }
+
+    /// The `data:` payloads of an SSE body, parsed (`[DONE]` as a string).
+    pub fn chunks(b: &[u8]) -> Vec<Value> {
+        let mut p = SseParser::new();
+        let mut ev = Vec::new();
+        p.feed(b, &mut ev);
+        ev.into_iter()
+            .map(|e| serde_json::from_str(&e.data).unwrap_or(Value::String(e.data)))
+            .collect()
+    }
+
+    pub fn run(t: &mut StreamTranslator, body: &[u8], step: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for piece in body.chunks(step.max(1)) {
+            if let Some(b) = t.feed(piece) {
+                out.extend_from_slice(&b);
+            }
+        }
+        out.extend_from_slice(&t.finish());
+        out
+    }
+
+    #[test]
+    fn provider_errors_become_openai_shaped() {
+        let a = error(
+            Kind::Anthropic,
+            http::StatusCode::BAD_REQUEST,
+            br#"{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens: Field required"}}"#,
+        );
+        let v: Value = serde_json::from_slice(&a).unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["code"], "invalid_request_error");
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_tokens: Field required"));
+        assert!(v["error"]["param"].is_null());
+        let g = error(
+            Kind::Gemini,
+            http::StatusCode::NOT_FOUND,
+            br#"{"error":{"code":404,"message":"models/x is not found","status":"NOT_FOUND"}}"#,
+        );
+        let v: Value = serde_json::from_slice(&g).unwrap();
+        assert_eq!(v["error"]["type"], "not_found_error");
+        assert_eq!(v["error"]["code"], "NOT_FOUND");
+        let junk = error(Kind::Gemini, http::StatusCode::BAD_REQUEST, b"<html>");
+        let v: Value = serde_json::from_slice(&junk).unwrap();
+        assert!(v["error"]["message"].as_str().unwrap().contains("400"));
+    }
+
+    #[test]
+    fn unknown_parameters_are_named() {
+        let req: Map<String, Value> =
+            serde_json::from_str(r#"{"model":"m","logit_bias":{"1":2},"user":null}"#).unwrap();
+        let e = check_keys(&req, &["model"], "Anthropic").unwrap_err();
+        let ApiError::InvalidRequest { param, message } = e else {
+            panic!()
+        };
+        assert_eq!(param, Some("logit_bias"));
+        assert!(message.contains("logit_bias"));
+    }
+}
