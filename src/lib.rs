@@ -13,6 +13,7 @@ pub mod flush;
 pub mod forward;
 pub mod ledger;
 pub mod mock_provider;
+pub mod oauth;
 pub mod ops;
 pub mod parse;
 pub mod route;

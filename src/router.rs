@@ -53,6 +53,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(crate::ops::health))
         .route("/livez", get(crate::ops::livez))
         .route("/readyz", get(crate::ops::readyz))
+        .merge(crate::oauth::routes())
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::middleware::from_fn_with_state(
