@@ -739,7 +739,10 @@ mod tests {
             jsonwebtoken::decode_header(&t).unwrap().kid.as_deref(),
             Some(after.kid())
         );
-        assert_eq!(jsonwebtoken::decode_header(&t).unwrap().alg, Algorithm::ES256);
+        assert_eq!(
+            jsonwebtoken::decode_header(&t).unwrap().alg,
+            Algorithm::ES256
+        );
         let jwks = after.jwks();
         let keys = jwks["keys"].as_array().unwrap();
         assert_eq!(keys.len(), 2);

@@ -82,6 +82,7 @@ pub struct RawOAuth {
     pub revocation_refresh_ms: u64,
     pub signin_max_failures: u32,
     pub signin_failure_window_secs: u64,
+    pub signin_lockout_initial_secs: u64,
     pub signin_lockout_max_secs: u64,
 }
 
@@ -223,6 +224,7 @@ impl Default for RawOAuth {
             revocation_refresh_ms: 5_000,
             signin_max_failures: 5,
             signin_failure_window_secs: 900,
+            signin_lockout_initial_secs: 1,
             signin_lockout_max_secs: 300,
         }
     }
@@ -393,6 +395,7 @@ pub struct OAuthConfig {
     pub revocation_refresh: Duration,
     pub signin_max_failures: u32,
     pub signin_failure_window: Duration,
+    pub signin_lockout_initial: Duration,
     pub signin_lockout_max: Duration,
 }
 
@@ -621,7 +624,12 @@ fn validate_oauth(o: &RawOAuth) -> Result<OAuthConfig, ConfigError> {
         revocation_refresh: Duration::from_millis(o.revocation_refresh_ms),
         signin_max_failures: o.signin_max_failures,
         signin_failure_window: Duration::from_secs(o.signin_failure_window_secs),
-        signin_lockout_max: Duration::from_secs(o.signin_lockout_max_secs.max(1)),
+        signin_lockout_initial: Duration::from_secs(o.signin_lockout_initial_secs.max(1)),
+        signin_lockout_max: Duration::from_secs(
+            o.signin_lockout_max_secs
+                .max(o.signin_lockout_initial_secs)
+                .max(1),
+        ),
     })
 }
 

@@ -1,7 +1,7 @@
 //! Slows repeated sign-in failures, per account and per client IP, in Redis (shared by
 //! every replica). After `oauth.signin_max_failures` failures within
 //! `oauth.signin_failure_window_secs`, each further failure locks the account (or IP)
-//! for 1 s, doubling per failure up to `oauth.signin_lockout_max_secs`; while locked,
+//! for `oauth.signin_lockout_initial_secs`, doubling per failure up to `oauth.signin_lockout_max_secs`; while locked,
 //! sign-in attempts are refused without checking the password. A successful sign-in
 //! clears the account's count (not the IP's).
 
@@ -14,7 +14,7 @@ local n = redis.call('INCR', KEYS[1])
 if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 local max = tonumber(ARGV[2])
 if n >= max then
-  local ms = 1000 * 2 ^ math.min(n - max, 30)
+  local ms = tonumber(ARGV[4]) * 2 ^ math.min(n - max, 30)
   ms = math.min(ms, tonumber(ARGV[3]))
   redis.call('SET', KEYS[2], '1', 'PX', math.floor(ms))
 end
@@ -71,6 +71,7 @@ impl Throttle {
     ) -> Result<(), redis::RedisError> {
         let window = u64::try_from(cfg.signin_failure_window.as_millis()).unwrap_or(u64::MAX);
         let max_ms = u64::try_from(cfg.signin_lockout_max.as_millis()).unwrap_or(u64::MAX);
+        let first_ms = u64::try_from(cfg.signin_lockout_initial.as_millis()).unwrap_or(u64::MAX);
         let mut c = self.conn.clone();
         for (kind, subject) in [("acct", email), ("ip", ip)] {
             let (n, lock) = self.keys(kind, subject);
@@ -81,6 +82,7 @@ impl Throttle {
                 .arg(window)
                 .arg(cfg.signin_max_failures)
                 .arg(max_ms)
+                .arg(first_ms)
                 .invoke_async(&mut c)
                 .await?;
         }
