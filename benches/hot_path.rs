@@ -25,6 +25,7 @@ fn auth_config() -> AuthConfig {
         access_token_ttl: Duration::from_secs(900),
         leeway_secs: 30,
         previous_key_paths: Vec::new(),
+        external: None,
     }
 }
 

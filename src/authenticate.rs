@@ -164,6 +164,8 @@ pub struct Authenticator {
     cache: VerifiedCache,
     /// Disabled users and revoked sign-ins (reloaded in the background).
     revocations: crate::oauth::Revocations,
+    /// Another issuer whose tokens are accepted too (`[external_issuer]`).
+    external: Option<crate::oauth::external::ExternalIssuer>,
 }
 
 fn pem_encode(der: &[u8]) -> String {
@@ -353,6 +355,13 @@ impl Authenticator {
             leeway_secs: cfg.leeway_secs,
             cache: VerifiedCache::new(),
             revocations: crate::oauth::Revocations::default(),
+            external: match &cfg.external {
+                Some(e) => Some(
+                    crate::oauth::external::ExternalIssuer::new(e.clone())
+                        .map_err(|e| KeyError(format!("external issuer: {e}")))?,
+                ),
+                None => None,
+            },
         })
     }
 
@@ -446,6 +455,34 @@ impl Authenticator {
             .map_err(|e| KeyError(e.to_string()))
     }
 
+    /// Verifies an `Authorization` header value; a token of the external issuer whose
+    /// `kid` is not known yet refetches its JWKS first (rate-limited) — the only case in
+    /// which verification leaves memory.
+    pub async fn verify_header_async(
+        &self,
+        value: Option<&http::HeaderValue>,
+    ) -> Result<Principal, ApiError> {
+        let first = self.verify_header(value);
+        let (Err(_), Some(ext)) = (&first, &self.external) else {
+            return first;
+        };
+        let kid = value
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.get(7..))
+            .and_then(|t| jsonwebtoken::decode_header(t.trim()).ok())
+            .and_then(|h| h.kid);
+        match kid {
+            Some(kid) if !self.verifying.contains_key(&kid) && ext.key(&kid).is_none() => {
+                if ext.refetch_if_due(self.leeway_secs).await {
+                    self.verify_header(value)
+                } else {
+                    first
+                }
+            }
+            _ => first,
+        }
+    }
+
     /// Verifies an `Authorization` header value.
     pub fn verify_header(&self, value: Option<&http::HeaderValue>) -> Result<Principal, ApiError> {
         let Some(value) = value else {
@@ -511,10 +548,12 @@ impl Authenticator {
             return Err(invalid("typ must be at+jwt"));
         }
         let kid = header.kid.as_deref().ok_or_else(|| invalid("no kid"))?;
-        let key = self
-            .verifying
-            .get(kid)
-            .ok_or_else(|| invalid("unknown kid"))?;
+        let Some(key) = self.verifying.get(kid) else {
+            return match self.external.as_ref().and_then(|e| Some((e, e.key(kid)?))) {
+                Some((ext, key)) => verify_external(token, header.alg, &ext.cfg, &key),
+                None => Err(invalid("unknown kid")),
+            };
+        };
         if header.alg != key.alg {
             return Err(invalid("algorithm not allowed"));
         }
@@ -546,6 +585,50 @@ impl Authenticator {
     }
 }
 
+fn invalid(why: &str) -> ApiError {
+    ApiError::Unauthenticated {
+        code: "invalid_token",
+        message: format!("Invalid access token: {why}."),
+    }
+}
+
+/// The check of an external issuer's token: the same rules, its own key, `iss` and
+/// `aud`, and the configured claim for the user.
+fn verify_external(
+    token: &str,
+    alg: Algorithm,
+    cfg: &crate::config::ExternalIssuerConfig,
+    key: &crate::oauth::external::ExtKey,
+) -> Result<(Principal, u64), ApiError> {
+    if alg != key.alg {
+        return Err(invalid("algorithm not allowed"));
+    }
+    let data = jsonwebtoken::decode::<serde_json::Value>(token, &key.key, &key.validation)
+        .map_err(|_| invalid("signature or claims do not verify"))?;
+    let c = &data.claims;
+    let text = |k: &str| c.get(k).and_then(|v| v.as_str());
+    let user = text(&cfg.user_claim)
+        .and_then(|u| Uuid::parse_str(u).ok())
+        .ok_or_else(|| invalid("the user claim is missing or not a user id"))?;
+    let (Some(client_id), Some(_jti), Some(_sub)) = (text("client_id"), text("jti"), text("sub"))
+    else {
+        return Err(invalid("missing a required claim"));
+    };
+    let exp = c
+        .get("exp")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| invalid("missing a required claim"))?;
+    Ok((
+        Principal {
+            user_id: user,
+            client_id: client_id.into(),
+            scope: text("scope").unwrap_or_default().into(),
+            session: None,
+        },
+        exp,
+    ))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
@@ -560,6 +643,7 @@ mod tests {
             access_token_ttl: Duration::from_secs(900),
             leeway_secs: 0,
             previous_key_paths: Vec::new(),
+            external: None,
         }
     }
 

@@ -27,6 +27,7 @@ pub struct RawConfig {
     pub auth: RawAuth,
     pub oauth: RawOAuth,
     pub passwords: RawPasswords,
+    pub external_issuer: RawExternalIssuer,
     pub metering: RawMetering,
     pub flush: RawFlush,
     pub models: RawModels,
@@ -84,6 +85,17 @@ pub struct RawOAuth {
     pub signin_failure_window_secs: u64,
     pub signin_lockout_initial_secs: u64,
     pub signin_lockout_max_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawExternalIssuer {
+    pub issuer: String,
+    pub jwks_url: String,
+    pub audience: String,
+    pub user_claim: String,
+    pub jwks_refetch_min_interval_ms: u64,
+    pub jwks_fetch_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -159,6 +171,7 @@ impl Default for RawConfig {
             auth: RawAuth::default(),
             oauth: RawOAuth::default(),
             passwords: RawPasswords::default(),
+            external_issuer: RawExternalIssuer::default(),
             metering: RawMetering::default(),
             flush: RawFlush::default(),
             models: RawModels::default(),
@@ -226,6 +239,19 @@ impl Default for RawOAuth {
             signin_failure_window_secs: 900,
             signin_lockout_initial_secs: 1,
             signin_lockout_max_secs: 300,
+        }
+    }
+}
+
+impl Default for RawExternalIssuer {
+    fn default() -> Self {
+        RawExternalIssuer {
+            issuer: String::new(),
+            jwks_url: String::new(),
+            audience: String::new(),
+            user_claim: "sub".into(),
+            jwks_refetch_min_interval_ms: 60_000,
+            jwks_fetch_timeout_ms: 5_000,
         }
     }
 }
@@ -384,6 +410,19 @@ pub struct AuthConfig {
     pub leeway_secs: u64,
     /// Retired-soon keys: they verify tokens (and are published) but never sign.
     pub previous_key_paths: Vec<PathBuf>,
+    /// Tokens of another issuer that are accepted too.
+    pub external: Option<ExternalIssuerConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExternalIssuerConfig {
+    pub issuer: String,
+    pub jwks_url: String,
+    pub audience: String,
+    /// The claim whose value is the Tollgate user id.
+    pub user_claim: String,
+    pub refetch_min_interval: Duration,
+    pub fetch_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -465,6 +504,7 @@ impl RawConfig {
             return Err(bad("auth.leeway_secs", "must be at most 60"));
         }
         let oauth = validate_oauth(&self.oauth)?;
+        let external = validate_external(&self.external_issuer)?;
         let passwords = argon2::Params::new(
             self.passwords.argon2_memory_kib,
             self.passwords.argon2_iterations,
@@ -567,6 +607,7 @@ impl RawConfig {
                     .into_iter()
                     .map(PathBuf::from)
                     .collect(),
+                external,
             },
             oauth,
             passwords,
@@ -587,6 +628,47 @@ impl RawConfig {
             providers,
         })
     }
+}
+
+fn validate_external(e: &RawExternalIssuer) -> Result<Option<ExternalIssuerConfig>, ConfigError> {
+    if e.issuer.is_empty() {
+        return Ok(None);
+    }
+    let uri: http::Uri = e.jwks_url.parse().map_err(|err| {
+        bad(
+            "external_issuer.jwks_url",
+            format!("unparsable URL ({err})"),
+        )
+    })?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+        return Err(bad(
+            "external_issuer.jwks_url",
+            "must be an absolute http:// or https:// URL when external_issuer.issuer is set",
+        ));
+    }
+    if e.audience.is_empty() {
+        return Err(bad(
+            "external_issuer.audience",
+            "must be set when external_issuer.issuer is set",
+        ));
+    }
+    if e.user_claim.is_empty() {
+        return Err(bad("external_issuer.user_claim", "must name a claim"));
+    }
+    if e.jwks_fetch_timeout_ms == 0 {
+        return Err(bad(
+            "external_issuer.jwks_fetch_timeout_ms",
+            "must be greater than zero",
+        ));
+    }
+    Ok(Some(ExternalIssuerConfig {
+        issuer: e.issuer.clone(),
+        jwks_url: e.jwks_url.clone(),
+        audience: e.audience.clone(),
+        user_claim: e.user_claim.clone(),
+        refetch_min_interval: Duration::from_millis(e.jwks_refetch_min_interval_ms),
+        fetch_timeout: Duration::from_millis(e.jwks_fetch_timeout_ms),
+    }))
 }
 
 fn validate_oauth(o: &RawOAuth) -> Result<OAuthConfig, ConfigError> {

@@ -90,7 +90,7 @@ impl Upstream {
     }
 }
 
-fn rustls_config() -> Result<rustls::ClientConfig, String> {
+pub(crate) fn rustls_config() -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());

@@ -80,7 +80,8 @@ async fn authenticate(State(state): State<AppState>, mut req: Request, next: Nex
     }
     match state
         .auth
-        .verify_header(req.headers().get(header::AUTHORIZATION))
+        .verify_header_async(req.headers().get(header::AUTHORIZATION))
+        .await
     {
         Ok(p) => {
             req.extensions_mut().insert(p);

@@ -1417,6 +1417,212 @@ async fn rotated_keys_verify_until_retired() {
     assert_eq!(s, 200);
 }
 
+/// A local identity provider's JWKS endpoint: serves the current key set and counts
+/// fetches.
+struct Idp {
+    url: String,
+    keys: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    fetches: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Idp {
+    async fn start() -> Idp {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+        let keys = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let fetches = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (k, f) = (keys.clone(), fetches.clone());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let (k, f) = (k.clone(), f.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut n = 0;
+                    while let Ok(m) = s.read(&mut buf[n..]).await {
+                        if m == 0 {
+                            break;
+                        }
+                        n += m;
+                        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                            break;
+                        }
+                    }
+                    f.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let body = json!({"keys": *k.lock().unwrap()}).to_string();
+                    let _ = s
+                        .write_all(
+                            format!(
+                                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                                body.len()
+                            )
+                            .as_bytes(),
+                        )
+                        .await;
+                });
+            }
+        });
+        Idp { url, keys, fetches }
+    }
+
+    /// Adds an Ed25519 key with `kid`; returns its signing key.
+    fn add_key(&self, kid: &str) -> EncodingKey {
+        use aws_lc_rs::signature::KeyPair;
+        let doc = aws_lc_rs::signature::Ed25519KeyPair::generate_pkcs8(
+            &aws_lc_rs::rand::SystemRandom::new(),
+        )
+        .unwrap();
+        let kp = aws_lc_rs::signature::Ed25519KeyPair::from_pkcs8(doc.as_ref()).unwrap();
+        self.keys.lock().unwrap().push(json!({
+            "kty": "OKP", "crv": "Ed25519", "use": "sig", "alg": "EdDSA", "kid": kid,
+            "x": URL_SAFE_NO_PAD.encode(kp.public_key().as_ref()),
+        }));
+        EncodingKey::from_ed_der(doc.as_ref())
+    }
+
+    fn fetches(&self) -> usize {
+        self.fetches.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test]
+async fn external_issuer_tokens_via_its_cached_jwks() {
+    let env = TestEnv::new().await;
+    let mock = env.mock(&[]).await;
+    let (user, _) = env.user(1000).await;
+    let idp = Idp::start().await;
+    let k1 = idp.add_key("ext-1");
+    let config = |interval: &'static str| {
+        vec![
+            (
+                "TOLLGATE__EXTERNAL_ISSUER__ISSUER",
+                "https://idp.example".to_owned(),
+            ),
+            ("TOLLGATE__EXTERNAL_ISSUER__JWKS_URL", idp.url.clone()),
+            (
+                "TOLLGATE__EXTERNAL_ISSUER__AUDIENCE",
+                "tollgate-api".to_owned(),
+            ),
+            (
+                "TOLLGATE__EXTERNAL_ISSUER__USER_CLAIM",
+                "tollgate_user".to_owned(),
+            ),
+            (
+                "TOLLGATE__EXTERNAL_ISSUER__JWKS_REFETCH_MIN_INTERVAL_MS",
+                interval.to_owned(),
+            ),
+        ]
+    };
+    let t = now();
+    let claims = json!({
+        "iss": "https://idp.example", "aud": "tollgate-api", "sub": "idp|12345",
+        "tollgate_user": user.to_string(), "client_id": "idp-app", "jti": "j1",
+        "iat": t, "exp": t + 300, "scope": "llm.inference",
+    });
+    let with = |k: &str, v: serde_json::Value| {
+        let mut c = claims.clone();
+        c[k] = v;
+        c
+    };
+    let sign = |claims: &serde_json::Value, kid: &str, key: &EncodingKey| {
+        let mut h = Header::new(Algorithm::EdDSA);
+        h.typ = Some("at+jwt".into());
+        h.kid = Some(kid.into());
+        jsonwebtoken::encode(&h, claims, key).unwrap()
+    };
+
+    // A long refetch interval: the first unknown kid fetches, later ones cannot.
+    let cfg = config("3600000");
+    let env_pairs: Vec<(&str, &str)> = cfg.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let gw = env.gateway_with(&mock, &env_pairs).await;
+    let (s, _, b) = env
+        .chat(&gw, &sign(&claims, "ext-1", &k1), chat_body())
+        .await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(idp.fetches(), 1);
+    let (s, _, _) = env
+        .chat(
+            &gw,
+            &sign(&with("jti", json!("j2")), "ext-1", &k1),
+            chat_body(),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(idp.fetches(), 1, "served from the cached JWKS");
+    // Our own tokens still work beside it.
+    let (_, own) = env.user(1000).await;
+    let (s, _, _) = env.chat(&gw, &own, chat_body()).await;
+    assert_eq!(s, 200);
+
+    let mut hs = Header::new(Algorithm::HS256);
+    hs.typ = Some("at+jwt".into());
+    hs.kid = Some("ext-1".into());
+    let mut no_typ = Header::new(Algorithm::EdDSA);
+    no_typ.kid = Some("ext-1".into());
+    let mut without_user = claims.clone();
+    without_user
+        .as_object_mut()
+        .unwrap()
+        .remove("tollgate_user");
+    let cases = vec![
+        (
+            "wrong aud",
+            sign(&with("aud", json!("tollgate")), "ext-1", &k1),
+        ),
+        (
+            "wrong iss",
+            sign(&with("iss", json!("https://other.example")), "ext-1", &k1),
+        ),
+        ("expired", sign(&with("exp", json!(t - 120)), "ext-1", &k1)),
+        ("no user claim", sign(&without_user, "ext-1", &k1)),
+        (
+            "user claim not a user id",
+            sign(&with("tollgate_user", json!("idp|12345")), "ext-1", &k1),
+        ),
+        (
+            "HS256",
+            jsonwebtoken::encode(&hs, &claims, &EncodingKey::from_secret(b"k")).unwrap(),
+        ),
+        (
+            "typ JWT",
+            jsonwebtoken::encode(&no_typ, &claims, &k1).unwrap(),
+        ),
+    ];
+    for (what, token) in cases {
+        let (s, h, b) = env.chat(&gw, &token, chat_body()).await;
+        assert_invalid_token(s, &h, &b, what);
+    }
+    assert_eq!(idp.fetches(), 1);
+    // The issuer rotates: a new kid is unknown, and within the interval no refetch.
+    let k2 = idp.add_key("ext-2");
+    let (s, h, b) = env
+        .chat(&gw, &sign(&claims, "ext-2", &k2), chat_body())
+        .await;
+    assert_invalid_token(s, &h, &b, "kid newer than the cached JWKS");
+    let (s, h, b) = env
+        .chat(&gw, &sign(&claims, "made-up", &k2), chat_body())
+        .await;
+    assert_invalid_token(s, &h, &b, "unknown kid");
+    assert_eq!(idp.fetches(), 1, "at most one fetch per interval");
+    drop(gw);
+
+    // A short interval: the unknown kid refetches and the new key verifies.
+    let cfg = config("1");
+    let env_pairs: Vec<(&str, &str)> = cfg.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let gw = env.gateway_with(&mock, &env_pairs).await;
+    let (s, _, _) = env
+        .chat(&gw, &sign(&claims, "ext-2", &k2), chat_body())
+        .await;
+    assert_eq!(s, 200);
+    let before = idp.fetches();
+    let k3 = idp.add_key("ext-3");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let (s, _, b) = env
+        .chat(&gw, &sign(&claims, "ext-3", &k3), chat_body())
+        .await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(idp.fetches(), before + 1);
+}
+
 // ---------------------------------------------------------------------------------
 // The sign-in page in a real browser
 

@@ -10,6 +10,7 @@
 
 pub mod authorize;
 pub mod clients;
+pub mod external;
 pub mod password;
 pub mod revocation;
 pub mod throttle;
