@@ -688,6 +688,66 @@ async fn untrusted_client_or_redirect_gets_an_error_page_never_a_redirect() {
         r.oauth_error(401, "invalid_client");
         assert!(r.headers.contains_key("www-authenticate"));
     }
+    // A confidential client must authenticate (Basic or client_secret).
+    let params = argon2::Params::new(8 * 1024, 1, 1, None).unwrap();
+    let secret_hash = tollgate::oauth::password::hash("s3cret-value", &params).unwrap();
+    db.execute(
+        "INSERT INTO oauth_clients (client_id, client_name, client_secret_hash, redirect_uris, grant_types, response_types, scope)
+         VALUES ('backend', 'Backend', $1, ARRAY['https://app.example/cb'], ARRAY['refresh_token'], ARRAY['code'], 'llm.inference')",
+        &[&secret_hash],
+    )
+    .await
+    .unwrap();
+    let basic = |id: &str, secret: &str| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
+        )
+    };
+    let refresh_form = form(&[("grant_type", "refresh_token"), ("refresh_token", "x")]);
+    for (what, auth, status, code) in [
+        ("no secret", None, 401, "invalid_client"),
+        (
+            "wrong secret",
+            Some(basic("backend", "wrong")),
+            401,
+            "invalid_client",
+        ),
+        (
+            "right secret",
+            Some(basic("backend", "s3cret-value")),
+            400,
+            "invalid_grant",
+        ),
+    ] {
+        let mut h = vec![(
+            "content-type",
+            "application/x-www-form-urlencoded".to_owned(),
+        )];
+        if let Some(a) = auth {
+            h.push(("authorization", a));
+        }
+        let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let body = if h.len() == 1 {
+            format!("{refresh_form}&client_id=backend")
+        } else {
+            refresh_form.clone()
+        };
+        let r = send("POST", &gw.url("/oauth/token"), &h, Some(body), None).await;
+        assert_eq!(r.status, status, "{what}: {}", r.body);
+        r.oauth_error(status, code);
+    }
+    let r = token_request(
+        &gw,
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", "x"),
+            ("client_id", "backend"),
+            ("client_secret", "s3cret-value"),
+        ],
+    )
+    .await;
+    r.oauth_error(400, "invalid_grant");
 }
 
 #[tokio::test]

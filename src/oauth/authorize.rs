@@ -408,8 +408,10 @@ async fn check_credentials(
     email: &str,
     password: &str,
 ) -> Result<Option<Uuid>, crate::db::DbError> {
-    let conn = state.db.get().await?;
-    let row = conn
+    let row = state
+        .db
+        .get()
+        .await?
         .query_opt(
             "SELECT id, password_hash, is_active AND deleted_at IS NULL
                FROM users WHERE lower(email) = lower($1)",
@@ -427,7 +429,8 @@ async fn check_credentials(
     let params = state.cfg.passwords.clone();
     let pw = password.to_owned();
     let stored_c = stored.clone();
-    let (ok, rehash) = tokio::task::spawn_blocking(move || {
+    // No pooled connection is held while Argon2 runs.
+    let (ok, rehash) = password::run_bounded(move || {
         let hash = match stored_c {
             Some(h) => h,
             None => DUMMY_HASH
@@ -443,16 +446,20 @@ async fn check_credentials(
         (ok, rehash)
     })
     .await
-    .map_err(|e| crate::db::DbError::Pool(e.to_string()))?;
+    .map_err(crate::db::DbError::Pool)?;
     let (Some(id), true, true, Some(_)) = (id, ok, active, stored) else {
         return Ok(None);
     };
-    conn.execute(
-        "UPDATE users SET last_login_at = now(), password_hash = coalesce($2, password_hash)
+    state
+        .db
+        .get()
+        .await?
+        .execute(
+            "UPDATE users SET last_login_at = now(), password_hash = coalesce($2, password_hash)
           WHERE id = $1",
-        &[&id, &rehash],
-    )
-    .await?;
+            &[&id, &rehash],
+        )
+        .await?;
     Ok(Some(id))
 }
 

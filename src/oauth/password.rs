@@ -43,6 +43,29 @@ pub fn needs_rehash(stored: &str, params: &Params) -> bool {
     p.m_cost() < params.m_cost() || p.t_cost() < params.t_cost() || p.p_cost() < params.p_cost()
 }
 
+/// Argon2 runs on the blocking pool with at most this many hashes at once per core:
+/// each holds `argon2_memory_kib` of memory, so a burst of sign-ins must queue rather
+/// than allocate without bound.
+const HASHES_PER_CORE: usize = 2;
+
+fn permits() -> &'static tokio::sync::Semaphore {
+    static PERMITS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    PERMITS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+        tokio::sync::Semaphore::new(cores.saturating_mul(HASHES_PER_CORE))
+    })
+}
+
+/// Runs `f` (password hashing or verification) on the blocking pool, bounded.
+pub async fn run_bounded<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    let _permit = permits().acquire().await.map_err(|e| e.to_string())?;
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// A hash of a random password: verified against when the account does not exist, so
 /// that a missing account takes as long to refuse as a wrong password.
 pub fn dummy_hash(params: &Params) -> String {

@@ -75,7 +75,7 @@ async fn authenticate_client(state: &AppState, headers: &HeaderMap, p: &Params) 
         let Some(secret) = secret else {
             return Err(OAuthError::invalid_client("client authentication is required").into());
         };
-        let ok = tokio::task::spawn_blocking(move || password::verify(&secret, &hash))
+        let ok = password::run_bounded(move || password::verify(&secret, &hash))
             .await
             .map_err(ApiError::internal)?;
         if !ok {
