@@ -783,4 +783,29 @@ mod tests {
         let e = load_str("[server]\nlisten = \"localhost\"\n").unwrap_err();
         assert!(e.to_string().contains("server.listen"), "{e}");
     }
+
+    #[test]
+    fn oauth_limits_are_enforced_and_named() {
+        for (toml, key) in [
+            ("[oauth]\nauthorization_code_ttl_secs = 61\n", "oauth.authorization_code_ttl_secs"),
+            ("[oauth]\nrevocation_refresh_ms = 60000\n", "oauth.revocation_refresh_ms"),
+            (
+                "[oauth]\nrefresh_token_idle_ttl_secs = 100\nrefresh_token_absolute_ttl_secs = 10\n",
+                "oauth.refresh_token_idle_ttl_secs",
+            ),
+            ("[passwords]\nargon2_iterations = 0\n", "passwords"),
+            ("[external_issuer]\nissuer = \"https://idp\"\n", "external_issuer.jwks_url"),
+            (
+                "[external_issuer]\nissuer = \"https://idp\"\njwks_url = \"https://idp/jwks\"\n",
+                "external_issuer.audience",
+            ),
+        ] {
+            let e = load_str(toml).unwrap_err();
+            assert!(e.to_string().contains(key), "{toml}: {e}");
+        }
+        let c = load_str("").unwrap();
+        assert!(c.auth.external.is_none());
+        assert_eq!(c.oauth.code_ttl, Duration::from_secs(60));
+        assert_eq!(c.passwords.m_cost(), 19_456);
+    }
 }
