@@ -24,6 +24,8 @@ fn auth_config() -> AuthConfig {
         signing_key_path: "unused".into(),
         access_token_ttl: Duration::from_secs(900),
         leeway_secs: 30,
+        previous_key_paths: Vec::new(),
+        external: None,
     }
 }
 

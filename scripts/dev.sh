@@ -36,7 +36,8 @@ cat <<MSG
 
 Tollgate dev stack
   gateway:        http://$TOLLGATE__SERVER__LISTEN   (mock provider on 127.0.0.1:$mock_port)
-  dev user:       $email (10000 credits on first run)
+  dev user:       $email, password dev-password (10000 credits on first run)
+  OAuth metadata: http://$TOLLGATE__SERVER__LISTEN/.well-known/oauth-authorization-server
   dev token:      $token
 
 Try it:

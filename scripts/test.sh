@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test: unit, property, in-process and black-box (the real binary against
 # real PostgreSQL and Redis, which are started or installed first; the official openai
-# Python SDK against the gateway for every provider), the criterion
-# benches once each in test mode, and a short smoke run of the load harness (which
+# Python SDK against the gateway for every provider; the sign-in page in headless
+# chromium, installed first too), the criterion benches once each in test mode, and a
+# short smoke run of the load harness (which
 # asserts that it runs and that usage rows == successes, never timings).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,7 @@ if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null
 fi
+bash scripts/browser.sh
 threads=${TEST_THREADS:-2}
 cargo test --lib --bins --tests -- --test-threads "$threads"
 cargo test --bench hot_path

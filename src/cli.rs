@@ -277,13 +277,9 @@ async fn active_user(client: &tokio_postgres::Client, email: &str) -> Result<Uui
     Ok(row.get(0))
 }
 
-pub fn hash_password(password: &str) -> Result<String, BoxError> {
-    use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
-    let salt = SaltString::generate(&mut OsRng);
-    Ok(argon2::Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map_err(|e| e.to_string())?
-        .to_string())
+/// Argon2id with the configured parameters (`[passwords]`).
+pub fn hash_password(password: &str, cfg: &Config) -> Result<String, BoxError> {
+    Ok(crate::oauth::password::hash(password, &cfg.passwords)?)
 }
 
 async fn create_user(
@@ -295,7 +291,7 @@ async fn create_user(
     validate_email(email)?;
     let hash = match password {
         Some(p) if p.len() < 8 => return Err("passwords must be at least 8 characters".into()),
-        Some(p) => Some(hash_password(p)?),
+        Some(p) => Some(hash_password(p, cfg)?),
         None => None,
     };
     let mut client = db::connect(&cfg.database).await?;

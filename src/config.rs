@@ -25,6 +25,9 @@ pub struct RawConfig {
     pub database: RawDatabase,
     pub redis: RawRedis,
     pub auth: RawAuth,
+    pub oauth: RawOAuth,
+    pub passwords: RawPasswords,
+    pub external_issuer: RawExternalIssuer,
     pub metering: RawMetering,
     pub flush: RawFlush,
     pub models: RawModels,
@@ -71,6 +74,39 @@ pub struct RawAuth {
     pub signing_key_path: String,
     pub access_token_ttl_secs: u64,
     pub leeway_secs: u64,
+    pub previous_key_paths: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawOAuth {
+    pub authorization_code_ttl_secs: u64,
+    pub refresh_token_idle_ttl_secs: u64,
+    pub refresh_token_absolute_ttl_secs: u64,
+    pub revocation_refresh_ms: u64,
+    pub signin_max_failures: u32,
+    pub signin_failure_window_secs: u64,
+    pub signin_lockout_initial_secs: u64,
+    pub signin_lockout_max_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawExternalIssuer {
+    pub issuer: String,
+    pub jwks_url: String,
+    pub audience: String,
+    pub user_claim: String,
+    pub jwks_refetch_min_interval_ms: u64,
+    pub jwks_fetch_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPasswords {
+    pub argon2_memory_kib: u32,
+    pub argon2_iterations: u32,
+    pub argon2_parallelism: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -194,6 +230,9 @@ impl Default for RawConfig {
             database: RawDatabase::default(),
             redis: RawRedis::default(),
             auth: RawAuth::default(),
+            oauth: RawOAuth::default(),
+            passwords: RawPasswords::default(),
+            external_issuer: RawExternalIssuer::default(),
             metering: RawMetering::default(),
             flush: RawFlush::default(),
             models: RawModels::default(),
@@ -248,6 +287,46 @@ impl Default for RawAuth {
             signing_key_path: ".tollgate/keys/signing-ed25519.pem".into(),
             access_token_ttl_secs: 900,
             leeway_secs: 30,
+            previous_key_paths: Vec::new(),
+        }
+    }
+}
+
+impl Default for RawOAuth {
+    fn default() -> Self {
+        RawOAuth {
+            authorization_code_ttl_secs: 60,
+            refresh_token_idle_ttl_secs: 30 * 86_400,
+            refresh_token_absolute_ttl_secs: 90 * 86_400,
+            revocation_refresh_ms: 5_000,
+            signin_max_failures: 5,
+            signin_failure_window_secs: 900,
+            signin_lockout_initial_secs: 1,
+            signin_lockout_max_secs: 300,
+        }
+    }
+}
+
+impl Default for RawExternalIssuer {
+    fn default() -> Self {
+        RawExternalIssuer {
+            issuer: String::new(),
+            jwks_url: String::new(),
+            audience: String::new(),
+            user_claim: "sub".into(),
+            jwks_refetch_min_interval_ms: 60_000,
+            jwks_fetch_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl Default for RawPasswords {
+    fn default() -> Self {
+        // OWASP's first Argon2id choice: 19 MiB, 2 iterations, 1 lane.
+        RawPasswords {
+            argon2_memory_kib: 19_456,
+            argon2_iterations: 2,
+            argon2_parallelism: 1,
         }
     }
 }
@@ -382,6 +461,8 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub redis: RedisConfig,
     pub auth: AuthConfig,
+    pub oauth: OAuthConfig,
+    pub passwords: argon2::Params,
     pub metering: MeteringConfig,
     pub flush: FlushConfig,
     pub models_refresh: Duration,
@@ -430,6 +511,34 @@ pub struct AuthConfig {
     pub signing_key_path: PathBuf,
     pub access_token_ttl: Duration,
     pub leeway_secs: u64,
+    /// Retired-soon keys: they verify tokens (and are published) but never sign.
+    pub previous_key_paths: Vec<PathBuf>,
+    /// Tokens of another issuer that are accepted too.
+    pub external: Option<ExternalIssuerConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExternalIssuerConfig {
+    pub issuer: String,
+    pub jwks_url: String,
+    pub audience: String,
+    /// The claim whose value is the Tollgate user id.
+    pub user_claim: String,
+    pub refetch_min_interval: Duration,
+    pub fetch_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct OAuthConfig {
+    pub code_ttl: Duration,
+    pub refresh_idle_ttl: Duration,
+    pub refresh_absolute_ttl: Duration,
+    /// How often the in-memory set of disabled users and revoked sessions is reloaded.
+    pub revocation_refresh: Duration,
+    pub signin_max_failures: u32,
+    pub signin_failure_window: Duration,
+    pub signin_lockout_initial: Duration,
+    pub signin_lockout_max: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -532,6 +641,15 @@ impl RawConfig {
         if self.auth.leeway_secs > 60 {
             return Err(bad("auth.leeway_secs", "must be at most 60"));
         }
+        let oauth = validate_oauth(&self.oauth)?;
+        let external = validate_external(&self.external_issuer)?;
+        let passwords = argon2::Params::new(
+            self.passwords.argon2_memory_kib,
+            self.passwords.argon2_iterations,
+            self.passwords.argon2_parallelism,
+            None,
+        )
+        .map_err(|e| bad("passwords", format!("invalid Argon2 parameters ({e})")))?;
         if !(self.database.url.starts_with("postgres://")
             || self.database.url.starts_with("postgresql://"))
         {
@@ -671,7 +789,16 @@ impl RawConfig {
                 signing_key_path: PathBuf::from(self.auth.signing_key_path),
                 access_token_ttl: Duration::from_secs(self.auth.access_token_ttl_secs),
                 leeway_secs: self.auth.leeway_secs,
+                previous_key_paths: self
+                    .auth
+                    .previous_key_paths
+                    .into_iter()
+                    .map(PathBuf::from)
+                    .collect(),
+                external,
             },
+            oauth,
+            passwords,
             metering: MeteringConfig {
                 hold_ttl: Duration::from_millis(self.metering.hold_ttl_ms),
                 min_output_tokens: self.metering.min_output_tokens.max(1),
@@ -708,6 +835,91 @@ impl RawConfig {
             providers,
         })
     }
+}
+
+fn validate_external(e: &RawExternalIssuer) -> Result<Option<ExternalIssuerConfig>, ConfigError> {
+    if e.issuer.is_empty() {
+        return Ok(None);
+    }
+    let uri: http::Uri = e.jwks_url.parse().map_err(|err| {
+        bad(
+            "external_issuer.jwks_url",
+            format!("unparsable URL ({err})"),
+        )
+    })?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+        return Err(bad(
+            "external_issuer.jwks_url",
+            "must be an absolute http:// or https:// URL when external_issuer.issuer is set",
+        ));
+    }
+    if e.audience.is_empty() {
+        return Err(bad(
+            "external_issuer.audience",
+            "must be set when external_issuer.issuer is set",
+        ));
+    }
+    if e.user_claim.is_empty() {
+        return Err(bad("external_issuer.user_claim", "must name a claim"));
+    }
+    if e.jwks_fetch_timeout_ms == 0 {
+        return Err(bad(
+            "external_issuer.jwks_fetch_timeout_ms",
+            "must be greater than zero",
+        ));
+    }
+    Ok(Some(ExternalIssuerConfig {
+        issuer: e.issuer.clone(),
+        jwks_url: e.jwks_url.clone(),
+        audience: e.audience.clone(),
+        user_claim: e.user_claim.clone(),
+        refetch_min_interval: Duration::from_millis(e.jwks_refetch_min_interval_ms),
+        fetch_timeout: Duration::from_millis(e.jwks_fetch_timeout_ms),
+    }))
+}
+
+fn validate_oauth(o: &RawOAuth) -> Result<OAuthConfig, ConfigError> {
+    let ttl = o.authorization_code_ttl_secs;
+    if !(1..=60).contains(&ttl) {
+        return Err(bad(
+            "oauth.authorization_code_ttl_secs",
+            "must be between 1 and 60",
+        ));
+    }
+    if o.refresh_token_idle_ttl_secs == 0
+        || o.refresh_token_idle_ttl_secs > o.refresh_token_absolute_ttl_secs
+    {
+        return Err(bad(
+            "oauth.refresh_token_idle_ttl_secs",
+            "must be positive and at most oauth.refresh_token_absolute_ttl_secs",
+        ));
+    }
+    if !(1..=30_000).contains(&o.revocation_refresh_ms) {
+        return Err(bad(
+            "oauth.revocation_refresh_ms",
+            "must be between 1 and 30000 (a disabled user must be refused within 60 s)",
+        ));
+    }
+    if o.signin_max_failures == 0 || o.signin_failure_window_secs == 0 {
+        return Err(bad(
+            "oauth.signin_max_failures",
+            "oauth.signin_max_failures and oauth.signin_failure_window_secs must be positive",
+        ));
+    }
+    Ok(OAuthConfig {
+        code_ttl: Duration::from_secs(ttl),
+        refresh_idle_ttl: Duration::from_secs(o.refresh_token_idle_ttl_secs),
+        refresh_absolute_ttl: Duration::from_secs(o.refresh_token_absolute_ttl_secs),
+        revocation_refresh: Duration::from_millis(o.revocation_refresh_ms),
+        signin_max_failures: o.signin_max_failures,
+        signin_failure_window: Duration::from_secs(o.signin_failure_window_secs),
+        signin_lockout_initial: Duration::from_secs(o.signin_lockout_initial_secs.max(1)),
+        signin_lockout_max: Duration::from_secs(
+            o.signin_lockout_max_secs
+                .max(o.signin_lockout_initial_secs)
+                .max(1),
+        ),
+    })
 }
 
 #[cfg(test)]
@@ -856,5 +1068,30 @@ mod tests {
             let e = load_str(toml).unwrap_err();
             assert!(e.to_string().contains(key), "{toml}: {e}");
         }
+    }
+
+    #[test]
+    fn oauth_limits_are_enforced_and_named() {
+        for (toml, key) in [
+            ("[oauth]\nauthorization_code_ttl_secs = 61\n", "oauth.authorization_code_ttl_secs"),
+            ("[oauth]\nrevocation_refresh_ms = 60000\n", "oauth.revocation_refresh_ms"),
+            (
+                "[oauth]\nrefresh_token_idle_ttl_secs = 100\nrefresh_token_absolute_ttl_secs = 10\n",
+                "oauth.refresh_token_idle_ttl_secs",
+            ),
+            ("[passwords]\nargon2_iterations = 0\n", "passwords"),
+            ("[external_issuer]\nissuer = \"https://idp\"\n", "external_issuer.jwks_url"),
+            (
+                "[external_issuer]\nissuer = \"https://idp\"\njwks_url = \"https://idp/jwks\"\n",
+                "external_issuer.audience",
+            ),
+        ] {
+            let e = load_str(toml).unwrap_err();
+            assert!(e.to_string().contains(key), "{toml}: {e}");
+        }
+        let c = load_str("").unwrap();
+        assert!(c.auth.external.is_none());
+        assert_eq!(c.oauth.code_ttl, Duration::from_secs(60));
+        assert_eq!(c.passwords.m_cost(), 19_456);
     }
 }

@@ -13,8 +13,10 @@ pub type Manager = PostgresConnectionManager<NoTls>;
 pub type Conn<'a> = bb8::PooledConnection<'a, Manager>;
 
 /// Schema migrations, applied in order by `tollgate migrate`.
-pub const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "schema", include_str!("../migrations/0001_schema.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "schema", include_str!("../migrations/0001_schema.sql")),
+    (2, "oauth", include_str!("../migrations/0002_oauth.sql")),
+];
 
 /// Seeds, applied by `tollgate seed` (idempotent upserts).
 pub const SEEDS: &[(&str, &str)] = &[

@@ -54,6 +54,8 @@ pub enum ApiError {
     Internal {
         message: String,
     },
+    /// An OAuth token or revocation endpoint error, rendered per RFC 6749 §5.2.
+    OAuth(crate::oauth::OAuthError),
 }
 
 impl ApiError {
@@ -73,6 +75,7 @@ impl ApiError {
             ApiError::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::OAuth(e) => e.status_code(),
         }
     }
 
@@ -93,6 +96,7 @@ impl ApiError {
             ApiError::UpstreamBusy { .. } => "upstream_busy",
             ApiError::Unavailable { .. } => "unavailable",
             ApiError::Internal { .. } => "internal",
+            ApiError::OAuth(_) => "oauth",
         }
     }
 
@@ -205,6 +209,7 @@ impl ApiError {
                 Some("service_unavailable"),
             ),
             ApiError::Internal { message } => (message.clone(), "server_error", None, None),
+            ApiError::OAuth(e) => (e.description.clone(), "invalid_request_error", None, None),
         }
     }
 }
@@ -233,6 +238,7 @@ impl IntoResponse for ApiError {
             {
                 body.clone()
             }
+            ApiError::OAuth(e) => e.body(),
             _ => {
                 let (message, kind, param, code) = self.parts();
                 error_body(&message, kind, param, code)
@@ -246,10 +252,13 @@ impl IntoResponse for ApiError {
         );
         match &self {
             ApiError::Unauthenticated { code, .. } => {
-                let v = if *code == "invalid_token" {
-                    HeaderValue::from_static("Bearer error=\"invalid_token\"")
-                } else {
-                    HeaderValue::from_static("Bearer")
+                // RFC 6750 §3: no error code when no credentials were sent.
+                let v = match *code {
+                    "invalid_token" => HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                    "invalid_request" => {
+                        HeaderValue::from_static("Bearer error=\"invalid_request\"")
+                    }
+                    _ => HeaderValue::from_static("Bearer"),
                 };
                 h.insert(header::WWW_AUTHENTICATE, v);
             }
@@ -273,6 +282,7 @@ impl IntoResponse for ApiError {
                     retry_after.clone().unwrap_or(HeaderValue::from_static("1")),
                 );
             }
+            ApiError::OAuth(e) => e.add_headers(h),
             _ => {}
         }
         resp

@@ -16,6 +16,7 @@ pub mod flush;
 pub mod forward;
 pub mod ledger;
 pub mod mock_provider;
+pub mod oauth;
 pub mod ops;
 pub mod parse;
 pub mod preferences;

@@ -69,6 +69,7 @@ pub fn router(state: AppState) -> Router {
         .route("/livez", get(crate::ops::livez))
         .route("/metrics", get(crate::telemetry::render))
         .route("/readyz", get(crate::ops::readyz))
+        .merge(crate::oauth::routes())
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::middleware::from_fn_with_state(
@@ -96,7 +97,8 @@ async fn authenticate(State(state): State<AppState>, mut req: Request, next: Nex
     }
     match state
         .auth
-        .verify_header(req.headers().get(header::AUTHORIZATION))
+        .verify_header_async(req.headers().get(header::AUTHORIZATION))
+        .await
     {
         Ok(p) => {
             req.extensions_mut().insert(p);

@@ -136,6 +136,12 @@ pub async fn run(
         });
     }
 
+    // Disabled users and revoked sign-ins, reloaded into memory for the request path.
+    background.spawn(crate::oauth::revocation::run(
+        state.clone(),
+        stop_rx.clone(),
+    ));
+
     // The usage flusher.
     let flusher = Flusher::new(
         state.ledger.clone(),
@@ -147,9 +153,15 @@ pub async fn run(
     let app = crate::router::router(state.clone());
     let graceful = GracefulShutdown::new();
     let builder = auto::Builder::new(TokioExecutor::new());
-    let serve = |stream: tokio::net::TcpStream| {
+    let serve = |stream: tokio::net::TcpStream, peer: std::net::SocketAddr| {
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        let service = TowerToHyperService::new(tower::util::MapRequest::new(
+            app.clone(),
+            move |mut req: http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(crate::oauth::PeerAddr(peer));
+                req
+            },
+        ));
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
         let conn = graceful.watch(conn.into_owned());
         tokio::spawn(async move {
@@ -163,7 +175,7 @@ pub async fn run(
         tokio::select! {
             accepted = listener.accept() => {
                 match accepted {
-                    Ok((stream, _peer)) => serve(stream),
+                    Ok((stream, peer)) => serve(stream, peer),
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -182,8 +194,8 @@ pub async fn run(
         loop {
             tokio::select! {
                 accepted = listener.accept() => {
-                    if let Ok((stream, _)) = accepted {
-                        serve(stream);
+                    if let Ok((stream, peer)) = accepted {
+                        serve(stream, peer);
                     }
                 }
                 _ = &mut until => break,
