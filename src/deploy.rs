@@ -673,8 +673,12 @@ mod tests {
         #[test]
         fn backoff_steps_grow(base in 1u64..1_000, n in 0u32..40) {
             let max = Duration::from_secs(3600);
+            // r = 0 gives the bottom of the range; r = step / 2 its top (r is taken
+            // modulo step / 2 + 1).
+            let step = |n: u32| base.saturating_mul(1u64 << n.min(32)).min(3_600_000);
             let lo = |n| backoff(Duration::from_millis(base), max, n, 0);
-            let hi = |n| backoff(Duration::from_millis(base), max, n, u64::MAX);
+            let hi = |n| backoff(Duration::from_millis(base), max, n, step(n) / 2);
+            prop_assert_eq!(hi(n).as_millis() as u64, step(n));
             prop_assert!(lo(n + 1) >= lo(n));
             prop_assert!(hi(n + 1) >= hi(n));
         }
