@@ -222,12 +222,17 @@ impl MockProvider {
         let overrides = Overrides::from_headers(req.headers());
         let extra = Extra::new(req.headers(), &self.opts);
         let headers = req.headers().clone();
+        let seen = super::headers_json(&headers);
         let query = req.uri().query().unwrap_or_default().to_owned();
         let body = match Limited::new(req.into_body(), MAX_BODY_BYTES)
             .collect()
             .await
         {
-            Ok(c) => c.to_bytes(),
+            Ok(c) => {
+                let body = c.to_bytes();
+                self.remember(seen, &body);
+                body
+            }
             Err(e) => {
                 return self.fail_as(
                     format,

@@ -12,7 +12,8 @@
 //!   `POST /v1/embeddings` — see [`formats`].
 //! - `GET /v1/models` — a one-model list.
 //! - `GET /_mock/stats` — request counters and the last `Authorization` header seen.
-//! - `GET /_mock/last` — the headers and JSON body of the last chat request received.
+//! - `GET /_mock/last` — the headers and JSON body of the last request received on a
+//!   provider route (any format).
 //!
 //! Per-request overrides (headers): `x-mock-fail: <status>`,
 //! `x-mock-completion-tokens: N`, `x-mock-latency-ms: N`, `x-mock-cut-after: N`.
@@ -416,19 +417,21 @@ impl MockProvider {
         error_response(status, message)
     }
 
+    /// Keeps the headers and JSON body of a chat request for `/_mock/last`.
+    fn remember(&self, headers: serde_json::Map<String, serde_json::Value>, body: &[u8]) {
+        *self
+            .last
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(serde_json::json!({
+            "headers": headers,
+            "body": serde_json::from_slice::<serde_json::Value>(body).ok(),
+        }));
+    }
+
     async fn chat(self: Arc<Self>, req: Request<Incoming>) -> Response<RespBody> {
         let seq = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
         let overrides = Overrides::from_headers(req.headers());
-        let mut headers = serde_json::Map::new();
-        for name in req.headers().keys() {
-            let values: Vec<String> = req
-                .headers()
-                .get_all(name)
-                .iter()
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-                .collect();
-            headers.insert(name.as_str().to_owned(), values.join(", ").into());
-        }
+        let headers = headers_json(req.headers());
 
         let body = match Limited::new(req.into_body(), MAX_BODY_BYTES)
             .collect()
@@ -440,13 +443,7 @@ impl MockProvider {
                 return self.fail(StatusCode::BAD_REQUEST, &msg);
             }
         };
-        *self
-            .last
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(serde_json::json!({
-            "headers": headers,
-            "body": serde_json::from_slice::<serde_json::Value>(&body).ok(),
-        }));
+        self.remember(headers, &body);
 
         let latency = overrides.latency_ms.unwrap_or(self.opts.latency_ms);
         if latency > 0 {
@@ -778,6 +775,20 @@ fn error_response(status: StatusCode, message: &str) -> Response<RespBody> {
 // ---------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------
+
+/// Request headers as a JSON object (repeated headers joined with ", ").
+fn headers_json(h: &http::HeaderMap) -> serde_json::Map<String, serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    for name in h.keys() {
+        let values: Vec<String> = h
+            .get_all(name)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect();
+        out.insert(name.as_str().to_owned(), values.join(", ").into());
+    }
+    out
+}
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]

@@ -373,6 +373,9 @@ async fn chat_completions(
         // The provider's limit is always set: the hold covers exactly that many tokens.
         Some(mut t) => {
             t.set_max_tokens(max_tokens);
+            if let Some(temp) = temperature {
+                t.default_temperature(temp);
+            }
             t.to_bytes().map(Some)
         }
         None => {

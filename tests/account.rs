@@ -329,3 +329,68 @@ async fn saved_preferences_apply_to_the_next_request_at_once() {
     assert_eq!(sent["max_completion_tokens"], 64);
     assert_eq!(sent["temperature"], 0.4);
 }
+
+#[tokio::test]
+async fn preferences_apply_to_translated_providers_within_their_ranges() {
+    let env = TestEnv::new().await;
+    let mock = env.mock(&[]).await;
+    let base = format!("http://{}", mock.addr);
+    let gw = env
+        .gateway_with(
+            &mock,
+            &[
+                ("TOLLGATE__PROVIDERS__ANTHROPIC__BASE_URL", &base),
+                ("TOLLGATE__PROVIDERS__GOOGLE__BASE_URL", &base),
+                ("ANTHROPIC_API_KEY", PROVIDER_KEY),
+                ("GEMINI_API_KEY", PROVIDER_KEY),
+            ],
+        )
+        .await;
+    let (_, token) = env.user(1000).await;
+    let bare = json!({"messages": [{"role": "user", "content": "Hello"}]});
+    let put = |prefs: serde_json::Value| {
+        let (env, url, token) = (&env, gw.url("/v1/users/me/preferences"), token.clone());
+        async move {
+            let (status, _, _) = env
+                .request(
+                    "PUT",
+                    &url,
+                    Some(&token),
+                    Some(serde_json::to_vec(&prefs).unwrap()),
+                )
+                .await;
+            assert_eq!(status, 200);
+        }
+    };
+    put(json!({"default_model_id": "claude-3.5-sonnet", "max_tokens": 90, "temperature": 1.5}))
+        .await;
+    let (status, _, body) = env.chat(&gw, &token, bare.clone()).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let (_, _, last) = env
+        .request("GET", &mock.url("/_mock/last"), None, None)
+        .await;
+    let sent = json(&last)["body"].clone();
+    assert_eq!(sent["max_tokens"], 90, "{sent}");
+    assert_eq!(
+        sent["temperature"], 1.0,
+        "Anthropic's range ends at 1: {sent}"
+    );
+    // A temperature in the request wins over the preference.
+    let mut own = bare.clone();
+    own["temperature"] = json!(0.2);
+    assert_eq!(env.chat(&gw, &token, own).await.0, 200);
+    let (_, _, last) = env
+        .request("GET", &mock.url("/_mock/last"), None, None)
+        .await;
+    assert_eq!(json(&last)["body"]["temperature"], 0.2);
+
+    put(json!({"default_model_id": "gemini-2.0-pro"})).await;
+    let (status, _, _) = env.chat(&gw, &token, bare).await;
+    assert_eq!(status, 200);
+    let (_, _, last) = env
+        .request("GET", &mock.url("/_mock/last"), None, None)
+        .await;
+    let cfg = json(&last)["body"]["generationConfig"].clone();
+    assert_eq!(cfg["temperature"], 1.5, "{cfg}");
+    assert_eq!(cfg["maxOutputTokens"], 90);
+}

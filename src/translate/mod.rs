@@ -67,6 +67,31 @@ impl Translated {
         }
     }
 
+    /// Sets the sampling temperature unless the request has one (a user preference),
+    /// within the provider's range (Anthropic 0–1, Gemini 0–2).
+    pub fn default_temperature(&mut self, t: f64) {
+        let Some(o) = self.body.as_object_mut() else {
+            return;
+        };
+        match self.kind {
+            Kind::Anthropic => {
+                o.entry("temperature")
+                    .or_insert_with(|| Value::from(t.clamp(0.0, 1.0)));
+            }
+            Kind::Gemini => {
+                if let Some(gc) = o
+                    .entry("generationConfig")
+                    .or_insert_with(|| Value::Object(Map::new()))
+                    .as_object_mut()
+                {
+                    gc.entry("temperature")
+                        .or_insert_with(|| Value::from(t.clamp(0.0, 2.0)));
+                }
+            }
+            Kind::OpenAi => {}
+        }
+    }
+
     pub fn to_bytes(&self) -> Result<Bytes, ApiError> {
         serde_json::to_vec(&self.body)
             .map(Bytes::from)
