@@ -4,7 +4,6 @@
 
 use axum::extract::{Query, State};
 use axum::{Extension, Json};
-use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -273,6 +272,8 @@ pub async fn usage(
     })))
 }
 
+const PREFERENCES_MAX_BYTES: usize = 64 * 1024;
+
 const PREFERENCES_SQL: &str =
     "SELECT default_model_id, enable_streaming, max_tokens, temperature::float8,
         preferences_metadata, updated_at FROM user_preferences WHERE user_id = $1";
@@ -320,8 +321,10 @@ pub async fn get_preferences(
 pub async fn put_preferences(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    body: Bytes,
+    req: axum::extract::Request,
 ) -> Result<Json<Value>, ApiError> {
+    // Preferences are small: more than this is refused with an OpenAI-shaped 413.
+    let body = crate::router::read_body(req.into_body(), PREFERENCES_MAX_BYTES).await?;
     let v: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid(format!("the body is not valid JSON ({e})")))?;
     let Value::Object(fields) = v else {

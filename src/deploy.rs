@@ -477,21 +477,20 @@ impl Pool {
         let key_refused =
             self.kind == Kind::Gemini && memchr::memmem::find(&body, b"API_KEY_INVALID").is_some();
         match status.as_u16() {
-            // The provider refused the gateway's own key: not the caller's fault, and
-            // its message (which may quote the key) is not passed on.
-            _ if key_refused => {
+            // The provider refused this deployment's key (Gemini says so with a 400
+            // API_KEY_INVALID): not the caller's fault, and the message (which may quote
+            // the key) is not passed on. Another deployment, with its own key, may work.
+            _ if key_refused || matches!(status.as_u16(), 401 | 403) => {
                 tracing::error!(provider = %name, deployment = d.index, %status,
                                 "the provider rejected the gateway's credentials");
-                Err(Outcome::Fatal(ApiError::BadGateway {
-                    message: "the upstream provider refused the gateway's credentials".into(),
-                }))
-            }
-            401 | 403 => {
-                tracing::error!(provider = %name, deployment = d.index, %status,
-                                "the provider rejected the gateway's credentials");
-                Err(Outcome::Fatal(ApiError::BadGateway {
-                    message: "the upstream provider refused the gateway's credentials".into(),
-                }))
+                Err(Outcome::Retry {
+                    error: ApiError::BadGateway {
+                        message: "the upstream provider refused the gateway's credentials".into(),
+                    },
+                    // Longer than any retry_after_max: this deployment is not tried
+                    // again within the request (its key will not have changed).
+                    retry_after: Some(Duration::MAX),
+                })
             }
             // Rate-limited, or overloaded (Anthropic's 529): the caller may retry later.
             429 | 529 => Err(Outcome::Retry {

@@ -156,8 +156,9 @@ pub async fn completions(
         .check(
             &state.db,
             &principal.user_id,
-            chat.prompt_tokens_bound
-                .saturating_add(want.saturating_mul(chat.choices.max(1))),
+            chat.prompt_tokens_bound,
+            want.saturating_mul(chat.choices.max(1)),
+            true,
         )
         .await?;
     let (hold, max_tokens) = reserve(&state, &principal.user_id, &rid, &model, &chat, want).await?;
@@ -174,7 +175,7 @@ pub async fn completions(
         endpoint: Api::Completions,
         operation: "completion",
     };
-    let lowered = (max_tokens < chat.max_tokens.unwrap_or(want)).then_some(max_tokens);
+    let lowered = (chat.max_tokens != Some(max_tokens)).then_some(max_tokens);
     let upstream_body = match rewrite_body(&body, &chat, &model.name, lowered) {
         Ok(Some(b)) => Bytes::from(b),
         Ok(None) => body,
@@ -256,7 +257,13 @@ pub async fn embeddings(
     };
     let allowance = state
         .rate_limits
-        .check(&state.db, &principal.user_id, chat.prompt_tokens_bound)
+        .check(
+            &state.db,
+            &principal.user_id,
+            chat.prompt_tokens_bound,
+            0,
+            true,
+        )
         .await?;
     let (hold, _) = reserve(&state, &principal.user_id, &rid, &model, &chat, 0).await?;
     let adm = Admitted {

@@ -386,11 +386,12 @@ impl MockProvider {
                 let n = body["requests"].as_array().map_or(0, Vec::len);
                 let embeddings: Vec<Value> =
                     (0..n).map(|i| json!({ "values": vector(i) })).collect();
-                respond(
-                    StatusCode::OK,
-                    &json!({"embeddings": embeddings, "usageMetadata": {"promptTokenCount": prompt, "totalTokenCount": prompt}}),
-                    &[],
-                )
+                let mut answer = json!({"embeddings": embeddings});
+                if !self.opts.embed_without_usage {
+                    answer["usageMetadata"] =
+                        json!({"promptTokenCount": prompt, "totalTokenCount": prompt});
+                }
+                respond(StatusCode::OK, &answer, &[])
             }
             _ => {
                 let n = match &body["input"] {

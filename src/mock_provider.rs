@@ -80,6 +80,9 @@ pub struct MockOptions {
     /// Cache-read input tokens Anthropic answers report (header x-mock-cache-read-tokens)
     #[arg(long, default_value_t = 0)]
     pub cache_read_tokens: u64,
+    /// Gemini embedding answers without `usageMetadata`, as the public API sends them
+    #[arg(long)]
+    pub embed_without_usage: bool,
 }
 
 /// State shared by every connection of one mock server: options and counters.
@@ -813,6 +816,7 @@ mod tests {
             retry_after: None,
             cut_after: None,
             cache_read_tokens: 0,
+            embed_without_usage: false,
         }
     }
 

@@ -201,9 +201,20 @@ impl RateLimits {
         tier
     }
 
-    /// Admits one request of up to `tokens` tokens (prompt bound + the most it may
-    /// generate), or refuses it with 429 `rate_limit_exceeded` and `retry-after`.
-    pub async fn check(&self, db: &Db, user: &Uuid, tokens: i64) -> Result<Allowance, ApiError> {
+    /// Admits one request of up to `prompt` + `output` tokens (prompt bound + the most
+    /// it may generate), or refuses it with 429 `rate_limit_exceeded` and `retry-after`.
+    /// When the client set no output limit (`output` is the model's cap), the count is
+    /// capped at the whole per-minute budget, so such a request waits for a full bucket
+    /// instead of being refused for ever; an explicit limit above the budget is refused
+    /// as too large.
+    pub async fn check(
+        &self,
+        db: &Db,
+        user: &Uuid,
+        prompt: i64,
+        output: i64,
+        output_explicit: bool,
+    ) -> Result<Allowance, ApiError> {
         if !self.active {
             return Ok(Allowance::default());
         }
@@ -222,7 +233,11 @@ impl RateLimits {
             })?);
         }
         if let Some(b) = &limits.tokens {
-            let n = u32::try_from(tokens.max(1)).unwrap_or(u32::MAX);
+            let mut tokens = prompt.saturating_add(output).max(1);
+            if !output_explicit && prompt <= i64::from(b.limit) {
+                tokens = tokens.min(i64::from(b.limit));
+            }
+            let n = u32::try_from(tokens).unwrap_or(u32::MAX);
             allowance.tokens = Some(b.take(user, n).map_err(|retry| ApiError::RateLimited {
                 message: match retry {
                     Some(_) => format!(

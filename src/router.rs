@@ -284,11 +284,24 @@ pub(crate) async fn reserve(
         ttl_ms: u64::try_from(m.hold_ttl.as_millis()).unwrap_or(u64::MAX),
     };
     for _ in 0..3 {
-        let r = state
-            .ledger
-            .reserve(user, rid, &hold)
-            .await
-            .map_err(|e| ApiError::unavailable("redis", e))?;
+        let r = match state.ledger.reserve(user, rid, &hold).await {
+            Ok(r) => r,
+            Err(e) => {
+                // The script may have run with only its answer lost: give back a hold
+                // that may exist (release is idempotent) rather than leave it to
+                // metering.hold_ttl_ms.
+                let (st, u, id) = (state.clone(), *user, *rid);
+                state.tasks.spawn(async move {
+                    for delay_ms in [0u64, 500, 2_000] {
+                        tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+                        if st.ledger.release(&u, &id).await.is_ok() {
+                            return;
+                        }
+                    }
+                });
+                return Err(ApiError::unavailable("redis", e));
+            }
+        };
         match r {
             Reserve::Admitted {
                 hold, max_tokens, ..
@@ -351,8 +364,9 @@ async fn chat_completions(
         .check(
             &state.db,
             &principal.user_id,
-            chat.prompt_tokens_bound
-                .saturating_add(want.saturating_mul(chat.choices.max(1))),
+            chat.prompt_tokens_bound,
+            want.saturating_mul(chat.choices.max(1)),
+            chat.max_tokens.is_some() || pref_max_tokens.is_some(),
         )
         .await?;
     let (hold, max_tokens) = reserve(&state, &principal.user_id, &rid, &model, &chat, want).await?;
@@ -380,7 +394,10 @@ async fn chat_completions(
         }
         None => {
             let edits = Edits {
-                max_tokens: (max_tokens < want || pref_max_tokens.is_some()).then_some(max_tokens),
+                // Whenever the client's limit is not exactly what was held for (absent,
+                // above the model's cap, or lowered to the balance), the upstream gets the
+                // held limit: the provider can never produce more than the hold covers.
+                max_tokens: (chat.max_tokens != Some(max_tokens)).then_some(max_tokens),
                 temperature,
             };
             rewrite_body_with(&body, &chat, &model.name, edits).map(|b| b.map(Bytes::from))
@@ -489,7 +506,11 @@ async fn forward_json(mut adm: Admitted, body: Bytes) -> Result<Response, ApiErr
     if tool_call && adm.operation == "chat" {
         adm.operation = "function_call";
     }
-    let usage = usage.unwrap_or_else(|| adm.estimate(bytes.len(), bytes.len().div_ceil(4)));
+    let usage = usage.unwrap_or_else(|| match adm.endpoint {
+        // An embedding's answer is vectors, not tokens: the prompt is the estimate.
+        Api::Embeddings { .. } => adm.estimate(bytes.len(), 0),
+        _ => adm.estimate(bytes.len(), bytes.len().div_ceil(4)),
+    });
     let extra = (!extra.is_empty()).then_some(serde_json::Value::Object(extra));
     adm.settle(usage, extra).await?;
     let mut out = Response::new(Body::from(bytes));

@@ -394,3 +394,25 @@ async fn preferences_apply_to_translated_providers_within_their_ranges() {
     assert_eq!(cfg["temperature"], 1.5, "{cfg}");
     assert_eq!(cfg["maxOutputTokens"], 90);
 }
+
+#[tokio::test]
+async fn an_oversized_preferences_body_gets_an_openai_shaped_413() {
+    let env = TestEnv::new().await;
+    let mock = env.mock(&[]).await;
+    let gw = env.gateway(&mock).await;
+    let (_, token) = env.user(0).await;
+    let big = format!(
+        "{{\"metadata\":{{\"x\":\"{}\"}}}}",
+        "a".repeat(3 * 1024 * 1024)
+    );
+    let (status, _, body) = env
+        .request(
+            "PUT",
+            &gw.url("/v1/users/me/preferences"),
+            Some(&token),
+            Some(big.into_bytes()),
+        )
+        .await;
+    assert_eq!(status, 413);
+    assert_eq!(openai_error(&body)["code"], "request_too_large");
+}

@@ -726,3 +726,22 @@ async fn the_openai_python_sdk_works_against_every_provider() {
     assert!(all >= billed);
     assert_eq!(s.env.redis_balance(&s.user).await, Some(10_000 - all));
 }
+
+#[tokio::test]
+async fn gemini_embeddings_without_reported_usage_are_billed_from_the_prompt_only() {
+    let s = setup(&["--embed-without-usage"], 1000).await;
+    let input = "x".repeat(4000);
+    let (status, headers, v) = s
+        .post(
+            "/v1/embeddings",
+            json!({"model": "gemini-embedding", "input": [input]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let row = s.row(&headers["x-request-id"]).await;
+    assert_eq!(row.meta["usage_estimated"], true, "{:?}", row.meta);
+    assert_eq!(row.output, 0, "vectors are not output tokens");
+    // The prompt estimate: about a token per four bytes of the request body.
+    assert!((1000..1100).contains(&row.input), "{}", row.input);
+    assert_eq!(row.credits, price(row.total, 1));
+}

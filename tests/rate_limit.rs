@@ -143,3 +143,26 @@ async fn a_subscribers_tier_sets_the_limit() {
     assert_eq!(env.chat(&gw, &free, hello(20)).await.0, 200);
     assert_eq!(env.chat(&gw, &free, hello(20)).await.0, 429);
 }
+
+#[tokio::test]
+async fn a_request_without_max_tokens_waits_for_a_full_token_bucket_instead_of_being_refused() {
+    let env = TestEnv::new().await;
+    let mock = env.mock(&[]).await;
+    let gw = env
+        .gateway_with(
+            &mock,
+            &[("TOLLGATE__RATE_LIMITS__FREE__TOKENS_PER_MINUTE", "1000")],
+        )
+        .await;
+    let (_, token) = env.user(1000).await;
+    // gpt-5 may write far more than 1000 tokens; without a limit the request takes
+    // the whole minute's budget rather than being refused as too large.
+    let body = json!({"model": "gpt-5", "messages": [{"role": "user", "content": "Hello"}]});
+    let (s, h, _) = env.chat(&gw, &token, body.clone()).await;
+    assert_eq!(s, 200);
+    assert_eq!(h["x-ratelimit-remaining-tokens"], "0");
+    let (s, h, b) = env.chat(&gw, &token, body).await;
+    assert_eq!(s, 429);
+    assert_eq!(openai_error(&b)["code"], "rate_limit_exceeded");
+    assert!(h["retry-after"].parse::<u64>().unwrap() >= 1);
+}

@@ -700,3 +700,60 @@ async fn metrics_count_requests_errors_and_charges_without_naming_users() {
     assert!(!text.contains(&user.to_string()), "no user id in metrics");
     assert!(!text.contains(&token[..20]), "no token in metrics");
 }
+
+#[tokio::test]
+async fn a_client_limit_above_the_models_cap_is_capped_upstream_and_never_overspends() {
+    let env = TestEnv::new().await;
+    env.db()
+        .await
+        .execute(
+            "UPDATE models SET max_output_tokens = 100 WHERE id = 'gpt-5'",
+            &[],
+        )
+        .await
+        .unwrap();
+    // The mock would produce 5000 tokens if allowed; it honours the limit it is sent.
+    let mock = env
+        .mock(&["--prompt-tokens", "10", "--completion-tokens", "5000"])
+        .await;
+    let gw = env.gateway(&mock).await;
+    let (user, token) = env.user(5).await;
+    for body in [
+        json!({"model": "gpt-5", "max_tokens": 5000, "messages": [{"role": "user", "content": "hi"}]}),
+        json!({"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}),
+    ] {
+        let (status, _, b) = env.chat(&gw, &token, body.clone()).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&b));
+        let (_, _, last) = env
+            .request("GET", &mock.url("/_mock/last"), None, None)
+            .await;
+        let sent = json(&last)["body"].clone();
+        let limit = sent["max_completion_tokens"]
+            .as_i64()
+            .or(sent["max_tokens"].as_i64())
+            .unwrap_or_else(|| panic!("no output limit sent upstream for {body}: {sent}"));
+        assert!(limit <= 100, "upstream got a limit of {limit}: {sent}");
+    }
+    let bal = env.redis_balance(&user).await.unwrap();
+    assert!(bal >= 0, "a balance of 5 went to {bal}");
+}
+
+#[tokio::test]
+async fn a_client_chosen_http_method_mints_no_metric_label() {
+    let env = TestEnv::new().await;
+    let mock = env.mock(&[]).await;
+    let gw = env.gateway(&mock).await;
+    for i in 0..5 {
+        let _ = env
+            .request(&format!("ZZ{i}"), &gw.url("/livez"), None, None)
+            .await;
+    }
+    let (s, _, b) = env.request("GET", &gw.url("/metrics"), None, None).await;
+    assert_eq!(s, 200);
+    let text = String::from_utf8_lossy(&b);
+    assert!(
+        !text.contains("method=\"ZZ"),
+        "client methods became labels"
+    );
+    assert!(text.contains("method=\"other\""), "{text}");
+}

@@ -644,3 +644,25 @@ async fn with_every_circuit_open_requests_fail_fast_and_charge_nothing() {
     );
     assert_eq!(env.redis_balance(&user).await, Some(100));
 }
+
+#[tokio::test]
+async fn a_deployment_whose_key_is_refused_fails_over_and_is_not_tried_again() {
+    let env = TestEnv::new().await;
+    let refusing = env.mock(&["--fail-status", "401"]).await;
+    let good = env.mock(&[]).await;
+    let gw = gateway(
+        &env,
+        &[
+            (&refusing.url(""), "OPENAI_API_KEY", 1),
+            (&good.url(""), "OPENAI_API_KEY", 0),
+        ],
+        // Attempts to spare: the refusing deployment must still not get a second one.
+        &[("TOLLGATE__PROVIDERS__OPENAI__MAX_ATTEMPTS", "4")],
+    )
+    .await;
+    let (_, token) = env.user(100).await;
+    let (status, _, body) = env.chat(&gw, &token, small(false)).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(stats(&env, &refusing).await["requests"], 1);
+    assert_eq!(stats(&env, &good).await["served"], 1);
+}
