@@ -1,3 +1,6 @@
+//! Times Redis calls through each layer the gateway uses (raw TCP, the multiplexed
+//! connection, the connection manager, the ledger's scripts) on a current-thread or
+//! (argument `mt`) multi-thread runtime. See BENCHMARKS.md.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -70,6 +73,19 @@ async fn run() {
             e.push(t.elapsed().as_micros());
         }
         println!("round {round}: p50 µs  conn-manager {}  multiplexed {}  raw-tcp {}  ledger.balance {}  reserve+settle {}", p50(a), p50(b), p50(c), p50(d), p50(e));
+    }
+    // Leave nothing behind in the shared Redis.
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("probe:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
     }
 }
 
