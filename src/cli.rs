@@ -134,10 +134,17 @@ fn init_tracing(default: &str) {
 pub fn main(cli: Cli) -> ExitCode {
     let serving = matches!(cli.command, Command::Serve | Command::MockProvider { .. });
     init_tracing(if serving { "info" } else { "warn" });
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if matches!(cli.command, Command::Serve) {
+        // server.worker_threads sizes the runtime, so it is read before it starts (a
+        // bad config is reported by `serve` itself below).
+        if let Ok(cfg) = load_config(&cli) {
+            if cfg.worker_threads > 0 {
+                builder.worker_threads(cfg.worker_threads);
+            }
+        }
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

@@ -46,6 +46,7 @@ pub struct RawServer {
     pub shutdown_delay_ms: u64,
     pub disconnect_drain_ms: u64,
     pub disconnect_drains: u32,
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -253,6 +254,7 @@ impl Default for RawServer {
             shutdown_delay_ms: 0,
             disconnect_drain_ms: 30_000,
             disconnect_drains: 256,
+            worker_threads: 0,
         }
     }
 }
@@ -458,6 +460,8 @@ pub struct Config {
     pub disconnect_drain: Duration,
     /// Disconnected streams read on at once; beyond that they stop at once (estimated).
     pub disconnect_drains: u32,
+    /// Runtime worker threads; 0 = one per core.
+    pub worker_threads: usize,
     pub database: DatabaseConfig,
     pub redis: RedisConfig,
     pub auth: AuthConfig,
@@ -768,6 +772,7 @@ impl RawConfig {
             shutdown_delay: Duration::from_millis(self.server.shutdown_delay_ms),
             disconnect_drain: Duration::from_millis(self.server.disconnect_drain_ms),
             disconnect_drains: self.server.disconnect_drains,
+            worker_threads: self.server.worker_threads,
             database: DatabaseConfig {
                 url: self.database.url,
                 pool_size: self.database.pool_size,
