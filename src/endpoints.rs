@@ -14,7 +14,7 @@ use serde::Deserialize;
 use crate::authenticate::Principal;
 use crate::error::ApiError;
 use crate::parse::{rewrite_body, ChatRequest, MAX_CHOICES};
-use crate::router::{read_body, reserve, run, Admitted, Api, RequestId};
+use crate::router::{admit, read_body, run, Admission, Api, RequestId};
 use crate::state::AppState;
 use crate::translate::{self, Kind};
 
@@ -151,30 +151,16 @@ pub async fn completions(
     let want = chat
         .max_tokens
         .map_or(model.output_cap(), |m| m.min(model.output_cap()));
-    let allowance = state
-        .rate_limits
-        .check(
-            &state.db,
-            &principal.user_id,
-            chat.prompt_tokens_bound,
-            want.saturating_mul(chat.choices.max(1)),
-            true,
-        )
-        .await?;
-    let (hold, max_tokens) = reserve(&state, &principal.user_id, &rid, &model, &chat, want).await?;
-    let adm = Admitted {
-        state: state.clone(),
+    let admission = Admission {
         rid,
-        user: principal.user_id,
-        model: model.clone(),
         started,
-        prompt_bound: chat.prompt_tokens_bound,
-        hold,
-        stream: chat.stream,
         kind,
         endpoint: Api::Completions,
         operation: "completion",
+        output_explicit: true,
     };
+    let (adm, max_tokens, allowance) =
+        admit(&state, &principal, &model, &chat, want, admission).await?;
     let lowered = (chat.max_tokens != Some(max_tokens)).then_some(max_tokens);
     let upstream_body = match rewrite_body(&body, &chat, &model.name, lowered) {
         Ok(Some(b)) => Bytes::from(b),
@@ -255,30 +241,15 @@ pub async fn embeddings(
             return Err(not_offered(&model.id, &model.provider, "embeddings"));
         }
     };
-    let allowance = state
-        .rate_limits
-        .check(
-            &state.db,
-            &principal.user_id,
-            chat.prompt_tokens_bound,
-            0,
-            true,
-        )
-        .await?;
-    let (hold, _) = reserve(&state, &principal.user_id, &rid, &model, &chat, 0).await?;
-    let adm = Admitted {
-        state: state.clone(),
+    let admission = Admission {
         rid,
-        user: principal.user_id,
-        model: model.clone(),
         started,
-        prompt_bound: chat.prompt_tokens_bound,
-        hold,
-        stream: false,
         kind,
         endpoint: Api::Embeddings { base64 },
         operation: "embedding",
+        output_explicit: true,
     };
+    let (adm, _, allowance) = admit(&state, &principal, &model, &chat, 0, admission).await?;
     let upstream = match translated {
         Some(v) => serde_json::to_vec(&v)
             .map(|b| Some(Bytes::from(b)))

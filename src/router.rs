@@ -41,6 +41,7 @@ use crate::deploy::{Answer, Sent};
 use crate::error::ApiError;
 use crate::ledger::{HoldRequest, Reserve};
 use crate::parse::{missing_model, parse_chat_lenient, rewrite_body_with, ChatRequest, Edits};
+use crate::rate_limit::Allowance;
 use crate::route::Model;
 use crate::settle::{cost, settle, Usage, UsageEvent};
 use crate::state::AppState;
@@ -169,6 +170,55 @@ pub(crate) enum Api {
     Embeddings {
         base64: bool,
     },
+}
+
+/// How a request asks to be admitted (besides its model and parse).
+pub(crate) struct Admission {
+    pub(crate) rid: Uuid,
+    pub(crate) started: Instant,
+    pub(crate) kind: Kind,
+    pub(crate) endpoint: Api,
+    pub(crate) operation: &'static str,
+    /// Whether the output limit came from the client (or a preference), not the cap.
+    pub(crate) output_explicit: bool,
+}
+
+/// Stages 2b and 5 for every model endpoint: the rate-limit check, then the hold for
+/// up to `want` output tokens a choice. Returns the admitted request, the output limit
+/// a choice may use (the balance may have lowered it), and what the rate limits left.
+pub(crate) async fn admit(
+    state: &AppState,
+    principal: &Principal,
+    model: &std::sync::Arc<Model>,
+    chat: &ChatRequest,
+    want: i64,
+    a: Admission,
+) -> Result<(Admitted, i64, Allowance), ApiError> {
+    let allowance = state
+        .rate_limits
+        .check(
+            &state.db,
+            &principal.user_id,
+            chat.prompt_tokens_bound,
+            want.saturating_mul(chat.choices.max(1)),
+            a.output_explicit,
+        )
+        .await?;
+    let (hold, max_tokens) = reserve(state, &principal.user_id, &a.rid, model, chat, want).await?;
+    let adm = Admitted {
+        state: state.clone(),
+        rid: a.rid,
+        user: principal.user_id,
+        model: model.clone(),
+        started: a.started,
+        prompt_bound: chat.prompt_tokens_bound,
+        hold,
+        stream: chat.stream,
+        kind: a.kind,
+        endpoint: a.endpoint,
+        operation: a.operation,
+    };
+    Ok((adm, max_tokens, allowance))
 }
 
 impl Admitted {
@@ -359,30 +409,16 @@ async fn chat_completions(
         .max_tokens
         .or(pref_max_tokens)
         .map_or(model.output_cap(), |m| m.min(model.output_cap()));
-    let allowance = state
-        .rate_limits
-        .check(
-            &state.db,
-            &principal.user_id,
-            chat.prompt_tokens_bound,
-            want.saturating_mul(chat.choices.max(1)),
-            chat.max_tokens.is_some() || pref_max_tokens.is_some(),
-        )
-        .await?;
-    let (hold, max_tokens) = reserve(&state, &principal.user_id, &rid, &model, &chat, want).await?;
-    let adm = Admitted {
-        state: state.clone(),
+    let admission = Admission {
         rid,
-        user: principal.user_id,
-        model: model.clone(),
         started,
-        prompt_bound: chat.prompt_tokens_bound,
-        hold,
-        stream: chat.stream,
         kind,
         endpoint: Api::Chat,
         operation: "chat",
+        output_explicit: chat.max_tokens.is_some() || pref_max_tokens.is_some(),
     };
+    let (adm, max_tokens, allowance) =
+        admit(&state, &principal, &model, &chat, want, admission).await?;
     let upstream = match translated {
         // The provider's limit is always set: the hold covers exactly that many tokens.
         Some(mut t) => {
