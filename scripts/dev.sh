@@ -18,8 +18,13 @@ $bin seed >/dev/null
 
 mock_port=${MOCK_PORT:-9000}
 gw_port=${PORT:-8080}
+# Every provider (OpenAI, Anthropic, Gemini) is the bundled mock, so it works offline.
 export OPENAI_API_KEY=${OPENAI_API_KEY:-sk-mock}
+export ANTHROPIC_API_KEY=${ANTHROPIC_API_KEY:-sk-mock}
+export GEMINI_API_KEY=${GEMINI_API_KEY:-sk-mock}
 export TOLLGATE__PROVIDERS__OPENAI__BASE_URL=${TOLLGATE__PROVIDERS__OPENAI__BASE_URL:-http://127.0.0.1:$mock_port/v1}
+export TOLLGATE__PROVIDERS__ANTHROPIC__BASE_URL=${TOLLGATE__PROVIDERS__ANTHROPIC__BASE_URL:-http://127.0.0.1:$mock_port}
+export TOLLGATE__PROVIDERS__GOOGLE__BASE_URL=${TOLLGATE__PROVIDERS__GOOGLE__BASE_URL:-http://127.0.0.1:$mock_port}
 export TOLLGATE__SERVER__LISTEN=${TOLLGATE__SERVER__LISTEN:-127.0.0.1:$gw_port}
 
 email=dev@tollgate.local
@@ -42,6 +47,7 @@ Tollgate dev stack
 
 Try it:
   curl -s http://$TOLLGATE__SERVER__LISTEN/v1/chat/completions -H "Authorization: Bearer $token" -H 'Content-Type: application/json' -d '{"model":"gpt-5","messages":[{"role":"user","content":"Hello"}]}'
+  (models: gpt-5, claude-3.5-sonnet, gemini-2.0-pro — all answered by the mock)
 
 MSG
 exec_status=0
