@@ -113,14 +113,7 @@ pub fn request(req: &Map<String, Value>, model: &Model) -> Result<Value, ApiErro
             continue;
         }
         // Consecutive messages of one role become one (tool results follow the call).
-        match messages.last_mut() {
-            Some(last) if last["role"] == role => {
-                if let Some(a) = last["content"].as_array_mut() {
-                    a.extend(blocks);
-                }
-            }
-            _ => messages.push(json!({"role": role, "content": blocks})),
-        }
+        super::push_turn(&mut messages, role, "content", blocks);
     }
     if messages.is_empty() {
         return Err(bad(

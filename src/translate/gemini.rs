@@ -150,14 +150,7 @@ pub fn request(req: &Map<String, Value>, model: &Model) -> Result<Value, ApiErro
         if parts.is_empty() {
             continue;
         }
-        match contents.last_mut() {
-            Some(last) if last["role"] == role => {
-                if let Some(a) = last["parts"].as_array_mut() {
-                    a.extend(parts);
-                }
-            }
-            _ => contents.push(json!({"role": role, "parts": parts})),
-        }
+        super::push_turn(&mut contents, role, "parts", parts);
     }
     if contents.is_empty() {
         return Err(bad(

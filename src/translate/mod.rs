@@ -99,6 +99,24 @@ impl Translated {
     }
 }
 
+/// Appends a turn of `role` with `items` under `key`, merged into the previous turn when
+/// that has the same role (both providers want roles to alternate).
+pub(crate) fn push_turn(turns: &mut Vec<Value>, role: &str, key: &str, items: Vec<Value>) {
+    match turns.last_mut() {
+        Some(last) if last["role"] == role => {
+            if let Some(a) = last[key].as_array_mut() {
+                a.extend(items);
+            }
+        }
+        _ => {
+            let mut turn = Map::new();
+            turn.insert("role".into(), Value::from(role));
+            turn.insert(key.into(), Value::Array(items));
+            turns.push(Value::Object(turn));
+        }
+    }
+}
+
 pub(crate) fn bad(param: &'static str, message: impl Into<String>) -> ApiError {
     ApiError::InvalidRequest {
         message: message.into(),
