@@ -1758,6 +1758,14 @@ impl Browser {
         }}});
         let v = wd("POST", &format!("{base}/session"), Some(caps)).await;
         let session = v["sessionId"].as_str().expect("a session id").to_owned();
+        // Element lookups wait for the element (a submitted form's next page may still be
+        // loading: the password check is a deliberately slow hash).
+        wd(
+            "POST",
+            &format!("{base}/session/{session}/timeouts"),
+            Some(json!({"implicit": 15000})),
+        )
+        .await;
         Browser {
             driver,
             base,
