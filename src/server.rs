@@ -92,9 +92,24 @@ pub async fn run(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), BoxError> {
-    crate::telemetry::install();
+    let metrics = crate::telemetry::install();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let background = TaskTracker::new();
+
+    // Histogram samples wait in the recorder until upkeep folds them in: without a
+    // scrape they would pile up, so fold them in every few seconds.
+    if let Some(handle) = metrics {
+        let mut stop = stop_rx.clone();
+        background.spawn(async move {
+            let mut tick = tokio::time::interval(crate::telemetry::UPKEEP_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => handle.run_upkeep(),
+                    _ = stop.changed() => break,
+                }
+            }
+        });
+    }
 
     // Model refresh and partition upkeep.
     {
