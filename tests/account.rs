@@ -334,18 +334,7 @@ async fn saved_preferences_apply_to_the_next_request_at_once() {
 async fn preferences_apply_to_translated_providers_within_their_ranges() {
     let env = TestEnv::new().await;
     let mock = env.mock(&[]).await;
-    let base = format!("http://{}", mock.addr);
-    let gw = env
-        .gateway_with(
-            &mock,
-            &[
-                ("TOLLGATE__PROVIDERS__ANTHROPIC__BASE_URL", &base),
-                ("TOLLGATE__PROVIDERS__GOOGLE__BASE_URL", &base),
-                ("ANTHROPIC_API_KEY", PROVIDER_KEY),
-                ("GEMINI_API_KEY", PROVIDER_KEY),
-            ],
-        )
-        .await;
+    let gw = env.gateway_all_providers(&mock).await;
     let (_, token) = env.user(1000).await;
     let bare = json!({"messages": [{"role": "user", "content": "Hello"}]});
     let put = |prefs: serde_json::Value| {

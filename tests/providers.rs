@@ -40,18 +40,7 @@ async fn setup(args: &[&str], credits: i32) -> Setup {
         .await
         .unwrap();
     let mock = env.mock(args).await;
-    let base = format!("http://{}", mock.addr);
-    let gw = env
-        .gateway_with(
-            &mock,
-            &[
-                ("TOLLGATE__PROVIDERS__ANTHROPIC__BASE_URL", &base),
-                ("TOLLGATE__PROVIDERS__GOOGLE__BASE_URL", &base),
-                ("ANTHROPIC_API_KEY", PROVIDER_KEY),
-                ("GEMINI_API_KEY", PROVIDER_KEY),
-            ],
-        )
-        .await;
+    let gw = env.gateway_all_providers(&mock).await;
     let (user, token) = env.user(credits).await;
     Setup {
         env,

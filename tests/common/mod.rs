@@ -295,6 +295,22 @@ impl TestEnv {
         .await
     }
 
+    /// A gateway whose three providers (OpenAI, Anthropic, Gemini) all point at `mock`,
+    /// each with the test provider key.
+    pub async fn gateway_all_providers(&self, mock: &Proc) -> Proc {
+        let base = format!("http://{}", mock.addr);
+        self.gateway_with(
+            mock,
+            &[
+                ("TOLLGATE__PROVIDERS__ANTHROPIC__BASE_URL", &base),
+                ("TOLLGATE__PROVIDERS__GOOGLE__BASE_URL", &base),
+                ("ANTHROPIC_API_KEY", PROVIDER_KEY),
+                ("GEMINI_API_KEY", PROVIDER_KEY),
+            ],
+        )
+        .await
+    }
+
     /// Creates a user with `credits` granted; returns (user id, access token).
     pub async fn user(&self, credits: i32) -> (Uuid, String) {
         let email = format!(
