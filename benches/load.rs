@@ -948,6 +948,10 @@ async fn run(env: &BenchEnv, smoke: bool, procs: &mut Vec<Proc>) -> Res<bool> {
         }
     };
     let started = Instant::now();
+    // `LOAD_PHASES=latency,throughput,open,stream,rss` runs only those phases (all by
+    // default), for profiling one phase; the rows check always runs.
+    let phases = std::env::var("LOAD_PHASES").unwrap_or_default();
+    let want = |phase: &str| phases.is_empty() || phases.split(',').any(|p| p.trim() == phase);
 
     // Database and user.
     env.cli(&["migrate"]).await?;
@@ -1014,7 +1018,7 @@ async fn run(env: &BenchEnv, smoke: bool, procs: &mut Vec<Proc>) -> Res<bool> {
 
     // RSS idle, then with PROBE_CONNS keep-alive connections each after one request.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    for i in 1..3 {
+    for i in (1..3).filter(|_| want("rss")) {
         let pid = middle_pid[i].unwrap_or(0);
         stats[i].rss_idle = rss_mib(pid);
         eprintln!("load: {} with {PROBE_CONNS} connections", targets[i].name);
@@ -1032,7 +1036,11 @@ async fn run(env: &BenchEnv, smoke: bool, procs: &mut Vec<Proc>) -> Res<bool> {
     }
 
     // Latency at concurrency 1.
-    for (t, s) in targets.iter().zip(stats.iter_mut()) {
+    for (t, s) in targets
+        .iter()
+        .zip(stats.iter_mut())
+        .filter(|_| want("latency"))
+    {
         quiesce(&db, t).await?;
         eprintln!("load: {} latency c=1", t.name);
         for _ in 0..plan.warmup {
@@ -1050,7 +1058,7 @@ async fn run(env: &BenchEnv, smoke: bool, procs: &mut Vec<Proc>) -> Res<bool> {
     }
 
     // Throughput at 16 and 64, with CPU per request.
-    for conc in [16, 64] {
+    for conc in [16, 64].into_iter().filter(|_| want("throughput")) {
         for ((t, s), mid) in targets.iter().zip(stats.iter_mut()).zip(middle_pid) {
             quiesce(&db, t).await?;
             eprintln!("load: {} throughput c={conc}", t.name);
@@ -1076,7 +1084,11 @@ async fn run(env: &BenchEnv, smoke: bool, procs: &mut Vec<Proc>) -> Res<bool> {
     // gateway's (a rate every target can sustain).
     let rate = (stats[0].tput64.unwrap_or(0.0) * 0.25).clamp(10.0, OPEN_LOOP_MAX_RATE);
     let rate2 = (stats[2].tput64.unwrap_or(0.0) * 0.5).clamp(10.0, OPEN_LOOP_MAX_RATE);
-    for (t, s) in targets.iter().zip(stats.iter_mut()) {
+    for (t, s) in targets
+        .iter()
+        .zip(stats.iter_mut())
+        .filter(|_| want("open"))
+    {
         quiesce(&db, t).await?;
         eprintln!("load: {} open loop at {rate2:.0} req/s", t.name);
         let (lat, shed) = open_loop(t, rate2, plan.open).await;
@@ -1090,7 +1102,11 @@ async fn run(env: &BenchEnv, smoke: bool, procs: &mut Vec<Proc>) -> Res<bool> {
     }
 
     // Streaming at concurrency 1.
-    for (t, s) in targets.iter().zip(stats.iter_mut()) {
+    for (t, s) in targets
+        .iter()
+        .zip(stats.iter_mut())
+        .filter(|_| want("stream"))
+    {
         quiesce(&db, t).await?;
         eprintln!("load: {} streaming", t.name);
         let mut ttfb = Vec::with_capacity(plan.streams);
@@ -1124,7 +1140,7 @@ async fn run(env: &BenchEnv, smoke: bool, procs: &mut Vec<Proc>) -> Res<bool> {
     }
     drop(targets);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    for i in 1..3 {
+    for i in (1..3).filter(|_| want("rss")) {
         stats[i].rss_after = middle_pid[i].and_then(rss_mib);
     }
 
