@@ -136,13 +136,9 @@ pub fn main(cli: Cli) -> ExitCode {
     init_tracing(if serving { "info" } else { "warn" });
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if matches!(cli.command, Command::Serve) {
-        // server.worker_threads sizes the runtime, so it is read before it starts (a
-        // bad config is reported by `serve` itself below).
-        if let Ok(cfg) = load_config(&cli) {
-            if cfg.worker_threads > 0 {
-                builder.worker_threads(cfg.worker_threads);
-            }
-        }
+        // Requests are served by the worker threads (`server.worker_threads`, started by
+        // `server::run`); this runtime only accepts and runs the background tasks.
+        builder.worker_threads(1);
     }
     let rt = match builder.enable_all().build() {
         Ok(rt) => rt,

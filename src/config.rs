@@ -117,6 +117,7 @@ pub struct RawMetering {
     pub min_output_tokens: u32,
     pub image_tokens: u32,
     pub settle_retries: u32,
+    pub speculative_send: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -340,6 +341,7 @@ impl Default for RawMetering {
             min_output_tokens: 16,
             image_tokens: 2_000,
             settle_retries: 3,
+            speculative_send: true,
         }
     }
 }
@@ -551,6 +553,9 @@ pub struct MeteringConfig {
     pub min_output_tokens: u32,
     pub image_tokens: u32,
     pub settle_retries: u32,
+    /// Send upstream while the hold is taken when the user's last known balance is far
+    /// above the hold (see `router::admit_and_run`).
+    pub speculative_send: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -809,6 +814,7 @@ impl RawConfig {
                 min_output_tokens: self.metering.min_output_tokens.max(1),
                 image_tokens: self.metering.image_tokens,
                 settle_retries: self.metering.settle_retries,
+                speculative_send: self.metering.speculative_send,
             },
             flush: FlushConfig {
                 batch_rows: self.flush.batch_rows,

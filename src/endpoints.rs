@@ -14,7 +14,7 @@ use serde::Deserialize;
 use crate::authenticate::Principal;
 use crate::error::ApiError;
 use crate::parse::{rewrite_body, ChatRequest, MAX_CHOICES};
-use crate::router::{admit, read_body, run, Admission, Api, RequestId};
+use crate::router::{admit_and_run, read_body, Admission, Api, RequestId};
 use crate::state::AppState;
 use crate::translate::{self, Kind};
 
@@ -159,20 +159,24 @@ pub async fn completions(
         operation: "completion",
         output_explicit: true,
     };
-    let (adm, max_tokens, allowance) =
-        admit(&state, &principal, &model, &chat, want, admission).await?;
-    let lowered = (chat.max_tokens != Some(max_tokens)).then_some(max_tokens);
-    let upstream_body = match rewrite_body(&body, &chat, &model.name, lowered) {
-        Ok(Some(b)) => Bytes::from(b),
-        Ok(None) => body,
-        Err(e) => {
-            adm.release().await;
-            return Err(e);
-        }
+    let mut build = |m: i64| -> Result<Bytes, ApiError> {
+        let lowered = (chat.max_tokens != Some(m)).then_some(m);
+        Ok(rewrite_body(&body, &chat, &model.name, lowered)?
+            .map_or_else(|| body.clone(), Bytes::from))
     };
-    let mut resp = run(adm, upstream_body, chat.include_usage).await?;
-    allowance.write_headers(resp.headers_mut());
-    Ok(resp)
+    let upstream_body = build(want)?;
+    admit_and_run(
+        &state,
+        &principal,
+        &model,
+        &chat,
+        want,
+        admission,
+        upstream_body,
+        &mut build,
+        chat.include_usage,
+    )
+    .await
 }
 
 #[derive(Deserialize)]
@@ -249,24 +253,26 @@ pub async fn embeddings(
         operation: "embedding",
         output_explicit: true,
     };
-    let (adm, _, allowance) = admit(&state, &principal, &model, &chat, 0, admission).await?;
-    let upstream = match translated {
-        Some(v) => serde_json::to_vec(&v)
-            .map(|b| Some(Bytes::from(b)))
-            .map_err(ApiError::internal),
-        None => rewrite_body(&body, &chat, &model.name, None).map(|b| b.map(Bytes::from)),
-    };
-    let upstream_body = match upstream {
-        Ok(Some(b)) => b,
-        Ok(None) => body,
-        Err(e) => {
-            adm.release().await;
-            return Err(e);
+    let upstream_body = match translated {
+        Some(v) => Bytes::from(serde_json::to_vec(&v).map_err(ApiError::internal)?),
+        None => {
+            rewrite_body(&body, &chat, &model.name, None)?.map_or_else(|| body.clone(), Bytes::from)
         }
     };
-    let mut resp = run(adm, upstream_body, false).await?;
-    allowance.write_headers(resp.headers_mut());
-    Ok(resp)
+    // Nothing to lower: an embedding holds for its input only.
+    let mut same = |_: i64| Ok(upstream_body.clone());
+    admit_and_run(
+        &state,
+        &principal,
+        &model,
+        &chat,
+        0,
+        admission,
+        upstream_body.clone(),
+        &mut same,
+        false,
+    )
+    .await
 }
 
 #[cfg(test)]

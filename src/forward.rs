@@ -25,7 +25,9 @@ pub struct Provider {
     pub name: String,
     /// The wire format it speaks.
     pub kind: Kind,
-    client: HttpClient,
+    /// A connection pool per worker thread: a pooled connection's task runs on the
+    /// thread that opened it, which is the thread that uses it.
+    clients: crate::worker::PerWorker<HttpClient>,
     /// The deployments, their breakers and the retry policy.
     pub pool: Pool,
     /// `<base_url>/chat/completions` of each deployment (OpenAI's hot path), by index.
@@ -39,8 +41,10 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// `workers`: data-plane threads, each of which gets its own connection pools.
     pub fn new(
         providers: &std::collections::BTreeMap<String, ProviderConfig>,
+        workers: usize,
     ) -> Result<Upstream, String> {
         let mut out = HashMap::new();
         for (name, p) in providers {
@@ -56,10 +60,12 @@ impl Upstream {
                 .enable_http1()
                 .enable_http2()
                 .wrap_connector(http);
-            let client = Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(90))
-                .pool_max_idle_per_host(256)
-                .build(https);
+            let clients = crate::worker::PerWorker::new(workers, || {
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .pool_max_idle_per_host(256)
+                    .build(https.clone())
+            });
             let chat_uris = p
                 .deployments
                 .iter()
@@ -75,7 +81,7 @@ impl Upstream {
                 Provider {
                     name: name.clone(),
                     kind: Kind::of(name),
-                    client,
+                    clients,
                     pool: Pool::new(p),
                     chat_uris,
                     idle_timeout: p.idle_timeout,
@@ -184,7 +190,7 @@ impl Provider {
             "application/json"
         });
         self.pool
-            .send(&self.client, mode, |d| {
+            .send(self.clients.get(), mode, |d| {
                 let mut req = Request::builder()
                     .method(Method::POST)
                     .uri(self.uri(d, endpoint, stream)?)

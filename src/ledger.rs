@@ -309,6 +309,7 @@ pub struct UserKeys {
 
 #[derive(Clone)]
 pub struct Ledger {
+    client: redis::Client,
     conn: ConnectionManager,
     /// Reserves and settles go through the group-commit task...
     ops: tokio::sync::mpsc::Sender<Op>,
@@ -319,6 +320,9 @@ pub struct Ledger {
     load: Script,
     grant: Script,
     ack: Script,
+    /// The balance each user had in the last answer this gateway got (a hint for
+    /// speculation, never for admission).
+    known: std::sync::Arc<KnownBalances>,
 }
 
 impl Ledger {
@@ -328,15 +332,9 @@ impl Ledger {
         buckets: u32,
     ) -> Result<Ledger, redis::RedisError> {
         let client = redis::Client::open(url)?;
-        let cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
-            .set_response_timeout(Some(std::time::Duration::from_secs(5)))
-            .set_number_of_retries(2);
-        let conn = ConnectionManager::new_with_config(client, cfg).await?;
-        let (ops, rx) = tokio::sync::mpsc::channel(4096);
-        let group = std::sync::Arc::new(GroupCommit::new(conn.clone()));
-        tokio::spawn(group.clone().run(rx));
+        let (conn, ops, group) = Self::hot_connection(&client).await?;
         Ok(Ledger {
+            client,
             conn,
             ops,
             group,
@@ -345,6 +343,41 @@ impl Ledger {
             load: Script::new(LOAD),
             grant: Script::new(GRANT),
             ack: Script::new(ACK),
+            known: std::sync::Arc::new(KnownBalances::default()),
+        })
+    }
+
+    /// A connection and its group-commit task, on the current runtime.
+    async fn hot_connection(
+        client: &redis::Client,
+    ) -> Result<
+        (
+            ConnectionManager,
+            tokio::sync::mpsc::Sender<Op>,
+            std::sync::Arc<GroupCommit>,
+        ),
+        redis::RedisError,
+    > {
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
+            .set_response_timeout(Some(std::time::Duration::from_secs(5)))
+            .set_number_of_retries(2);
+        let conn = ConnectionManager::new_with_config(client.clone(), cfg).await?;
+        let (ops, rx) = tokio::sync::mpsc::channel(4096);
+        let group = std::sync::Arc::new(GroupCommit::new(conn.clone()));
+        tokio::spawn(group.clone().run(rx));
+        Ok((conn, ops, group))
+    }
+
+    /// The same ledger over a connection of its own, driven by the current runtime (a
+    /// worker thread's): its reserves and settles never wake another thread.
+    pub async fn for_this_thread(&self) -> Result<Ledger, redis::RedisError> {
+        let (conn, ops, group) = Self::hot_connection(&self.client).await?;
+        Ok(Ledger {
+            conn,
+            ops,
+            group,
+            ..self.clone()
         })
     }
 
@@ -423,7 +456,7 @@ impl Ledger {
         };
         guard.rx = None;
         let r = r.map_err(|_| gone())??;
-        Ok(match r.first().copied().unwrap_or(-1) {
+        let outcome = match r.first().copied().unwrap_or(-1) {
             1 => Reserve::Admitted {
                 hold: r.get(1).copied().unwrap_or(0),
                 max_tokens: r.get(2).copied().unwrap_or(0),
@@ -433,7 +466,23 @@ impl Ledger {
                 balance: r.get(3).copied().unwrap_or(0),
             },
             _ => Reserve::NeedsLoad,
-        })
+        };
+        match outcome {
+            Reserve::Admitted { balance, .. } | Reserve::Insufficient { balance } => {
+                self.known.note(user, balance)
+            }
+            Reserve::NeedsLoad => self.known.forget(user),
+        }
+        Ok(outcome)
+    }
+
+    /// Whether a request holding about `hold` may be sent upstream before its hold is
+    /// taken: only if the last balance this gateway saw for the user covers
+    /// [`SPECULATION_MARGIN`] times it. Counts the hold against that figure, so
+    /// concurrent requests of one user do not all speculate on the same credits. A
+    /// hint only: the hold itself is what admits the request.
+    pub fn may_speculate(&self, user: &Uuid, hold: i64) -> bool {
+        self.known.take(user, hold)
     }
 
     /// Runs `op` at once when the ledger is idle (no queue hop at low load), or queues
@@ -476,7 +525,11 @@ impl Ledger {
         };
         self.submit(op).await?;
         let r = rx.await.map_err(|_| gone())??;
-        Ok(r.first().copied() == Some(1))
+        let settled = r.first().copied() == Some(1);
+        if settled {
+            self.known.note(user, r.get(1).copied().unwrap_or(0));
+        }
+        Ok(settled)
     }
 
     /// Returns a hold to the balance (a failed request charges nothing).
@@ -695,6 +748,46 @@ impl Ledger {
             .query_async(&mut self.conn.clone())
             .await?;
         Ok(())
+    }
+}
+
+/// Speculate only when the last known balance is at least this many times the hold.
+pub const SPECULATION_MARGIN: i64 = 4;
+/// Users remembered at most; past it the map starts over (it is only a hint).
+const KNOWN_CAPACITY: usize = 100_000;
+
+/// The last balance seen per user (see [`Ledger::may_speculate`]).
+#[derive(Default)]
+struct KnownBalances(std::sync::Mutex<std::collections::HashMap<Uuid, i64>>);
+
+impl KnownBalances {
+    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Uuid, i64>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn note(&self, user: &Uuid, balance: i64) {
+        let mut m = self.map();
+        if m.len() >= KNOWN_CAPACITY && !m.contains_key(user) {
+            m.clear();
+        }
+        m.insert(*user, balance);
+    }
+
+    fn forget(&self, user: &Uuid) {
+        self.map().remove(user);
+    }
+
+    fn take(&self, user: &Uuid, hold: i64) -> bool {
+        let mut m = self.map();
+        match m.get_mut(user) {
+            Some(b) if *b >= 0 && *b >= hold.saturating_mul(SPECULATION_MARGIN) => {
+                *b -= hold;
+                true
+            }
+            _ => false,
+        }
     }
 }
 

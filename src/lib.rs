@@ -30,3 +30,4 @@ pub mod state;
 pub mod stream_back;
 pub mod telemetry;
 pub mod translate;
+pub mod worker;

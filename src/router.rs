@@ -1,8 +1,9 @@
 //! The HTTP routes and the order of the request path. Every chat completion goes
 //! through these stages, each a module of its own:
 //!
-//! 1. [`accept`](crate::server) — hyper, HTTP/1.1 keep-alive, TCP_NODELAY; a request id
-//!    (UUIDv7) is assigned and returned as `x-request-id` on every response.
+//! 1. [`accept`](crate::server) — hyper, HTTP/1.1 keep-alive, TCP_NODELAY; each
+//!    connection is served by one [worker thread](crate::worker) from then on; a request
+//!    id (UUIDv7) is assigned and returned as `x-request-id` on every response.
 //! 2. [`authenticate`](crate::authenticate) — verify the bearer JWT locally (every route
 //!    except [`UNAUTHENTICATED_ROUTES`]).
 //!    Then [`rate_limit`](crate::rate_limit) — per-user requests and tokens per minute by
@@ -11,7 +12,8 @@
 //!    the user's [`preferences`](crate::preferences) fill in what the request leaves out.
 //! 4. [`route`](crate::route) — model → provider and price, from memory.
 //! 5. [`reserve`](crate::ledger::Ledger::reserve) — one Lua call holds an upper bound of
-//!    the cost, or answers 429 `insufficient_quota`.
+//!    the cost, or answers 429 `insufficient_quota` (when the user's last known balance
+//!    is far above the hold, stage 6 starts meanwhile: see [`admit_and_run`]).
 //! 6. [`forward`](crate::forward) — pooled keep-alive connection to one of the provider's
 //!    [deployments](crate::deploy), with failover and retries before any byte is sent.
 //! 7. [`stream_back`](crate::stream_back) — bytes to the client as they arrive; usage tapped.
@@ -41,7 +43,6 @@ use crate::deploy::{Answer, Sent};
 use crate::error::ApiError;
 use crate::ledger::{HoldRequest, Reserve};
 use crate::parse::{missing_model, parse_chat_lenient, rewrite_body_with, ChatRequest, Edits};
-use crate::rate_limit::Allowance;
 use crate::route::Model;
 use crate::settle::{cost, settle, Usage, UsageEvent};
 use crate::state::AppState;
@@ -183,17 +184,30 @@ pub(crate) struct Admission {
     pub(crate) output_explicit: bool,
 }
 
-/// Stages 2b and 5 for every model endpoint: the rate-limit check, then the hold for
-/// up to `want` output tokens a choice. Returns the admitted request, the output limit
-/// a choice may use (the balance may have lowered it), and what the rate limits left.
-pub(crate) async fn admit(
+/// Stages 2b, 5 and 6 for every model endpoint: the rate-limit check, the hold for up
+/// to `want` output tokens a choice, then the upstream call in a task of its own (a
+/// client that disconnects cannot cancel the settle of what the provider produced).
+/// `body` is the upstream body for `want` tokens; `rebuild` makes it for fewer when the
+/// balance lowered the limit.
+///
+/// Speculation: when this gateway last saw the user's balance at
+/// [`SPECULATION_MARGIN`](crate::ledger::SPECULATION_MARGIN) times the hold or more
+/// (`metering.speculative_send`), the body goes upstream while the hold is being taken,
+/// so the two round trips overlap. Nothing the provider answers reaches the client
+/// before the hold is in place; a refused hold, or one that lowered the limit, cancels
+/// that call (a lowered one is sent again with the lowered limit).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn admit_and_run(
     state: &AppState,
     principal: &Principal,
     model: &std::sync::Arc<Model>,
     chat: &ChatRequest,
     want: i64,
     a: Admission,
-) -> Result<(Admitted, i64, Allowance), ApiError> {
+    body: Bytes,
+    rebuild: &mut (dyn FnMut(i64) -> Result<Bytes, ApiError> + Send),
+    include_usage: bool,
+) -> Result<Response, ApiError> {
     let allowance = state
         .rate_limits
         .check(
@@ -204,6 +218,21 @@ pub(crate) async fn admit(
             a.output_explicit,
         )
         .await?;
+    let estimate = hold_estimate(model, chat, want);
+    let early = (state.cfg.metering.speculative_send
+        && estimate.is_some_and(|h| state.ledger.may_speculate(&principal.user_id, h)))
+    .then(|| {
+        let (go, wait) = tokio::sync::oneshot::channel();
+        let early = EarlySend {
+            state: state.clone(),
+            model: model.clone(),
+            endpoint: a.endpoint,
+            stream: chat.stream,
+            body: body.clone(),
+        };
+        (go, state.tasks.spawn(forward(Start::Early(early, wait))))
+    });
+    // On a refusal or an error the `go` sender is dropped: the early call is cancelled.
     let (hold, max_tokens) = reserve(state, &principal.user_id, &a.rid, model, chat, want).await?;
     let adm = Admitted {
         state: state.clone(),
@@ -218,7 +247,150 @@ pub(crate) async fn admit(
         endpoint: a.endpoint,
         operation: a.operation,
     };
-    Ok((adm, max_tokens, allowance))
+    // The balance lowered the limit: the body sent (or to send) must carry the lower one.
+    let lowered = if max_tokens == want {
+        None
+    } else {
+        match rebuild(max_tokens) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                adm.release().await;
+                return Err(e);
+            }
+        }
+    };
+    let handle = match early {
+        Some((go, handle)) => {
+            let outcome = if lowered.is_some() { "resent" } else { "used" };
+            metrics::counter!("tollgate_speculative_sends_total", "outcome" => outcome)
+                .increment(1);
+            if let Err(Go { adm, .. }) = go.send(Go {
+                adm,
+                body: lowered,
+                include_usage,
+            }) {
+                // The task is gone (it cannot be before this send): give the hold back.
+                adm.release().await;
+                return Err(ApiError::internal("the forwarding task stopped early"));
+            }
+            handle
+        }
+        None => {
+            let go = Go {
+                adm,
+                body: Some(lowered.unwrap_or(body)),
+                include_usage,
+            };
+            state.tasks.spawn(forward(Start::Now(go)))
+        }
+    };
+    let mut resp = handle.await.map_err(ApiError::internal)??;
+    allowance.write_headers(resp.headers_mut());
+    Ok(resp)
+}
+
+/// `ceil((prompt bound + want × choices) × price / 1000)`: what the reserve will ask to
+/// hold (before any lowering), for the speculation check.
+fn hold_estimate(model: &Model, chat: &ChatRequest, want: i64) -> Option<i64> {
+    let tokens = chat
+        .prompt_tokens_bound
+        .checked_add(want.checked_mul(chat.choices.max(1))?)?;
+    cost(tokens, model.credits_per_1k_tokens)
+}
+
+/// An upstream call started before its hold was taken.
+struct EarlySend {
+    state: AppState,
+    model: std::sync::Arc<Model>,
+    endpoint: Api,
+    stream: bool,
+    body: Bytes,
+}
+
+/// The admitted request handed to its forwarding task; `body` is what to send, or
+/// `None` to use the early call's answer.
+struct Go {
+    adm: Admitted,
+    body: Option<Bytes>,
+    include_usage: bool,
+}
+
+enum Start {
+    /// Admitted: send now.
+    Now(Go),
+    /// Send at once, and answer only once the hold is taken (or stop if it is refused).
+    Early(EarlySend, tokio::sync::oneshot::Receiver<Go>),
+}
+
+/// The forwarding task of one request: stages 6 to 8.
+async fn forward(start: Start) -> Result<Response, ApiError> {
+    let (go, sent) = match start {
+        Start::Now(go) => {
+            let body = go.body.clone().unwrap_or_default();
+            let sent = send_upstream(
+                &go.adm.state,
+                &go.adm.model,
+                go.adm.endpoint,
+                go.adm.stream,
+                body,
+            )
+            .await;
+            (go, sent)
+        }
+        Start::Early(e, mut wait) => {
+            let mut call = Some(Box::pin(send_upstream(
+                &e.state, &e.model, e.endpoint, e.stream, e.body,
+            )));
+            let mut answer = None;
+            let go = loop {
+                tokio::select! {
+                    go = &mut wait => break go,
+                    a = async { match call.as_mut() { Some(c) => c.await, None => std::future::pending().await } },
+                        if answer.is_none() => answer = Some(a),
+                }
+            };
+            let Ok(go) = go else {
+                // Refused (or the client left before its hold): the call is dropped here.
+                metrics::counter!("tollgate_speculative_sends_total", "outcome" => "cancelled")
+                    .increment(1);
+                return Err(ApiError::internal("not admitted"));
+            };
+            let sent = match (&go.body, answer, call.take()) {
+                (None, Some(a), _) => a,
+                (None, None, Some(c)) => c.await,
+                (None, None, None) => Err(ApiError::internal("no upstream call")),
+                // Sent with a limit the hold does not cover: cancel it and send again.
+                (Some(b), _, c) => {
+                    drop(c);
+                    send_upstream(
+                        &go.adm.state,
+                        &go.adm.model,
+                        go.adm.endpoint,
+                        go.adm.stream,
+                        b.clone(),
+                    )
+                    .await
+                }
+            };
+            (go, sent)
+        }
+    };
+    let Go {
+        adm, include_usage, ..
+    } = go;
+    let sent = match sent {
+        Ok(s) => s,
+        Err(e) => {
+            adm.release().await;
+            tracing::info!(request_id = %adm.rid, error = e.label(), "upstream failed");
+            return Err(e);
+        }
+    };
+    if adm.stream {
+        forward_stream(adm, sent, include_usage).await
+    } else {
+        forward_json(adm, sent).await
+    }
 }
 
 impl Admitted {
@@ -232,7 +404,7 @@ impl Admitted {
     }
 
     pub(crate) async fn release(&self) {
-        if let Err(e) = self.state.ledger.release(&self.user, &self.rid).await {
+        if let Err(e) = self.state.hot_ledger().release(&self.user, &self.rid).await {
             // The hold expires on its own (metering.hold_ttl_ms) and is returned then.
             tracing::warn!(request_id = %self.rid, error = %e, "releasing a hold failed");
         }
@@ -334,7 +506,7 @@ pub(crate) async fn reserve(
         ttl_ms: u64::try_from(m.hold_ttl.as_millis()).unwrap_or(u64::MAX),
     };
     for _ in 0..3 {
-        let r = match state.ledger.reserve(user, rid, &hold).await {
+        let r = match state.hot_ledger().reserve(user, rid, &hold).await {
             Ok(r) => r,
             Err(e) => {
                 // The script may have run with only its answer lost: give back a hold
@@ -417,82 +589,63 @@ async fn chat_completions(
         operation: "chat",
         output_explicit: chat.max_tokens.is_some() || pref_max_tokens.is_some(),
     };
-    let (adm, max_tokens, allowance) =
-        admit(&state, &principal, &model, &chat, want, admission).await?;
-    let upstream = match translated {
-        // The provider's limit is always set: the hold covers exactly that many tokens.
-        Some(mut t) => {
-            t.set_max_tokens(max_tokens);
-            if let Some(temp) = temperature {
-                t.default_temperature(temp);
+    // The upstream body for `m` output tokens. The provider's limit is always what was
+    // held for: whenever the client's limit is not exactly that (absent, above the
+    // model's cap, or lowered to the balance), the body carries the held limit, so the
+    // provider can never produce more than the hold covers.
+    let mut translated = translated;
+    let mut build = |m: i64| -> Result<Bytes, ApiError> {
+        match translated.as_mut() {
+            Some(t) => {
+                t.set_max_tokens(m);
+                if let Some(temp) = temperature {
+                    t.default_temperature(temp);
+                }
+                t.to_bytes()
             }
-            t.to_bytes().map(Some)
-        }
-        None => {
-            let edits = Edits {
-                // Whenever the client's limit is not exactly what was held for (absent,
-                // above the model's cap, or lowered to the balance), the upstream gets the
-                // held limit: the provider can never produce more than the hold covers.
-                max_tokens: (chat.max_tokens != Some(max_tokens)).then_some(max_tokens),
-                temperature,
-            };
-            rewrite_body_with(&body, &chat, &model.name, edits).map(|b| b.map(Bytes::from))
+            None => {
+                let edits = Edits {
+                    max_tokens: (chat.max_tokens != Some(m)).then_some(m),
+                    temperature,
+                };
+                Ok(rewrite_body_with(&body, &chat, &model.name, edits)?
+                    .map_or_else(|| body.clone(), Bytes::from))
+            }
         }
     };
-    let upstream_body = match upstream {
-        Ok(Some(b)) => b,
-        Ok(None) => body,
-        Err(e) => {
-            adm.release().await;
-            return Err(e);
-        }
-    };
-    // From here on the request runs in its own task: a client that disconnects cannot
-    // cancel the settle of what the provider produced.
-    let mut resp = run(adm, upstream_body, chat.include_usage).await?;
-    allowance.write_headers(resp.headers_mut());
-    Ok(resp)
+    let upstream_body = build(want)?;
+    admit_and_run(
+        &state,
+        &principal,
+        &model,
+        &chat,
+        want,
+        admission,
+        upstream_body,
+        &mut build,
+        chat.include_usage,
+    )
+    .await
 }
 
-/// Forwards an admitted request in a task of its own: a client that disconnects cannot
-/// cancel the settle of what the provider produced.
-pub(crate) async fn run(
-    adm: Admitted,
-    upstream_body: Bytes,
-    include_usage: bool,
-) -> Result<Response, ApiError> {
-    let state = adm.state.clone();
-    let handle = state.tasks.spawn(async move {
-        if adm.stream {
-            forward_stream(adm, upstream_body, include_usage).await
-        } else {
-            forward_json(adm, upstream_body).await
-        }
-    });
-    handle.await.map_err(ApiError::internal)?
-}
-
-/// Sends the request upstream (retries and failover inside); a final failure releases
-/// the hold.
-async fn send(adm: &Admitted, body: Bytes) -> Result<Sent, ApiError> {
-    let provider = adm.state.upstream.provider(&adm.model.provider)?;
-    let model = adm.model.name.as_str();
-    let endpoint = match adm.endpoint {
-        Api::Chat => crate::forward::Endpoint::Chat { model },
+/// Sends a request upstream (retries and failover inside).
+async fn send_upstream(
+    state: &AppState,
+    model: &Model,
+    endpoint: Api,
+    stream: bool,
+    body: Bytes,
+) -> Result<Sent, ApiError> {
+    let provider = state.upstream.provider(&model.provider)?;
+    let name = model.name.as_str();
+    let endpoint = match endpoint {
+        Api::Chat => crate::forward::Endpoint::Chat { model: name },
         Api::Completions => crate::forward::Endpoint::Completions,
-        Api::Embeddings { .. } => crate::forward::Endpoint::Embeddings { model },
+        Api::Embeddings { .. } => crate::forward::Endpoint::Embeddings { model: name },
     };
-    match provider
-        .send(endpoint, body, adm.stream, adm.state.cfg.max_response_bytes)
+    provider
+        .send(endpoint, body, stream, state.cfg.max_response_bytes)
         .await
-    {
-        Ok(sent) => Ok(sent),
-        Err(e) => {
-            adm.release().await;
-            tracing::info!(request_id = %adm.rid, error = e.label(), "upstream failed");
-            Err(e)
-        }
-    }
 }
 
 /// Metadata of a request that needed more than one upstream attempt.
@@ -503,8 +656,7 @@ fn attempts_meta(sent: &Sent, extra: &mut serde_json::Map<String, serde_json::Va
     }
 }
 
-async fn forward_json(mut adm: Admitted, body: Bytes) -> Result<Response, ApiError> {
-    let sent = send(&adm, body).await?;
+async fn forward_json(mut adm: Admitted, sent: Sent) -> Result<Response, ApiError> {
     let mut extra = serde_json::Map::new();
     attempts_meta(&sent, &mut extra);
     let Answer::Json {
@@ -560,10 +712,9 @@ async fn forward_json(mut adm: Admitted, body: Bytes) -> Result<Response, ApiErr
 
 async fn forward_stream(
     adm: Admitted,
-    body: Bytes,
+    sent: Sent,
     include_usage: bool,
 ) -> Result<Response, ApiError> {
-    let sent = send(&adm, body).await?;
     let mut extra = serde_json::Map::new();
     attempts_meta(&sent, &mut extra);
     let Answer::Stream {

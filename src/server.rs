@@ -60,7 +60,8 @@ pub async fn build_state(cfg: Config) -> Result<AppState, BoxError> {
     let db = Db::new(&cfg.database)?;
     let ledger = connect_ledger(&cfg).await?;
     let auth = Authenticator::from_config(&cfg.auth)?;
-    let upstream = Upstream::new(&cfg.providers)?;
+    let workers = crate::worker::count(cfg.worker_threads);
+    let upstream = Upstream::new(&cfg.providers, workers)?;
     let models = Models::default();
     let rate_limits = crate::rate_limit::RateLimits::new(&cfg.rate_limits);
     match models.refresh(&db).await {
@@ -75,6 +76,7 @@ pub async fn build_state(cfg: Config) -> Result<AppState, BoxError> {
         cfg,
         db,
         ledger,
+        hot: crate::worker::PerWorker::new(workers, std::sync::OnceLock::new),
         auth,
         models,
         upstream,
@@ -165,32 +167,51 @@ pub async fn run(
     );
     let flusher_handle = tokio::spawn(flusher.run(stop_rx.clone()));
 
+    // The data plane: worker threads, each serving the connections handed to it.
     let app = crate::router::router(state.clone());
-    let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let serve = |stream: tokio::net::TcpStream, peer: std::net::SocketAddr| {
-        let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(tower::util::MapRequest::new(
+    let graceful = Arc::new(GracefulShutdown::new());
+    let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+    let mut workers = Vec::new();
+    for i in 1..=crate::worker::count(state.cfg.worker_threads) {
+        match Worker::start(
+            i,
+            state.clone(),
             app.clone(),
-            move |mut req: http::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(crate::oauth::PeerAddr(peer));
-                req
-            },
-        ));
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn.into_owned());
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+            graceful.clone(),
+            done_rx.clone(),
+        ) {
+            Ok(w) => workers.push(w),
+            Err(e) => tracing::warn!(worker = i, error = %e, "worker thread did not start"),
+        }
+    }
+    if workers.is_empty() {
+        return Err("no worker thread started".into());
+    }
+    // Each accepted connection goes to the worker serving the fewest.
+    let dispatch = |stream: tokio::net::TcpStream, peer: std::net::SocketAddr| {
+        let Some(w) = workers
+            .iter()
+            .min_by_key(|w| w.open.load(Ordering::Relaxed))
+        else {
+            return;
+        };
+        match stream.into_std() {
+            Ok(std) => {
+                w.open.fetch_add(1, Ordering::Relaxed);
+                if w.streams.send((std, peer)).is_err() {
+                    w.open.fetch_sub(1, Ordering::Relaxed);
+                    tracing::warn!(worker = w.index, "worker thread gone; connection dropped");
+                }
             }
-        });
+            Err(e) => tracing::warn!(error = %e, "accepted connection unusable"),
+        }
     };
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
                 match accepted {
-                    Ok((stream, peer)) => serve(stream, peer),
+                    Ok((stream, peer)) => dispatch(stream, peer),
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -210,7 +231,7 @@ pub async fn run(
             tokio::select! {
                 accepted = listener.accept() => {
                     if let Ok((stream, peer)) = accepted {
-                        serve(stream, peer);
+                        dispatch(stream, peer);
                     }
                 }
                 _ = &mut until => break,
@@ -218,10 +239,25 @@ pub async fn run(
         }
     }
     drop(listener);
+    // Closing their channels ends the workers' accept loops; their connections go on.
+    let (threads, senders): (Vec<_>, Vec<_>) =
+        workers.into_iter().map(|w| (w.thread, w.streams)).unzip();
+    drop(senders);
     tracing::info!("shutting down: draining in-flight requests");
     let grace = state.cfg.shutdown_grace;
     state.tasks.close();
     let drained = tokio::time::timeout(grace, async {
+        // Each worker lets go of its handle once its accept loop has ended.
+        let mut g = graceful;
+        let graceful = loop {
+            match Arc::try_unwrap(g) {
+                Ok(x) => break x,
+                Err(back) => {
+                    g = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        };
         graceful.shutdown().await;
         state.tasks.wait().await;
     })
@@ -236,8 +272,102 @@ pub async fn run(
         background.wait().await;
     })
     .await;
+    // The workers drove their connections and request tails until now; let them go.
+    let _ = done_tx.send(true);
+    let _ = tokio::task::spawn_blocking(move || {
+        for t in threads {
+            let _ = t.join();
+        }
+    })
+    .await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// A data-plane thread: a current-thread runtime serving the connections sent to it.
+struct Worker {
+    index: usize,
+    streams: tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, std::net::SocketAddr)>,
+    /// Connections it is serving (for picking the least busy).
+    open: Arc<std::sync::atomic::AtomicUsize>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Worker {
+    fn start(
+        index: usize,
+        state: AppState,
+        app: axum::Router,
+        graceful: Arc<GracefulShutdown>,
+        mut done: tokio::sync::watch::Receiver<bool>,
+    ) -> std::io::Result<Worker> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (tx, mut rx) =
+            tokio::sync::mpsc::unbounded_channel::<(std::net::TcpStream, std::net::SocketAddr)>();
+        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = open.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("tollgate-w{index}"))
+            .spawn(move || {
+                crate::worker::set_index(index);
+                rt.block_on(async move {
+                    match state.ledger.for_this_thread().await {
+                        Ok(l) => {
+                            let _ = state.hot.of(index).set(l);
+                        }
+                        Err(e) => {
+                            tracing::warn!(worker = index, error = %e, "worker uses the shared redis connection")
+                        }
+                    }
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    while let Some((std, peer)) = rx.recv().await {
+                        let stream = match tokio::net::TcpStream::from_std(std) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                count.fetch_sub(1, Ordering::Relaxed);
+                                tracing::warn!(error = %e, "connection not registered");
+                                continue;
+                            }
+                        };
+                        let _ = stream.set_nodelay(true);
+                        let service = TowerToHyperService::new(tower::util::MapRequest::new(
+                            app.clone(),
+                            move |mut req: http::Request<hyper::body::Incoming>| {
+                                req.extensions_mut().insert(crate::oauth::PeerAddr(peer));
+                                req
+                            },
+                        ));
+                        let conn = builder
+                            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                            .into_owned();
+                        let conn = graceful.watch(conn);
+                        let count = count.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = conn.await {
+                                tracing::debug!(error = %e, "connection ended with an error");
+                            }
+                            count.fetch_sub(1, Ordering::Relaxed);
+                        });
+                    }
+                    // No more connections: keep driving the open ones and the request
+                    // tails until the gateway has drained.
+                    drop(graceful);
+                    while !*done.borrow_and_update() {
+                        if done.changed().await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            })?;
+        Ok(Worker {
+            index,
+            streams: tx,
+            open,
+            thread,
+        })
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

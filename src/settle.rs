@@ -170,7 +170,7 @@ pub async fn settle(state: &AppState, event: &UsageEvent) -> Result<(), SettleEr
             }
         }
         match state
-            .ledger
+            .hot_ledger()
             .settle(&event.user_id, &event.id, event.credits_used, &encoded)
             .await
         {

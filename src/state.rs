@@ -18,6 +18,8 @@ pub struct Inner {
     pub cfg: Config,
     pub db: Db,
     pub ledger: Ledger,
+    /// Each worker thread's own connection to the ledger (set when the worker starts).
+    pub hot: crate::worker::PerWorker<std::sync::OnceLock<Ledger>>,
     pub auth: Authenticator,
     pub models: Models,
     pub upstream: Upstream,
@@ -33,6 +35,14 @@ pub struct Inner {
 
 #[derive(Clone)]
 pub struct AppState(pub Arc<Inner>);
+
+impl Inner {
+    /// The ledger for the request path: this worker thread's connection, or the shared
+    /// one on any other thread.
+    pub fn hot_ledger(&self) -> &Ledger {
+        self.hot.get().get().unwrap_or(&self.ledger)
+    }
+}
 
 impl Deref for AppState {
     type Target = Inner;

@@ -757,3 +757,171 @@ async fn a_client_chosen_http_method_mints_no_metric_label() {
     );
     assert!(text.contains("method=\"other\""), "{text}");
 }
+
+/// A counter's value in a Prometheus text page (0 when absent).
+fn counter(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+#[tokio::test]
+async fn speculative_sends_never_let_a_stale_balance_overspend() {
+    // Speculation: a gateway that last saw a user's balance well above a request's hold
+    // sends the request upstream while the hold is taken. Here another replica spends
+    // the balance in between, so gateway A's figure is stale: a hold that must be
+    // lowered resends with the lowered limit, a refused hold is a 429 and charges
+    // nothing; the answer of the early call is never used.
+    let env = TestEnv::new().await;
+    // 1 credit a token. A request with max_tokens 400 holds its prompt bound `pb` (8 +
+    // body bytes + 4 for its one message) + 400; answered with 10 + 400 tokens it
+    // costs 410.
+    env.db()
+        .await
+        .execute(
+            "UPDATE models SET credits_per_1k_tokens = 1000 WHERE id = 'gpt-5'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let body = json!({"model": "gpt-5", "max_tokens": 400, "messages": [{"role": "user", "content": "hi"}]});
+    let pb = 8 + serde_json::to_vec(&body).unwrap().len() as i64 + 4;
+    let tokens = ["--prompt-tokens", "10", "--completion-tokens", "400"];
+    let slow = env
+        .mock(&[&tokens[..], &["--latency-ms", "150"]].concat())
+        .await;
+    let fast = env.mock(&tokens).await;
+    let a = env.gateway(&slow).await;
+    let b = env
+        .gateway_with(&fast, &[("TOLLGATE__METERING__SPECULATIVE_SEND", "false")])
+        .await;
+    let metrics = |gw: &Proc| {
+        let url = gw.url("/metrics");
+        let env = &env;
+        async move {
+            let (s, _, b) = env.request("GET", &url, None, None).await;
+            assert_eq!(s, 200);
+            String::from_utf8_lossy(&b).into_owned()
+        }
+    };
+    let used = "tollgate_speculative_sends_total{outcome=\"used\"}";
+    let resent = "tollgate_speculative_sends_total{outcome=\"resent\"}";
+    let cancelled = "tollgate_speculative_sends_total{outcome=\"cancelled\"}";
+
+    // A learns each user's balance (the first request loads it: no speculation) and
+    // speculates on the second; then B spends all but `left` (each of B's requests
+    // still fits in full: left + 410 ≥ pb + 400).
+    let lowered_left = pb + 200;
+    let refused_left = pb;
+    let (lowered_user, lowered_token) = env.user((2 * 410 + 5 * 410 + lowered_left) as i32).await;
+    let (refused_user, refused_token) = env.user((2 * 410 + 5 * 410 + refused_left) as i32).await;
+    for (user, token, left) in [
+        (&lowered_user, &lowered_token, lowered_left),
+        (&refused_user, &refused_token, refused_left),
+    ] {
+        for _ in 0..2 {
+            let (s, _, out) = env.chat(&a, token, body.clone()).await;
+            assert_eq!(s, 200, "{}", String::from_utf8_lossy(&out));
+        }
+        for _ in 0..5 {
+            let (s, _, out) = env.chat(&b, token, body.clone()).await;
+            assert_eq!(s, 200, "{}", String::from_utf8_lossy(&out));
+        }
+        assert_eq!(env.redis_balance(user).await, Some(left));
+    }
+    let m = metrics(&a).await;
+    assert_eq!(
+        counter(&m, used),
+        2,
+        "A speculated on each user's second request\n{m}"
+    );
+
+    // pb + 200 credits cannot hold pb + 400: A's early call (max_tokens 400) is dropped
+    // and the request goes again with the 200 tokens the balance affords.
+    let (s, _, out) = env.chat(&a, &lowered_token, body.clone()).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&out));
+    // The mock answers as many tokens as it is allowed: the answer is the lowered call's.
+    assert_eq!(json(&out)["usage"]["completion_tokens"], 200);
+    assert_eq!(
+        env.redis_balance(&lowered_user).await,
+        Some(lowered_left - 210)
+    );
+    assert_eq!(counter(&metrics(&a).await, resent), 1);
+
+    // pb credits afford no output at all: refused, and the early call is dropped.
+    let (s, headers, out) = env.chat(&a, &refused_token, body.clone()).await;
+    assert_eq!(s, 429, "{}", String::from_utf8_lossy(&out));
+    assert_eq!(openai_error(&out)["code"], "insufficient_quota");
+    let refused_rid = headers["x-request-id"].clone();
+    assert_eq!(counter(&metrics(&a).await, cancelled), 1);
+    assert_eq!(env.redis_balance(&refused_user).await, Some(refused_left));
+    assert_eq!(
+        env.redis_held(&refused_user).await,
+        0,
+        "no hold is left behind"
+    );
+
+    // Every success has its row, the refused request none, and PostgreSQL agrees.
+    let rows = env
+        .wait_for_count("SELECT count(*) FROM usage_history", 8 + 7, FLUSH_WAIT)
+        .await;
+    assert_eq!(rows, 15);
+    let db = env.db().await;
+    let none: i64 = db
+        .query_one(
+            &format!("SELECT count(*) FROM usage_history WHERE id = '{refused_rid}'"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(none, 0);
+    for (user, want) in [(lowered_user, 7 * 410 + 210i64), (refused_user, 7 * 410)] {
+        let used: i64 = db
+            .query_one(
+                "SELECT sum(used_credits)::bigint FROM credits WHERE user_id = $1",
+                &[&user],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(used, want, "credits used by {user}");
+    }
+    // B, with speculation off, never speculated.
+    assert!(!metrics(&b)
+        .await
+        .contains("tollgate_speculative_sends_total"));
+}
+
+#[tokio::test]
+async fn requests_are_served_by_the_configured_worker_threads() {
+    let env = TestEnv::new().await;
+    let mock = env.mock(&["--latency-ms", "100"]).await;
+    let gw = env
+        .gateway_with(&mock, &[("TOLLGATE__SERVER__WORKER_THREADS", "3")])
+        .await;
+    let (user, token) = env.user(1000).await;
+    let threads = || {
+        let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", gw.pid()))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|n| n.trim().to_owned())
+            .filter(|n| n.starts_with("tollgate-w"))
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(threads(), ["tollgate-w1", "tollgate-w2", "tollgate-w3"]);
+    // Six requests at once (six connections, two per worker) all succeed and are billed.
+    let body = json!({"model": "gpt-5", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]});
+    let calls = (0..6).map(|_| env.chat(&gw, &token, body.clone()));
+    for (s, _, out) in futures_util::future::join_all(calls).await {
+        assert_eq!(s, 200, "{}", String::from_utf8_lossy(&out));
+    }
+    assert_eq!(
+        env.wait_for_count("SELECT count(*) FROM usage_history", 6, FLUSH_WAIT)
+            .await,
+        6
+    );
+    assert_eq!(env.redis_held(&user).await, 0);
+}

@@ -345,6 +345,30 @@ impl TestEnv {
             .unwrap()
     }
 
+    /// Credits held for the user's requests in flight (Redis `h:` fields).
+    pub async fn redis_held(&self, user: &Uuid) -> i64 {
+        let mut r = self.redis().await;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}*:acct:{user}", self.prefix))
+            .query_async(&mut r)
+            .await
+            .unwrap();
+        let mut held = 0;
+        for k in keys {
+            let all: Vec<(String, String)> = redis::cmd("HGETALL")
+                .arg(&k)
+                .query_async(&mut r)
+                .await
+                .unwrap();
+            for (f, v) in all {
+                if f.starts_with("h:") {
+                    held += v.split(':').next().unwrap().parse::<i64>().unwrap();
+                }
+            }
+        }
+        held
+    }
+
     /// The user's live balance in Redis (None if not loaded).
     pub async fn redis_balance(&self, user: &Uuid) -> Option<i64> {
         let mut r = self.redis().await;
