@@ -926,6 +926,7 @@ struct Stats {
     rss_idle: Option<f64>,
     rss_conns: Option<f64>,
     rss_after: Option<f64>,
+    rss_settled: Option<f64>,
     errors: Option<f64>,
 }
 
@@ -1142,6 +1143,13 @@ async fn run(env: &BenchEnv, smoke: bool, procs: &mut Vec<Proc>) -> Res<bool> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     for i in (1..3).filter(|_| want("rss")) {
         stats[i].rss_after = middle_pid[i].and_then(rss_mib);
+    }
+    // And once idle for a while: whether memory goes back after the burst.
+    if want("rss") {
+        tokio::time::sleep(Duration::from_millis(if smoke { 500 } else { 3000 })).await;
+        for i in 1..3 {
+            stats[i].rss_settled = middle_pid[i].and_then(rss_mib);
+        }
     }
 
     // Every successful metered request has exactly one usage row.
@@ -1383,6 +1391,11 @@ fn render(
             Cost,
         ),
         ("RSS MiB after load".into(), g(|s| s.rss_after), Cost),
+        (
+            format!("RSS MiB {} s later, idle", if smoke { 0.5 } else { 3.0 }),
+            g(|s| s.rss_settled),
+            Cost,
+        ),
         (
             "failed requests (all phases)".into(),
             g(|s| s.errors),

@@ -63,7 +63,9 @@ impl Upstream {
             let clients = crate::worker::PerWorker::new(workers, || {
                 Client::builder(TokioExecutor::new())
                     .pool_idle_timeout(Duration::from_secs(90))
-                    .pool_max_idle_per_host(256)
+                    // Per worker thread. Past a burst, connections beyond this are closed
+                    // as they come back rather than kept (and their buffers with them).
+                    .pool_max_idle_per_host(32)
                     .build(https.clone())
             });
             let chat_uris = p
