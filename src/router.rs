@@ -278,10 +278,12 @@ pub(crate) async fn admit_and_run(
         None => {
             let go = Go {
                 adm,
-                body: Some(lowered.unwrap_or(body)),
+                body: None,
                 include_usage,
             };
-            state.tasks.spawn(forward(Start::Now(go)))
+            state
+                .tasks
+                .spawn(forward(Start::Now(go, lowered.unwrap_or(body))))
         }
     };
     let mut resp = handle.await.map_err(ApiError::internal)??;
@@ -316,8 +318,8 @@ struct Go {
 }
 
 enum Start {
-    /// Admitted: send now.
-    Now(Go),
+    /// Admitted: send this body now.
+    Now(Go, Bytes),
     /// Send at once, and answer only once the hold is taken (or stop if it is refused).
     Early(EarlySend, tokio::sync::oneshot::Receiver<Go>),
 }
@@ -325,8 +327,7 @@ enum Start {
 /// The forwarding task of one request: stages 6 to 8.
 async fn forward(start: Start) -> Result<Response, ApiError> {
     let (go, sent) = match start {
-        Start::Now(go) => {
-            let body = go.body.clone().unwrap_or_default();
+        Start::Now(go, body) => {
             let sent = send_upstream(
                 &go.adm.state,
                 &go.adm.model,
@@ -359,8 +360,10 @@ async fn forward(start: Start) -> Result<Response, ApiError> {
                 (None, Some(a), _) => a,
                 (None, None, Some(c)) => c.await,
                 (None, None, None) => Err(ApiError::internal("no upstream call")),
-                // Sent with a limit the hold does not cover: cancel it and send again.
-                (Some(b), _, c) => {
+                // Sent with a limit the hold does not cover: drop that call (and its
+                // answer, if it came: a stream would stay open upstream) and send again.
+                (Some(b), a, c) => {
+                    drop(a);
                     drop(c);
                     send_upstream(
                         &go.adm.state,
@@ -516,7 +519,7 @@ pub(crate) async fn reserve(
                 state.tasks.spawn(async move {
                     for delay_ms in [0u64, 500, 2_000] {
                         tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
-                        if st.ledger.release(&u, &id).await.is_ok() {
+                        if st.hot_ledger().release(&u, &id).await.is_ok() {
                             return;
                         }
                     }

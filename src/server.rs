@@ -187,24 +187,35 @@ pub async fn run(
     if workers.is_empty() {
         return Err("no worker thread started".into());
     }
-    // Each accepted connection goes to the worker serving the fewest.
+    // Each accepted connection goes to the worker serving the fewest (a worker whose
+    // thread is gone refuses it, and the next one is tried).
     let dispatch = |stream: tokio::net::TcpStream, peer: std::net::SocketAddr| {
-        let Some(w) = workers
-            .iter()
-            .min_by_key(|w| w.open.load(Ordering::Relaxed))
-        else {
-            return;
+        let mut conn = match stream.into_std() {
+            Ok(std) => Some((std, peer)),
+            Err(e) => {
+                tracing::warn!(error = %e, "accepted connection unusable");
+                return;
+            }
         };
-        match stream.into_std() {
-            Ok(std) => {
-                w.open.fetch_add(1, Ordering::Relaxed);
-                if w.streams.send((std, peer)).is_err() {
+        let mut order: Vec<&Worker> = workers.iter().collect();
+        order.sort_by_key(|w| w.open.load(Ordering::Relaxed));
+        for w in order {
+            let Some(c) = conn.take() else { return };
+            w.open.fetch_add(1, Ordering::Relaxed);
+            match w.streams.send(c) {
+                Ok(()) => {
+                    metrics::counter!("tollgate_worker_connections_total", "worker" => w.label.clone())
+                        .increment(1);
+                    return;
+                }
+                Err(back) => {
                     w.open.fetch_sub(1, Ordering::Relaxed);
-                    tracing::warn!(worker = w.index, "worker thread gone; connection dropped");
+                    tracing::error!(worker = w.index, "worker thread gone");
+                    conn = Some(back.0);
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "accepted connection unusable"),
         }
+        tracing::error!("no worker thread left; connection dropped");
     };
     tokio::pin!(shutdown);
     loop {
@@ -272,7 +283,10 @@ pub async fn run(
         background.wait().await;
     })
     .await;
-    // The workers drove their connections and request tails until now; let them go.
+    // The workers drove their connections and request tails until now, and the
+    // connections they opened for the shared pools (PostgreSQL, the shared Redis
+    // connection's reconnects) are driven by them too: the flusher above must finish
+    // before they stop. Let them go.
     let _ = done_tx.send(true);
     let _ = tokio::task::spawn_blocking(move || {
         for t in threads {
@@ -287,6 +301,8 @@ pub async fn run(
 /// A data-plane thread: a current-thread runtime serving the connections sent to it.
 struct Worker {
     index: usize,
+    /// `index` as a metric label.
+    label: String,
     streams: tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, std::net::SocketAddr)>,
     /// Connections it is serving (for picking the least busy).
     open: Arc<std::sync::atomic::AtomicUsize>,
@@ -363,6 +379,7 @@ impl Worker {
             })?;
         Ok(Worker {
             index,
+            label: index.to_string(),
             streams: tx,
             open,
             thread,

@@ -208,7 +208,13 @@ pub async fn settle(state: &AppState, event: &UsageEvent) -> Result<(), SettleEr
 
 /// Whether this event is already recorded: pending in Redis, or in PostgreSQL.
 async fn already_recorded(state: &AppState, event: &UsageEvent) -> bool {
-    if let Ok(true) = state.ledger.is_pending(&event.user_id, &event.id).await {
+    // The worker's own connection: commands on it run in order, so a settle still queued
+    // there is seen.
+    if let Ok(true) = state
+        .hot_ledger()
+        .is_pending(&event.user_id, &event.id)
+        .await
+    {
         return true;
     }
     let Ok(c) = state.db.get().await else {

@@ -62,6 +62,14 @@ fn describe() {
     );
     describe_counter!("tollgate_errors_total", "Error responses, by error label");
     describe_counter!(
+        "tollgate_speculative_sends_total",
+        "Requests sent upstream while their hold was taken: used, resent (the hold lowered max_tokens) or cancelled (refused, or the client left)"
+    );
+    describe_counter!(
+        "tollgate_worker_connections_total",
+        "Client connections handed to each worker thread"
+    );
+    describe_counter!(
         "tollgate_requests_settled_total",
         "Requests charged and recorded, by model and operation"
     );

@@ -853,6 +853,12 @@ async fn speculative_sends_never_let_a_stale_balance_overspend() {
     assert_eq!(s, 429, "{}", String::from_utf8_lossy(&out));
     assert_eq!(openai_error(&out)["code"], "insufficient_quota");
     let refused_rid = headers["x-request-id"].clone();
+    // The early task counts its cancellation once it sees the refusal, which may be
+    // just after the 429 went out.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while counter(&metrics(&a).await, cancelled) == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(counter(&metrics(&a).await, cancelled), 1);
     assert_eq!(env.redis_balance(&refused_user).await, Some(refused_left));
     assert_eq!(
@@ -912,7 +918,8 @@ async fn requests_are_served_by_the_configured_worker_threads() {
         names
     };
     assert_eq!(threads(), ["tollgate-w1", "tollgate-w2", "tollgate-w3"]);
-    // Six requests at once (six connections, two per worker) all succeed and are billed.
+    // Six requests at once on six connections: each goes to the least busy worker, so
+    // every worker gets two; all succeed and are billed.
     let body = json!({"model": "gpt-5", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]});
     let calls = (0..6).map(|_| env.chat(&gw, &token, body.clone()));
     for (s, _, out) in futures_util::future::join_all(calls).await {
@@ -924,4 +931,13 @@ async fn requests_are_served_by_the_configured_worker_threads() {
         6
     );
     assert_eq!(env.redis_held(&user).await, 0);
+    let (_, _, m) = env.request("GET", &gw.url("/metrics"), None, None).await;
+    let m = String::from_utf8_lossy(&m);
+    for w in 1..=3 {
+        let series = format!("tollgate_worker_connections_total{{worker=\"{w}\"}}");
+        assert!(
+            counter(&m, &series) >= 2,
+            "worker {w} served too few connections\n{m}"
+        );
+    }
 }
