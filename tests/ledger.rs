@@ -517,3 +517,80 @@ async fn the_flusher_drains_many_batches_once_and_leaves_nothing_pending() {
         1_000_000 - want[&user]
     );
 }
+
+#[tokio::test]
+async fn a_large_batch_is_acknowledged_in_slices_and_leaves_nothing_behind() {
+    // 300 events of one user land in one bucket and are read as one batch: the
+    // acknowledgement runs in slices (Redis is not held for the whole batch), and every
+    // slice removes its stream entries and their unflushed charges.
+    let env = TestEnv::new().await;
+    let (ledger, db, user) = setup(&env, 1_000_000).await;
+    ledger.load(&db, &user).await.unwrap();
+    let mut total = 0;
+    for i in 0..300i64 {
+        total += charge(&ledger, user, 1 + i % 3).await.credits_used;
+    }
+    let cfg = tollgate::config::FlushConfig {
+        batch_rows: 1000,
+        writers: 1,
+        interval: std::time::Duration::from_millis(20),
+        claim_idle: std::time::Duration::from_secs(30),
+        consumer_group: "usage-flush".into(),
+    };
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let flusher =
+        tokio::spawn(tollgate::flush::Flusher::new(ledger.clone(), db.clone(), cfg).run(rx));
+    let rows = env
+        .wait_for_count(
+            "SELECT count(*) FROM usage_history",
+            300,
+            std::time::Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(rows, 300);
+    stop.send(true).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), flusher)
+        .await
+        .expect("the flusher stops after draining")
+        .unwrap();
+    let mut r = env.redis().await;
+    let k = ledger.keys(&user);
+    let pend: i64 = redis::cmd("HLEN")
+        .arg(&k.pend)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(pend, 0, "unflushed charges left");
+    let len: i64 = redis::cmd("XLEN")
+        .arg(&k.stream)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(len, 0, "stream entries left");
+    let pending: (i64,) = redis::cmd("XPENDING")
+        .arg(&k.stream)
+        .arg("usage-flush")
+        .query_async(&mut r)
+        .await
+        .map(|v: redis::Value| match v {
+            redis::Value::Array(items) => match items.first() {
+                Some(redis::Value::Int(n)) => (*n,),
+                _ => (-1,),
+            },
+            _ => (-1,),
+        })
+        .unwrap();
+    assert_eq!(pending.0, 0, "entries still pending in the group");
+    let used: i32 = db
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT used_credits FROM credits WHERE user_id = $1",
+            &[&user],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(i64::from(used), total);
+}
