@@ -462,29 +462,7 @@ async fn the_flusher_drains_many_batches_once_and_leaves_nothing_pending() {
         let e = charge(&ledger, u, 1 + i % 5).await;
         *want.entry(u).or_default() += e.credits_used;
     }
-    let cfg = tollgate::config::FlushConfig {
-        batch_rows: 7,
-        writers: 3,
-        interval: std::time::Duration::from_millis(20),
-        claim_idle: std::time::Duration::from_secs(30),
-        consumer_group: "usage-flush".into(),
-    };
-    let (stop, rx) = tokio::sync::watch::channel(false);
-    let flusher =
-        tokio::spawn(tollgate::flush::Flusher::new(ledger.clone(), db.clone(), cfg).run(rx));
-    let rows = env
-        .wait_for_count(
-            "SELECT count(*) FROM usage_history",
-            600,
-            std::time::Duration::from_secs(30),
-        )
-        .await;
-    assert_eq!(rows, 600);
-    stop.send(true).unwrap();
-    tokio::time::timeout(std::time::Duration::from_secs(10), flusher)
-        .await
-        .expect("the flusher stops after draining")
-        .unwrap();
+    flush_until(&env, &ledger, &db, 7, 3, 600).await;
     for (u, total) in &want {
         let used: i32 = c
             .query_one("SELECT used_credits FROM credits WHERE user_id = $1", &[u])
@@ -530,29 +508,7 @@ async fn a_large_batch_is_acknowledged_in_slices_and_leaves_nothing_behind() {
     for i in 0..300i64 {
         total += charge(&ledger, user, 1 + i % 3).await.credits_used;
     }
-    let cfg = tollgate::config::FlushConfig {
-        batch_rows: 1000,
-        writers: 1,
-        interval: std::time::Duration::from_millis(20),
-        claim_idle: std::time::Duration::from_secs(30),
-        consumer_group: "usage-flush".into(),
-    };
-    let (stop, rx) = tokio::sync::watch::channel(false);
-    let flusher =
-        tokio::spawn(tollgate::flush::Flusher::new(ledger.clone(), db.clone(), cfg).run(rx));
-    let rows = env
-        .wait_for_count(
-            "SELECT count(*) FROM usage_history",
-            300,
-            std::time::Duration::from_secs(30),
-        )
-        .await;
-    assert_eq!(rows, 300);
-    stop.send(true).unwrap();
-    tokio::time::timeout(std::time::Duration::from_secs(10), flusher)
-        .await
-        .expect("the flusher stops after draining")
-        .unwrap();
+    flush_until(&env, &ledger, &db, 1000, 1, 300).await;
     let mut r = env.redis().await;
     let k = ledger.keys(&user);
     let pend: i64 = redis::cmd("HLEN")
@@ -593,4 +549,39 @@ async fn a_large_batch_is_acknowledged_in_slices_and_leaves_nothing_behind() {
         .unwrap()
         .get(0);
     assert_eq!(i64::from(used), total);
+}
+
+/// Runs a flusher (`batch_rows`, `writers`) until `usage_history` holds `rows` rows,
+/// then stops it and waits for it to finish draining.
+async fn flush_until(
+    env: &TestEnv,
+    ledger: &Ledger,
+    db: &Db,
+    batch_rows: usize,
+    writers: usize,
+    rows: i64,
+) {
+    let cfg = tollgate::config::FlushConfig {
+        batch_rows,
+        writers,
+        interval: std::time::Duration::from_millis(20),
+        claim_idle: std::time::Duration::from_secs(30),
+        consumer_group: "usage-flush".into(),
+    };
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let flusher =
+        tokio::spawn(tollgate::flush::Flusher::new(ledger.clone(), db.clone(), cfg).run(rx));
+    let n = env
+        .wait_for_count(
+            "SELECT count(*) FROM usage_history",
+            rows,
+            std::time::Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(n, rows);
+    stop.send(true).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), flusher)
+        .await
+        .expect("the flusher stops after draining")
+        .unwrap();
 }

@@ -345,14 +345,20 @@ impl TestEnv {
             .unwrap()
     }
 
-    /// Credits held for the user's requests in flight (Redis `h:` fields).
-    pub async fn redis_held(&self, user: &Uuid) -> i64 {
+    /// A connection and the user's account hash key(s) in Redis (none until loaded).
+    async fn acct_keys(&self, user: &Uuid) -> (redis::aio::MultiplexedConnection, Vec<String>) {
         let mut r = self.redis().await;
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg(format!("{}*:acct:{user}", self.prefix))
             .query_async(&mut r)
             .await
             .unwrap();
+        (r, keys)
+    }
+
+    /// Credits held for the user's requests in flight (Redis `h:` fields).
+    pub async fn redis_held(&self, user: &Uuid) -> i64 {
+        let (mut r, keys) = self.acct_keys(user).await;
         let mut held = 0;
         for k in keys {
             let all: Vec<(String, String)> = redis::cmd("HGETALL")
@@ -371,12 +377,7 @@ impl TestEnv {
 
     /// The user's live balance in Redis (None if not loaded).
     pub async fn redis_balance(&self, user: &Uuid) -> Option<i64> {
-        let mut r = self.redis().await;
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}*:acct:{user}", self.prefix))
-            .query_async(&mut r)
-            .await
-            .unwrap();
+        let (mut r, keys) = self.acct_keys(user).await;
         match keys.first() {
             Some(k) => redis::cmd("HGET")
                 .arg(k)
