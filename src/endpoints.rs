@@ -164,7 +164,6 @@ pub async fn completions(
         Ok(rewrite_body(&body, &chat, &model.name, lowered)?
             .map_or_else(|| body.clone(), Bytes::from))
     };
-    let upstream_body = build(want)?;
     admit_and_run(
         &state,
         &principal,
@@ -172,7 +171,6 @@ pub async fn completions(
         &chat,
         want,
         admission,
-        upstream_body,
         &mut build,
         chat.include_usage,
     )
@@ -262,15 +260,7 @@ pub async fn embeddings(
     // Nothing to lower: an embedding holds for its input only.
     let mut same = |_: i64| Ok(upstream_body.clone());
     admit_and_run(
-        &state,
-        &principal,
-        &model,
-        &chat,
-        0,
-        admission,
-        upstream_body.clone(),
-        &mut same,
-        false,
+        &state, &principal, &model, &chat, 0, admission, &mut same, false,
     )
     .await
 }

@@ -187,8 +187,9 @@ pub(crate) struct Admission {
 /// Stages 2b, 5 and 6 for every model endpoint: the rate-limit check, the hold for up
 /// to `want` output tokens a choice, then the upstream call in a task of its own (a
 /// client that disconnects cannot cancel the settle of what the provider produced).
-/// `body` is the upstream body for `want` tokens; `rebuild` makes it for fewer when the
-/// balance lowered the limit.
+/// `body_for(m)` makes the upstream body for `m` output tokens a choice: first for
+/// `want` (before anything is checked or held, so a body that cannot be built is a
+/// plain error), again for fewer if the balance lowered the limit.
 ///
 /// Speculation: when this gateway last saw the user's balance at
 /// [`SPECULATION_MARGIN`](crate::ledger::SPECULATION_MARGIN) times the hold or more
@@ -204,10 +205,10 @@ pub(crate) async fn admit_and_run(
     chat: &ChatRequest,
     want: i64,
     a: Admission,
-    body: Bytes,
-    rebuild: &mut (dyn FnMut(i64) -> Result<Bytes, ApiError> + Send),
+    body_for: &mut (dyn FnMut(i64) -> Result<Bytes, ApiError> + Send),
     include_usage: bool,
 ) -> Result<Response, ApiError> {
+    let body = body_for(want)?;
     let allowance = state
         .rate_limits
         .check(
@@ -251,7 +252,7 @@ pub(crate) async fn admit_and_run(
     let lowered = if max_tokens == want {
         None
     } else {
-        match rebuild(max_tokens) {
+        match body_for(max_tokens) {
             Ok(b) => Some(b),
             Err(e) => {
                 adm.release().await;
@@ -266,7 +267,7 @@ pub(crate) async fn admit_and_run(
                 .increment(1);
             if let Err(Go { adm, .. }) = go.send(Go {
                 adm,
-                body: lowered,
+                resend: lowered,
                 include_usage,
             }) {
                 // The task is gone (it cannot be before this send): give the hold back.
@@ -278,7 +279,7 @@ pub(crate) async fn admit_and_run(
         None => {
             let go = Go {
                 adm,
-                body: None,
+                resend: None,
                 include_usage,
             };
             state
@@ -309,11 +310,11 @@ struct EarlySend {
     body: Bytes,
 }
 
-/// The admitted request handed to its forwarding task; `body` is what to send, or
-/// `None` to use the early call's answer.
+/// The admitted request handed to its forwarding task. `resend` is for an early call
+/// whose hold lowered the limit: the body to send instead of using its answer.
 struct Go {
     adm: Admitted,
-    body: Option<Bytes>,
+    resend: Option<Bytes>,
     include_usage: bool,
 }
 
@@ -356,7 +357,7 @@ async fn forward(start: Start) -> Result<Response, ApiError> {
                     .increment(1);
                 return Err(ApiError::internal("not admitted"));
             };
-            let sent = match (&go.body, answer, call.take()) {
+            let sent = match (&go.resend, answer, call.take()) {
                 (None, Some(a), _) => a,
                 (None, None, Some(c)) => c.await,
                 (None, None, None) => Err(ApiError::internal("no upstream call")),
@@ -616,7 +617,6 @@ async fn chat_completions(
             }
         }
     };
-    let upstream_body = build(want)?;
     admit_and_run(
         &state,
         &principal,
@@ -624,7 +624,6 @@ async fn chat_completions(
         &chat,
         want,
         admission,
-        upstream_body,
         &mut build,
         chat.include_usage,
     )

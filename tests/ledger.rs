@@ -137,17 +137,7 @@ async fn rebuilt_balance_counts_unflushed_charges_once() {
         .await
         .unwrap()
         .is_empty());
-    let used: i32 = env
-        .db()
-        .await
-        .query_one(
-            "SELECT used_credits FROM credits WHERE user_id = $1",
-            &[&user],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(used, 12);
+    assert_eq!(used_credits(&env, &user).await, 12);
 }
 
 #[tokio::test]
@@ -383,15 +373,7 @@ async fn a_batch_holding_an_event_twice_counts_it_once() {
         .unwrap();
     assert_eq!(inserted.len(), 1);
     let c = env.db().await;
-    let used: i32 = c
-        .query_one(
-            "SELECT used_credits FROM credits WHERE user_id = $1",
-            &[&user],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(used, 9);
+    assert_eq!(used_credits(&env, &user).await, 9);
     let rows: i64 = c
         .query_one("SELECT count(*) FROM usage_history", &[])
         .await
@@ -464,12 +446,7 @@ async fn the_flusher_drains_many_batches_once_and_leaves_nothing_pending() {
     }
     flush_until(&env, &ledger, &db, 7, 3, 600).await;
     for (u, total) in &want {
-        let used: i32 = c
-            .query_one("SELECT used_credits FROM credits WHERE user_id = $1", &[u])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(i64::from(used), *total, "used_credits of {u}");
+        assert_eq!(used_credits(&env, u).await, *total, "used_credits of {u}");
     }
     // Everything acknowledged: no stream entry, no pending entry, no unflushed charge.
     let mut r = env.redis().await;
@@ -537,18 +514,7 @@ async fn a_large_batch_is_acknowledged_in_slices_and_leaves_nothing_behind() {
         })
         .unwrap();
     assert_eq!(pending.0, 0, "entries still pending in the group");
-    let used: i32 = db
-        .get()
-        .await
-        .unwrap()
-        .query_one(
-            "SELECT used_credits FROM credits WHERE user_id = $1",
-            &[&user],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(i64::from(used), total);
+    assert_eq!(used_credits(&env, &user).await, total);
 }
 
 /// Runs a flusher (`batch_rows`, `writers`) until `usage_history` holds `rows` rows,
@@ -584,4 +550,19 @@ async fn flush_until(
         .await
         .expect("the flusher stops after draining")
         .unwrap();
+}
+
+/// `credits.used_credits` of the user's (single) credits row.
+async fn used_credits(env: &TestEnv, user: &Uuid) -> i64 {
+    let used: i32 = env
+        .db()
+        .await
+        .query_one(
+            "SELECT used_credits FROM credits WHERE user_id = $1",
+            &[user],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    i64::from(used)
 }
