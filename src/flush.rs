@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use crate::config::FlushConfig;
 use crate::db::{Db, DbError};
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, STREAM_SLICE};
 use crate::settle::UsageEvent;
 
 /// One stream entry read by this consumer.
@@ -33,6 +33,9 @@ pub struct Flusher {
     db: Db,
     cfg: FlushConfig,
     consumer: String,
+    /// The bucket the next read starts from: a batch may fill before the last bucket,
+    /// and the start turns so that no bucket waits behind the others for long.
+    next_bucket: std::sync::atomic::AtomicU32,
 }
 
 fn field(map: &HashMap<String, Value>, k: &str) -> Option<String> {
@@ -49,6 +52,7 @@ impl Flusher {
             db,
             cfg,
             consumer,
+            next_bucket: std::sync::atomic::AtomicU32::new(0),
         }
     }
 
@@ -86,27 +90,52 @@ impl Flusher {
         }
     }
 
-    /// Reads entries from every bucket in one pipelined round trip: new ones (`>`), or
-    /// this consumer's own pending ones (`0`) after a failed write.
+    /// Reads up to `flush.batch_rows` entries: new ones (`>`), or this consumer's own
+    /// pending ones (`0`) after a failed write. One bucket and at most
+    /// [`STREAM_SLICE`] entries per call, one call after the other: a pipelined read of
+    /// every bucket, or a whole batch in one call, would hold Redis (and every reserve
+    /// and settle queued behind it) for as long as it takes to read them all.
     async fn read(&self, own_pending: bool) -> Result<Vec<Entry>, redis::RedisError> {
-        let mut pipe = redis::pipe();
-        for b in 0..self.ledger.buckets() {
-            pipe.cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg(&self.cfg.consumer_group)
-                .arg(&self.consumer)
-                .arg("COUNT")
-                .arg(self.cfg.batch_rows)
-                .arg("STREAMS")
-                .arg(self.ledger.stream_key(b))
-                .arg(if own_pending { "0" } else { ">" });
-        }
-        let replies: Vec<Option<StreamReadReply>> =
-            pipe.query_async(&mut self.ledger.conn()).await?;
         let mut out = Vec::new();
-        for (b, r) in (0u32..).zip(replies) {
-            for k in r.map(|r| r.keys).unwrap_or_default() {
-                Self::entries_of(b, k.ids, &mut out);
+        let mut conn = self.ledger.conn();
+        let n = self.ledger.buckets();
+        let start = self
+            .next_bucket
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % n.max(1);
+        for b in (start..n).chain(0..start) {
+            // Pending entries are paged by id; new ones advance the group by themselves.
+            let mut after = if own_pending {
+                "0".to_string()
+            } else {
+                ">".to_string()
+            };
+            while out.len() < self.cfg.batch_rows {
+                let count = STREAM_SLICE.min(self.cfg.batch_rows - out.len());
+                let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg(&self.cfg.consumer_group)
+                    .arg(&self.consumer)
+                    .arg("COUNT")
+                    .arg(count)
+                    .arg("STREAMS")
+                    .arg(self.ledger.stream_key(b))
+                    .arg(&after)
+                    .query_async(&mut conn)
+                    .await?;
+                let ids: Vec<StreamId> = reply
+                    .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
+                    .unwrap_or_default();
+                let got = ids.len();
+                if own_pending {
+                    if let Some(last) = ids.last() {
+                        after.clone_from(&last.id);
+                    }
+                }
+                Self::entries_of(b, ids, &mut out);
+                if got < count {
+                    break;
+                }
             }
         }
         Ok(out)

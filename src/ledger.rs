@@ -711,7 +711,7 @@ impl Ledger {
         // thousand entries in one call (~0.5 ms) would hold up every reserve and settle
         // behind it. Each slice is whole (its entries and their pending ids).
         let mut acked = 0;
-        for slice in entries.chunks(ACK_SLICE) {
+        for slice in entries.chunks(STREAM_SLICE) {
             acked += self.ack_slice(bucket, group, slice).await?;
         }
         Ok(acked)
@@ -767,8 +767,10 @@ impl Ledger {
     }
 }
 
-/// Stream entries acknowledged per script call (see [`Ledger::ack`]).
-const ACK_SLICE: usize = 64;
+/// Stream entries read or acknowledged per Redis call by the flusher (see
+/// [`Ledger::ack`] and `flush::Flusher::read`): Redis runs one command at a time, so a
+/// bounded slice bounds how long a reserve or settle can wait behind the flusher.
+pub const STREAM_SLICE: usize = 64;
 
 /// Speculate only when the last known balance is at least this many times the hold.
 pub const SPECULATION_MARGIN: i64 = 4;

@@ -340,10 +340,11 @@ async fn usage_waits_in_redis_while_postgres_refuses_and_drains_after() {
     let (user, token) = env.user(100).await;
     ok_chat(&env, &gw, &token).await; // balance loaded while PostgreSQL is up
     let admin = pg(PG_ADMIN).await;
-    // PostgreSQL refuses this database: no new connections, existing ones cut.
+    // PostgreSQL refuses this database (superusers too, unlike a connection limit):
+    // no new connections, existing ones cut.
     admin
         .batch_execute(&format!(
-            "ALTER DATABASE {} CONNECTION LIMIT 0",
+            "ALTER DATABASE {} ALLOW_CONNECTIONS false",
             env.db_name
         ))
         .await
@@ -359,12 +360,19 @@ async fn usage_waits_in_redis_while_postgres_refuses_and_drains_after() {
     for _ in 0..5 {
         ids.push(ok_chat(&env, &gw, &token).await);
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // Charged live, recorded nowhere in PostgreSQL yet.
+    // Charged live, recorded nowhere in PostgreSQL yet: the flusher's writes fail.
     assert_eq!(env.redis_balance(&user).await, Some(100 - 2 * 6));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while counter(&env.metrics(&gw).await, "tollgate_flush_failures_total") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flusher never saw PostgreSQL refuse"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     admin
         .batch_execute(&format!(
-            "ALTER DATABASE {} CONNECTION LIMIT -1",
+            "ALTER DATABASE {} ALLOW_CONNECTIONS true",
             env.db_name
         ))
         .await

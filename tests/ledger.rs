@@ -500,21 +500,114 @@ async fn a_large_batch_is_acknowledged_in_slices_and_leaves_nothing_behind() {
         .await
         .unwrap();
     assert_eq!(len, 0, "stream entries left");
-    let pending: (i64,) = redis::cmd("XPENDING")
+    assert_eq!(
+        pending_in_group(&mut r, &k.stream).await,
+        0,
+        "entries still pending in the group"
+    );
+    assert_eq!(used_credits(&env, &user).await, total);
+}
+
+#[tokio::test]
+async fn a_pending_list_longer_than_one_read_is_written_once_postgres_returns() {
+    // The flusher reads 150 events (more than one read's slice) while PostgreSQL
+    // refuses the database: the write fails and the entries stay in this consumer's
+    // pending list. Once PostgreSQL is back, the same flusher pages through that list
+    // and writes each event exactly once.
+    let env = TestEnv::new().await;
+    let (ledger, db, user) = setup(&env, 1_000_000).await;
+    ledger.load(&db, &user).await.unwrap();
+    let mut total = 0;
+    for i in 0..150i64 {
+        total += charge(&ledger, user, 1 + i % 4).await.credits_used;
+    }
+    let admin = pg(PG_ADMIN).await;
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS false",
+            env.db_name
+        ))
+        .await
+        .unwrap();
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+            &[&env.db_name],
+        )
+        .await
+        .unwrap();
+    let cfg = tollgate::config::FlushConfig {
+        batch_rows: 1000,
+        writers: 2,
+        interval: std::time::Duration::from_millis(20),
+        claim_idle: std::time::Duration::from_secs(30),
+        consumer_group: "usage-flush".into(),
+    };
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let flusher =
+        tokio::spawn(tollgate::flush::Flusher::new(ledger.clone(), db.clone(), cfg).run(rx));
+    // All 150 read and held in the flusher's pending list, none written.
+    let mut r = env.redis().await;
+    let k = ledger.keys(&user);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while pending_in_group(&mut r, &k.stream).await < 150 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flusher read nothing"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+            env.db_name
+        ))
+        .await
+        .unwrap();
+    let n = env
+        .wait_for_count(
+            "SELECT count(*) FROM usage_history",
+            150,
+            std::time::Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(n, 150);
+    stop.send(true).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), flusher)
+        .await
+        .expect("the flusher stops after draining")
+        .unwrap();
+    assert_eq!(used_credits(&env, &user).await, total);
+    assert_eq!(pending_in_group(&mut r, &k.stream).await, 0);
+    let len: i64 = redis::cmd("XLEN")
         .arg(&k.stream)
-        .arg("usage-flush")
         .query_async(&mut r)
         .await
-        .map(|v: redis::Value| match v {
-            redis::Value::Array(items) => match items.first() {
-                Some(redis::Value::Int(n)) => (*n,),
-                _ => (-1,),
-            },
-            _ => (-1,),
-        })
         .unwrap();
-    assert_eq!(pending.0, 0, "entries still pending in the group");
-    assert_eq!(used_credits(&env, &user).await, total);
+    assert_eq!(len, 0, "stream entries left");
+}
+
+/// Entries read by some consumer of the flushers' group and not yet acknowledged (0
+/// before the flusher has created the group).
+async fn pending_in_group(r: &mut redis::aio::MultiplexedConnection, stream: &str) -> i64 {
+    let v: redis::Value = match redis::cmd("XPENDING")
+        .arg(stream)
+        .arg("usage-flush")
+        .query_async(r)
+        .await
+    {
+        Ok(v) => v,
+        Err(e) if e.code() == Some("NOGROUP") => return 0,
+        Err(e) => panic!("XPENDING: {e}"),
+    };
+    match v {
+        redis::Value::Array(items) => match items.first() {
+            Some(redis::Value::Int(n)) => *n,
+            _ => -1,
+        },
+        _ => -1,
+    }
 }
 
 /// Runs a flusher (`batch_rows`, `writers`) until `usage_history` holds `rows` rows,

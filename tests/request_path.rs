@@ -758,13 +758,6 @@ async fn a_client_chosen_http_method_mints_no_metric_label() {
     assert!(text.contains("method=\"other\""), "{text}");
 }
 
-/// A counter's value in a Prometheus text page (0 when absent).
-fn counter(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
-}
-
 #[tokio::test]
 async fn speculative_sends_never_let_a_stale_balance_overspend() {
     // Speculation: a gateway that last saw a user's balance well above a request's hold
@@ -795,15 +788,6 @@ async fn speculative_sends_never_let_a_stale_balance_overspend() {
     let b = env
         .gateway_with(&fast, &[("TOLLGATE__METERING__SPECULATIVE_SEND", "false")])
         .await;
-    let metrics = |gw: &Proc| {
-        let url = gw.url("/metrics");
-        let env = &env;
-        async move {
-            let (s, _, b) = env.request("GET", &url, None, None).await;
-            assert_eq!(s, 200);
-            String::from_utf8_lossy(&b).into_owned()
-        }
-    };
     let used = "tollgate_speculative_sends_total{outcome=\"used\"}";
     let resent = "tollgate_speculative_sends_total{outcome=\"resent\"}";
     let cancelled = "tollgate_speculative_sends_total{outcome=\"cancelled\"}";
@@ -829,7 +813,7 @@ async fn speculative_sends_never_let_a_stale_balance_overspend() {
         }
         assert_eq!(env.redis_balance(user).await, Some(left));
     }
-    let m = metrics(&a).await;
+    let m = env.metrics(&a).await;
     assert_eq!(
         counter(&m, used),
         2,
@@ -846,7 +830,7 @@ async fn speculative_sends_never_let_a_stale_balance_overspend() {
         env.redis_balance(&lowered_user).await,
         Some(lowered_left - 210)
     );
-    assert_eq!(counter(&metrics(&a).await, resent), 1);
+    assert_eq!(counter(&env.metrics(&a).await, resent), 1);
 
     // pb credits afford no output at all: refused, and the early call is dropped.
     let (s, headers, out) = env.chat(&a, &refused_token, body.clone()).await;
@@ -856,10 +840,10 @@ async fn speculative_sends_never_let_a_stale_balance_overspend() {
     // The early task counts its cancellation once it sees the refusal, which may be
     // just after the 429 went out.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while counter(&metrics(&a).await, cancelled) == 0 && Instant::now() < deadline {
+    while counter(&env.metrics(&a).await, cancelled) == 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(counter(&metrics(&a).await, cancelled), 1);
+    assert_eq!(counter(&env.metrics(&a).await, cancelled), 1);
     assert_eq!(env.redis_balance(&refused_user).await, Some(refused_left));
     assert_eq!(
         env.redis_held(&refused_user).await,
@@ -894,7 +878,8 @@ async fn speculative_sends_never_let_a_stale_balance_overspend() {
         assert_eq!(used, want, "credits used by {user}");
     }
     // B, with speculation off, never speculated.
-    assert!(!metrics(&b)
+    assert!(!env
+        .metrics(&b)
         .await
         .contains("tollgate_speculative_sends_total"));
 }

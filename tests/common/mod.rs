@@ -438,6 +438,13 @@ impl TestEnv {
     }
 
     /// Waits until `sql` (returning one bigint) yields `want`; returns the last value.
+    /// The gateway's `/metrics` page.
+    pub async fn metrics(&self, gw: &Proc) -> String {
+        let (s, _, b) = self.request("GET", &gw.url("/metrics"), None, None).await;
+        assert_eq!(s, 200);
+        String::from_utf8_lossy(&b).into_owned()
+    }
+
     pub async fn wait_for_count(&self, sql: &str, want: i64, timeout: Duration) -> i64 {
         let db = self.db().await;
         let deadline = Instant::now() + timeout;
@@ -475,6 +482,13 @@ pub fn block_on_side<F: std::future::Future<Output = ()> + Send + 'static>(f: F)
 }
 
 /// Drops a database (best effort, connections forced out).
+/// A counter's value in a Prometheus text page (0 when absent).
+pub fn counter(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
 pub async fn drop_database(name: &str) {
     if let Ok((c, conn)) = tokio_postgres::connect(PG_ADMIN, tokio_postgres::NoTls).await {
         tokio::spawn(conn);
