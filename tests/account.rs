@@ -155,8 +155,11 @@ async fn preferences_default_update_partially_and_refuse_bad_values() {
 async fn credits_show_the_live_balance_to_the_last_request() {
     let env = TestEnv::new().await;
     let mock = env.mock(&[]).await;
-    let gw = env.gateway(&mock).await;
-    let (_, token) = env.user(1000).await;
+    // The flusher waits ten minutes: what the page shows can only come from Redis.
+    let gw = env
+        .gateway_with(&mock, &[("TOLLGATE__FLUSH__INTERVAL_MS", "600000")])
+        .await;
+    let (user, token) = env.user(1000).await;
     let url = gw.url("/v1/credits");
     let (status, _, body) = env.request("GET", &url, Some(&token), None).await;
     assert_eq!(status, 200);
@@ -186,6 +189,17 @@ async fn credits_show_the_live_balance_to_the_last_request() {
     assert_eq!(c["available_credits"].as_i64(), Some(1000 - charged));
     assert_eq!(c["total_credits"].as_i64(), Some(1000));
     assert_eq!(c["held_credits"].as_i64(), Some(0));
+    let in_postgres: i32 = env
+        .db()
+        .await
+        .query_one(
+            "SELECT used_credits FROM credits WHERE user_id = $1",
+            &[&user],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(in_postgres, 0, "nothing was flushed yet");
 }
 
 #[tokio::test]

@@ -191,26 +191,43 @@ async fn kill_9_during_load_then_restart_loses_and_duplicates_nothing() {
         ok.len()
     );
     assert!(rows.len() >= before);
-    // The ledger and PostgreSQL agree once everything is flushed.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let db = env.db().await;
-    let charged: i64 = db
+    // The ledger and PostgreSQL agree once everything is flushed: every charge settled
+    // in Redis (including those of requests killed after their settle) is a row, and
+    // the balance plus the holds of requests killed before their settle is what the
+    // user had less what PostgreSQL recorded.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while env.redis_unflushed(&user).await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "settled charges never flushed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let charged: i64 = env
+        .db()
+        .await
         .query_one("SELECT sum(credits_used)::bigint FROM usage_history", &[])
         .await
         .unwrap()
         .get(0);
-    let used: i64 = db
+    let bal = env.redis_balance(&user).await.unwrap();
+    let held = env.redis_held(&user).await;
+    assert_eq!(
+        bal + held,
+        1_000_000 - charged,
+        "balance {bal} + held {held} vs charged {charged}"
+    );
+    assert_eq!(used_credits_total(&env).await, charged);
+}
+
+/// `credits.used_credits` summed over every row.
+async fn used_credits_total(env: &TestEnv) -> i64 {
+    env.db()
+        .await
         .query_one("SELECT sum(used_credits)::bigint FROM credits", &[])
         .await
         .unwrap()
-        .get(0);
-    assert_eq!(used, charged);
-    let bal = env.redis_balance(&user).await.unwrap();
-    // Holds of requests killed mid-flight stay out of the balance until they expire.
-    assert!(
-        bal <= 1_000_000 - charged,
-        "balance {bal} vs charged {charged}"
-    );
+        .get(0)
 }
 
 #[tokio::test]
@@ -390,14 +407,7 @@ async fn usage_waits_in_redis_while_postgres_refuses_and_drains_after() {
     );
     let rows = rows_per_id(&env).await;
     assert!(ids.iter().all(|id| rows.get(id) == Some(&1)));
-    let used: i64 = env
-        .db()
-        .await
-        .query_one("SELECT sum(used_credits)::bigint FROM credits", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(used, 12);
+    assert_eq!(used_credits_total(&env).await, 12);
 }
 
 #[tokio::test]

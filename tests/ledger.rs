@@ -411,6 +411,91 @@ async fn a_cancelled_reserve_leaves_no_hold() {
 }
 
 #[tokio::test]
+async fn a_reserve_cancelled_while_redis_has_not_answered_leaves_no_hold() {
+    // Deterministic in-flight case: a Redis of the test's own is paused for writes, so
+    // every reserve is sent and unanswered when its caller gives up. Once Redis runs
+    // them, each admitted hold must be given back by the cancelled reserve itself.
+    let env = TestEnv::new().await;
+    let port = free_port();
+    let _redis = private_redis(port).await;
+    let url = format!("redis://127.0.0.1:{port}");
+    let ledger = Ledger::connect(&url, &env.prefix, 16).await.unwrap();
+    let (_, db, user) = setup(&env, 10).await;
+    ledger.load(&db, &user).await.unwrap();
+    let mut admin = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(400)
+        .arg("WRITE")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let l = ledger.clone();
+            tokio::spawn(async move { l.reserve(&user, &Uuid::now_v7(), &hold(4, 60_000)).await })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    for h in &handles {
+        h.abort();
+    }
+    for h in handles {
+        let r = h.await;
+        assert!(
+            matches!(&r, Err(e) if e.is_cancelled()),
+            "the reserve was still waiting for Redis: {r:?}"
+        );
+    }
+    // After the pause the reserves run: holds of 4 are admitted (10 affords two at a
+    // time) and every one of them is given back.
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let stats: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        // Each admitted reserve writes its hold with one HSET (inside the script): at
+        // least two ran after their callers had left.
+        let admitted = stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_hset:calls="))
+            .and_then(|v| v.split(',').next()?.parse::<i64>().ok())
+            .unwrap_or(0);
+        let bal = ledger.balance(&user).await.unwrap();
+        if admitted >= 2 && bal == Some(10) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "holds outlived their cancelled callers: {admitted} admitted, balance {bal:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let k = ledger.keys(&user);
+    let fields: Vec<String> = redis::cmd("HKEYS")
+        .arg(&k.acct)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(
+        fields.iter().all(|f| !f.starts_with("h:")),
+        "holds left: {fields:?}"
+    );
+}
+
+#[tokio::test]
 async fn the_flusher_drains_many_batches_once_and_leaves_nothing_pending() {
     let env = TestEnv::new().await;
     let (ledger, db, user) = setup(&env, 1_000_000).await;
@@ -558,6 +643,14 @@ async fn a_pending_list_longer_than_one_read_is_written_once_postgres_returns() 
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Still all pending and in the stream: nothing was written, so nothing acknowledged.
+    assert_eq!(pending_in_group(&mut r, &k.stream).await, 150);
+    let len: i64 = redis::cmd("XLEN")
+        .arg(&k.stream)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(len, 150);
     admin
         .batch_execute(&format!(
             "ALTER DATABASE {} ALLOW_CONNECTIONS true",

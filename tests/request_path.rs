@@ -421,6 +421,9 @@ async fn bad_input_gets_clear_errors_and_charges_nothing() {
         if status == 401 {
             assert!(headers["www-authenticate"].starts_with("Bearer"), "{what}");
         }
+        if what == "parameter the provider lacks" {
+            assert_eq!(e["param"], "seed", "{what}");
+        }
     }
     let (status, headers, body) = env
         .request("GET", &gw.url("/v1/nowhere"), Some(&token), None)
@@ -456,7 +459,8 @@ async fn bad_input_gets_clear_errors_and_charges_nothing() {
         .unwrap()
         .contains("expired"));
     assert_eq!(mock_stats(&env, &mock).await["requests"], 0);
-    assert_eq!(env.redis_balance(&user).await.unwrap_or(100), 100);
+    // Refused before the ledger: the balance was never even loaded into Redis.
+    assert_eq!(env.redis_balance(&user).await, None);
     assert_eq!(env.usage_rows().await, 0);
 }
 
@@ -735,7 +739,7 @@ async fn a_client_limit_above_the_models_cap_is_capped_upstream_and_never_oversp
         assert!(limit <= 100, "upstream got a limit of {limit}: {sent}");
     }
     let bal = env.redis_balance(&user).await.unwrap();
-    assert!(bal >= 0, "a balance of 5 went to {bal}");
+    assert_eq!(bal, 3, "a balance of 5 less two requests at 1 credit each");
 }
 
 #[tokio::test]
@@ -851,11 +855,23 @@ async fn speculative_sends_never_let_a_stale_balance_overspend() {
         "no hold is left behind"
     );
 
+    // B, with speculation off, never speculates: not even on the second request of a
+    // user whose balance is hundreds of holds deep (A did on such a second request).
+    let (_, rich_token) = env.user(100_000).await;
+    for _ in 0..2 {
+        let (s, _, out) = env.chat(&b, &rich_token, body.clone()).await;
+        assert_eq!(s, 200, "{}", String::from_utf8_lossy(&out));
+    }
+    assert!(!env
+        .metrics(&b)
+        .await
+        .contains("tollgate_speculative_sends_total"));
+
     // Every success has its row, the refused request none, and PostgreSQL agrees.
     let rows = env
-        .wait_for_count("SELECT count(*) FROM usage_history", 8 + 7, FLUSH_WAIT)
+        .wait_for_count("SELECT count(*) FROM usage_history", 8 + 7 + 2, FLUSH_WAIT)
         .await;
-    assert_eq!(rows, 15);
+    assert_eq!(rows, 17);
     let db = env.db().await;
     let none: i64 = db
         .query_one(
@@ -877,11 +893,6 @@ async fn speculative_sends_never_let_a_stale_balance_overspend() {
             .get(0);
         assert_eq!(used, want, "credits used by {user}");
     }
-    // B, with speculation off, never speculated.
-    assert!(!env
-        .metrics(&b)
-        .await
-        .contains("tollgate_speculative_sends_total"));
 }
 
 #[tokio::test]

@@ -1264,37 +1264,9 @@ async fn health_reflects_database_pool_size() {
 #[tokio::test]
 async fn readiness_fails_while_redis_is_down_and_recovers() {
     // A Redis of this test's own, so it can be stopped without touching the others.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let mut redis_server = tokio::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("redis-server is installed (scripts/services.sh)");
+    let port = free_port();
+    let mut redis_server = private_redis(port).await;
     let url = format!("redis://127.0.0.1:{port}");
-    for _ in 0..100 {
-        if redis::Client::open(url.as_str())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let env = TestEnv::new().await;
     let mock = env.mock(&[]).await;
     let gw = env
@@ -1323,21 +1295,7 @@ async fn readiness_fails_while_redis_is_down_and_recovers() {
     assert!(h.contains_key("x-request-id"));
     assert_eq!(openai_error(&b)["code"], "service_unavailable");
     // Redis returns (empty): readiness follows.
-    let mut again = tokio::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut again = private_redis(port).await;
     let mut ready = false;
     for _ in 0..100 {
         let (s, _, _) = env.request("GET", &gw.url("/readyz"), None, None).await;

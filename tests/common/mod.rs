@@ -41,7 +41,7 @@ pub async fn pg(url: &str) -> tokio_postgres::Client {
     client
 }
 
-/// Name of the template database for the current migrations and seeds.
+/// Name of the template database for the current migrations and seeds, and month.
 fn template_name() -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for dir in ["migrations", "seeds"] {
@@ -57,7 +57,12 @@ fn template_name() -> String {
             }
         }
     }
-    format!("tollgate_tpl_{h:016x}")
+    // Partitions are created for the months around the day the template is built:
+    // a new month gets a new template.
+    format!(
+        "tollgate_tpl_{h:016x}_{}",
+        chrono::Utc::now().format("%Y%m")
+    )
 }
 
 /// Creates the template once (across test processes, under an advisory lock) by
@@ -123,7 +128,8 @@ impl Proc {
     }
 
     pub fn pid(&self) -> i32 {
-        self.child.id().map(|p| p as i32).unwrap_or(0)
+        // Never 0: `kill -SIG 0` would signal the test runner's whole process group.
+        self.child.id().expect("the process is still running") as i32
     }
 
     pub fn log_text(&self) -> String {
@@ -375,6 +381,27 @@ impl TestEnv {
         held
     }
 
+    /// The user's charges settled in Redis and not yet acknowledged as flushed to
+    /// PostgreSQL (entries of the user's `pend` hash).
+    pub async fn redis_unflushed(&self, user: &Uuid) -> i64 {
+        let mut r = self.redis().await;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}*:pend:{user}", self.prefix))
+            .query_async(&mut r)
+            .await
+            .unwrap();
+        let mut n = 0;
+        for k in keys {
+            let len: i64 = redis::cmd("HLEN")
+                .arg(&k)
+                .query_async(&mut r)
+                .await
+                .unwrap();
+            n += len;
+        }
+        n
+    }
+
     /// The user's live balance in Redis (None if not loaded).
     pub async fn redis_balance(&self, user: &Uuid) -> Option<i64> {
         let (mut r, keys) = self.acct_keys(user).await;
@@ -482,6 +509,45 @@ pub fn block_on_side<F: std::future::Future<Output = ()> + Send + 'static>(f: F)
 }
 
 /// Drops a database (best effort, connections forced out).
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// A Redis of the test's own on `port` (so it can be stopped or paused without
+/// touching the others), once it answers. Killed when dropped.
+pub async fn private_redis(port: u16) -> tokio::process::Child {
+    let child = tokio::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-server is installed (scripts/services.sh)");
+    let url = format!("redis://127.0.0.1:{port}");
+    for _ in 0..100 {
+        if redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child
+}
+
 /// A counter's value in a Prometheus text page (0 when absent).
 pub fn counter(text: &str, series: &str) -> u64 {
     text.lines()
