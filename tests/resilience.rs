@@ -261,13 +261,21 @@ async fn retries_of_one_deployment_back_off_and_the_last_failure_charges_nothing
             &broken,
             &[
                 ("TOLLGATE__PROVIDERS__OPENAI__MAX_ATTEMPTS", "3"),
-                ("TOLLGATE__PROVIDERS__OPENAI__BACKOFF_BASE_MS", "20"),
+                ("TOLLGATE__PROVIDERS__OPENAI__BACKOFF_BASE_MS", "100"),
             ],
         )
         .await;
     let (user, token) = env.user(100).await;
+    let started = std::time::Instant::now();
     let (status, _, body) = env.chat(&gw, &token, small(true)).await;
     assert_eq!(status, 502, "{}", String::from_utf8_lossy(&body));
+    // Two waits, each at least half its step (100 ms, then 200 ms): a lower bound that
+    // only a missing back-off can break.
+    assert!(
+        started.elapsed() >= Duration::from_millis(50 + 100),
+        "three attempts in {:?}: no back-off between them",
+        started.elapsed()
+    );
     openai_error(&body);
     assert_eq!(stats(&env, &broken).await["requests"], 3);
     assert_eq!(env.redis_balance(&user).await, Some(100));
