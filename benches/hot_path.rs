@@ -56,6 +56,44 @@ fn jwt(c: &mut Criterion) {
         )
     });
     g.finish();
+
+    // The signature check alone (aws-lc-rs) over a token's signing input, for what the
+    // cold path costs beyond it, and what another algorithm would cost instead.
+    use aws_lc_rs::signature::{self as sig, KeyPair};
+    let input = token.rsplit_once('.').unwrap().0.as_bytes().to_vec();
+    let mut g = c.benchmark_group("signature_verify_only");
+    let ed = Ed25519KeyPair::from_pkcs8(doc.as_ref()).unwrap();
+    let ed_sig = ed.sign(&input);
+    let ed_pub = sig::UnparsedPublicKey::new(&sig::ED25519, ed.public_key().as_ref().to_vec());
+    g.bench_function("ed25519", |b| {
+        b.iter(|| ed_pub.verify(&input, ed_sig.as_ref()).unwrap())
+    });
+    let rng = SystemRandom::new();
+    let p256_doc =
+        sig::EcdsaKeyPair::generate_pkcs8(&sig::ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+    let p256 =
+        sig::EcdsaKeyPair::from_pkcs8(&sig::ECDSA_P256_SHA256_FIXED_SIGNING, p256_doc.as_ref())
+            .unwrap();
+    let p256_sig = p256.sign(&rng, &input).unwrap();
+    let p256_pub = sig::UnparsedPublicKey::new(
+        &sig::ECDSA_P256_SHA256_FIXED,
+        p256.public_key().as_ref().to_vec(),
+    );
+    g.bench_function("es256_p256", |b| {
+        b.iter(|| p256_pub.verify(&input, p256_sig.as_ref()).unwrap())
+    });
+    let rsa = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+    let mut rsa_sig = vec![0; rsa.public_modulus_len()];
+    rsa.sign(&sig::RSA_PKCS1_SHA256, &rng, &input, &mut rsa_sig)
+        .unwrap();
+    let rsa_pub = sig::UnparsedPublicKey::new(
+        &sig::RSA_PKCS1_2048_8192_SHA256,
+        rsa.public_key().as_ref().to_vec(),
+    );
+    g.bench_function("rs256_rsa2048", |b| {
+        b.iter(|| rsa_pub.verify(&input, &rsa_sig).unwrap())
+    });
+    g.finish();
 }
 
 fn model(id: &str) -> Model {
