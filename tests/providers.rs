@@ -398,6 +398,8 @@ async fn provider_errors_become_openai_errors_with_the_right_status() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(s.env.usage_rows().await, 0);
+        // Not merely waiting for the flusher: no charge is pending in Redis either.
+        assert_eq!(s.env.redis_unflushed(&s.user).await, 0);
     }
 }
 

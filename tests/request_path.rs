@@ -224,6 +224,8 @@ async fn out_of_credits_is_refused_before_upstream() {
     assert_eq!(env.redis_balance(&user).await, Some(0));
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(env.usage_rows().await, 0);
+    // Not merely waiting for the flusher: no charge is pending in Redis either.
+    assert_eq!(env.redis_unflushed(&user).await, 0);
 
     // A grant reaches a balance that is already in Redis at once.
     let email: String = env
@@ -264,6 +266,8 @@ async fn upstream_failure_charges_nothing() {
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(env.usage_rows().await, 0);
+    // Not merely waiting for the flusher: no charge is pending in Redis either.
+    assert_eq!(env.redis_unflushed(&user).await, 0);
     let used: i64 = env
         .db()
         .await

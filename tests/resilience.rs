@@ -187,6 +187,8 @@ async fn a_provider_400_is_never_retried() {
     assert_eq!(env.redis_balance(&user).await, Some(100));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(env.usage_rows().await, 0);
+    // Not merely waiting for the flusher: no charge is pending in Redis either.
+    assert_eq!(env.redis_unflushed(&user).await, 0);
 }
 
 #[tokio::test]
@@ -281,6 +283,8 @@ async fn retries_of_one_deployment_back_off_and_the_last_failure_charges_nothing
     assert_eq!(env.redis_balance(&user).await, Some(100));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(env.usage_rows().await, 0);
+    // Not merely waiting for the flusher: no charge is pending in Redis either.
+    assert_eq!(env.redis_unflushed(&user).await, 0);
 }
 
 #[tokio::test]
