@@ -90,20 +90,40 @@ impl Flusher {
         }
     }
 
-    /// Reads up to `flush.batch_rows` entries: new ones (`>`), or this consumer's own
-    /// pending ones (`0`) after a failed write. One bucket and at most
-    /// [`STREAM_SLICE`] entries per call, one call after the other: a pipelined read of
-    /// every bucket, or a whole batch in one call, would hold Redis (and every reserve
-    /// and settle queued behind it) for as long as it takes to read them all.
-    async fn read(&self, own_pending: bool) -> Result<Vec<Entry>, redis::RedisError> {
-        let mut out = Vec::new();
-        let mut conn = self.ledger.conn();
+    /// Lengths of every bucket's stream, in one pipelined round trip (O(1) each): the
+    /// buckets worth a read. A missing stream counts 0.
+    async fn lengths(&self) -> Result<Vec<u64>, redis::RedisError> {
+        let mut pipe = redis::pipe();
+        for b in 0..self.ledger.buckets() {
+            pipe.cmd("XLEN").arg(self.ledger.stream_key(b));
+        }
+        pipe.query_async(&mut self.ledger.conn()).await
+    }
+
+    /// The buckets in the order of this pass: the start turns on every call.
+    fn bucket_order(&self) -> impl Iterator<Item = u32> {
         let n = self.ledger.buckets();
         let start = self
             .next_bucket
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             % n.max(1);
-        for b in (start..n).chain(0..start) {
+        (start..n).chain(0..start)
+    }
+
+    /// Reads up to `flush.batch_rows` entries: new ones (`>`), or this consumer's own
+    /// pending ones (`0`) after a failed write or read. Only buckets whose stream holds
+    /// entries are read, one bucket and at most [`STREAM_SLICE`] entries per call, one
+    /// call after the other: a pipelined read of every bucket, or a whole batch in one
+    /// call, would hold Redis (and every reserve and settle queued behind it) for as
+    /// long as it takes to read them all.
+    async fn read(&self, own_pending: bool) -> Result<Vec<Entry>, redis::RedisError> {
+        let lengths = self.lengths().await?;
+        let mut out = Vec::new();
+        let mut conn = self.ledger.conn();
+        for b in self.bucket_order() {
+            if lengths.get(b as usize).copied().unwrap_or(0) == 0 {
+                continue;
+            }
             // Pending entries are paged by id; new ones advance the group by themselves.
             let mut after = if own_pending {
                 "0".to_string()
@@ -141,22 +161,37 @@ impl Flusher {
         Ok(out)
     }
 
-    /// Claims entries that another (dead) consumer left pending too long.
+    /// Claims entries that another (dead) consumer left pending too long, in slices
+    /// like [`Flusher::read`], up to `flush.batch_rows`.
     async fn claim_stale(&self) -> Result<Vec<Entry>, redis::RedisError> {
         let mut out = Vec::new();
         let idle = u64::try_from(self.cfg.claim_idle.as_millis()).unwrap_or(u64::MAX);
-        for b in 0..self.ledger.buckets() {
-            let r: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
-                .arg(self.ledger.stream_key(b))
-                .arg(&self.cfg.consumer_group)
-                .arg(&self.consumer)
-                .arg(idle)
-                .arg("0-0")
-                .arg("COUNT")
-                .arg(self.cfg.batch_rows)
-                .query_async(&mut self.ledger.conn())
-                .await?;
-            Self::entries_of(b, r.claimed, &mut out);
+        let lengths = self.lengths().await?;
+        let mut conn = self.ledger.conn();
+        for b in self.bucket_order() {
+            if lengths.get(b as usize).copied().unwrap_or(0) == 0 {
+                continue;
+            }
+            let mut cursor = "0-0".to_string();
+            while out.len() < self.cfg.batch_rows {
+                let count = STREAM_SLICE.min(self.cfg.batch_rows - out.len());
+                let r: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+                    .arg(self.ledger.stream_key(b))
+                    .arg(&self.cfg.consumer_group)
+                    .arg(&self.consumer)
+                    .arg(idle)
+                    .arg(&cursor)
+                    .arg("COUNT")
+                    .arg(count)
+                    .query_async(&mut conn)
+                    .await?;
+                Self::entries_of(b, r.claimed, &mut out);
+                // "0-0": the whole pending list of the bucket was scanned.
+                if r.next_stream_id == "0-0" {
+                    break;
+                }
+                cursor = r.next_stream_id;
+            }
         }
         Ok(out)
     }
@@ -273,8 +308,9 @@ impl Flusher {
     }
 
     /// Runs until `shutdown` flips, then drains what is left: everything settled
-    /// before the flip is written before this returns (unless PostgreSQL is down, in
-    /// which case the entries stay pending in Redis for the next gateway).
+    /// before the flip is written before this returns (unless PostgreSQL or Redis
+    /// fails meanwhile, in which case the entries stay pending in Redis for the next
+    /// gateway to claim).
     ///
     /// While the streams hold more than a batch, the next batch is read while the
     /// current one is written (two stages in flight). After a failed write the
@@ -352,7 +388,13 @@ impl Flusher {
                     carried_pending = read_pending;
                 }
                 Some(Ok(_)) | None => {}
-                Some(Err(())) => failed = true,
+                // A read that failed part-way may have delivered entries to this
+                // consumer (they are in its pending list now, and `>` will not return
+                // them again): read that list next.
+                Some(Err(())) => {
+                    failed = true;
+                    own_pending = true;
+                }
             }
             if stopping && carried.is_empty() && (failed || (read_now && !own_pending)) {
                 break;

@@ -464,7 +464,6 @@ impl TestEnv {
         .await
     }
 
-    /// Waits until `sql` (returning one bigint) yields `want`; returns the last value.
     /// The gateway's `/metrics` page.
     pub async fn metrics(&self, gw: &Proc) -> String {
         let (s, _, b) = self.request("GET", &gw.url("/metrics"), None, None).await;
@@ -472,6 +471,7 @@ impl TestEnv {
         String::from_utf8_lossy(&b).into_owned()
     }
 
+    /// Waits until `sql` (returning one bigint) yields `want`; returns the last value.
     pub async fn wait_for_count(&self, sql: &str, want: i64, timeout: Duration) -> i64 {
         let db = self.db().await;
         let deadline = Instant::now() + timeout;
@@ -508,8 +508,7 @@ pub fn block_on_side<F: std::future::Future<Output = ()> + Send + 'static>(f: F)
     .join();
 }
 
-/// Drops a database (best effort, connections forced out).
-/// A free loopback port.
+/// A free loopback port (free when this returns; the caller binds it soon after).
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
@@ -533,6 +532,7 @@ pub async fn private_redis(port: u16) -> tokio::process::Child {
         .kill_on_drop(true)
         .spawn()
         .expect("redis-server is installed (scripts/services.sh)");
+    let mut child = child;
     let url = format!("redis://127.0.0.1:{port}");
     for _ in 0..100 {
         if redis::Client::open(url.as_str())
@@ -541,11 +541,14 @@ pub async fn private_redis(port: u16) -> tokio::process::Child {
             .await
             .is_ok()
         {
-            break;
+            return child;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("redis-server on port {port} exited ({status}): port taken?");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    child
+    panic!("redis-server on port {port} did not answer in 5 s");
 }
 
 /// A counter's value in a Prometheus text page (0 when absent).
@@ -555,6 +558,7 @@ pub fn counter(text: &str, series: &str) -> u64 {
         .map_or(0, |v| v as u64)
 }
 
+/// Drops a database (best effort, connections forced out).
 pub async fn drop_database(name: &str) {
     if let Ok((c, conn)) = tokio_postgres::connect(PG_ADMIN, tokio_postgres::NoTls).await {
         tokio::spawn(conn);
