@@ -217,17 +217,7 @@ async fn kill_9_during_load_then_restart_loses_and_duplicates_nothing() {
         1_000_000 - charged,
         "balance {bal} + held {held} vs charged {charged}"
     );
-    assert_eq!(used_credits_total(&env).await, charged);
-}
-
-/// `credits.used_credits` summed over every row.
-async fn used_credits_total(env: &TestEnv) -> i64 {
-    env.db()
-        .await
-        .query_one("SELECT sum(used_credits)::bigint FROM credits", &[])
-        .await
-        .unwrap()
-        .get(0)
+    assert_eq!(env.used_credits_total().await, charged);
 }
 
 #[tokio::test]
@@ -356,23 +346,8 @@ async fn usage_waits_in_redis_while_postgres_refuses_and_drains_after() {
     let gw = env.gateway(&mock).await;
     let (user, token) = env.user(100).await;
     ok_chat(&env, &gw, &token).await; // balance loaded while PostgreSQL is up
-    let admin = pg(PG_ADMIN).await;
-    // PostgreSQL refuses this database (superusers too, unlike a connection limit):
-    // no new connections, existing ones cut.
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE {} ALLOW_CONNECTIONS false",
-            env.db_name
-        ))
-        .await
-        .unwrap();
-    admin
-        .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
-            &[&env.db_name],
-        )
-        .await
-        .unwrap();
+                                      // PostgreSQL refuses this database: no new connections, existing ones cut.
+    env.allow_connections(false).await;
     let mut ids = Vec::new();
     for _ in 0..5 {
         ids.push(ok_chat(&env, &gw, &token).await);
@@ -387,13 +362,7 @@ async fn usage_waits_in_redis_while_postgres_refuses_and_drains_after() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE {} ALLOW_CONNECTIONS true",
-            env.db_name
-        ))
-        .await
-        .unwrap();
+    env.allow_connections(true).await;
     let n = env
         .wait_for_count(
             "SELECT count(*) FROM usage_history",
@@ -407,7 +376,7 @@ async fn usage_waits_in_redis_while_postgres_refuses_and_drains_after() {
     );
     let rows = rows_per_id(&env).await;
     assert!(ids.iter().all(|id| rows.get(id) == Some(&1)));
-    assert_eq!(used_credits_total(&env).await, 12);
+    assert_eq!(env.used_credits_total().await, 12);
 }
 
 #[tokio::test]

@@ -159,11 +159,7 @@ async fn settle_is_idempotent_and_release_returns_the_hold() {
     );
     assert_eq!(ledger.balance(&user).await.unwrap(), Some(42));
     let mut r = env.redis().await;
-    let len: i64 = redis::cmd("XLEN")
-        .arg(&ledger.keys(&user).stream)
-        .query_async(&mut r)
-        .await
-        .unwrap();
+    let len = stream_len(&mut r, &ledger.keys(&user).stream).await;
     assert_eq!(len, 1, "one usage event");
 
     let rid2 = Uuid::now_v7();
@@ -327,11 +323,7 @@ async fn concurrent_reserves_commit_in_groups_without_overspending() {
     assert_eq!(admitted, 50, "exactly the balance's worth is admitted");
     assert_eq!(ledger.balance(&user).await.unwrap(), Some(0));
     let mut r = env.redis().await;
-    let len: i64 = redis::cmd("XLEN")
-        .arg(&ledger.keys(&user).stream)
-        .query_async(&mut r)
-        .await
-        .unwrap();
+    let len = stream_len(&mut r, &ledger.keys(&user).stream).await;
     assert_eq!(len, 50, "one usage event per settled request");
 }
 
@@ -503,27 +495,8 @@ async fn the_flusher_drains_many_batches_once_and_leaves_nothing_pending() {
     let (ledger, db, user) = setup(&env, 1_000_000).await;
     ledger.load(&db, &user).await.unwrap();
     // A few more users so the events spread over several buckets.
-    let c = env.db().await;
     let mut users = vec![user];
-    for _ in 0..5 {
-        let u: Uuid = c
-            .query_one(
-                "INSERT INTO users (email) VALUES ($1) RETURNING id",
-                &[&format!("{}@l.test", Uuid::new_v4())],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        c.execute(
-            "INSERT INTO credits (user_id, total_credits, billing_period_start, billing_period_end)
-             VALUES ($1, 1000000, now(), now() + interval '30 days')",
-            &[&u],
-        )
-        .await
-        .unwrap();
-        ledger.load(&db, &u).await.unwrap();
-        users.push(u);
-    }
+    users.extend(more_users(&env, &ledger, &db, 5).await);
     // Batches of 7 (over all buckets): the flusher reads the next batch while writing
     // one, and pages through several buckets per batch.
     let mut want: std::collections::HashMap<Uuid, i64> = Default::default();
@@ -548,11 +521,7 @@ async fn the_flusher_drains_many_batches_once_and_leaves_nothing_pending() {
         assert_eq!(pend, 0, "unflushed charges left for {u}");
     }
     for b in 0..ledger.buckets() {
-        let len: i64 = redis::cmd("XLEN")
-            .arg(ledger.stream_key(b))
-            .query_async(&mut r)
-            .await
-            .unwrap();
+        let len = stream_len(&mut r, &ledger.stream_key(b)).await;
         assert_eq!(len, 0, "entries left in bucket {b}");
     }
     assert_eq!(
@@ -582,11 +551,7 @@ async fn a_large_batch_is_acknowledged_in_slices_and_leaves_nothing_behind() {
         .await
         .unwrap();
     assert_eq!(pend, 0, "unflushed charges left");
-    let len: i64 = redis::cmd("XLEN")
-        .arg(&k.stream)
-        .query_async(&mut r)
-        .await
-        .unwrap();
+    let len = stream_len(&mut r, &k.stream).await;
     assert_eq!(len, 0, "stream entries left");
     assert_eq!(
         pending_in_group(&mut r, &k.stream).await,
@@ -610,31 +575,8 @@ async fn a_pending_list_longer_than_one_read_is_written_once_postgres_returns() 
     for i in 0..150i64 {
         total += charge(&ledger, user, 1 + i % 4).await.credits_used;
     }
-    let admin = pg(PG_ADMIN).await;
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE {} ALLOW_CONNECTIONS false",
-            env.db_name
-        ))
-        .await
-        .unwrap();
-    admin
-        .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
-            &[&env.db_name],
-        )
-        .await
-        .unwrap();
-    let cfg = tollgate::config::FlushConfig {
-        batch_rows: 1000,
-        writers: 2,
-        interval: std::time::Duration::from_millis(20),
-        claim_idle: std::time::Duration::from_secs(30),
-        consumer_group: "usage-flush".into(),
-    };
-    let (stop, rx) = tokio::sync::watch::channel(false);
-    let flusher =
-        tokio::spawn(tollgate::flush::Flusher::new(ledger.clone(), db.clone(), cfg).run(rx));
+    env.allow_connections(false).await;
+    let flusher = start_flusher(&ledger, &db, 1000, 2, 20);
     // All 150 read and held in the flusher's pending list, none written.
     let mut r = env.redis().await;
     let k = ledger.keys(&user);
@@ -649,19 +591,9 @@ async fn a_pending_list_longer_than_one_read_is_written_once_postgres_returns() 
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     // Still all pending and in the stream: nothing was written, so nothing acknowledged.
     assert_eq!(pending_in_group(&mut r, &k.stream).await, 150);
-    let len: i64 = redis::cmd("XLEN")
-        .arg(&k.stream)
-        .query_async(&mut r)
-        .await
-        .unwrap();
+    let len = stream_len(&mut r, &k.stream).await;
     assert_eq!(len, 150);
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE {} ALLOW_CONNECTIONS true",
-            env.db_name
-        ))
-        .await
-        .unwrap();
+    env.allow_connections(true).await;
     let n = env
         .wait_for_count(
             "SELECT count(*) FROM usage_history",
@@ -670,18 +602,10 @@ async fn a_pending_list_longer_than_one_read_is_written_once_postgres_returns() 
         )
         .await;
     assert_eq!(n, 150);
-    stop.send(true).unwrap();
-    tokio::time::timeout(std::time::Duration::from_secs(10), flusher)
-        .await
-        .expect("the flusher stops after draining")
-        .unwrap();
+    stop_flusher(flusher).await;
     assert_eq!(used_credits(&env, &user).await, total);
     assert_eq!(pending_in_group(&mut r, &k.stream).await, 0);
-    let len: i64 = redis::cmd("XLEN")
-        .arg(&k.stream)
-        .query_async(&mut r)
-        .await
-        .unwrap();
+    let len = stream_len(&mut r, &k.stream).await;
     assert_eq!(len, 0, "stream entries left");
 }
 
@@ -694,43 +618,14 @@ async fn entries_delivered_before_a_failed_read_are_written_without_waiting_for_
     // than leave them for the claim of stale entries (30 s here).
     let env = TestEnv::new().await;
     let (ledger, db, first) = setup(&env, 1_000_000).await;
-    let c = env.db().await;
-    let mut users = vec![first];
+    ledger.load(&db, &first).await.unwrap();
     // Enough users that nearly every bucket holds events.
-    for _ in 0..47 {
-        let u: Uuid = c
-            .query_one(
-                "INSERT INTO users (email) VALUES ($1) RETURNING id",
-                &[&format!("{}@l.test", Uuid::new_v4())],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        c.execute(
-            "INSERT INTO credits (user_id, total_credits, billing_period_start, billing_period_end)
-             VALUES ($1, 1000000, now(), now() + interval '30 days')",
-            &[&u],
-        )
-        .await
-        .unwrap();
-        users.push(u);
-    }
-    for u in &users {
-        ledger.load(&db, u).await.unwrap();
-    }
+    let mut users = vec![first];
+    users.extend(more_users(&env, &ledger, &db, 47).await);
     // A pass every second: the events below are all settled between two passes, so
     // one pass reads every bucket that has them, in an order that puts the broken
     // bucket after some of the others (about 15 times in 16: the start turns).
-    let cfg = tollgate::config::FlushConfig {
-        batch_rows: 1000,
-        writers: 2,
-        interval: std::time::Duration::from_millis(1000),
-        claim_idle: std::time::Duration::from_secs(30),
-        consumer_group: "usage-flush".into(),
-    };
-    let (stop, rx) = tokio::sync::watch::channel(false);
-    let flusher =
-        tokio::spawn(tollgate::flush::Flusher::new(ledger.clone(), db.clone(), cfg).run(rx));
+    let flusher = start_flusher(&ledger, &db, 1000, 2, 1000);
     // The flusher has created its groups; then the first user's bucket loses its group.
     let mut r = env.redis().await;
     let broken = ledger.keys(&first).stream;
@@ -772,19 +667,13 @@ async fn entries_delivered_before_a_failed_read_are_written_without_waiting_for_
         .await;
     // Stranded entries would wait for a claim: idle 30 s at least.
     assert_eq!(n, rows, "events stranded in the pending list");
-    stop.send(true).unwrap();
-    tokio::time::timeout(std::time::Duration::from_secs(10), flusher)
-        .await
-        .expect("the flusher stops after draining")
-        .unwrap();
-    let used: i64 = env
-        .db()
-        .await
-        .query_one("SELECT sum(used_credits)::bigint FROM credits", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(used, want);
+    stop_flusher(flusher).await;
+    assert_eq!(env.used_credits_total().await, want);
+}
+
+/// Entries in a stream (0 for a missing one).
+async fn stream_len(r: &mut redis::aio::MultiplexedConnection, stream: &str) -> i64 {
+    redis::cmd("XLEN").arg(stream).query_async(r).await.unwrap()
 }
 
 /// Entries read by some consumer of the flushers' group and not yet acknowledged (0
@@ -809,6 +698,45 @@ async fn pending_in_group(r: &mut redis::aio::MultiplexedConnection, stream: &st
     }
 }
 
+/// Starts a flusher (`batch_rows`, `writers`, a pass every `interval_ms`; stale
+/// entries claimed after 30 s). Stop it with [`stop_flusher`].
+fn start_flusher(
+    ledger: &Ledger,
+    db: &Db,
+    batch_rows: usize,
+    writers: usize,
+    interval_ms: u64,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
+    let cfg = tollgate::config::FlushConfig {
+        batch_rows,
+        writers,
+        interval: std::time::Duration::from_millis(interval_ms),
+        claim_idle: std::time::Duration::from_secs(30),
+        consumer_group: "usage-flush".into(),
+    };
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let flusher =
+        tokio::spawn(tollgate::flush::Flusher::new(ledger.clone(), db.clone(), cfg).run(rx));
+    (stop, flusher)
+}
+
+/// Stops a flusher and waits for it to finish draining.
+async fn stop_flusher(
+    (stop, flusher): (
+        tokio::sync::watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    ),
+) {
+    stop.send(true).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), flusher)
+        .await
+        .expect("the flusher stops after draining")
+        .unwrap();
+}
+
 /// Runs a flusher (`batch_rows`, `writers`) until `usage_history` holds `rows` rows,
 /// then stops it and waits for it to finish draining.
 async fn flush_until(
@@ -819,16 +747,7 @@ async fn flush_until(
     writers: usize,
     rows: i64,
 ) {
-    let cfg = tollgate::config::FlushConfig {
-        batch_rows,
-        writers,
-        interval: std::time::Duration::from_millis(20),
-        claim_idle: std::time::Duration::from_secs(30),
-        consumer_group: "usage-flush".into(),
-    };
-    let (stop, rx) = tokio::sync::watch::channel(false);
-    let flusher =
-        tokio::spawn(tollgate::flush::Flusher::new(ledger.clone(), db.clone(), cfg).run(rx));
+    let flusher = start_flusher(ledger, db, batch_rows, writers, 20);
     let n = env
         .wait_for_count(
             "SELECT count(*) FROM usage_history",
@@ -837,11 +756,33 @@ async fn flush_until(
         )
         .await;
     assert_eq!(n, rows);
-    stop.send(true).unwrap();
-    tokio::time::timeout(std::time::Duration::from_secs(10), flusher)
+    stop_flusher(flusher).await;
+}
+
+/// `n` more users with a million credits each, their balances loaded.
+async fn more_users(env: &TestEnv, ledger: &Ledger, db: &Db, n: usize) -> Vec<Uuid> {
+    let c = env.db().await;
+    let mut users = Vec::with_capacity(n);
+    for _ in 0..n {
+        let u: Uuid = c
+            .query_one(
+                "INSERT INTO users (email) VALUES ($1) RETURNING id",
+                &[&format!("{}@l.test", Uuid::new_v4())],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        c.execute(
+            "INSERT INTO credits (user_id, total_credits, billing_period_start, billing_period_end)
+             VALUES ($1, 1000000, now(), now() + interval '30 days')",
+            &[&u],
+        )
         .await
-        .expect("the flusher stops after draining")
         .unwrap();
+        ledger.load(db, &u).await.unwrap();
+        users.push(u);
+    }
+    users
 }
 
 /// `credits.used_credits` of the user's (single) credits row.

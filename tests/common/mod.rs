@@ -464,6 +464,38 @@ impl TestEnv {
         .await
     }
 
+    /// `credits.used_credits` summed over every row.
+    pub async fn used_credits_total(&self) -> i64 {
+        self.db()
+            .await
+            .query_one("SELECT sum(used_credits)::bigint FROM credits", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// Makes PostgreSQL refuse this test's database (superusers too, unlike a
+    /// connection limit), cutting the connections it has; or accept it again.
+    pub async fn allow_connections(&self, allow: bool) {
+        let admin = pg(PG_ADMIN).await;
+        admin
+            .batch_execute(&format!(
+                "ALTER DATABASE {} ALLOW_CONNECTIONS {allow}",
+                self.db_name
+            ))
+            .await
+            .unwrap();
+        if !allow {
+            admin
+                .execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                    &[&self.db_name],
+                )
+                .await
+                .unwrap();
+        }
+    }
+
     /// The gateway's `/metrics` page.
     pub async fn metrics(&self, gw: &Proc) -> String {
         let (s, _, b) = self.request("GET", &gw.url("/metrics"), None, None).await;
