@@ -90,40 +90,40 @@ impl Flusher {
         }
     }
 
-    /// Lengths of every bucket's stream, in one pipelined round trip (O(1) each): the
-    /// buckets worth a read. A missing stream counts 0.
-    async fn lengths(&self) -> Result<Vec<u64>, redis::RedisError> {
+    /// The buckets whose stream holds entries (one pipelined `XLEN` of every bucket,
+    /// O(1) each; a missing stream counts 0), in the order of this pass: the start
+    /// turns on every call.
+    async fn buckets_to_read(&self) -> Result<Vec<u32>, redis::RedisError> {
+        let n = self.ledger.buckets();
         let mut pipe = redis::pipe();
-        for b in 0..self.ledger.buckets() {
+        for b in 0..n {
             pipe.cmd("XLEN").arg(self.ledger.stream_key(b));
         }
-        pipe.query_async(&mut self.ledger.conn()).await
-    }
-
-    /// The buckets in the order of this pass: the start turns on every call.
-    fn bucket_order(&self) -> impl Iterator<Item = u32> {
-        let n = self.ledger.buckets();
+        let lengths: Vec<u64> = pipe.query_async(&mut self.ledger.conn()).await?;
         let start = self
             .next_bucket
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             % n.max(1);
-        (start..n).chain(0..start)
+        Ok((start..n)
+            .chain(0..start)
+            .filter(|b| lengths.get(*b as usize).copied().unwrap_or(0) > 0)
+            .collect())
     }
 
     /// Reads up to `flush.batch_rows` entries: new ones (`>`), or this consumer's own
-    /// pending ones (`0`) after a failed write or read. Only buckets whose stream holds
-    /// entries are read, one bucket and at most [`STREAM_SLICE`] entries per call, one
+    /// pending ones (`0`) after a failed write or read, from `buckets` (those holding
+    /// entries, in this pass's order), one bucket and at most [`STREAM_SLICE`] entries per call, one
     /// call after the other: a pipelined read of every bucket, or a whole batch in one
     /// call, would hold Redis (and every reserve and settle queued behind it) for as
     /// long as it takes to read them all.
-    async fn read(&self, own_pending: bool) -> Result<Vec<Entry>, redis::RedisError> {
-        let lengths = self.lengths().await?;
+    async fn read(
+        &self,
+        buckets: &[u32],
+        own_pending: bool,
+    ) -> Result<Vec<Entry>, redis::RedisError> {
         let mut out = Vec::new();
         let mut conn = self.ledger.conn();
-        for b in self.bucket_order() {
-            if lengths.get(b as usize).copied().unwrap_or(0) == 0 {
-                continue;
-            }
+        for &b in buckets {
             // Pending entries are paged by id; new ones advance the group by themselves.
             let mut after = if own_pending {
                 "0".to_string()
@@ -163,15 +163,11 @@ impl Flusher {
 
     /// Claims entries that another (dead) consumer left pending too long, in slices
     /// like [`Flusher::read`], up to `flush.batch_rows`.
-    async fn claim_stale(&self) -> Result<Vec<Entry>, redis::RedisError> {
+    async fn claim_stale(&self, buckets: &[u32]) -> Result<Vec<Entry>, redis::RedisError> {
         let mut out = Vec::new();
         let idle = u64::try_from(self.cfg.claim_idle.as_millis()).unwrap_or(u64::MAX);
-        let lengths = self.lengths().await?;
         let mut conn = self.ledger.conn();
-        for b in self.bucket_order() {
-            if lengths.get(b as usize).copied().unwrap_or(0) == 0 {
-                continue;
-            }
+        for &b in buckets {
             let mut cursor = "0-0".to_string();
             while out.len() < self.cfg.batch_rows {
                 let count = STREAM_SLICE.min(self.cfg.batch_rows - out.len());
@@ -283,10 +279,18 @@ impl Flusher {
         last_claim: &mut Option<Instant>,
         groups_ready: &mut bool,
     ) -> Result<Vec<Entry>, ()> {
+        let buckets = match self.buckets_to_read().await {
+            Ok(b) => b,
+            Err(e) => {
+                *groups_ready = false;
+                tracing::warn!(error = %e, "reading usage stream lengths failed");
+                return Err(());
+            }
+        };
         let mut batch = Vec::new();
         if last_claim.is_none_or(|t| t.elapsed() >= self.cfg.claim_idle / 2) {
             *last_claim = Some(Instant::now());
-            match self.claim_stale().await {
+            match self.claim_stale(&buckets).await {
                 Ok(v) => batch.extend(v),
                 Err(e) => {
                     *groups_ready = false;
@@ -294,7 +298,7 @@ impl Flusher {
                 }
             }
         }
-        match self.read(own_pending).await {
+        match self.read(&buckets, own_pending).await {
             Ok(v) => {
                 batch.extend(v);
                 Ok(batch)
