@@ -106,6 +106,7 @@ fn model(id: &str) -> Model {
         context_length: 400_000,
         max_output_tokens: Some(128_000),
         credits_per_1k_tokens: 2,
+        image_tokens: Some(1_500),
         is_available: true,
         is_deprecated: false,
         created: 0,
@@ -133,7 +134,7 @@ fn parse_route(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(body.len() as u64));
         g.bench_function(name, |b| {
             b.iter(|| {
-                let r = parse_chat(&body, 2000).unwrap();
+                let r = parse_chat(&body).unwrap();
                 models.route(&r.model).unwrap()
             })
         });

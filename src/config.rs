@@ -339,7 +339,7 @@ impl Default for RawMetering {
         RawMetering {
             hold_ttl_ms: 600_000,
             min_output_tokens: 16,
-            image_tokens: 2_000,
+            image_tokens: 0,
             settle_retries: 3,
             speculative_send: true,
         }

@@ -10,24 +10,62 @@ use axum::response::Response;
 use axum::Extension;
 use bytes::Bytes;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::authenticate::Principal;
+use crate::body::{self, Params};
 use crate::error::ApiError;
-use crate::parse::{rewrite_body, ChatRequest, MAX_CHOICES};
+use crate::parse::{
+    len, positive, upstream_body, ChatRequest, Edits, PromptSize, RawStreamOptions, MAX_CHOICES,
+    TOKENS_PER_REQUEST,
+};
 use crate::router::{admit_and_run, read_body, Admission, Api, RequestId};
 use crate::state::AppState;
 use crate::translate::{self, Kind};
 
 /// OpenAI's default `max_tokens` of a text completion.
 const COMPLETION_DEFAULT_MAX_TOKENS: i64 = 16;
-const TOKENS_PER_REQUEST: i64 = 8;
+
+/// The most prompts (or embedding inputs) one request may carry (OpenAI's own limit).
+pub const MAX_PROMPTS: i64 = 2048;
+
+/// The text-completions parameters the gateway passes on.
+pub const COMPLETION_PARAMS: Params = Params {
+    allowed: &[
+        "model",
+        "prompt",
+        "suffix",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "n",
+        "best_of",
+        "stream",
+        "stream_options",
+        "logprobs",
+        "echo",
+        "stop",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "seed",
+        "user",
+    ],
+    refused: &[],
+};
+
+/// The embeddings parameters the gateway passes on.
+pub const EMBEDDING_PARAMS: Params = Params {
+    allowed: &["model", "input", "encoding_format", "dimensions", "user"],
+    refused: &[],
+};
 
 #[derive(Deserialize)]
-struct RawCompletion {
+struct RawCompletion<'a> {
     #[serde(default)]
     model: Option<String>,
-    #[serde(default)]
-    prompt: Option<serde::de::IgnoredAny>,
+    #[serde(default, borrow)]
+    prompt: Option<&'a RawValue>,
     #[serde(default)]
     stream: Option<bool>,
     #[serde(default)]
@@ -40,35 +78,6 @@ struct RawCompletion {
     best_of: Option<serde_json::Value>,
 }
 
-#[derive(Deserialize)]
-struct RawStreamOptions {
-    #[serde(default)]
-    include_usage: Option<bool>,
-}
-
-fn json_error(e: serde_json::Error) -> ApiError {
-    if e.is_data() {
-        ApiError::invalid(format!("invalid request: {e}"))
-    } else {
-        ApiError::invalid(format!(
-            "We could not parse the JSON body of your request ({e})"
-        ))
-    }
-}
-
-fn positive(v: &Option<serde_json::Value>, param: &'static str) -> Result<Option<i64>, ApiError> {
-    match v {
-        None | Some(serde_json::Value::Null) => Ok(None),
-        Some(x) => match x.as_i64() {
-            Some(n) if n > 0 => Ok(Some(n)),
-            _ => Err(ApiError::InvalidRequest {
-                message: format!("`{param}` must be a positive integer"),
-                param: Some(param),
-            }),
-        },
-    }
-}
-
 fn model_of(m: Option<String>) -> Result<String, ApiError> {
     m.filter(|m| !m.is_empty())
         .ok_or_else(|| ApiError::InvalidRequest {
@@ -77,49 +86,109 @@ fn model_of(m: Option<String>) -> Result<String, ApiError> {
         })
 }
 
-fn len(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-/// Parses a text-completions body into what the metered path needs. Every byte of
-/// the body counts as a prompt token for the hold.
-pub fn parse_completion(body: &[u8]) -> Result<ChatRequest, ApiError> {
-    let raw: RawCompletion = serde_json::from_slice(body).map_err(json_error)?;
-    let model = model_of(raw.model)?;
-    if raw.prompt.is_none() {
+/// How many separate prompts (or inputs) a `prompt` / `input` value holds: a string or
+/// an array of token ids is one; an array of strings or of token-id arrays is one per
+/// element. Anything else is a 400 naming `param`.
+fn prompt_count(v: &RawValue, param: &'static str) -> Result<i64, ApiError> {
+    // The values are only matched for their shape.
+    #[allow(dead_code)]
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Item<'a> {
+        Text(#[serde(borrow)] std::borrow::Cow<'a, str>),
+        Token(u32),
+        Tokens(Vec<u32>),
+    }
+    #[allow(dead_code)]
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Prompt<'a> {
+        One(#[serde(borrow)] std::borrow::Cow<'a, str>),
+        Many(#[serde(borrow)] Vec<Item<'a>>),
+    }
+    let shape = || {
+        ApiError::InvalidRequest {
+        message: format!(
+            "`{param}` must be a string, an array of strings, an array of token ids or an array of token-id arrays"
+        ),
+        param: Some(param),
+    }
+    };
+    let n = match serde_json::from_str::<Prompt<'_>>(v.get()).map_err(|_| shape())? {
+        Prompt::One(_) => 1,
+        Prompt::Many(items) if items.is_empty() => return Err(shape()),
+        Prompt::Many(items) => {
+            let tokens = items.iter().filter(|i| matches!(i, Item::Token(_))).count();
+            if tokens == items.len() {
+                1
+            } else if tokens > 0
+                || !(items.iter().all(|i| matches!(i, Item::Text(_)))
+                    || items.iter().all(|i| matches!(i, Item::Tokens(_))))
+            {
+                return Err(shape());
+            } else {
+                len(items.len())
+            }
+        }
+    };
+    if n > MAX_PROMPTS {
         return Err(ApiError::InvalidRequest {
-            message: "`prompt` is required".into(),
-            param: Some("prompt"),
+            message: format!("`{param}` may hold at most {MAX_PROMPTS} entries"),
+            param: Some(param),
         });
     }
+    Ok(n)
+}
+
+/// Parses a text-completions body into what the metered path needs. Every byte of the
+/// body counts as a prompt token for the hold; every prompt of a prompt array runs
+/// `max(n, best_of)` times, each up to `max_tokens`.
+pub fn parse_completion(body: &[u8]) -> Result<ChatRequest, ApiError> {
+    let keys = body::check(body, &COMPLETION_PARAMS)?;
+    let raw: RawCompletion<'_> = serde_json::from_slice(body).map_err(|e| body::json_error(&e))?;
+    let model = model_of(raw.model)?;
+    let prompts = match raw.prompt.filter(|p| p.get() != "null") {
+        Some(p) => prompt_count(p, "prompt")?,
+        None => {
+            return Err(ApiError::InvalidRequest {
+                message: "`prompt` is required".into(),
+                param: Some("prompt"),
+            })
+        }
+    };
     let n = positive(&raw.n, "n")?.unwrap_or(1);
     let best_of = positive(&raw.best_of, "best_of")?.unwrap_or(1);
-    let choices = n.max(best_of);
-    if choices > MAX_CHOICES {
+    if n.max(best_of) > MAX_CHOICES {
         return Err(ApiError::InvalidRequest {
             message: format!("`n` and `best_of` must be at most {MAX_CHOICES}"),
-            param: Some("n"),
+            param: Some(if n > best_of { "n" } else { "best_of" }),
         });
     }
     let stream = raw.stream.unwrap_or(false);
-    // Always explicit, so a lowered limit rewrites `max_tokens` (the field of this API).
-    let max_tokens =
-        positive(&raw.max_tokens, "max_tokens")?.unwrap_or(COMPLETION_DEFAULT_MAX_TOKENS);
+    let mt = positive(&raw.max_tokens, "max_tokens")?;
     Ok(ChatRequest {
         model,
         stream,
-        has_stream_options: raw.stream_options.is_some(),
         include_usage: stream
             && raw
                 .stream_options
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false),
-        max_tokens: Some(max_tokens),
-        max_tokens_field: Some("max_tokens"),
-        prompt_tokens_bound: TOKENS_PER_REQUEST.saturating_add(len(body.len())),
-        choices,
+        // Absent means OpenAI's default of 16.
+        max_tokens: Some(mt.unwrap_or(COMPLETION_DEFAULT_MAX_TOKENS)),
+        limits: mt.map(|m| ("max_tokens", m)).into_iter().collect(),
+        limit_field: "max_tokens",
+        prompt: PromptSize {
+            bytes: TOKENS_PER_REQUEST.saturating_add(len(body.len())),
+            images: 0,
+            files: 0,
+            prompts,
+        },
+        prompt_tokens_bound: 0,
+        choices: prompts.saturating_mul(n.max(best_of)),
         model_in_body: true,
         has_temperature: false,
+        keys,
     })
 }
 
@@ -138,8 +207,9 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let body = read_body(req.into_body(), state.cfg.max_body_bytes).await?;
-    let chat = parse_completion(&body)?;
+    let mut chat = parse_completion(&body)?;
     let model = state.models.route(&chat.model)?;
+    chat.size_for(&model, i64::from(state.cfg.metering.image_tokens));
     let kind = state.upstream.provider(&model.provider)?.kind;
     if kind != Kind::OpenAi {
         return Err(not_offered(
@@ -160,8 +230,11 @@ pub async fn completions(
         output_explicit: true,
     };
     let mut build = |m: i64| -> Result<Bytes, ApiError> {
-        let lowered = (chat.max_tokens != Some(m)).then_some(m);
-        Ok(rewrite_body(&body, &chat, &model.name, lowered)?
+        let edits = Edits {
+            limit: Some(m),
+            temperature: None,
+        };
+        Ok(upstream_body(&body, &chat, &model.name, edits)?
             .map_or_else(|| body.clone(), Bytes::from))
     };
     admit_and_run(
@@ -178,36 +251,32 @@ pub async fn completions(
 }
 
 #[derive(Deserialize)]
-struct RawEmbeddings {
+struct RawEmbeddings<'a> {
     #[serde(default)]
     model: Option<String>,
-    #[serde(default)]
-    input: Option<serde_json::Value>,
+    #[serde(default, borrow)]
+    input: Option<&'a RawValue>,
     #[serde(default)]
     encoding_format: Option<String>,
     #[serde(default)]
     dimensions: Option<serde_json::Value>,
 }
 
-pub async fn embeddings(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
-    Extension(RequestId(rid)): Extension<RequestId>,
-    req: Request,
-) -> Result<Response, ApiError> {
-    let started = Instant::now();
-    let body = read_body(req.into_body(), state.cfg.max_body_bytes).await?;
-    let raw: RawEmbeddings = serde_json::from_slice(&body).map_err(json_error)?;
-    let model_id = model_of(raw.model)?;
-    let input = match raw.input {
-        Some(serde_json::Value::Null) | None => {
-            return Err(ApiError::InvalidRequest {
-                message: "`input` is required".into(),
-                param: Some("input"),
-            })
-        }
-        Some(i) => i,
+/// Parses an embeddings body: what the metered path needs, the input (for a translated
+/// provider), whether the answer is wanted in base64, and `dimensions`.
+pub fn parse_embeddings(
+    body: &[u8],
+) -> Result<(ChatRequest, &RawValue, bool, Option<i64>), ApiError> {
+    let keys = body::check(body, &EMBEDDING_PARAMS)?;
+    let raw: RawEmbeddings<'_> = serde_json::from_slice(body).map_err(|e| body::json_error(&e))?;
+    let model = model_of(raw.model)?;
+    let Some(input) = raw.input.filter(|i| i.get() != "null") else {
+        return Err(ApiError::InvalidRequest {
+            message: "`input` is required".into(),
+            param: Some("input"),
+        });
     };
+    let inputs = prompt_count(input, "input")?;
     let base64 = match raw.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
@@ -219,26 +288,50 @@ pub async fn embeddings(
         }
     };
     let dimensions = positive(&raw.dimensions, "dimensions")?;
-    let model = state.models.route(&model_id)?;
-    let kind = state.upstream.provider(&model.provider)?.kind;
     let chat = ChatRequest {
-        model: model_id,
+        model,
         stream: false,
-        has_stream_options: false,
         include_usage: false,
         max_tokens: None,
-        max_tokens_field: None,
+        limits: Vec::new(),
+        limit_field: "max_tokens",
         // Token arrays have at least one byte per token, texts at most one token a byte.
-        prompt_tokens_bound: TOKENS_PER_REQUEST.saturating_add(len(body.len())),
+        prompt: PromptSize {
+            bytes: TOKENS_PER_REQUEST.saturating_add(len(body.len())),
+            images: 0,
+            files: 0,
+            prompts: inputs,
+        },
+        prompt_tokens_bound: 0,
         choices: 1,
         model_in_body: true,
         has_temperature: false,
+        keys,
     };
+    Ok((chat, input, base64, dimensions))
+}
+
+pub async fn embeddings(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Extension(RequestId(rid)): Extension<RequestId>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let body = read_body(req.into_body(), state.cfg.max_body_bytes).await?;
+    let (mut chat, input, base64, dimensions) = parse_embeddings(&body)?;
+    let model = state.models.route(&chat.model)?;
+    chat.size_for(&model, i64::from(state.cfg.metering.image_tokens));
+    let kind = state.upstream.provider(&model.provider)?.kind;
     let translated = match kind {
         Kind::OpenAi => None,
-        Kind::Gemini => Some(translate::gemini::embed_request(
-            &input, &model, dimensions,
-        )?),
+        Kind::Gemini => {
+            let input: serde_json::Value =
+                serde_json::from_str(input.get()).map_err(|e| body::json_error(&e))?;
+            Some(translate::gemini::embed_request(
+                &input, &model, dimensions,
+            )?)
+        }
         Kind::Anthropic => {
             return Err(not_offered(&model.id, &model.provider, "embeddings"));
         }
@@ -251,14 +344,13 @@ pub async fn embeddings(
         operation: "embedding",
         output_explicit: true,
     };
-    let upstream_body = match translated {
+    let to_send = match translated {
         Some(v) => Bytes::from(serde_json::to_vec(&v).map_err(ApiError::internal)?),
-        None => {
-            rewrite_body(&body, &chat, &model.name, None)?.map_or_else(|| body.clone(), Bytes::from)
-        }
+        None => upstream_body(&body, &chat, &model.name, Edits::default())?
+            .map_or_else(|| body.clone(), Bytes::from),
     };
     // Nothing to lower: an embedding holds for its input only.
-    let mut same = |_: i64| Ok(upstream_body.clone());
+    let mut same = |_: i64| Ok(to_send.clone());
     admit_and_run(
         &state, &principal, &model, &chat, 0, admission, &mut same, false,
     )
@@ -275,22 +367,96 @@ mod tests {
         let b = br#"{"model":"gpt-5","prompt":"Say this is a test","stream":true,"stream_options":{"include_usage":true},"best_of":3}"#;
         let r = parse_completion(b).unwrap();
         assert_eq!(r.max_tokens, Some(16));
-        assert_eq!(r.max_tokens_field, Some("max_tokens"));
+        assert!(r.limits.is_empty() && r.limit_field == "max_tokens");
         assert!(r.stream && r.include_usage);
         assert_eq!(r.choices, 3);
-        assert_eq!(r.prompt_tokens_bound, 8 + b.len() as i64);
+        assert_eq!(r.prompt.bytes, 8 + b.len() as i64);
         for (body, param) in [
-            (&br#"{"prompt":"x"}"#[..], "model"),
-            (br#"{"model":"m"}"#, "prompt"),
+            (&br#"{"prompt":"x"}"#[..], Some("model")),
+            (br#"{"model":"m"}"#, Some("prompt")),
+            (br#"{"model":"m","prompt":null}"#, Some("prompt")),
             (
                 br#"{"model":"m","prompt":"x","max_tokens":0}"#,
-                "max_tokens",
+                Some("max_tokens"),
             ),
-            (br#"{"model":"m","prompt":"x","n":500}"#, "n"),
+            (br#"{"model":"m","prompt":"x","n":500}"#, Some("n")),
+            (
+                br#"{"model":"m","prompt":"x","best_of":129}"#,
+                Some("best_of"),
+            ),
+            (br#"{"model":"m","prompt":[]}"#, Some("prompt")),
+            (br#"{"model":"m","prompt":[1,"x"]}"#, Some("prompt")),
+            (br#"{"model":"m","prompt":["x",[1]]}"#, Some("prompt")),
+            (br#"{"model":"m","prompt":{"text":"x"}}"#, Some("prompt")),
+            (
+                br#"{"model":"m","prompt":"x","max_tokens":5,"max_\u0074okens":900}"#,
+                Some("max_tokens"),
+            ),
+            (
+                br#"{"model":"m","prompt":"x","max_completion_tokens":5}"#,
+                None,
+            ),
         ] {
             match parse_completion(body) {
-                Err(ApiError::InvalidRequest { param: p, .. }) => assert_eq!(p, Some(param)),
-                other => panic!("{param}: {other:?}"),
+                Err(ApiError::InvalidRequest { param: p, .. }) => {
+                    assert_eq!(p, param, "{}", String::from_utf8_lossy(body))
+                }
+                other => panic!("{param:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn every_prompt_of_an_array_is_held_for_each_choice() {
+        for (prompt, prompts) in [
+            (r#""one""#, 1),
+            (r#"[1, 2, 3]"#, 1),
+            (r#"["a", "b", "c"]"#, 3),
+            (r#"[[1, 2], [3], [4, 5, 6], [7]]"#, 4),
+        ] {
+            let b =
+                format!(r#"{{"model":"m","prompt":{prompt},"n":2,"best_of":5,"max_tokens":10}}"#);
+            let r = parse_completion(b.as_bytes()).unwrap();
+            assert_eq!(r.prompt.prompts, prompts, "{prompt}");
+            assert_eq!(r.choices, prompts * 5, "{prompt}");
+            assert_eq!(r.limits, [("max_tokens", 10)]);
+        }
+        let many = format!(
+            r#"{{"model":"m","prompt":[{}]}}"#,
+            vec!["\"x\""; 2049].join(",")
+        );
+        assert!(parse_completion(many.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn embedding_inputs_are_counted_and_bounded_by_their_bytes() {
+        for (input, n) in [
+            (r#""text""#, 1),
+            (r#"["a","b"]"#, 2),
+            (r#"[100000, 100000, 100000]"#, 1),
+            (r#"[[1,2],[3]]"#, 2),
+        ] {
+            let b = format!(r#"{{"model":"m","input":{input}}}"#);
+            let (r, raw, base64, dims) = parse_embeddings(b.as_bytes()).unwrap();
+            assert_eq!(r.prompt.prompts, n);
+            assert_eq!(raw.get(), input);
+            assert!(!base64 && dims.is_none());
+            // Every token id and every text byte is at least one byte of the body.
+            assert!(r.prompt.bytes >= b.len() as i64);
+        }
+        for (b, param) in [
+            (r#"{"model":"m"}"#, Some("input")),
+            (r#"{"model":"m","input":{"a":1}}"#, Some("input")),
+            (
+                r#"{"model":"m","input":"x","encoding_format":"hex"}"#,
+                Some("encoding_format"),
+            ),
+            (r#"{"model":"m","input":"x","input":"y"}"#, Some("input")),
+            (r#"{"model":"m","input":"x","n":2}"#, None),
+        ] {
+            match parse_embeddings(b.as_bytes()) {
+                Err(ApiError::InvalidRequest { param: p, .. }) => assert_eq!(p, param, "{b}"),
+                other => panic!("{b}: {other:?}"),
             }
         }
     }

@@ -6,6 +6,7 @@
 
 pub mod account;
 pub mod authenticate;
+pub mod body;
 pub mod cli;
 pub mod config;
 pub mod db;

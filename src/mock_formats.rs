@@ -328,6 +328,12 @@ impl MockProvider {
                     Some(c) if c < wanted => (c, true),
                     _ => (wanted, false),
                 };
+                // A text completion runs every prompt of a prompt array max(n, best_of)
+                // times, each up to max_tokens, as OpenAI does (and bills).
+                let completion = match format {
+                    Format::OpenAi => completion.saturating_mul(completion_runs(&parsed)),
+                    _ => completion,
+                };
                 let tool = tool_to_call(format, &parsed);
                 let a = Gen {
                     id: uuid::Uuid::new_v4().simple().to_string(),
@@ -463,6 +469,18 @@ impl MockProvider {
         insert_request_id(h);
         resp
     }
+}
+
+/// How many outputs a text completion generates: prompts × max(n, best_of).
+fn completion_runs(body: &Value) -> u64 {
+    let prompts = match &body["prompt"] {
+        Value::Array(a) if a.iter().all(Value::is_number) => 1,
+        Value::Array(a) => a.len() as u64,
+        _ => 1,
+    };
+    let n = body["n"].as_u64().unwrap_or(1);
+    let best_of = body["best_of"].as_u64().unwrap_or(1);
+    prompts.max(1) * n.max(best_of).max(1)
 }
 
 /// OpenAI chat with tools: answers with a call of the first tool (JSON or SSE), unless

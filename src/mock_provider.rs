@@ -453,7 +453,11 @@ impl MockProvider {
             tokio::time::sleep(Duration::from_millis(latency)).await;
         }
 
-        let parsed: ChatRequest = match serde_json::from_slice(&body) {
+        // Like the real providers' parsers (Python's, Go's, JavaScript's), a key given
+        // twice keeps its LAST value, and escapes in keys are decoded.
+        let parsed: ChatRequest = match serde_json::from_slice::<serde_json::Value>(&body)
+            .and_then(serde_json::from_value)
+        {
             Ok(parsed) => parsed,
             Err(err) => {
                 let msg = format!(

@@ -1,12 +1,73 @@
 //! Stage 3, parse: read only what the gateway needs from a chat request — `model`,
-//! `stream`, the token limits, `stream_options.include_usage` and an upper bound of the
-//! prompt's tokens — and leave the body itself untouched for the provider.
+//! `stream`, the token limits, `n`, `stream_options.include_usage` and the size of the
+//! prompt — and leave the rest of the body untouched for the provider.
+//!
+//! The body is first [checked](crate::body::check) so that the provider's reading of
+//! every field equals the gateway's (no duplicate keys, allow-listed parameters); then
+//! the content of each message is checked against the content policy (text, images,
+//! inline files; no audio, no references to files stored at the provider).
 
 use std::borrow::Cow;
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
+use crate::body::{self, Keys, Params};
 use crate::error::ApiError;
+use crate::route::Model;
+
+/// The chat-completions parameters the gateway passes on (reading or editing some).
+pub const CHAT_PARAMS: Params = Params {
+    allowed: &[
+        "model",
+        "messages",
+        "stream",
+        "stream_options",
+        "max_tokens",
+        "max_completion_tokens",
+        "n",
+        "temperature",
+        "top_p",
+        "stop",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "logprobs",
+        "top_logprobs",
+        "seed",
+        "user",
+        "safety_identifier",
+        "prompt_cache_key",
+        "metadata",
+        "store",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "functions",
+        "function_call",
+        "response_format",
+        "reasoning_effort",
+        "verbosity",
+        // Checked below: text only.
+        "modalities",
+        // Checked below: `auto` or `default` only.
+        "service_tier",
+    ],
+    refused: &[
+        (
+            "audio",
+            "audio output is priced apart from text tokens, which is all the gateway bills",
+        ),
+        (
+            "prediction",
+            "rejected predicted tokens are billed beyond the output limit the gateway holds for",
+        ),
+        (
+            "web_search_options",
+            "web search is billed per call on top of tokens, which the gateway does not price",
+        ),
+    ],
+};
 
 #[derive(Debug, Deserialize)]
 struct RawChat<'a> {
@@ -26,18 +87,26 @@ struct RawChat<'a> {
     temperature: Option<serde_json::Value>,
     #[serde(default, borrow)]
     messages: Option<Vec<RawMessage<'a>>>,
+    #[serde(default, borrow)]
+    modalities: Option<Vec<Cow<'a, str>>>,
+    #[serde(default, borrow)]
+    service_tier: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    tools: Option<Vec<RawTool<'a>>>,
 }
 
 #[derive(Debug, Deserialize)]
-struct RawStreamOptions {
+pub(crate) struct RawStreamOptions {
     #[serde(default)]
-    include_usage: Option<bool>,
+    pub(crate) include_usage: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
 struct RawMessage<'a> {
     #[serde(default, borrow)]
-    content: Option<&'a serde_json::value::RawValue>,
+    content: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    audio: Option<&'a RawValue>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -45,10 +114,63 @@ struct RawPart<'a> {
     #[serde(rename = "type", borrow)]
     kind: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
-    image_url: Option<&'a serde_json::value::RawValue>,
+    image_url: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    file: Option<RawFile<'a>>,
 }
 
-/// What the gateway knows about a chat request.
+#[derive(Debug, Deserialize)]
+struct RawFile<'a> {
+    #[serde(default, borrow)]
+    file_id: Option<&'a RawValue>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawTool<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
+}
+
+/// How big a prompt can be, before the model is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PromptSize {
+    /// Bytes of the body (every byte of text counts as a token: byte-level tokenizers
+    /// never make more tokens than bytes), images' own bytes left out, plus a fixed
+    /// overhead per message and per request.
+    pub bytes: i64,
+    /// Image parts: each costs at most the model's `image_tokens`.
+    pub images: i64,
+    /// File (PDF) parts: their pages are read as text and images, so their cost has no
+    /// bound but the context length.
+    pub files: i64,
+    /// Prompts the provider runs separately (a completions prompt array, embedding
+    /// inputs); each is at most the context length.
+    pub prompts: i64,
+}
+
+impl PromptSize {
+    /// An upper bound of the prompt tokens the provider can bill for `model`: the bytes,
+    /// plus each image at the model's allowance (`default_image_tokens` when the model
+    /// has none; 0 = the context length), never more than the context length per prompt
+    /// (a longer prompt is refused by the provider, not billed).
+    pub fn tokens_bound(&self, model: &Model, default_image_tokens: i64) -> i64 {
+        let context = model.context_length.max(1);
+        let ceiling = context.saturating_mul(self.prompts.max(1));
+        if self.files > 0 {
+            return ceiling;
+        }
+        let per_image = match model.image_tokens {
+            Some(t) if t > 0 => t,
+            _ if default_image_tokens > 0 => default_image_tokens,
+            _ => context,
+        };
+        self.bytes
+            .saturating_add(self.images.saturating_mul(per_image))
+            .min(ceiling)
+    }
+}
+
+/// What the gateway knows about a model request (chat, and the other endpoints too).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChatRequest {
     /// The model the body names; filled from the user's preferences when it names none.
@@ -58,18 +180,45 @@ pub struct ChatRequest {
     /// The body sets `temperature` (else the user's preference may add it).
     pub has_temperature: bool,
     pub stream: bool,
-    /// `stream_options` was sent at all (then it must be rewritten, not added).
-    pub has_stream_options: bool,
     /// The client asked for the usage chunk itself.
     pub include_usage: bool,
-    /// `max_completion_tokens`, else `max_tokens`, if the client set one.
+    /// The client's output limit: `max_completion_tokens`, else `max_tokens`.
     pub max_tokens: Option<i64>,
-    /// Which field carried it.
-    pub max_tokens_field: Option<&'static str>,
-    /// An upper bound of the prompt's tokens (see [`parse_chat`]).
+    /// Every output-limit field the body sets (not null), with its value: each is set
+    /// to the held limit upstream, whichever of them the provider honours.
+    pub limits: Vec<(&'static str, i64)>,
+    /// The limit field to add when the body sets none.
+    pub limit_field: &'static str,
+    /// How big the prompt can be (see [`PromptSize`]).
+    pub prompt: PromptSize,
+    /// An upper bound of the prompt's tokens for the routed model (0 until
+    /// [`ChatRequest::size_for`] runs).
     pub prompt_tokens_bound: i64,
-    /// How many choices the client asked for (`n`): each can use `max_tokens`.
+    /// Outputs the provider generates, each up to the limit: `n` for chat;
+    /// prompts × max(`n`, `best_of`) for completions.
     pub choices: i64,
+    /// The body's top-level keys (decoded), to edit it exactly.
+    pub keys: Keys,
+}
+
+impl ChatRequest {
+    /// Sizes the prompt bound for the routed model.
+    pub fn size_for(&mut self, model: &Model, default_image_tokens: i64) {
+        self.prompt_tokens_bound = self.prompt.tokens_bound(model, default_image_tokens);
+    }
+
+    /// A guess of the prompt's tokens, for when the provider reports none: a token per
+    /// four bytes of text, plus what the bound adds for images; never above the bound.
+    pub fn prompt_estimate(&self) -> i64 {
+        let bytes = self.prompt.bytes.max(0);
+        let bound = self.prompt_tokens_bound.max(0);
+        let text = bytes.saturating_add(3) / 4;
+        if bound >= bytes {
+            text.saturating_add(bound - bytes)
+        } else {
+            text.min(bound)
+        }
+    }
 }
 
 /// The largest `n` accepted (OpenAI's own limit).
@@ -77,9 +226,14 @@ pub const MAX_CHOICES: i64 = 128;
 
 /// Overhead per message (role and separator tokens) and per request (priming).
 const TOKENS_PER_MESSAGE: i64 = 4;
-const TOKENS_PER_REQUEST: i64 = 8;
+pub(crate) const TOKENS_PER_REQUEST: i64 = 8;
 
-fn token_limit(
+pub(crate) fn len(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A positive integer parameter (`null` or absent: `None`).
+pub(crate) fn positive(
     v: &Option<serde_json::Value>,
     field: &'static str,
 ) -> Result<Option<i64>, ApiError> {
@@ -87,15 +241,16 @@ fn token_limit(
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(serde_json::Value::Number(n)) => match n.as_i64() {
             Some(x) if x > 0 => Ok(Some(x)),
-            _ => Err(ApiError::InvalidRequest {
-                message: format!("`{field}` must be a positive integer"),
-                param: Some(field),
-            }),
+            _ => Err(must_be_positive(field)),
         },
-        Some(_) => Err(ApiError::InvalidRequest {
-            message: format!("`{field}` must be a positive integer"),
-            param: Some(field),
-        }),
+        Some(_) => Err(must_be_positive(field)),
+    }
+}
+
+fn must_be_positive(field: &'static str) -> ApiError {
+    ApiError::InvalidRequest {
+        message: format!("`{field}` must be a positive integer"),
+        param: Some(field),
     }
 }
 
@@ -107,75 +262,94 @@ pub fn missing_model() -> ApiError {
     }
 }
 
+fn bad_messages(message: impl Into<String>) -> ApiError {
+    ApiError::InvalidRequest {
+        message: message.into(),
+        param: Some("messages"),
+    }
+}
+
 /// Parses a chat-completions body; a missing model is an error (see
 /// [`parse_chat_lenient`]).
-pub fn parse_chat(body: &[u8], image_tokens: i64) -> Result<ChatRequest, ApiError> {
-    let r = parse_chat_lenient(body, image_tokens)?;
+pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
+    let r = parse_chat_lenient(body)?;
     if r.model.is_empty() {
         return Err(missing_model());
     }
     Ok(r)
 }
 
-/// Parses a chat-completions body. The prompt bound counts every byte of text as a
-/// token (byte-level BPE tokenizers never produce more tokens than bytes), plus a fixed
-/// overhead per message and `image_tokens` per image part; it is an upper bound, used
-/// only to size the hold.
-///
-/// A body that names no model parses with an empty `model` (a default may apply).
-pub fn parse_chat_lenient(body: &[u8], image_tokens: i64) -> Result<ChatRequest, ApiError> {
-    let raw: RawChat<'_> = serde_json::from_slice(body).map_err(|e| {
-        if e.is_data() {
-            ApiError::invalid(format!("invalid chat request: {e}"))
-        } else {
-            ApiError::invalid(format!(
-                "We could not parse the JSON body of your request ({e})"
-            ))
-        }
-    })?;
+/// Parses a chat-completions body. A body that names no model parses with an empty
+/// `model` (a default may apply).
+pub fn parse_chat_lenient(body: &[u8]) -> Result<ChatRequest, ApiError> {
+    let keys = body::check(body, &CHAT_PARAMS)?;
+    let raw: RawChat<'_> = serde_json::from_slice(body).map_err(|e| body::json_error(&e))?;
     let model = match raw.model {
         Some(m) if !m.is_empty() => m.into_owned(),
         Some(_) => return Err(missing_model()),
         None => String::new(),
     };
+    if let Some(m) = raw
+        .modalities
+        .as_ref()
+        .filter(|m| m.iter().any(|m| m != "text"))
+    {
+        return Err(ApiError::InvalidRequest {
+            message: format!(
+                "`modalities` must be [\"text\"] (got {m:?}): audio output is priced apart from text tokens"
+            ),
+            param: Some("modalities"),
+        });
+    }
+    if let Some(t) = raw
+        .service_tier
+        .as_deref()
+        .filter(|t| !matches!(*t, "auto" | "default"))
+    {
+        return Err(ApiError::InvalidRequest {
+            message: format!(
+                "`service_tier` `{t}` is not accepted: the gateway bills the default tier's price (use `auto` or `default`)"
+            ),
+            param: Some("service_tier"),
+        });
+    }
+    for t in raw.tools.iter().flatten() {
+        if !matches!(t.kind.as_deref(), Some("function" | "custom")) {
+            return Err(ApiError::InvalidRequest {
+                message: "only `function` and `custom` tools are accepted".into(),
+                param: Some("tools"),
+            });
+        }
+    }
     let messages = raw.messages.ok_or(ApiError::InvalidRequest {
         message: "`messages` is required".into(),
         param: Some("messages"),
     })?;
     if messages.is_empty() {
-        return Err(ApiError::InvalidRequest {
-            message: "`messages` must contain at least one message".into(),
-            param: Some("messages"),
-        });
+        return Err(bad_messages("`messages` must contain at least one message"));
     }
-    // Every byte of the body (texts, tools, schemas, files, audio) counts as a token,
-    // except that an image counts `image_tokens` instead of its (base64) bytes.
-    let len = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-    let mut bound = TOKENS_PER_REQUEST.saturating_add(len(body.len()));
-    for m in &messages {
-        bound = bound.saturating_add(TOKENS_PER_MESSAGE);
-        // Multi-part content (an array) is read again, part by part, for its images.
-        let parts = m
-            .content
-            .filter(|c| c.get().starts_with('['))
-            .and_then(|c| serde_json::from_str::<Vec<RawPart<'_>>>(c.get()).ok())
-            .unwrap_or_default();
-        for p in parts
-            .iter()
-            .filter(|p| p.kind.as_deref() == Some("image_url"))
-        {
-            let raw = p.image_url.map_or(0, |r| r.get().len());
-            bound = bound.saturating_sub(len(raw)).saturating_add(image_tokens);
-        }
-    }
-    let mct = token_limit(&raw.max_completion_tokens, "max_completion_tokens")?;
-    let mt = token_limit(&raw.max_tokens, "max_tokens")?;
-    let (max_tokens, max_tokens_field) = match (mct, mt) {
-        (Some(a), _) => (Some(a), Some("max_completion_tokens")),
-        (None, Some(b)) => (Some(b), Some("max_tokens")),
-        (None, None) => (None, None),
+    let mut prompt = PromptSize {
+        bytes: TOKENS_PER_REQUEST.saturating_add(len(body.len())),
+        images: 0,
+        files: 0,
+        prompts: 1,
     };
-    let choices = match token_limit(&raw.n, "n")? {
+    for m in &messages {
+        prompt.bytes = prompt.bytes.saturating_add(TOKENS_PER_MESSAGE);
+        if m.audio.is_some_and(|a| a.get() != "null") {
+            return Err(bad_messages(
+                "a message's `audio` (a previous audio answer) is not accepted: audio is priced apart from text tokens",
+            ));
+        }
+        content_parts(m.content, &mut prompt)?;
+    }
+    let mct = positive(&raw.max_completion_tokens, "max_completion_tokens")?;
+    let mt = positive(&raw.max_tokens, "max_tokens")?;
+    let limits: Vec<(&'static str, i64)> = [("max_completion_tokens", mct), ("max_tokens", mt)]
+        .into_iter()
+        .filter_map(|(f, v)| Some((f, v?)))
+        .collect();
+    let choices = match positive(&raw.n, "n")? {
         None => 1,
         Some(n) if n <= MAX_CHOICES => n,
         Some(_) => {
@@ -191,134 +365,177 @@ pub fn parse_chat_lenient(body: &[u8], image_tokens: i64) -> Result<ChatRequest,
         model,
         has_temperature: !matches!(raw.temperature, None | Some(serde_json::Value::Null)),
         stream,
-        has_stream_options: raw.stream_options.is_some(),
         include_usage: stream
             && raw
                 .stream_options
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false),
-        max_tokens,
-        max_tokens_field,
-        prompt_tokens_bound: bound,
+        max_tokens: mct.or(mt),
+        limits,
+        limit_field: "max_completion_tokens",
+        prompt,
+        prompt_tokens_bound: 0,
         choices,
+        keys,
     })
 }
 
-/// Edits of the upstream body beyond the model name and the usage chunk.
+/// Checks one message's content against the content policy and counts its images and
+/// files: text and refusals; images (`image_url`); files given inline (`file_data`). A
+/// file stored at the provider (`file_id`) is refused — it could be anyone's upload to
+/// the operator's account, of any size — and so is audio, priced apart from text.
+fn content_parts(content: Option<&RawValue>, prompt: &mut PromptSize) -> Result<(), ApiError> {
+    let Some(c) = content else { return Ok(()) };
+    match c.get().as_bytes().first() {
+        Some(b'"') | Some(b'n') => return Ok(()),
+        Some(b'[') => {}
+        _ => {
+            return Err(bad_messages(
+                "a message's `content` must be a string or an array of content parts",
+            ))
+        }
+    }
+    let parts: Vec<RawPart<'_>> = serde_json::from_str(c.get())
+        .map_err(|e| bad_messages(format!("a message's content parts could not be read ({e})")))?;
+    for p in &parts {
+        match p.kind.as_deref() {
+            Some("text" | "refusal") => {}
+            Some("image_url") => {
+                // The image's own bytes (a data URL, often) are not prompt text.
+                let raw = p.image_url.map_or(0, |r| r.get().len());
+                prompt.bytes = prompt.bytes.saturating_sub(len(raw));
+                prompt.images = prompt.images.saturating_add(1);
+            }
+            Some("file") => {
+                if p
+                    .file
+                    .as_ref()
+                    .and_then(|f| f.file_id)
+                    .is_some_and(|id| id.get() != "null")
+                {
+                    return Err(bad_messages(
+                        "files stored at the provider (`file_id`) are not accepted; send the file inline as `file_data`",
+                    ));
+                }
+                prompt.files = prompt.files.saturating_add(1);
+            }
+            Some("input_audio") => {
+                return Err(bad_messages(
+                    "audio input (`input_audio`) is not accepted: audio is priced apart from text tokens",
+                ))
+            }
+            Some(other) => {
+                return Err(bad_messages(format!(
+                    "content parts of type `{other}` are not supported"
+                )))
+            }
+            None => return Err(bad_messages("every content part needs a `type`")),
+        }
+    }
+    Ok(())
+}
+
+/// Edits of the upstream body.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Edits {
-    /// Set this token limit (lowered to what the balance affords, or a preference).
-    pub max_tokens: Option<i64>,
+    /// The output limit the provider must read: the held one. Every limit field the
+    /// body sets gets it; a body that sets none gets [`ChatRequest::limit_field`].
+    pub limit: Option<i64>,
     /// Set `temperature` (a preference; only when the body sets none).
     pub temperature: Option<f64>,
 }
 
-/// Applies the gateway's edits to the JSON body sent upstream: ask for the usage
-/// chunk on streams, set a lowered token limit, and name the provider's model.
-pub fn rewrite_body(
-    body: &[u8],
-    req: &ChatRequest,
-    upstream_model: &str,
-    lowered_max_tokens: Option<i64>,
-) -> Result<Option<Vec<u8>>, ApiError> {
-    rewrite_body_with(
-        body,
-        req,
-        upstream_model,
-        Edits {
-            max_tokens: lowered_max_tokens,
-            temperature: None,
-        },
-    )
-}
-
-/// [`rewrite_body`] with every edit. The body is spliced (keys prepended) when none
-/// of the edited keys is present, so the common case copies the body once and never
-/// re-serialises it.
-pub fn rewrite_body_with(
+/// The body sent upstream to an OpenAI-format provider: the client's, with the
+/// gateway's edits — the usage chunk asked for on streams, the held output limit in
+/// every limit field, a preferred temperature, and the provider's model name. `None`:
+/// the body goes as it came.
+///
+/// Keys are added by splicing them in front when the body has none of them (even as
+/// `null`; keys compared decoded), so the common case copies the body once; otherwise
+/// the top level is [rebuilt](crate::body::rebuild) with each value's bytes kept.
+pub fn upstream_body(
     body: &[u8],
     req: &ChatRequest,
     upstream_model: &str,
     edits: Edits,
 ) -> Result<Option<Vec<u8>>, ApiError> {
-    let lowered_max_tokens = edits.max_tokens;
     let temperature = edits
         .temperature
         .filter(|_| !req.has_temperature)
         .and_then(serde_json::Number::from_f64);
     let want_usage = req.stream && !req.include_usage;
-    let rename = upstream_model != req.model;
-    let add_model = !req.model_in_body;
-    if !want_usage && !rename && !add_model && lowered_max_tokens.is_none() && temperature.is_none()
-    {
+    let set_model = !req.model_in_body || upstream_model != req.model;
+    let limit = edits
+        .limit
+        .filter(|m| req.limits.is_empty() || req.limits.iter().any(|(_, v)| v != m));
+    if !want_usage && !set_model && limit.is_none() && temperature.is_none() {
         return Ok(None);
     }
-    // Keys present in the body at all (even as null) are rewritten, never duplicated.
-    let has_key = |k: &[u8]| memchr::memmem::find(body, k).is_some();
-    let clash = (want_usage && (req.has_stream_options || has_key(b"\"stream_options\"")))
-        || (lowered_max_tokens.is_some()
-            && (req.max_tokens.is_some()
-                || has_key(b"\"max_completion_tokens\"")
-                || has_key(b"\"max_tokens\"")))
-        || (temperature.is_some() && has_key(b"\"temperature\""))
-        || (add_model && has_key(b"\"model\""));
-    let splice_ok = (!rename || add_model) && !clash;
-    if splice_ok {
+    let has = |k: &str| req.keys.contains(k);
+    let splice = !(want_usage && has("stream_options"))
+        && !(limit.is_some() && (has("max_tokens") || has("max_completion_tokens")))
+        && !(temperature.is_some() && has("temperature"))
+        && !(set_model && has("model"));
+    let model_json = serde_json::to_vec(upstream_model).map_err(ApiError::internal)?;
+    if splice {
         let start = body.iter().position(|b| !b.is_ascii_whitespace());
         if let Some(i) = start.filter(|i| body[*i] == b'{') {
-            let mut out = Vec::with_capacity(body.len() + 64);
-            out.push(b'{');
-            if want_usage {
-                out.extend_from_slice(br#""stream_options":{"include_usage":true},"#);
-            }
-            if let Some(m) = lowered_max_tokens {
-                out.extend_from_slice(format!("\"max_completion_tokens\":{m},").as_bytes());
-            }
-            if let Some(t) = &temperature {
-                out.extend_from_slice(format!("\"temperature\":{t},").as_bytes());
-            }
-            if add_model {
-                out.extend_from_slice(b"\"model\":");
-                serde_json::to_writer(&mut out, upstream_model).map_err(ApiError::internal)?;
-                out.push(b',');
-            }
             let rest = &body[i + 1..];
-            // An empty object `{}` would leave a trailing comma: fall back below.
+            // An empty object `{}` would leave a trailing comma: rebuild it instead.
             if rest.iter().any(|b| !b.is_ascii_whitespace() && *b != b'}') {
+                let mut out = Vec::with_capacity(body.len() + 96);
+                out.push(b'{');
+                if want_usage {
+                    out.extend_from_slice(br#""stream_options":{"include_usage":true},"#);
+                }
+                if let Some(m) = limit {
+                    out.extend_from_slice(format!("\"{}\":{m},", req.limit_field).as_bytes());
+                }
+                if let Some(t) = &temperature {
+                    out.extend_from_slice(format!("\"temperature\":{t},").as_bytes());
+                }
+                if set_model {
+                    out.extend_from_slice(b"\"model\":");
+                    out.extend_from_slice(&model_json);
+                    out.push(b',');
+                }
                 out.extend_from_slice(rest);
                 return Ok(Some(out));
             }
         }
     }
-    let mut v: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::invalid(format!("invalid JSON body ({e})")))?;
-    let Some(obj) = v.as_object_mut() else {
-        return Err(ApiError::invalid("the request body must be a JSON object"));
-    };
+    let mut set: Vec<(&str, Vec<u8>)> = Vec::new();
     if want_usage {
-        let so = obj
-            .entry("stream_options")
-            .or_insert_with(|| serde_json::json!({}));
-        if let Some(so) = so.as_object_mut() {
-            so.insert("include_usage".into(), serde_json::Value::Bool(true));
+        let mut so = serde_json::Map::new();
+        if has("stream_options") {
+            let entries = body::entries(body)?;
+            if let Some((_, v)) = entries.iter().find(|(k, _)| k == "stream_options") {
+                if let Ok(serde_json::Value::Object(o)) = serde_json::from_str(v.get()) {
+                    so = o;
+                }
+            }
+        }
+        so.insert("include_usage".into(), serde_json::Value::Bool(true));
+        let v = serde_json::to_vec(&so).map_err(ApiError::internal)?;
+        set.push(("stream_options", v));
+    }
+    if let Some(m) = limit {
+        let v = m.to_string().into_bytes();
+        if req.limits.is_empty() {
+            set.push((req.limit_field, v));
         } else {
-            *so = serde_json::json!({"include_usage": true});
+            for (f, _) in &req.limits {
+                set.push((f, v.clone()));
+            }
         }
     }
-    if let Some(m) = lowered_max_tokens {
-        let field = req.max_tokens_field.unwrap_or("max_completion_tokens");
-        obj.insert(field.into(), serde_json::Value::from(m));
-    }
     if let Some(t) = temperature {
-        obj.insert("temperature".into(), serde_json::Value::Number(t));
+        set.push(("temperature", t.to_string().into_bytes()));
     }
-    if rename || add_model {
-        obj.insert(
-            "model".into(),
-            serde_json::Value::String(upstream_model.to_owned()),
-        );
+    if set_model {
+        set.push(("model", model_json));
     }
-    serde_json::to_vec(&v).map(Some).map_err(ApiError::internal)
+    body::rebuild(body, &set).map(Some)
 }
 
 #[cfg(test)]
@@ -327,14 +544,44 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn model() -> Model {
+        Model {
+            id: "gpt-5".into(),
+            name: "gpt-5-upstream".into(),
+            display_name: String::new(),
+            provider: "openai".into(),
+            capabilities: vec![],
+            context_length: 400_000,
+            max_output_tokens: Some(128_000),
+            credits_per_1k_tokens: 2,
+            image_tokens: Some(1_500),
+            is_available: true,
+            is_deprecated: false,
+            created: 0,
+        }
+    }
+
+    fn limit(m: i64) -> Edits {
+        Edits {
+            limit: Some(m),
+            temperature: None,
+        }
+    }
+
+    fn sent(body: &[u8], r: &ChatRequest, upstream: &str, e: Edits) -> serde_json::Value {
+        let out = upstream_body(body, r, upstream, e).unwrap();
+        serde_json::from_slice(out.as_deref().unwrap_or(body)).unwrap()
+    }
+
     #[test]
     fn reads_what_the_gateway_needs() {
         let b = br#"{"model":"gpt-5","stream":true,"max_tokens":100,"messages":[{"role":"user","content":"hello"}]}"#;
-        let r = parse_chat(b, 2000).unwrap();
+        let mut r = parse_chat(b).unwrap();
         assert_eq!(r.model, "gpt-5");
-        assert!(r.stream && !r.include_usage && !r.has_stream_options);
+        assert!(r.stream && !r.include_usage && !r.keys.contains("stream_options"));
         assert_eq!(r.max_tokens, Some(100));
-        assert_eq!(r.max_tokens_field, Some("max_tokens"));
+        assert_eq!(r.limits, [("max_tokens", 100)]);
+        r.size_for(&model(), 0);
         assert_eq!(
             r.prompt_tokens_bound,
             TOKENS_PER_REQUEST + TOKENS_PER_MESSAGE + b.len() as i64
@@ -342,136 +589,186 @@ mod tests {
     }
 
     #[test]
-    fn max_completion_tokens_wins_and_images_count() {
+    fn images_count_at_the_models_allowance_files_at_the_context_length() {
         let b = br#"{"model":"m","max_tokens":5,"max_completion_tokens":7,"messages":[{"role":"user","content":[{"type":"text","text":"abc"},{"type":"image_url","image_url":{"url":"data:..."}}]}]}"#;
-        let r = parse_chat(b, 2000).unwrap();
+        let mut r = parse_chat(b).unwrap();
         assert_eq!(r.max_tokens, Some(7));
-        assert_eq!(r.choices, 1);
+        assert_eq!(r.limits, [("max_completion_tokens", 7), ("max_tokens", 5)]);
         let image = r#"{"url":"data:..."}"#.len() as i64;
+        let bytes = TOKENS_PER_REQUEST + TOKENS_PER_MESSAGE + b.len() as i64 - image;
+        let mut m = model();
+        r.size_for(&m, 0);
+        assert_eq!(r.prompt_tokens_bound, bytes + 1_500);
+        // No allowance of its own: the configured default, else the context length.
+        m.image_tokens = None;
+        r.size_for(&m, 3_000);
+        assert_eq!(r.prompt_tokens_bound, bytes + 3_000);
+        r.size_for(&m, 0);
+        assert_eq!(r.prompt_tokens_bound, 400_000);
+        let pdf = br#"{"model":"m","messages":[{"role":"user","content":[{"type":"file","file":{"filename":"a.pdf","file_data":"data:application/pdf;base64,AAAA"}}]}]}"#;
+        let mut r = parse_chat(pdf).unwrap();
+        r.size_for(&model(), 0);
         assert_eq!(
-            r.prompt_tokens_bound,
-            TOKENS_PER_REQUEST + TOKENS_PER_MESSAGE + b.len() as i64 - image + 2000
+            r.prompt_tokens_bound, 400_000,
+            "a PDF's pages: up to the context"
         );
     }
 
     #[test]
-    fn bad_inputs_get_clear_errors() {
-        for (body, needle) in [
-            (
-                &br#"{"model":"gpt-5","messages":[{"role":"user","content":"x"}"#[..],
-                "parse the JSON",
-            ),
-            (br#"{"messages":[{"role":"user","content":"x"}]}"#, "model"),
-            (br#"{"model":"gpt-5"}"#, "messages"),
-            (br#"{"model":"gpt-5","messages":[]}"#, "at least one"),
-            (
-                br#"{"model":"gpt-5","max_tokens":-1,"messages":[{"role":"user","content":"x"}]}"#,
-                "max_tokens",
-            ),
-            (
-                br#"{"model":"gpt-5","max_tokens":"9","messages":[{"role":"user","content":"x"}]}"#,
-                "max_tokens",
-            ),
-            (br#"[1,2]"#, "invalid chat request"),
-            (
-                br#"{"model":"gpt-5","n":0,"messages":[{"role":"user","content":"x"}]}"#,
-                "`n`",
-            ),
-            (
-                br#"{"model":"gpt-5","n":500,"messages":[{"role":"user","content":"x"}]}"#,
-                "`n`",
-            ),
-        ] {
-            let e = parse_chat(body, 0).unwrap_err();
-            assert_eq!(e.status_code(), http::StatusCode::BAD_REQUEST);
-            let ApiError::InvalidRequest { message, .. } = e else {
-                panic!()
-            };
-            assert!(
-                message.contains(needle),
-                "{message} should mention {needle}"
-            );
-        }
+    fn the_prompt_estimate_is_a_token_per_four_bytes_never_above_the_bound() {
+        let mut r =
+            parse_chat(br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#).unwrap();
+        r.prompt = PromptSize {
+            bytes: 4_000,
+            images: 0,
+            files: 0,
+            prompts: 1,
+        };
+        let mut m = model();
+        m.context_length = 2_048;
+        r.size_for(&m, 0);
+        assert_eq!((r.prompt_tokens_bound, r.prompt_estimate()), (2_048, 1_000));
+        m.context_length = 900;
+        r.size_for(&m, 0);
+        assert_eq!(r.prompt_estimate(), 900);
+        r.prompt = PromptSize {
+            bytes: 100,
+            images: 1,
+            files: 0,
+            prompts: 1,
+        };
+        r.size_for(&model(), 0);
+        assert_eq!(r.prompt_estimate(), 25 + 1_500);
     }
 
     #[test]
-    fn splices_include_usage_without_reserialising() {
+    fn bad_inputs_get_clear_errors_naming_the_parameter() {
+        let msg = r#""messages":[{"role":"user","content":"x"}]"#;
+        for (body, param) in [
+            (r#"{"model":"gpt-5","messages":[{"role":"user","content":"x"}"#.to_owned(), None),
+            (format!("{{{msg}}}"), Some("model")),
+            (r#"{"model":"gpt-5"}"#.into(), Some("messages")),
+            (r#"{"model":"gpt-5","messages":[]}"#.into(), Some("messages")),
+            (format!(r#"{{"model":"gpt-5","max_tokens":-1,{msg}}}"#), Some("max_tokens")),
+            (format!(r#"{{"model":"gpt-5","max_tokens":"9",{msg}}}"#), Some("max_tokens")),
+            (format!(r#"{{"model":"gpt-5","max_tokens":1e3,{msg}}}"#), Some("max_tokens")),
+            ("[1,2]".into(), None),
+            (format!(r#"{{"model":"gpt-5","n":0,{msg}}}"#), Some("n")),
+            (format!(r#"{{"model":"gpt-5","n":500,{msg}}}"#), Some("n")),
+            (format!(r#"{{"model":"gpt-5","max_tokens":5,"max_\u0074okens":null,{msg}}}"#), Some("max_tokens")),
+            (format!(r#"{{"model":"gpt-5","audio":{{"voice":"alloy","format":"wav"}},{msg}}}"#), Some("audio")),
+            (format!(r#"{{"model":"gpt-5","modalities":["text","audio"],{msg}}}"#), Some("modalities")),
+            (format!(r#"{{"model":"gpt-5","prediction":{{"type":"content","content":"x"}},{msg}}}"#), Some("prediction")),
+            (format!(r#"{{"model":"gpt-5","service_tier":"priority",{msg}}}"#), Some("service_tier")),
+            (format!(r#"{{"model":"gpt-5","web_search_options":{{}},{msg}}}"#), Some("web_search_options")),
+            (format!(r#"{{"model":"gpt-5","tools":[{{"type":"web_search"}}],{msg}}}"#), Some("tools")),
+            (format!(r#"{{"model":"gpt-5","frobnicate":1,{msg}}}"#), None),
+            (r#"{"model":"gpt-5","messages":[{"role":"user","content":[{"type":"input_audio","input_audio":{"data":"AA","format":"wav"}}]}]}"#.into(), Some("messages")),
+            (r#"{"model":"gpt-5","messages":[{"role":"user","content":[{"type":"file","file":{"file_id":"file-abc"}}]}]}"#.into(), Some("messages")),
+            (r#"{"model":"gpt-5","messages":[{"role":"user","content":[{"type":"video","video":{}}]}]}"#.into(), Some("messages")),
+            (r#"{"model":"gpt-5","messages":[{"role":"user","content":[{"text":"x"}]}]}"#.into(), Some("messages")),
+            (r#"{"model":"gpt-5","messages":[{"role":"user","content":7}]}"#.into(), Some("messages")),
+            (r#"{"model":"gpt-5","messages":[{"role":"assistant","audio":{"id":"audio_1"}}]}"#.into(), Some("messages")),
+        ] {
+            let e = parse_chat(body.as_bytes()).unwrap_err();
+            assert_eq!(e.status_code(), http::StatusCode::BAD_REQUEST, "{body}");
+            let ApiError::InvalidRequest { message, param: p } = e else {
+                panic!("{body}")
+            };
+            assert_eq!(p, param, "{body}: {message}");
+            assert!(!message.is_empty());
+        }
+        // Refused parameters set to null are absent for every parser: accepted.
+        parse_chat(
+            format!(r#"{{"model":"gpt-5","audio":null,"service_tier":"auto",{msg}}}"#).as_bytes(),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn splices_include_usage_and_the_limit_without_reserialising() {
         let b = br#"{"model":"gpt-5","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
-        let r = parse_chat(b, 0).unwrap();
-        let out = rewrite_body(b, &r, "gpt-5", None).unwrap().unwrap();
+        let r = parse_chat(b).unwrap();
+        let out = upstream_body(b, &r, "gpt-5", limit(50)).unwrap().unwrap();
         let s = std::str::from_utf8(&out).unwrap();
         assert!(
-            s.starts_with(r#"{"stream_options":{"include_usage":true},"model""#),
+            s.starts_with(
+                r#"{"stream_options":{"include_usage":true},"max_completion_tokens":50,"model""#
+            ),
             "{s}"
         );
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v["stream_options"]["include_usage"], true);
     }
 
     #[test]
-    fn rewrites_existing_stream_options_and_limits() {
-        let b = br#"{"model":"gpt-5","stream":true,"stream_options":{"include_usage":false},"max_tokens":900,"messages":[{"role":"user","content":"hi"}]}"#;
-        let r = parse_chat(b, 0).unwrap();
-        let out = rewrite_body(b, &r, "gpt-5-upstream", Some(300))
+    fn present_keys_are_rewritten_in_place_never_duplicated() {
+        let b = br#"{"model":"gpt-5","stream":true,"stream_options":{"include_usage":false,"include_obfuscation":false},"max_tokens":900,"messages":[{"role":"user","content":"hi"}]}"#;
+        let r = parse_chat(b).unwrap();
+        let out = upstream_body(b, &r, "gpt-5-upstream", limit(300))
             .unwrap()
             .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v["stream_options"]["include_usage"], true);
-        assert_eq!(v["max_tokens"], 300);
-        assert_eq!(v["model"], "gpt-5-upstream");
-    }
-
-    #[test]
-    fn null_keys_are_rewritten_not_duplicated() {
-        let b = br#"{"model":"gpt-5","stream":true,"stream_options":null,"max_completion_tokens":null,"messages":[{"role":"user","content":"hi"}]}"#;
-        let r = parse_chat(b, 0).unwrap();
-        let out = rewrite_body(b, &r, "gpt-5", Some(300)).unwrap().unwrap();
+        let s = std::str::from_utf8(&out).unwrap();
+        assert_eq!(
+            s,
+            r#"{"model":"gpt-5-upstream","stream":true,"stream_options":{"include_obfuscation":false,"include_usage":true},"max_tokens":300,"messages":[{"role":"user","content":"hi"}]}"#
+        );
+        // Escaped and null spellings of the keys the gateway sets.
+        let b = br#"{"model":"gpt-5","stream":true,"stream_\u006fptions":null,"max_completion_\u0074okens":null,"messages":[{"role":"user","content":"hi"}]}"#;
+        let r = parse_chat(b).unwrap();
+        let out = upstream_body(b, &r, "gpt-5", limit(300)).unwrap().unwrap();
         let s = std::str::from_utf8(&out).unwrap();
         assert_eq!(s.matches("stream_options").count(), 1, "{s}");
         assert_eq!(s.matches("max_completion_tokens").count(), 1, "{s}");
+        assert!(!s.contains("\\u"), "{s}");
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["max_completion_tokens"], 300);
     }
 
     #[test]
-    fn files_and_schemas_count_by_their_bytes() {
-        let pdf = "A".repeat(30_000);
-        let body = serde_json::to_vec(&serde_json::json!({
-            "model": "gpt-5",
-            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"description": "d".repeat(5000)}}},
-            "messages": [{"role": "user", "content": [{"type": "file", "file": {"file_data": pdf}}]}]
-        }))
-        .unwrap();
-        let r = parse_chat(&body, 2000).unwrap();
-        assert!(r.prompt_tokens_bound >= 35_000, "{}", r.prompt_tokens_bound);
+    fn both_limit_fields_carry_the_held_limit() {
+        let b = br#"{"model":"gpt-5","max_completion_tokens":50,"max_tokens":100000,"messages":[{"role":"user","content":"hi"}]}"#;
+        let r = parse_chat(b).unwrap();
+        assert_eq!(r.max_tokens, Some(50));
+        let v = sent(b, &r, "gpt-5", limit(50));
+        assert_eq!(
+            (
+                v["max_completion_tokens"].as_i64(),
+                v["max_tokens"].as_i64()
+            ),
+            (Some(50), Some(50))
+        );
+        // The client's own limit, held as asked: nothing to edit.
+        let b = br#"{"model":"gpt-5","max_tokens":50,"messages":[{"role":"user","content":"hi"}]}"#;
+        let r = parse_chat(b).unwrap();
+        assert!(upstream_body(b, &r, "gpt-5", limit(50)).unwrap().is_none());
     }
 
     #[test]
-    fn no_edit_means_no_copy() {
-        let b = br#"{"model":"gpt-5","messages":[{"role":"user","content":"hi"}]}"#;
-        let r = parse_chat(b, 0).unwrap();
-        assert!(rewrite_body(b, &r, "gpt-5", None).unwrap().is_none());
+    fn files_and_schemas_count_by_their_bytes() {
+        let body = serde_json::to_vec(&serde_json::json!({
+            "model": "gpt-5",
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"description": "d".repeat(5000)}}},
+            "messages": [{"role": "user", "content": "A".repeat(30_000)}]
+        }))
+        .unwrap();
+        let mut r = parse_chat(&body).unwrap();
+        r.size_for(&model(), 0);
+        assert!(r.prompt_tokens_bound >= 35_000, "{}", r.prompt_tokens_bound);
     }
 
     #[test]
     fn preference_edits_are_spliced_when_the_keys_are_absent() {
         let b = br#"{"messages":[{"role":"user","content":"hi"}]}"#;
-        let r = parse_chat_lenient(b, 0).unwrap();
+        let r = parse_chat_lenient(b).unwrap();
         assert!(r.model.is_empty() && !r.model_in_body && !r.has_temperature);
-        assert!(
-            parse_chat(b, 0).is_err(),
-            "strict parse still wants a model"
-        );
+        assert!(parse_chat(b).is_err(), "strict parse still wants a model");
         let mut r = r;
         r.model = "gpt-5".into();
         let edits = Edits {
-            max_tokens: Some(77),
+            limit: Some(77),
             temperature: Some(0.25),
         };
-        let out = rewrite_body_with(b, &r, "gpt-5-2025", edits)
-            .unwrap()
-            .unwrap();
+        let out = upstream_body(b, &r, "gpt-5-2025", edits).unwrap().unwrap();
         let s = std::str::from_utf8(&out).unwrap();
         assert!(
             s.starts_with(
@@ -479,41 +776,250 @@ mod tests {
             ),
             "{s}"
         );
-        serde_json::from_slice::<serde_json::Value>(&out).unwrap();
     }
 
     #[test]
     fn a_temperature_in_the_body_wins_and_null_keys_are_rewritten() {
-        let b = br#"{"model":"gpt-5","temperature":1,"messages":[{"role":"user","content":"hi"}]}"#;
-        let r = parse_chat(b, 0).unwrap();
+        let b = br#"{"model":"gpt-5","temperature":1,"max_tokens":9,"messages":[{"role":"user","content":"hi"}]}"#;
+        let r = parse_chat(b).unwrap();
         assert!(r.has_temperature);
         let edits = Edits {
-            max_tokens: None,
+            limit: Some(9),
             temperature: Some(0.25),
         };
-        assert!(rewrite_body_with(b, &r, "gpt-5", edits).unwrap().is_none());
+        assert!(upstream_body(b, &r, "gpt-5", edits).unwrap().is_none());
         let b = br#"{"model":null,"temperature":null,"messages":[{"role":"user","content":"hi"}]}"#;
-        let mut r = parse_chat_lenient(b, 0).unwrap();
+        let mut r = parse_chat_lenient(b).unwrap();
         assert!(!r.has_temperature && !r.model_in_body);
         r.model = "gpt-5".into();
-        let out = rewrite_body_with(b, &r, "gpt-5", edits).unwrap().unwrap();
-        let s = std::str::from_utf8(&out).unwrap();
-        assert_eq!(s.matches("temperature").count(), 1, "{s}");
-        assert_eq!(s.matches("\"model\"").count(), 1, "{s}");
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let v = sent(b, &r, "gpt-5", edits);
         assert_eq!(
             (v["model"].as_str(), v["temperature"].as_f64()),
             (Some("gpt-5"), Some(0.25))
         );
     }
 
+    /// One spelling of a key: plain, or with some characters as `\u` escapes.
+    fn spell(key: &'static str) -> impl Strategy<Value = String> {
+        proptest::collection::vec(any::<bool>(), key.len()).prop_map(move |esc| {
+            key.chars()
+                .zip(esc)
+                .map(|(c, e)| {
+                    if e {
+                        format!("\\u{:04x}", c as u32)
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect()
+        })
+    }
+
+    /// A value for `key`: mostly valid, sometimes `null`, now and then of a wrong type.
+    fn value_for(key: &'static str) -> BoxedStrategy<String> {
+        let s = |v: &str| Just(v.to_owned());
+        let int = prop_oneof![
+            12 => (1i64..2_000_000).prop_map(|n| n.to_string()),
+            3 => s("null"),
+            1 => s("0"),
+            1 => s("-4"),
+            1 => s("1.5"),
+            1 => s("\"64\""),
+        ];
+        match key {
+            "model" => prop_oneof![
+                6 => s("\"gpt-5\""),
+                3 => s("\"gpt\\u002d5\""),
+                1 => s("null"),
+                1 => s("\"other\""),
+            ]
+            .boxed(),
+            "stream" => prop_oneof![
+                4 => s("true"),
+                2 => s("false"),
+                2 => s("null"),
+                1 => s("\"true\""),
+            ]
+            .boxed(),
+            "stream_options" => (
+                spell("include_usage"),
+                spell("include_usage"),
+                any::<bool>(),
+                0u8..5,
+            )
+                .prop_map(|(a, b, v, shape)| match shape {
+                    0 => "null".to_owned(),
+                    1 | 4 => format!("{{\"{a}\":{v}}}"),
+                    2 => format!("{{\"{a}\":{v},\"{b}\":{}}}", !v),
+                    _ => format!("{{\"{a}\":null}}"),
+                })
+                .boxed(),
+            "n" => prop_oneof![
+                6 => (1i64..5).prop_map(|n| n.to_string()),
+                2 => s("null"),
+                1 => s("200"),
+            ]
+            .boxed(),
+            "messages" => (0usize..200, any::<bool>())
+                .prop_map(|(depth, image)| {
+                    let deep = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+                    let part = if image {
+                        r#"{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}}"#
+                    } else {
+                        r#"{"type":"text","text":"hello"}"#
+                    };
+                    format!(r#"[{{"role":"user","content":[{part}],"name":"x","extra":{deep}}}]"#)
+                })
+                .boxed(),
+            "temperature" => prop_oneof![s("0.5"), s("null")].boxed(),
+            _ => int.boxed(),
+        }
+    }
+
+    const KEYS: &[&str] = &[
+        "model",
+        "stream",
+        "stream_options",
+        "max_tokens",
+        "max_completion_tokens",
+        "n",
+        "temperature",
+        "messages",
+    ];
+
+    /// A key of [`KEYS`] in some spelling, with a value.
+    fn entry(k: &'static str) -> impl Strategy<Value = String> {
+        (spell(k), value_for(k)).prop_map(|(s, v)| format!("\"{s}\":{v}"))
+    }
+
+    /// A body made of entries for some of [`KEYS`] (`model` and `messages` usually),
+    /// sometimes one key twice, in any order, with JSON whitespace around the tokens —
+    /// now and then a BOM or a non-JSON space.
+    fn hostile_body() -> impl Strategy<Value = Vec<u8>> {
+        let picks = KEYS
+            .iter()
+            .map(|k| {
+                let p = if matches!(*k, "model" | "messages") {
+                    0.95
+                } else {
+                    0.5
+                };
+                proptest::option::weighted(p, entry(k))
+            })
+            .collect::<Vec<_>>();
+        let ws = prop_oneof![
+            20 => proptest::sample::select(&["", " ", "\t", "\n", "\r\n", "  "][..]),
+            1 => proptest::sample::select(&["\u{a0}", "\u{feff}", "\u{2028}"][..]),
+        ];
+        let dup =
+            proptest::option::weighted(0.3, proptest::sample::select(KEYS).prop_flat_map(entry));
+        (
+            picks,
+            dup,
+            proptest::collection::vec(ws, 16),
+            proptest::bool::weighted(0.05),
+        )
+            .prop_flat_map(|(picks, dup, ws, bom)| {
+                let mut entries: Vec<String> = picks.into_iter().flatten().chain(dup).collect();
+                for (e, w) in entries.iter_mut().zip(ws.iter().cycle()) {
+                    *e = format!("{w}{e}{w}");
+                }
+                (Just(entries).prop_shuffle(), Just(bom), Just(ws[0]))
+            })
+            .prop_map(|(entries, bom, lead)| {
+                let mut s = String::new();
+                if bom {
+                    s.push('\u{feff}');
+                }
+                s.push_str(lead);
+                s.push('{');
+                s.push_str(&entries.join(","));
+                s.push('}');
+                s.into_bytes()
+            })
+    }
+
+    /// The generator is not vacuous: a good share of its bodies are accepted, and some
+    /// are refused for each kind of hostility.
+    #[test]
+    fn hostile_bodies_are_often_accepted_and_sometimes_refused() {
+        use proptest::strategy::ValueTree;
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let (mut ok, mut dup, mut other) = (0, 0, 0);
+        for _ in 0..2000 {
+            let body = hostile_body().new_tree(&mut runner).unwrap().current();
+            match parse_chat(&body) {
+                Ok(_) => ok += 1,
+                Err(ApiError::InvalidRequest { message, .. })
+                    if message.contains("more than once") =>
+                {
+                    dup += 1
+                }
+                Err(_) => other += 1,
+            }
+        }
+        assert!(ok >= 300, "accepted {ok}, duplicates {dup}, other {other}");
+        assert!(
+            dup >= 100 && other >= 100,
+            "accepted {ok}, duplicates {dup}, other {other}"
+        );
+    }
+
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+
+        /// Whatever the spelling of a body, if the gateway accepts it, the provider
+        /// (a last-wins parser that decodes escapes) reads: the routed model, the
+        /// gateway's `stream`, `n` and a limit no higher than the held one, and on a
+        /// stream the usage chunk asked for — so the hold covers what it may produce.
+        #[test]
+        fn the_provider_reads_what_the_hold_covers(body in hostile_body(), frac in 0.0f64..1.0) {
+            let Ok(mut r) = parse_chat(&body) else { return Ok(()) };
+            let m = model();
+            if r.model != m.id { return Ok(()) }
+            r.size_for(&m, 0);
+            let want = r.max_tokens.map_or(m.output_cap(), |x| x.min(m.output_cap()));
+            // The reserve may lower the limit to anything down to 1.
+            let held = ((want as f64 * frac) as i64).clamp(1, want);
+            let v = sent(&body, &r, &m.name, limit(held));
+            prop_assert_eq!(v["model"].as_str(), Some("gpt-5-upstream"));
+            let stream = v.get("stream").and_then(|s| s.as_bool()).unwrap_or(false);
+            prop_assert_eq!(stream, r.stream);
+            let n = v.get("n").and_then(|n| n.as_i64()).unwrap_or(1);
+            prop_assert_eq!(n, r.choices);
+            let limits: Vec<i64> = ["max_tokens", "max_completion_tokens"]
+                .iter()
+                .filter_map(|f| v.get(*f).filter(|x| !x.is_null()))
+                .map(|x| x.as_i64().unwrap())
+                .collect();
+            prop_assert!(!limits.is_empty(), "no limit upstream");
+            prop_assert!(limits.iter().all(|l| *l <= held), "{:?} > {}", limits, held);
+            if stream {
+                prop_assert_eq!(v["stream_options"]["include_usage"].as_bool(), Some(true));
+            }
+            // The translated providers get the held limit in their own field.
+            for kind in [crate::translate::Kind::Anthropic, crate::translate::Kind::Gemini] {
+                let mut mm = m.clone();
+                mm.provider = if kind == crate::translate::Kind::Anthropic { "anthropic".into() } else { "google".into() };
+                if let Ok(mut t) = crate::translate::request(kind, &body, &mm) {
+                    t.set_max_tokens(held);
+                    let tv: serde_json::Value = serde_json::from_slice(&t.to_bytes().unwrap()).unwrap();
+                    let out = match kind {
+                        crate::translate::Kind::Anthropic => tv["max_tokens"].as_i64(),
+                        _ => tv["generationConfig"]["maxOutputTokens"].as_i64(),
+                    };
+                    prop_assert_eq!(out, Some(held));
+                }
+            }
+        }
+
         /// The bound never undercounts: it is at least the bytes of every text.
         #[test]
         fn bound_covers_all_text(texts in proptest::collection::vec(".{0,40}", 1..6)) {
             let msgs: Vec<_> = texts.iter().map(|t| serde_json::json!({"role":"user","content":t})).collect();
             let body = serde_json::to_vec(&serde_json::json!({"model":"m","messages":msgs})).unwrap();
-            let r = parse_chat(&body, 0).unwrap();
+            let mut r = parse_chat(&body).unwrap();
+            r.size_for(&model(), 0);
             let bytes: usize = texts.iter().map(|t| t.len()).sum();
             prop_assert!(r.prompt_tokens_bound >= bytes as i64);
         }
@@ -521,7 +1027,7 @@ mod tests {
         /// Arbitrary bytes never panic the parser.
         #[test]
         fn never_panics(body in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let _ = parse_chat(&body, 10);
+            let _ = parse_chat(&body);
         }
     }
 }

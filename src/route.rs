@@ -21,6 +21,9 @@ pub struct Model {
     pub context_length: i64,
     pub max_output_tokens: Option<i64>,
     pub credits_per_1k_tokens: i64,
+    /// The most prompt tokens one image can cost (`None`: unknown — see
+    /// [`crate::parse::PromptSize::tokens_bound`]).
+    pub image_tokens: Option<i64>,
     pub is_available: bool,
     pub is_deprecated: bool,
     pub created: i64,
@@ -80,7 +83,7 @@ impl Models {
             .query(
                 "SELECT id, name, display_name, provider, capabilities::text[], context_length, max_output_tokens,
                         credits_per_1k_tokens, is_available, is_deprecated,
-                        extract(epoch FROM created_at)::bigint
+                        extract(epoch FROM created_at)::bigint, image_tokens
                    FROM models",
                 &[],
             )
@@ -99,6 +102,7 @@ impl Models {
                 is_available: r.get(8),
                 is_deprecated: r.get(9),
                 created: r.get(10),
+                image_tokens: r.get::<_, Option<i32>>(11).map(i64::from),
             };
             map.insert(m.id.clone(), Arc::new(m));
         }
@@ -143,6 +147,7 @@ mod tests {
             context_length: 1000,
             max_output_tokens: Some(100),
             credits_per_1k_tokens: 2,
+            image_tokens: None,
             is_available: available,
             is_deprecated: deprecated,
             created: 0,

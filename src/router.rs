@@ -42,7 +42,7 @@ pub use crate::authenticate::UNAUTHENTICATED_ROUTES;
 use crate::deploy::{Answer, Sent};
 use crate::error::ApiError;
 use crate::ledger::{HoldRequest, Reserve};
-use crate::parse::{missing_model, parse_chat_lenient, rewrite_body_with, ChatRequest, Edits};
+use crate::parse::{missing_model, parse_chat_lenient, upstream_body, ChatRequest, Edits};
 use crate::route::Model;
 use crate::settle::{cost, settle, Usage, UsageEvent};
 use crate::state::AppState;
@@ -150,7 +150,8 @@ pub(crate) struct Admitted {
     pub(crate) user: Uuid,
     pub(crate) model: std::sync::Arc<Model>,
     pub(crate) started: Instant,
-    pub(crate) prompt_bound: i64,
+    /// The prompt's tokens as guessed from its size, for an answer without usage.
+    pub(crate) prompt_estimate: i64,
     pub(crate) hold: i64,
     pub(crate) stream: bool,
     /// The wire format of the model's provider (anything but OpenAI is translated).
@@ -241,7 +242,7 @@ pub(crate) async fn admit_and_run(
         user: principal.user_id,
         model: model.clone(),
         started: a.started,
-        prompt_bound: chat.prompt_tokens_bound,
+        prompt_estimate: chat.prompt_estimate(),
         hold,
         stream: chat.stream,
         kind: a.kind,
@@ -480,7 +481,7 @@ impl Admitted {
                 ..Usage::default()
             };
         }
-        let prompt = (self.prompt_bound.max(0) + 3) / 4;
+        let prompt = self.prompt_estimate;
         let completion = i64::try_from(completion_tokens).unwrap_or(i64::MAX);
         Usage {
             prompt_tokens: prompt,
@@ -556,7 +557,7 @@ async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let body = read_body(req.into_body(), state.cfg.max_body_bytes).await?;
-    let mut chat = parse_chat_lenient(&body, i64::from(state.cfg.metering.image_tokens))?;
+    let mut chat = parse_chat_lenient(&body)?;
     // The user's preferences fill in what the request leaves out (from memory).
     let prefs = if chat.model.is_empty() || chat.max_tokens.is_none() || !chat.has_temperature {
         state.preferences.get(&state, principal.user_id).await
@@ -575,6 +576,7 @@ async fn chat_completions(
         .filter(|m| *m > 0 && chat.max_tokens.is_none());
     let temperature = prefs.as_ref().and_then(|p| p.temperature);
     let model = state.models.route(&chat.model)?;
+    chat.size_for(&model, i64::from(state.cfg.metering.image_tokens));
     let kind = state.upstream.provider(&model.provider)?.kind;
     // Translation runs before anything is held: what the provider cannot honour is a 400.
     let translated = match kind {
@@ -594,9 +596,9 @@ async fn chat_completions(
         output_explicit: chat.max_tokens.is_some() || pref_max_tokens.is_some(),
     };
     // The upstream body for `m` output tokens. The provider's limit is always what was
-    // held for: whenever the client's limit is not exactly that (absent, above the
-    // model's cap, or lowered to the balance), the body carries the held limit, so the
-    // provider can never produce more than the hold covers.
+    // held for: whenever a limit field of the body is not exactly that (absent, above
+    // the model's cap, or lowered to the balance), the body carries the held limit, so
+    // the provider can never produce more than the hold covers.
     let mut translated = translated;
     let mut build = |m: i64| -> Result<Bytes, ApiError> {
         match translated.as_mut() {
@@ -609,10 +611,10 @@ async fn chat_completions(
             }
             None => {
                 let edits = Edits {
-                    max_tokens: (chat.max_tokens != Some(m)).then_some(m),
+                    limit: Some(m),
                     temperature,
                 };
-                Ok(rewrite_body_with(&body, &chat, &model.name, edits)?
+                Ok(upstream_body(&body, &chat, &model.name, edits)?
                     .map_or_else(|| body.clone(), Bytes::from))
             }
         }

@@ -934,3 +934,282 @@ async fn requests_are_served_by_the_configured_worker_threads() {
         );
     }
 }
+
+// --- Hostile bodies: the provider must read what the gateway held for -------------
+
+async fn mock_last(env: &TestEnv, mock: &Proc) -> serde_json::Value {
+    let (s, _, b) = env
+        .request("GET", &mock.url("/_mock/last"), None, None)
+        .await;
+    assert_eq!(s, 200);
+    json(&b)["body"].clone()
+}
+
+async fn post_raw(
+    env: &TestEnv,
+    gw: &Proc,
+    path: &str,
+    token: &str,
+    body: &[u8],
+) -> (u16, std::collections::HashMap<String, String>, bytes::Bytes) {
+    env.request("POST", &gw.url(path), Some(token), Some(body.to_vec()))
+        .await
+}
+
+/// Waits until every settled charge of `user` is in PostgreSQL.
+async fn flushed(env: &TestEnv, user: &Uuid) {
+    let deadline = Instant::now() + FLUSH_WAIT;
+    while env.redis_unflushed(user).await > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(env.redis_unflushed(user).await, 0, "not flushed in time");
+}
+
+/// The measured attack: 10 credits, ONE request whose body spells
+/// `max_completion_tokens` with an escape and `null`. The gateway used to read it as
+/// absent and prepend its lowered limit, while the provider (last key wins) read `null`:
+/// no limit, and the balance ended at −191. Now the provider reads the held limit.
+#[tokio::test]
+async fn an_escaped_null_limit_cannot_lift_the_hold() {
+    let env = TestEnv::new().await;
+    let mock = env.mock(&["--completion-tokens", "100000"]).await;
+    let gw = env.gateway(&mock).await;
+    let (user, token) = env.user(10).await;
+    let body = br#"{"model":"gpt-5","max_completion_\u0074okens":null,"messages":[{"role":"user","content":"hi"}]}"#;
+    let (status, headers, resp) = post_raw(&env, &gw, "/v1/chat/completions", &token, body).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&resp));
+    // 10 credits at 2 per 1k tokens: 5,000 tokens for the prompt bound and the answer.
+    let sent = mock_last(&env, &mock).await;
+    let limit = sent["max_completion_tokens"]
+        .as_i64()
+        .expect("a limit reached the provider");
+    assert!(limit > 0 && limit < 5_000, "{sent}");
+    let answered = json(&resp)["usage"]["completion_tokens"].as_i64().unwrap();
+    assert_eq!(
+        answered, limit,
+        "the provider generated what the limit allowed"
+    );
+    flushed(&env, &user).await;
+    let bal = env.redis_balance(&user).await.unwrap();
+    assert!(bal >= 0, "balance {bal}: the hold was lifted");
+    let rid = Uuid::parse_str(&headers["x-request-id"]).unwrap();
+    let credits: i32 = env
+        .db()
+        .await
+        .query_one(
+            "SELECT credits_used FROM usage_history WHERE id = $1",
+            &[&rid],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(i64::from(credits), 10 - bal);
+    assert!(credits <= 10);
+}
+
+/// The same trick on `stream_options` used to remove the usage chunk, so a stream was
+/// billed from an estimate. Now the provider is asked for usage whatever the spelling.
+#[tokio::test]
+async fn an_escaped_null_stream_options_still_gets_the_providers_usage() {
+    let env = TestEnv::new().await;
+    let mock = env
+        .mock(&["--prompt-tokens", "300", "--completion-tokens", "40"])
+        .await;
+    let gw = env.gateway(&mock).await;
+    let (user, token) = env.user(100).await;
+    for body in [
+        &br#"{"model":"gpt-5","stream":true,"stream_\u006fptions":null,"max_tokens":50,"messages":[{"role":"user","content":"hi"}]}"#[..],
+        br#"{"model":"gpt-5","stream":true,"stream_options":{"include_\u0075sage":false},"max_tokens":50,"messages":[{"role":"user","content":"hi"}]}"#,
+    ] {
+        let (status, headers, resp) = post_raw(&env, &gw, "/v1/chat/completions", &token, body).await;
+        assert_eq!(status, 200);
+        let text = String::from_utf8_lossy(&resp);
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+        assert!(!text.contains("\"usage\":{"), "the client did not ask for the usage chunk: {text}");
+        assert_eq!(mock_last(&env, &mock).await["stream_options"]["include_usage"], true);
+        flushed(&env, &user).await;
+        let rid = Uuid::parse_str(&headers["x-request-id"]).unwrap();
+        let row = env
+            .db()
+            .await
+            .query_one(
+                "SELECT total_tokens, request_metadata FROM usage_history WHERE id = $1",
+                &[&rid],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, i32>(0), 340, "the provider's own count");
+        let meta: serde_json::Value = row.get(1);
+        assert!(meta.get("usage_estimated").is_none(), "{meta}");
+    }
+}
+
+/// A body the gateway and the provider could read differently, or a parameter that
+/// changes the provider's price in a way the hold does not bound, is refused with a 400
+/// naming it — before anything is held, so nothing reaches the provider.
+#[tokio::test]
+async fn ambiguous_bodies_and_unpriced_parameters_are_refused_before_anything_is_held() {
+    let env = TestEnv::new().await;
+    let mock = env.mock(&[]).await;
+    let gw = env.gateway_all_providers(&mock).await;
+    let (user, token) = env.user(100).await;
+    let m = r#""messages":[{"role":"user","content":"hi"}]"#;
+    // (endpoint, body, param named or null)
+    let cases: Vec<(&str, String, serde_json::Value)> = vec![
+        ("/v1/chat/completions", format!(r#"{{"model":"gpt-5","max_tokens":5,"max_tokens":null,{m}}}"#), json!("max_tokens")),
+        ("/v1/chat/completions", format!(r#"{{"model":"gpt-5","max_tokens":5,"max_\u0074okens":9000,{m}}}"#), json!("max_tokens")),
+        ("/v1/chat/completions", format!(r#"{{"model":"gpt-5","model":"gpt-4o",{m}}}"#), json!("model")),
+        ("/v1/chat/completions", format!(r#"{{"model":"claude-3.5-sonnet","stream":true,"str\u0065am":false,{m}}}"#), json!("stream")),
+        ("/v1/chat/completions", format!(r#"{{"model":"gpt-5","n":1,"n":64,{m}}}"#), json!("n")),
+        ("/v1/chat/completions", r#"{"model":"gpt-5","messages":[{"role":"user","content":[{"type":"text","text":"x","type":"input_audio"}]}]}"#.into(), json!("messages")),
+        ("/v1/chat/completions", format!("\u{feff}{{\"model\":\"gpt-5\",{m}}}"), json!(null)),
+        ("/v1/chat/completions", format!(r#"{{"model":"gpt-5","MAX_TOKENS":99999,{m}}}"#), json!(null)),
+        ("/v1/chat/completions", format!(r#"{{"model":"gpt-5","service_tier":"priority",{m}}}"#), json!("service_tier")),
+        ("/v1/chat/completions", format!(r#"{{"model":"gpt-5","web_search_options":{{}},{m}}}"#), json!("web_search_options")),
+        ("/v1/chat/completions", format!(r#"{{"model":"gpt-5","audio":{{"voice":"alloy","format":"mp3"}},"modalities":["text","audio"],{m}}}"#), json!("audio")),
+        ("/v1/chat/completions", format!(r#"{{"model":"gpt-5","prediction":{{"type":"content","content":"x"}},{m}}}"#), json!("prediction")),
+        ("/v1/chat/completions", r#"{"model":"gpt-5","messages":[{"role":"user","content":[{"type":"input_audio","input_audio":{"data":"UklGRg==","format":"wav"}}]}]}"#.into(), json!("messages")),
+        ("/v1/chat/completions", r#"{"model":"gpt-5","messages":[{"role":"user","content":[{"type":"file","file":{"file_id":"file-6F2ksmvXxt4VdoqmHRw6kL"}}]}]}"#.into(), json!("messages")),
+        ("/v1/completions", r#"{"model":"gpt-5","prompt":"x","best_of":2,"best_\u006ff":128}"#.into(), json!("best_of")),
+        ("/v1/completions", r#"{"model":"gpt-5","prompt":[1,"x"]}"#.into(), json!("prompt")),
+        ("/v1/embeddings", r#"{"model":"gpt-5","input":"a","input":["b","c"]}"#.into(), json!("input")),
+        ("/v1/embeddings", r#"{"model":"gpt-5","input":{"text":"a"}}"#.into(), json!("input")),
+    ];
+    for (path, body, param) in &cases {
+        let (status, headers, resp) = post_raw(&env, &gw, path, &token, body.as_bytes()).await;
+        assert_eq!(status, 400, "{body}: {}", String::from_utf8_lossy(&resp));
+        assert!(headers.contains_key("x-request-id"));
+        let e = openai_error(&resp);
+        assert_eq!(e["param"], *param, "{body}: {e}");
+        assert_eq!(e["type"], "invalid_request_error");
+    }
+    let stats = mock_stats(&env, &mock).await;
+    assert_eq!(stats["requests"], 0, "{stats}");
+    assert_eq!(
+        env.redis_balance(&user).await,
+        None,
+        "refused before the ledger"
+    );
+    assert_eq!(env.usage_rows().await, 0);
+}
+
+/// A text completion runs every prompt of an array max(n, best_of) times: the hold
+/// covers all of them, so the limit sent upstream is the balance's share per output.
+#[tokio::test]
+async fn a_prompt_array_is_held_for_every_prompt_and_choice() {
+    let env = TestEnv::new().await;
+    let mock = env.mock(&["--completion-tokens", "1000"]).await;
+    let gw = env.gateway(&mock).await;
+    // 2 credits at 2 per 1k tokens: 1,000 tokens in all.
+    let (user, token) = env.user(2).await;
+    let body = br#"{"model":"gpt-5","prompt":["a","b","c","d"],"n":2,"max_tokens":500}"#;
+    let (status, _, resp) = post_raw(&env, &gw, "/v1/completions", &token, body).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&resp));
+    let per_output = mock_last_completion_limit(&env, &mock).await;
+    let prompt_bound = 8 + body.len() as i64;
+    assert!(
+        prompt_bound + 8 * per_output <= 1_000,
+        "8 outputs of {per_output} tokens each do not fit the balance"
+    );
+    let usage = &json(&resp)["usage"];
+    assert_eq!(usage["completion_tokens"].as_i64().unwrap(), 8 * per_output);
+    flushed(&env, &user).await;
+    let bal = env.redis_balance(&user).await.unwrap();
+    assert!(bal >= 0, "balance {bal}");
+}
+
+async fn mock_last_completion_limit(env: &TestEnv, mock: &Proc) -> i64 {
+    // The mock keeps the last request of any format.
+    mock_last(env, mock).await["max_tokens"]
+        .as_i64()
+        .expect("max_tokens sent upstream")
+}
+
+/// An image costs at most what its model's catalogue row says; with no bound known
+/// (Gemini's row), at most the context length — and a file (PDF) too, for any model.
+/// The operator's bound applies without a restart.
+#[tokio::test]
+async fn images_and_files_are_held_at_the_models_bound() {
+    let env = TestEnv::new().await;
+    let mock = env.mock(&[]).await;
+    let gw = env
+        .gateway_with(
+            &mock,
+            &[
+                (
+                    "TOLLGATE__PROVIDERS__GOOGLE__BASE_URL",
+                    &format!("http://{}", mock.addr),
+                ),
+                ("GEMINI_API_KEY", PROVIDER_KEY),
+                ("TOLLGATE__MODELS__REFRESH_MS", "200"),
+            ],
+        )
+        .await;
+    let (user, token) = env.user(100).await;
+    let image = json!([{"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]);
+    let chat = |model: &str, content: &serde_json::Value| {
+        serde_json::to_vec(&json!({"model": model, "max_tokens": 20, "messages": [{"role": "user", "content": content}]})).unwrap()
+    };
+    // gpt-5: 1,500 tokens an image — 100 credits cover it.
+    let (status, _, resp) = post_raw(
+        &env,
+        &gw,
+        "/v1/chat/completions",
+        &token,
+        &chat("gpt-5", &image),
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&resp));
+    // Gemini: no bound known, an image is held as the 2M-token context: refused.
+    let (status, headers, resp) = post_raw(
+        &env,
+        &gw,
+        "/v1/chat/completions",
+        &token,
+        &chat("gemini-2.0-pro", &image),
+    )
+    .await;
+    assert_eq!(status, 429, "{}", String::from_utf8_lossy(&resp));
+    assert_eq!(openai_error(&resp)["code"], "insufficient_quota");
+    assert_eq!(headers["x-should-retry"], "false");
+    // A PDF: its pages can cost up to the context length (400k tokens = 800 credits).
+    let pdf = json!([{"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBERi0xLjQK"}}]);
+    let (status, _, _) = post_raw(
+        &env,
+        &gw,
+        "/v1/chat/completions",
+        &token,
+        &chat("gpt-5", &pdf),
+    )
+    .await;
+    assert_eq!(status, 429);
+    // The operator sets Gemini's bound (16 tiles of 258 tokens): applied within the refresh.
+    env.db()
+        .await
+        .execute(
+            "UPDATE models SET image_tokens = 4128 WHERE id = 'gemini-2.0-pro'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _, resp) = post_raw(
+            &env,
+            &gw,
+            "/v1/chat/completions",
+            &token,
+            &chat("gemini-2.0-pro", &image),
+        )
+        .await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 429, "{}", String::from_utf8_lossy(&resp));
+        assert!(Instant::now() < deadline, "the new bound was never applied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    flushed(&env, &user).await;
+    assert!(env.redis_balance(&user).await.unwrap() >= 0);
+}

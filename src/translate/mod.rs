@@ -713,6 +713,7 @@ pub(crate) mod tests {
             context_length: 1000,
             max_output_tokens: Some(100),
             credits_per_1k_tokens: 1,
+            image_tokens: None,
             is_available: true,
             is_deprecated: false,
             created: 0,

@@ -1,0 +1,423 @@
+//! What a model request's body may be, so that the provider reads what the gateway read.
+//!
+//! The gateway sizes a request's hold from a few fields and edits a few others; the
+//! provider then parses the body with its own JSON parser, which (Python's, Go's and
+//! JavaScript's alike) keeps the LAST of duplicate keys and decodes escapes in keys.
+//! A body the two could read differently is refused before anything is held:
+//!
+//! - one JSON object, nothing else (no BOM, no trailing bytes, at most 128 levels deep —
+//!   serde_json's limits);
+//! - no key twice in any object at any depth, keys compared after decoding escapes
+//!   (`"max_\u0074okens"` is `max_tokens`);
+//! - top-level keys from the endpoint's allow-list only (anything else: 400
+//!   `Unrecognized request argument supplied`, as OpenAI answers).
+//!
+//! With those three, the gateway's reading of a field equals the provider's, and an
+//! edit is exact: a key the gateway adds is spliced in front only when the (decoded)
+//! body has no such key; otherwise the top level is rebuilt from its entries, each
+//! value's bytes kept as they came ([`rebuild`]).
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::error::ApiError;
+
+/// The top-level keys of a checked body (decoded), in their order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Keys(Vec<String>);
+
+impl Keys {
+    pub fn contains(&self, key: &str) -> bool {
+        self.0.iter().any(|k| k == key)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(String::as_str)
+    }
+}
+
+/// Where a duplicate key was found: the key, and the top-level key it sits under
+/// (`None`: at the top level itself).
+#[derive(Debug, Default)]
+struct Found {
+    duplicate: Option<(String, Option<String>)>,
+}
+
+/// Walks any JSON value, refusing an object that holds a key twice.
+struct Strict<'s> {
+    found: &'s RefCell<Found>,
+    /// The top-level key this value sits under (`None` at the top level).
+    under: Option<&'s str>,
+    /// Collects the keys of the object walked (the top level only).
+    keys: Option<&'s RefCell<Vec<String>>>,
+}
+
+impl<'de> DeserializeSeed<'de> for Strict<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+/// A key, borrowed from the body when it has no escapes.
+struct Key;
+
+impl<'de> DeserializeSeed<'de> for Key {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Key {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a key")
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(v))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v.to_owned()))
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v))
+    }
+}
+
+/// Objects with more keys than this are checked with a hash set.
+const LINEAR_KEYS: usize = 16;
+
+impl<'de> Visitor<'de> for Strict<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq
+            .next_element_seed(Strict {
+                found: self.found,
+                under: self.under,
+                keys: None,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut few: Vec<Cow<'de, str>> = Vec::new();
+        let mut many: HashSet<Cow<'de, str>> = HashSet::new();
+        while let Some(key) = map.next_key_seed(Key)? {
+            let seen = if many.is_empty() {
+                few.contains(&key)
+            } else {
+                many.contains(&key)
+            };
+            if seen {
+                let under = self.under.map(str::to_owned);
+                self.found.borrow_mut().duplicate = Some((key.into_owned(), under));
+                return Err(de::Error::custom("duplicate key"));
+            }
+            if let Some(keys) = self.keys {
+                keys.borrow_mut().push(key.clone().into_owned());
+            }
+            let under_owned;
+            let under = match self.under {
+                Some(u) => Some(u),
+                None => {
+                    under_owned = key.clone();
+                    Some(&*under_owned)
+                }
+            };
+            map.next_value_seed(Strict {
+                found: self.found,
+                under,
+                keys: None,
+            })?;
+            if many.is_empty() && few.len() < LINEAR_KEYS {
+                few.push(key);
+            } else {
+                many.extend(few.drain(..));
+                many.insert(key);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The error of a body that is not JSON (or not an object).
+pub fn json_error(e: &serde_json::Error) -> ApiError {
+    if e.is_data() {
+        ApiError::invalid(format!("invalid request: {e}"))
+    } else {
+        ApiError::invalid(format!(
+            "We could not parse the JSON body of your request ({e})"
+        ))
+    }
+}
+
+/// The allow-list of one endpoint's top-level parameters.
+pub struct Params {
+    /// Passed to the provider as they are (or as the gateway edits them).
+    pub allowed: &'static [&'static str],
+    /// Known parameters the gateway refuses (they change the provider's price in ways
+    /// the hold cannot bound), with the reason; `null` is accepted for them.
+    pub refused: &'static [(&'static str, &'static str)],
+}
+
+/// Checks a model request body: one JSON object, no duplicate key at any depth, every
+/// top-level key allowed. Returns the top-level keys.
+pub fn check(body: &[u8], params: &Params) -> Result<Keys, ApiError> {
+    let found = RefCell::new(Found::default());
+    let keys = RefCell::new(Vec::new());
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let walked = de::Deserializer::deserialize_map(
+        &mut de,
+        Strict {
+            found: &found,
+            under: None,
+            keys: Some(&keys),
+        },
+    )
+    .and_then(|()| de.end());
+    if let Err(e) = walked {
+        if let Some((key, under)) = found.into_inner().duplicate {
+            return Err(duplicate(&key, under.as_deref(), params));
+        }
+        return Err(json_error(&e));
+    }
+    let keys = Keys(keys.into_inner());
+    for k in keys.iter() {
+        if params.allowed.contains(&k) {
+            continue;
+        }
+        if let Some((name, why)) = params.refused.iter().find(|(n, _)| *n == k) {
+            if is_null(body, name)? {
+                continue;
+            }
+            return Err(ApiError::InvalidRequest {
+                message: format!("the parameter `{name}` is not accepted: {why}"),
+                param: Some(name),
+            });
+        }
+        return Err(ApiError::InvalidRequest {
+            message: format!("Unrecognized request argument supplied: {k}"),
+            param: None,
+        });
+    }
+    Ok(keys)
+}
+
+fn duplicate(key: &str, under: Option<&str>, params: &Params) -> ApiError {
+    // Name the top-level parameter at fault, with a static name when it is one we know.
+    let top = under.unwrap_or(key);
+    let param = params
+        .allowed
+        .iter()
+        .copied()
+        .chain(params.refused.iter().map(|(n, _)| *n))
+        .find(|p| *p == top);
+    let message = match under {
+        None => format!("the parameter `{key}` appears more than once in the request body"),
+        Some(u) => format!("the key `{key}` appears more than once in an object of `{u}`"),
+    };
+    ApiError::InvalidRequest { message, param }
+}
+
+/// Whether the top-level `key` of a checked body is `null`.
+fn is_null(body: &[u8], key: &str) -> Result<bool, ApiError> {
+    Ok(entries(body)?
+        .iter()
+        .find(|(k, _)| k == key)
+        .is_some_and(|(_, v)| v.get() == "null"))
+}
+
+/// The top-level entries of a checked body: decoded key, raw value.
+pub fn entries(body: &[u8]) -> Result<Vec<(Cow<'_, str>, &RawValue)>, ApiError> {
+    struct Entries;
+    impl<'de> Visitor<'de> for Entries {
+        type Value = Vec<(Cow<'de, str>, &'de RawValue)>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(k) = map.next_key_seed(Key)? {
+                let v: &'de RawValue = map.next_value()?;
+                out.push((k, v));
+            }
+            Ok(out)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let out = de::Deserializer::deserialize_map(&mut de, Entries)
+        .and_then(|v| de.end().map(|()| v))
+        .map_err(|e| json_error(&e))?;
+    Ok(out)
+}
+
+/// Rebuilds a checked body's top level: each entry once, its key written plainly and
+/// its value's bytes kept, except the keys in `set`, whose values are replaced (or
+/// appended when absent). Nothing else changes.
+pub fn rebuild(body: &[u8], set: &[(&str, Vec<u8>)]) -> Result<Vec<u8>, ApiError> {
+    let entries = entries(body)?;
+    let mut out = Vec::with_capacity(body.len() + 64);
+    out.push(b'{');
+    let mut first = true;
+    let mut put = |out: &mut Vec<u8>, k: &str, v: &[u8]| -> Result<(), ApiError> {
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        serde_json::to_writer(&mut *out, k).map_err(ApiError::internal)?;
+        out.push(b':');
+        out.extend_from_slice(v);
+        Ok(())
+    };
+    for (k, v) in &entries {
+        match set.iter().find(|(s, _)| *s == k) {
+            Some((_, new)) => put(&mut out, k, new)?,
+            None => put(&mut out, k, v.get().as_bytes())?,
+        }
+    }
+    for (k, v) in set {
+        if !entries.iter().any(|(e, _)| e == k) {
+            put(&mut out, k, v)?;
+        }
+    }
+    out.push(b'}');
+    Ok(out)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    const P: Params = Params {
+        allowed: &["model", "messages", "max_tokens", "stream_options"],
+        refused: &[("audio", "audio is priced apart")],
+    };
+
+    fn err(body: &str) -> (String, Option<&'static str>) {
+        match check(body.as_bytes(), &P) {
+            Err(ApiError::InvalidRequest { message, param }) => (message, param),
+            other => panic!("{body}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn duplicates_are_found_after_decoding_escapes_at_any_depth() {
+        let (m, p) = err(r#"{"max_tokens":5,"max_\u0074okens":null}"#);
+        assert_eq!(p, Some("max_tokens"));
+        assert!(m.contains("more than once"), "{m}");
+        let (m, p) = err(r#"{"stream_options":{"include_usage":true,"include_\u0075sage":false}}"#);
+        assert_eq!(p, Some("stream_options"));
+        assert!(m.contains("include_usage"), "{m}");
+        let (_, p) = err(r#"{"messages":[{"content":[{"type":"text","type":"image_url"}]}]}"#);
+        assert_eq!(p, Some("messages"));
+        // An unknown top-level key twice: refused, no static name to give.
+        let (_, p) = err(r#"{"x":1,"x":2}"#);
+        assert_eq!(p, None);
+        // Many keys (the hash-set path).
+        let mut big = String::from("{\"messages\":{");
+        for i in 0..40 {
+            big.push_str(&format!("\"k{i}\":1,"));
+        }
+        big.push_str("\"k7\":2}}");
+        assert_eq!(err(&big).1, Some("messages"));
+    }
+
+    #[test]
+    fn only_allowed_keys_pass_and_refused_ones_only_as_null() {
+        let keys = check(br#"{"model":"m","messages":[],"audio":null}"#, &P).unwrap();
+        assert_eq!(
+            keys.iter().collect::<Vec<_>>(),
+            ["model", "messages", "audio"]
+        );
+        let (m, p) = err(r#"{"model":"m","audio":{"voice":"x"}}"#);
+        assert_eq!(p, Some("audio"));
+        assert!(m.contains("priced apart"), "{m}");
+        let (m, p) = err(r#"{"model":"m","MAX_TOKENS":5}"#);
+        assert_eq!(p, None);
+        assert!(m.contains("Unrecognized request argument supplied: MAX_TOKENS"));
+    }
+
+    #[test]
+    fn not_one_plain_object_is_refused() {
+        for body in [
+            "\u{feff}{\"model\":\"m\"}",
+            "[1]",
+            "{\"model\":\"m\"} x",
+            "{\"model\":NaN}",
+            "{\"model\":\"\\ud800\"}",
+            "",
+        ] {
+            let (m, _) = err(body);
+            assert!(!m.is_empty());
+        }
+        let deep = format!("{{\"messages\":{}{}}}", "[".repeat(200), "]".repeat(200));
+        err(&deep);
+    }
+
+    #[test]
+    fn rebuild_replaces_in_place_keeps_bytes_and_appends() {
+        let body = br#"{ "model" : "a", "max_\u0074okens": null, "messages": [ {"x": 1.50} ] }"#;
+        let out = rebuild(
+            body,
+            &[
+                ("max_tokens", b"7".to_vec()),
+                ("stream_options", b"{}".to_vec()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"model":"a","max_tokens":7,"messages":[ {"x": 1.50} ],"stream_options":{}}"#
+        );
+    }
+}
