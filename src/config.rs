@@ -187,6 +187,7 @@ pub struct RawProvider {
     pub retry_after_max_ms: u64,
     pub breaker_failures: u32,
     pub breaker_open_ms: u64,
+    pub retry_timeouts: bool,
 }
 
 /// One deployment of a provider: `api_key_env` empty means the provider's.
@@ -389,6 +390,7 @@ impl Default for RawProvider {
             retry_after_max_ms: 10_000,
             breaker_failures: 5,
             breaker_open_ms: 30_000,
+            retry_timeouts: false,
         }
     }
 }
@@ -589,6 +591,9 @@ pub struct ProviderConfig {
     pub breaker_failures: u32,
     /// How long an open circuit refuses requests before one probe is let through.
     pub breaker_open: Duration,
+    /// Retry a request that was sent and got no answer in time (the provider may be
+    /// running it: a retry can make it bill twice).
+    pub retry_timeouts: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -755,6 +760,7 @@ impl RawConfig {
                     retry_after_max: Duration::from_millis(p.retry_after_max_ms),
                     breaker_failures: p.breaker_failures,
                     breaker_open: Duration::from_millis(p.breaker_open_ms),
+                    retry_timeouts: p.retry_timeouts,
                 },
             );
         }

@@ -3,9 +3,14 @@
 //!
 //! - The first attempt goes to a deployment picked by weight; failover goes to the
 //!   others in list order, backups (weight 0) last, round again while attempts remain.
-//! - Connect errors, timeouts before the answer starts, a stream cut before its first
-//!   chunk, 429 and 5xx are retried; no other 4xx ever is. Nothing has reached the
-//!   client while [`Pool::send`] runs: the caller sends only what it returns.
+//! - Connect errors, 429 and 5xx are retried; no other 4xx ever is. A request that was
+//!   sent and got no answer within the first-byte timeout is NOT retried (unless
+//!   `retry_timeouts`): the provider may be running it, and would bill it twice. Such
+//!   attempts are counted in `tollgate_upstream_timeouts_total{provider,retried}`.
+//! - [`Pool::send`] returns at the provider's 2xx headers. From then on the provider is
+//!   doing the work and the request is charged, so nothing after a 2xx is retried: the
+//!   caller reads the body and, if reading it fails, charges an estimate. Nothing has
+//!   reached the client while [`Pool::send`] runs.
 //! - A deployment tried again in the same request is waited for: its `retry-after`
 //!   (when at most `retry_after_max`; a longer one ends its attempts), else exponential
 //!   backoff with jitter. Failover to a deployment not yet tried does not wait.
@@ -176,36 +181,20 @@ fn secret(s: &str) -> Option<HeaderValue> {
     Some(v)
 }
 
-/// How a success is read before it is handed back.
-#[derive(Debug, Clone, Copy)]
-pub enum Mode {
-    /// Read the whole body (at most this many bytes).
-    Json { max_bytes: usize },
-    /// Read up to the first data frame.
-    Stream,
-}
-
-pub enum Answer {
-    Json {
-        status: StatusCode,
-        content_type: Option<HeaderValue>,
-        body: Bytes,
-    },
-    Stream {
-        status: StatusCode,
-        /// The first data frame (`None`: the stream ended before any).
-        first: Option<Bytes>,
-        rest: Incoming,
-    },
-}
-
-/// A success, and how it was reached.
+/// A 2xx answer (its body still to read), and how it was reached.
 pub struct Sent {
-    pub answer: Answer,
+    pub status: StatusCode,
+    pub content_type: Option<HeaderValue>,
+    pub body: Incoming,
     /// Upstream attempts made (1 when the first one answered).
     pub attempts: u32,
     /// Index of the deployment that answered.
     pub deployment: usize,
+    /// Earlier attempts that were sent and timed out (retried under `retry_timeouts`).
+    pub timed_out: u32,
+    /// When the answer's first byte is due (the first-byte timeout of this attempt):
+    /// a stream's first chunk must come by then.
+    pub first_byte_due: tokio::time::Instant,
 }
 
 enum Outcome {
@@ -214,6 +203,9 @@ enum Outcome {
         error: ApiError,
         retry_after: Option<Duration>,
     },
+    /// Sent, and no answer within the first-byte timeout: the provider may be running
+    /// it. Retried only under `retry_timeouts`.
+    TimedOut,
     /// The final answer (not the deployment's fault, or not safe to repeat).
     Fatal(ApiError),
 }
@@ -231,6 +223,7 @@ pub struct Pool {
     retry_after_max: Duration,
     first_byte_timeout: Duration,
     idle_timeout: Duration,
+    retry_timeouts: bool,
 }
 
 impl Pool {
@@ -263,6 +256,7 @@ impl Pool {
             retry_after_max: cfg.retry_after_max,
             first_byte_timeout: cfg.first_byte_timeout,
             idle_timeout: cfg.idle_timeout,
+            retry_timeouts: cfg.retry_timeouts,
         }
     }
 
@@ -273,6 +267,11 @@ impl Pool {
     /// Longest silence between two frames of an answer.
     pub fn idle_timeout(&self) -> Duration {
         self.idle_timeout
+    }
+
+    /// Longest wait for an answer to start.
+    pub fn first_byte_timeout(&self) -> Duration {
+        self.first_byte_timeout
     }
 
     /// The deployment of a first attempt, picked by weight with the random `r`
@@ -306,7 +305,7 @@ impl Pool {
 
     /// Sends one request, retrying as the module doc says. `build` makes the request
     /// for a deployment; it is called once per attempt.
-    pub async fn send<B>(&self, client: &HttpClient, mode: Mode, build: B) -> Result<Sent, ApiError>
+    pub async fn send<B>(&self, client: &HttpClient, build: B) -> Result<Sent, ApiError>
     where
         B: Fn(&Deployment) -> Result<Request<Full<Bytes>>, ApiError>,
     {
@@ -319,6 +318,7 @@ impl Pool {
         let mut not_before: Vec<(usize, Instant)> = Vec::new();
         let mut last: Option<ApiError> = None;
         let mut attempts = 0u32;
+        let mut timed_out = 0u32;
         while attempts < self.max_attempts {
             let now = now_ms();
             let pick = (0..n)
@@ -339,16 +339,34 @@ impl Pool {
             }
             tried |= bit(i);
             attempts += 1;
-            match self.attempt(client, d, mode, &build).await {
-                Ok(answer) => {
+            match self.attempt(client, d, &build).await {
+                Ok(mut sent) => {
                     d.breaker.success();
-                    return Ok(Sent {
-                        answer,
-                        attempts,
-                        deployment: i,
-                    });
+                    sent.attempts = attempts;
+                    sent.deployment = i;
+                    sent.timed_out = timed_out;
+                    return Ok(sent);
                 }
                 Err(Outcome::Fatal(e)) => return Err(e),
+                Err(Outcome::TimedOut) => {
+                    d.breaker.failure(now_ms());
+                    let retried = self.retry_timeouts && attempts < self.max_attempts;
+                    metrics::counter!("tollgate_upstream_timeouts_total",
+                        "provider" => self.provider.clone(),
+                        "retried" => if retried { "true" } else { "false" })
+                    .increment(1);
+                    tracing::warn!(provider = %self.provider, deployment = i, attempt = attempts, retried,
+                                   "upstream sent no answer within the first-byte timeout; it may still be running the request");
+                    let error = ApiError::UpstreamTimeout {
+                        message: format!("the upstream provider `{}` timed out", self.provider),
+                    };
+                    if !self.retry_timeouts {
+                        return Err(error);
+                    }
+                    timed_out = timed_out.saturating_add(1);
+                    not_before.retain(|(j, _)| *j != i);
+                    last = Some(error);
+                }
                 Err(Outcome::Retry { error, retry_after }) => {
                     d.breaker.failure(now_ms());
                     tracing::warn!(provider = %self.provider, deployment = i, attempt = attempts,
@@ -377,9 +395,8 @@ impl Pool {
         &self,
         client: &HttpClient,
         d: &Deployment,
-        mode: Mode,
         build: &B,
-    ) -> Result<Answer, Outcome>
+    ) -> Result<Sent, Outcome>
     where
         B: Fn(&Deployment) -> Result<Request<Full<Bytes>>, ApiError>,
     {
@@ -399,67 +416,20 @@ impl Pool {
                     "the upstream provider `{name}` could not be reached"
                 )));
             }
-            Err(_) => return Err(retry(format!("the upstream provider `{name}` timed out"))),
+            Err(_) => return Err(Outcome::TimedOut),
         };
         let status = resp.status();
         if status.is_success() {
-            return match mode {
-                Mode::Json { max_bytes } => {
-                    let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
-                    let body = Limited::new(resp.into_body(), max_bytes).collect();
-                    match tokio::time::timeout(self.idle_timeout, body).await {
-                        Ok(Ok(c)) => Ok(Answer::Json {
-                            status,
-                            content_type,
-                            body: c.to_bytes(),
-                        }),
-                        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-                            Err(Outcome::Fatal(ApiError::BadGateway {
-                                message: "the upstream provider's answer is larger than the gateway accepts".into(),
-                            }))
-                        }
-                        Ok(Err(_)) | Err(_) => Err(retry(
-                            "the upstream provider's answer was cut off".into(),
-                        )),
-                    }
-                }
-                Mode::Stream => {
-                    let mut rest = resp.into_body();
-                    loop {
-                        let wait =
-                            first_deadline.min(tokio::time::Instant::now() + self.idle_timeout);
-                        match tokio::time::timeout_at(wait, rest.frame()).await {
-                            Ok(Some(Ok(f))) => match f.into_data() {
-                                Ok(data) if !data.is_empty() => {
-                                    return Ok(Answer::Stream {
-                                        status,
-                                        first: Some(data),
-                                        rest,
-                                    })
-                                }
-                                _ => continue,
-                            },
-                            Ok(None) => {
-                                return Ok(Answer::Stream {
-                                    status,
-                                    first: None,
-                                    rest,
-                                })
-                            }
-                            Ok(Some(Err(_))) => {
-                                return Err(retry(
-                                    "the upstream provider's answer was cut off".into(),
-                                ))
-                            }
-                            Err(_) => {
-                                return Err(retry(format!(
-                                    "the upstream provider `{name}` timed out"
-                                )))
-                            }
-                        }
-                    }
-                }
-            };
+            let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
+            return Ok(Sent {
+                status,
+                content_type,
+                body: resp.into_body(),
+                attempts: 0,
+                deployment: d.index,
+                timed_out: 0,
+                first_byte_due: first_deadline,
+            });
         }
         let asked = retry_after(resp.headers());
         let retry_after_header = resp.headers().get(header::RETRY_AFTER).cloned();
@@ -548,6 +518,7 @@ mod tests {
             retry_after_max: Duration::from_secs(10),
             breaker_failures: 3,
             breaker_open: Duration::from_millis(1000),
+            retry_timeouts: false,
         })
     }
 

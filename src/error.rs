@@ -47,6 +47,11 @@ pub enum ApiError {
     BadGateway {
         message: String,
     },
+    /// The request was sent and the provider did not answer in time (it may still be
+    /// running it, so it is not retried).
+    UpstreamTimeout {
+        message: String,
+    },
     /// Redis or PostgreSQL is unavailable.
     Unavailable {
         message: String,
@@ -72,6 +77,7 @@ impl ApiError {
             ApiError::ProviderNotImplemented { .. } => StatusCode::NOT_IMPLEMENTED,
             ApiError::Upstream { status, .. } => *status,
             ApiError::BadGateway { .. } => StatusCode::BAD_GATEWAY,
+            ApiError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
@@ -93,6 +99,7 @@ impl ApiError {
             ApiError::ProviderNotImplemented { .. } => "provider_not_implemented",
             ApiError::Upstream { .. } => "upstream_status",
             ApiError::BadGateway { .. } => "bad_gateway",
+            ApiError::UpstreamTimeout { .. } => "upstream_timeout",
             ApiError::UpstreamBusy { .. } => "upstream_busy",
             ApiError::Unavailable { .. } => "unavailable",
             ApiError::Internal { .. } => "internal",
@@ -196,6 +203,12 @@ impl ApiError {
             ApiError::BadGateway { message } => {
                 (message.clone(), "upstream_error", None, Some("bad_gateway"))
             }
+            ApiError::UpstreamTimeout { message } => (
+                message.clone(),
+                "upstream_error",
+                None,
+                Some("upstream_timeout"),
+            ),
             ApiError::UpstreamBusy { .. } => (
                 "The upstream provider is busy; retry after the time in `retry-after`.".into(),
                 "server_error",

@@ -17,7 +17,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::config::ProviderConfig;
-use crate::deploy::{Deployment, HttpClient, Mode, Pool, Sent};
+use crate::deploy::{Deployment, HttpClient, Pool, Sent};
 use crate::error::ApiError;
 use crate::translate::Kind;
 
@@ -179,20 +179,14 @@ impl Provider {
         endpoint: Endpoint<'_>,
         body: Bytes,
         stream: bool,
-        max_bytes: usize,
     ) -> Result<Sent, ApiError> {
-        let mode = if stream {
-            Mode::Stream
-        } else {
-            Mode::Json { max_bytes }
-        };
         let accept = HeaderValue::from_static(if stream {
             "text/event-stream"
         } else {
             "application/json"
         });
         self.pool
-            .send(self.clients.get(), mode, |d| {
+            .send(self.clients.get(), |d| {
                 let mut req = Request::builder()
                     .method(Method::POST)
                     .uri(self.uri(d, endpoint, stream)?)

@@ -73,8 +73,9 @@ pub struct MockOptions {
     #[arg(long)]
     pub retry_after: Option<u64>,
     /// Cut streams after N events: OpenAI streams drop the connection mid-body;
-    /// Anthropic/Gemini/completions streams end without their end event
-    /// (header x-mock-cut-after)
+    /// Anthropic/Gemini/completions streams end without their end event. An OpenAI
+    /// chat JSON answer is cut after N bytes (the connection dropped short of its
+    /// declared length). (header x-mock-cut-after)
     #[arg(long)]
     pub cut_after: Option<usize>,
     /// Cache-read input tokens Anthropic answers report (header x-mock-cache-read-tokens)
@@ -562,6 +563,9 @@ impl MockProvider {
                 }],
                 usage,
             };
+            if let Some(n) = overrides.cut_after.or(self.opts.cut_after) {
+                return cut_json(&completion, n);
+            }
             self.served.fetch_add(1, Ordering::Relaxed);
             json_response(StatusCode::OK, &completion)
         }
@@ -741,6 +745,29 @@ fn insert_request_id(headers: &mut HeaderMap) {
     if let Ok(value) = HeaderValue::from_str(&id) {
         headers.insert("x-request-id", value);
     }
+}
+
+/// A 200 JSON answer cut after `n` bytes: its full length is declared, then the
+/// connection drops.
+fn cut_json<T: Serialize>(value: &T, n: usize) -> Response<RespBody> {
+    let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    let len = body.len();
+    let head = Bytes::from(body[..n.min(len.saturating_sub(1))].to_vec());
+    let (tx, rx) = mpsc::channel::<Bytes>(1);
+    tokio::spawn(async move {
+        let _ = tx.send(head).await;
+        // Let what was sent be flushed before the connection drops.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    });
+    let mut resp = Response::new(ChannelBody { rx }.boxed());
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    insert_request_id(headers);
+    resp
 }
 
 fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response<RespBody> {

@@ -31,7 +31,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use bytes::Bytes;
-use chrono::Utc;
 use http::{header, HeaderValue};
 use http_body_util::BodyExt;
 use hyper::body::Frame;
@@ -39,12 +38,12 @@ use uuid::Uuid;
 
 use crate::authenticate::Principal;
 pub use crate::authenticate::UNAUTHENTICATED_ROUTES;
-use crate::deploy::{Answer, Sent};
+use crate::deploy::Sent;
 use crate::error::ApiError;
 use crate::ledger::{HoldRequest, Reserve};
 use crate::parse::{missing_model, parse_chat_lenient, upstream_body, ChatRequest, Edits};
 use crate::route::Model;
-use crate::settle::{cost, settle, Usage, UsageEvent};
+use crate::settle::{cost, settle, Received, Ticket, Usage};
 use crate::state::AppState;
 use crate::stream_back::Tap;
 use crate::translate::{self, Kind};
@@ -146,21 +145,14 @@ pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiErro
 /// What one admitted request carries from reserve to settle.
 pub(crate) struct Admitted {
     pub(crate) state: AppState,
-    pub(crate) rid: Uuid,
-    pub(crate) user: Uuid,
     pub(crate) model: std::sync::Arc<Model>,
-    pub(crate) started: Instant,
-    /// The prompt's tokens as guessed from its size, for an answer without usage.
-    pub(crate) prompt_estimate: i64,
-    pub(crate) hold: i64,
     pub(crate) stream: bool,
     /// The wire format of the model's provider (anything but OpenAI is translated).
     pub(crate) kind: Kind,
     /// Which provider endpoint the request goes to.
     pub(crate) endpoint: Api,
-    /// The `usage_history.operation` recorded (`chat` becomes `function_call` when the
-    /// answer calls a tool).
-    pub(crate) operation: &'static str,
+    /// The money: settled or released exactly once, even if this is dropped.
+    pub(crate) ticket: Ticket,
 }
 
 /// The OpenAI endpoint a request came in on.
@@ -236,18 +228,24 @@ pub(crate) async fn admit_and_run(
     });
     // On a refusal or an error the `go` sender is dropped: the early call is cancelled.
     let (hold, max_tokens) = reserve(state, &principal.user_id, &a.rid, model, chat, want).await?;
-    let adm = Admitted {
+    let mut adm = Admitted {
         state: state.clone(),
-        rid: a.rid,
-        user: principal.user_id,
         model: model.clone(),
-        started: a.started,
-        prompt_estimate: chat.prompt_estimate(),
-        hold,
         stream: chat.stream,
         kind: a.kind,
         endpoint: a.endpoint,
-        operation: a.operation,
+        ticket: Ticket::new(
+            principal.user_id,
+            a.rid,
+            model.id.clone(),
+            model.credits_per_1k_tokens,
+            hold,
+            a.started,
+            chat.stream,
+            a.operation,
+            chat.prompt_estimate(),
+            state.orphans.clone(),
+        ),
     };
     // The balance lowered the limit: the body sent (or to send) must carry the lower one.
     let lowered = if max_tokens == want {
@@ -266,7 +264,7 @@ pub(crate) async fn admit_and_run(
             let outcome = if lowered.is_some() { "resent" } else { "used" };
             metrics::counter!("tollgate_speculative_sends_total", "outcome" => outcome)
                 .increment(1);
-            if let Err(Go { adm, .. }) = go.send(Go {
+            if let Err(Go { mut adm, .. }) = go.send(Go {
                 adm,
                 resend: lowered,
                 include_usage,
@@ -278,11 +276,11 @@ pub(crate) async fn admit_and_run(
             handle
         }
         None => {
-            let go = Go {
+            let go = Box::new(Go {
                 adm,
                 resend: None,
                 include_usage,
-            };
+            });
             state
                 .tasks
                 .spawn(forward(Start::Now(go, lowered.unwrap_or(body))))
@@ -321,7 +319,7 @@ struct Go {
 
 enum Start {
     /// Admitted: send this body now.
-    Now(Go, Bytes),
+    Now(Box<Go>, Bytes),
     /// Send at once, and answer only once the hold is taken (or stop if it is refused).
     Early(EarlySend, tokio::sync::oneshot::Receiver<Go>),
 }
@@ -330,14 +328,12 @@ enum Start {
 async fn forward(start: Start) -> Result<Response, ApiError> {
     let (go, sent) = match start {
         Start::Now(go, body) => {
-            let sent = send_upstream(
-                &go.adm.state,
-                &go.adm.model,
-                go.adm.endpoint,
-                go.adm.stream,
-                body,
-            )
-            .await;
+            let go = *go;
+            let a = &go.adm;
+            let call = send_upstream(&a.state, &a.model, a.endpoint, a.stream, body);
+            let sent = unless_cut(&a.state, call)
+                .await
+                .unwrap_or_else(|| Err(shutting_down()));
             (go, sent)
         }
         Start::Early(e, mut wait) => {
@@ -360,41 +356,59 @@ async fn forward(start: Start) -> Result<Response, ApiError> {
             };
             let sent = match (&go.resend, answer, call.take()) {
                 (None, Some(a), _) => a,
-                (None, None, Some(c)) => c.await,
+                (None, None, Some(c)) => unless_cut(&go.adm.state, c)
+                    .await
+                    .unwrap_or_else(|| Err(shutting_down())),
                 (None, None, None) => Err(ApiError::internal("no upstream call")),
                 // Sent with a limit the hold does not cover: drop that call (and its
                 // answer, if it came: a stream would stay open upstream) and send again.
                 (Some(b), a, c) => {
                     drop(a);
                     drop(c);
-                    send_upstream(
-                        &go.adm.state,
-                        &go.adm.model,
-                        go.adm.endpoint,
-                        go.adm.stream,
-                        b.clone(),
-                    )
-                    .await
+                    let g = &go.adm;
+                    let call = send_upstream(&g.state, &g.model, g.endpoint, g.stream, b.clone());
+                    unless_cut(&g.state, call)
+                        .await
+                        .unwrap_or_else(|| Err(shutting_down()))
                 }
             };
             (go, sent)
         }
     };
     let Go {
-        adm, include_usage, ..
+        mut adm,
+        include_usage,
+        ..
     } = go;
     let sent = match sent {
         Ok(s) => s,
         Err(e) => {
+            tracing::info!(request_id = %adm.ticket.rid, error = e.label(), "upstream failed");
             adm.release().await;
-            tracing::info!(request_id = %adm.rid, error = e.label(), "upstream failed");
             return Err(e);
         }
     };
+    // The provider answered 2xx: from here on the request is charged.
+    adm.ticket.answered();
     if adm.stream {
         forward_stream(adm, sent, include_usage).await
     } else {
         forward_json(adm, sent).await
+    }
+}
+
+/// Runs `f` unless the shutdown cut (the end of the grace period) comes first.
+async fn unless_cut<F: std::future::Future>(state: &AppState, f: F) -> Option<F::Output> {
+    tokio::select! {
+        biased;
+        r = f => Some(r),
+        _ = state.cut.cancelled() => None,
+    }
+}
+
+fn shutting_down() -> ApiError {
+    ApiError::Unavailable {
+        message: "the gateway is shutting down; retry".into(),
     }
 }
 
@@ -408,56 +422,35 @@ impl Admitted {
             .unwrap_or_default()
     }
 
-    pub(crate) async fn release(&self) {
-        if let Err(e) = self.state.hot_ledger().release(&self.user, &self.rid).await {
+    /// Gives the hold back (no 2xx came).
+    pub(crate) async fn release(&mut self) {
+        self.ticket.finish();
+        let (user, rid) = (self.ticket.user, self.ticket.rid);
+        if let Err(e) = self.state.hot_ledger().release(&user, &rid).await {
             // The hold expires on its own (metering.hold_ttl_ms) and is returned then.
-            tracing::warn!(request_id = %self.rid, error = %e, "releasing a hold failed");
+            tracing::warn!(request_id = %rid, error = %e, "releasing a hold failed");
         }
     }
 
-    fn event(
-        &self,
+    /// Charges `usage` and records the request (stage 8).
+    async fn settle(
+        &mut self,
         usage: Usage,
-        extra: Option<serde_json::Value>,
-    ) -> Result<UsageEvent, ApiError> {
-        let mut credits = cost(usage.total_tokens, self.model.credits_per_1k_tokens)
-            .ok_or_else(|| ApiError::internal("cost overflow"))?;
-        if usage.estimated {
-            // A guess never charges more than was held for the request.
-            credits = credits.min(self.hold);
-        }
-        let mut meta = serde_json::json!({"stream": self.stream});
-        if usage.estimated {
-            meta["usage_estimated"] = serde_json::Value::Bool(true);
-        }
-        if let (Some(extra), Some(m)) = (extra, meta.as_object_mut()) {
-            if let Some(e) = extra.as_object() {
-                m.extend(e.clone());
-            }
-        }
-        Ok(UsageEvent {
-            id: self.rid,
-            created_at: Utc::now(),
-            user_id: self.user,
-            model_id: self.model.id.clone(),
-            operation: self.operation,
-            credits_used: credits,
-            input_tokens: usage.prompt_tokens,
-            output_tokens: usage.completion_tokens,
-            total_tokens: usage.total_tokens,
-            duration_ms: i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX),
-            metadata: Some(meta),
-        })
-    }
-
-    async fn settle(&self, usage: Usage, extra: Option<serde_json::Value>) -> Result<(), ApiError> {
-        let event = self.event(usage, extra)?;
-        settle(&self.state, &event).await.map_err(|e| {
-            tracing::error!(request_id = %self.rid, error = %e, "usage could not be recorded");
-            ApiError::Unavailable {
+        extra: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), ApiError> {
+        let extra = (!extra.is_empty()).then_some(serde_json::Value::Object(extra));
+        let event = self
+            .ticket
+            .event(usage, extra)
+            .map_err(ApiError::internal)?;
+        if let Err(e) = settle(&self.state, &event).await {
+            tracing::error!(request_id = %event.id, error = %e, "usage could not be recorded");
+            self.ticket.unsettled(event);
+            return Err(ApiError::Unavailable {
                 message: "the usage of this request could not be recorded; retry shortly".into(),
-            }
-        })?;
+            });
+        }
+        self.ticket.finish();
         let model = self.model.id.clone();
         metrics::counter!("tollgate_requests_settled_total", "model" => model.clone(), "operation" => event.operation)
             .increment(1);
@@ -470,24 +463,24 @@ impl Admitted {
         Ok(())
     }
 
-    /// Usage when the provider reported none, marked as estimated: the prompt at four
-    /// bytes a token (the bound counts one token a byte) plus `completion_tokens`;
-    /// nothing at all when nothing was received. The charge of an estimate is capped
-    /// at the hold (see [`Admitted::event`]).
-    fn estimate(&self, received_bytes: usize, completion_tokens: usize) -> Usage {
-        if received_bytes == 0 {
-            return Usage {
-                estimated: true,
-                ..Usage::default()
-            };
-        }
-        let prompt = self.prompt_estimate;
-        let completion = i64::try_from(completion_tokens).unwrap_or(i64::MAX);
-        Usage {
-            prompt_tokens: prompt,
-            completion_tokens: completion,
-            total_tokens: prompt.saturating_add(completion),
-            estimated: true,
+    /// After a 2xx, something on our side (or the provider's cut) ended the answer:
+    /// charge an estimate of what was received, capped at the hold and marked with
+    /// `reason`, and answer the client `error`.
+    async fn charge_failure(
+        &mut self,
+        reason: &'static str,
+        mut extra: serde_json::Map<String, serde_json::Value>,
+        error: ApiError,
+    ) -> ApiError {
+        let r = self.ticket.received().unwrap_or_default();
+        let usage = r
+            .usage
+            .unwrap_or_else(|| self.ticket.estimate(r.completion_estimate));
+        extra.insert(reason.into(), serde_json::Value::Bool(true));
+        tracing::warn!(request_id = %self.ticket.rid, reason, "answer ended on a failure after the provider's 2xx; charged an estimate");
+        match self.settle(usage, extra).await {
+            Ok(()) => error,
+            Err(e) => e,
         }
     }
 }
@@ -647,37 +640,101 @@ async fn send_upstream(
         Api::Completions => crate::forward::Endpoint::Completions,
         Api::Embeddings { .. } => crate::forward::Endpoint::Embeddings { model: name },
     };
-    provider
-        .send(endpoint, body, stream, state.cfg.max_response_bytes)
-        .await
+    provider.send(endpoint, body, stream).await
 }
 
 /// Metadata of a request that needed more than one upstream attempt.
-fn attempts_meta(sent: &Sent, extra: &mut serde_json::Map<String, serde_json::Value>) {
+fn attempts_meta(sent: &Sent) -> serde_json::Map<String, serde_json::Value> {
+    let mut extra = serde_json::Map::new();
     if sent.attempts > 1 {
         extra.insert("attempts".into(), sent.attempts.into());
         extra.insert("deployment".into(), sent.deployment.into());
     }
+    if sent.timed_out > 0 {
+        // Sent earlier and not answered in time: the provider may have run those too.
+        extra.insert("timed_out_attempts".into(), sent.timed_out.into());
+    }
+    extra
 }
 
+/// Reads a 2xx JSON answer (bounded in size, each frame within the idle timeout),
+/// then charges what the provider reported. Once the provider answered 2xx it did the
+/// work: an answer that fails to arrive whole (cut, silent, too large, unreadable, or
+/// cut by shutdown) is charged an estimate of what was received, capped at the hold and
+/// marked, and the client gets an error.
 async fn forward_json(mut adm: Admitted, sent: Sent) -> Result<Response, ApiError> {
-    let mut extra = serde_json::Map::new();
-    attempts_meta(&sent, &mut extra);
-    let Answer::Json {
+    let extra = attempts_meta(&sent);
+    let max = adm.state.cfg.max_response_bytes;
+    let idle = adm.idle_timeout();
+    let embeddings = matches!(adm.endpoint, Api::Embeddings { .. });
+    let Sent {
         status,
         content_type,
-        body: bytes,
-    } = sent.answer
-    else {
-        adm.release().await;
-        return Err(ApiError::internal("a streamed answer to a JSON request"));
+        body: mut upstream,
+        ..
+    } = sent;
+    let mut buf = bytes::BytesMut::new();
+    let failure = loop {
+        let next = tokio::time::timeout(idle, upstream.frame());
+        let Some(frame) = unless_cut(&adm.state, next).await else {
+            break Some(("shutdown_cut", shutting_down()));
+        };
+        match frame {
+            Ok(None) => break None,
+            Ok(Some(Ok(f))) => {
+                let Ok(data) = f.into_data() else { continue };
+                let total = buf.len().saturating_add(data.len());
+                adm.ticket.progress(Received {
+                    bytes: total,
+                    completion_estimate: if embeddings {
+                        0
+                    } else {
+                        i64::try_from(total.div_ceil(4)).unwrap_or(i64::MAX)
+                    },
+                    usage: None,
+                });
+                if total > max {
+                    break Some((
+                        "answer_too_large",
+                        ApiError::BadGateway {
+                            message:
+                                "the upstream provider's answer is larger than the gateway accepts"
+                                    .into(),
+                        },
+                    ));
+                }
+                buf.extend_from_slice(&data);
+            }
+            Ok(Some(Err(e))) => {
+                tracing::warn!(request_id = %adm.ticket.rid, error = %e, "upstream answer cut");
+                break Some((
+                    "upstream_cut",
+                    ApiError::BadGateway {
+                        message: "the upstream provider's answer was cut off".into(),
+                    },
+                ));
+            }
+            Err(_) => {
+                break Some((
+                    "upstream_timeout",
+                    ApiError::UpstreamTimeout {
+                        message: "the upstream provider went silent in the middle of its answer"
+                            .into(),
+                    },
+                ))
+            }
+        }
     };
+    if let Some((reason, error)) = failure {
+        return Err(adm.charge_failure(reason, extra, error).await);
+    }
+    let bytes = buf.freeze();
     let (bytes, usage, tool_call) = if adm.kind == Kind::OpenAi {
         let usage = Usage::from_openai_json(&bytes);
         let tool_call = crate::stream_back::finished_with_tool_calls(&bytes);
         (bytes, usage, tool_call)
     } else {
-        let id = format!("chatcmpl-{}", adm.rid.simple());
+        let id = format!("chatcmpl-{}", adm.ticket.rid.simple());
         let answer = match adm.endpoint {
             Api::Embeddings { base64 } => {
                 translate::gemini::embed_response(&bytes, &adm.model.id, base64)
@@ -687,23 +744,21 @@ async fn forward_json(mut adm: Admitted, sent: Sent) -> Result<Response, ApiErro
         match answer {
             Ok(a) => (a.body, a.usage, a.tool_call),
             Err(e) => {
-                adm.release().await;
-                tracing::warn!(request_id = %adm.rid, error = %e, "upstream answer not understood");
-                return Err(ApiError::BadGateway {
+                tracing::warn!(request_id = %adm.ticket.rid, error = %e, "upstream answer not understood");
+                let error = ApiError::BadGateway {
                     message: "the upstream provider's answer could not be read".into(),
-                });
+                };
+                return Err(adm.charge_failure("unreadable_answer", extra, error).await);
             }
         }
     };
-    if tool_call && adm.operation == "chat" {
-        adm.operation = "function_call";
+    if tool_call && adm.ticket.operation == "chat" {
+        adm.ticket.operation = "function_call";
     }
-    let usage = usage.unwrap_or_else(|| match adm.endpoint {
-        // An embedding's answer is vectors, not tokens: the prompt is the estimate.
-        Api::Embeddings { .. } => adm.estimate(bytes.len(), 0),
-        _ => adm.estimate(bytes.len(), bytes.len().div_ceil(4)),
+    let usage = usage.unwrap_or_else(|| {
+        let r = adm.ticket.received().unwrap_or_default();
+        adm.ticket.estimate(r.completion_estimate)
     });
-    let extra = (!extra.is_empty()).then_some(serde_json::Value::Object(extra));
     adm.settle(usage, extra).await?;
     let mut out = Response::new(Body::from(bytes));
     *out.status_mut() = status;
@@ -714,30 +769,57 @@ async fn forward_json(mut adm: Admitted, sent: Sent) -> Result<Response, ApiErro
     Ok(out)
 }
 
+/// Streams a 2xx answer back through the tap. Its first chunk is awaited here (within
+/// the first-byte timeout), so an answer that fails before any byte still gets a proper
+/// error status; it is charged an estimate all the same.
 async fn forward_stream(
-    adm: Admitted,
+    mut adm: Admitted,
     sent: Sent,
     include_usage: bool,
 ) -> Result<Response, ApiError> {
-    let mut extra = serde_json::Map::new();
-    attempts_meta(&sent, &mut extra);
-    let Answer::Stream {
+    let mut extra = attempts_meta(&sent);
+    let Sent {
         status,
-        first,
-        rest: mut upstream,
-    } = sent.answer
-    else {
-        adm.release().await;
-        return Err(ApiError::internal("a JSON answer to a streamed request"));
+        body: mut upstream,
+        first_byte_due,
+        ..
+    } = sent;
+    let first = loop {
+        let next = tokio::time::timeout_at(first_byte_due, upstream.frame());
+        let Some(frame) = unless_cut(&adm.state, next).await else {
+            return Err(adm
+                .charge_failure("shutdown_cut", extra, shutting_down())
+                .await);
+        };
+        match frame {
+            Ok(Some(Ok(f))) => match f.into_data() {
+                Ok(data) if !data.is_empty() => break data,
+                _ => continue,
+            },
+            Ok(None) | Ok(Some(Err(_))) => {
+                let error = ApiError::BadGateway {
+                    message: "the upstream provider's answer was cut off".into(),
+                };
+                return Err(adm.charge_failure("upstream_cut", extra, error).await);
+            }
+            Err(_) => {
+                let error = ApiError::UpstreamTimeout {
+                    message: format!("the upstream provider `{}` timed out", adm.model.provider),
+                };
+                return Err(adm.charge_failure("upstream_timeout", extra, error).await);
+            }
+        }
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
     let state = adm.state.clone();
     state.tasks.spawn(async move {
         let mut adm = adm;
-        let mut first = first;
-        let mut tap = Tap::new(adm.kind, include_usage, adm.rid, &adm.model.id);
+        let mut first = Some(first);
+        let mut tap = Tap::new(adm.kind, include_usage, adm.ticket.rid, &adm.model.id);
         let mut client_gone = false;
         let mut cut = false;
+        let mut silent = false;
+        let mut shutdown_cut = false;
         let mut drain_timed_out = false;
         let mut drain_skipped = false;
         let mut drain_permit = None;
@@ -754,24 +836,40 @@ async fn forward_stream(
             let next = match first.take() {
                 // The first chunk was read before the answer was committed to.
                 Some(data) => Some(Ok(Frame::data(data))),
-                None => match tokio::time::timeout_at(deadline, upstream.frame()).await {
-                    Ok(f) => f,
-                    Err(_) if drain_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) => {
-                        drain_timed_out = true;
-                        break;
+                None => {
+                    let read = tokio::time::timeout_at(deadline, upstream.frame());
+                    match unless_cut(&adm.state, read).await {
+                        None => {
+                            shutdown_cut = true;
+                            break;
+                        }
+                        Some(Ok(f)) => f,
+                        Some(Err(_))
+                            if drain_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) =>
+                        {
+                            drain_timed_out = true;
+                            break;
+                        }
+                        Some(Err(_)) => {
+                            tracing::warn!(request_id = %adm.ticket.rid, "upstream went silent");
+                            silent = true;
+                            break;
+                        }
                     }
-                    Err(_) => {
-                        tracing::warn!(request_id = %adm.rid, "upstream went silent");
-                        cut = true;
-                        break;
-                    }
-                },
+                }
             };
             let Some(frame) = next else { break };
             match frame {
                 Ok(f) => {
                     if let Ok(data) = f.into_data() {
-                        if let Some(out) = tap.feed(data) {
+                        let out = tap.feed(data);
+                        adm.ticket.progress(Received {
+                            bytes: tap.bytes_seen(),
+                            completion_estimate: i64::try_from(tap.events_seen())
+                                .unwrap_or(i64::MAX),
+                            usage: tap.usage(),
+                        });
+                        if let Some(out) = out {
                             // A client that is gone, or has stopped reading for the whole
                             // drain time, is treated as gone; reading goes on (bounded) so
                             // the user is billed what was generated.
@@ -791,34 +889,35 @@ async fn forward_stream(
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(request_id = %adm.rid, error = %e, "upstream stream cut");
+                    tracing::warn!(request_id = %adm.ticket.rid, error = %e, "upstream stream cut");
                     cut = true;
                     break;
                 }
             }
         }
-        cut |= !drain_timed_out && tap.failed();
-        if tap.tool_call() && adm.operation == "chat" {
-            adm.operation = "function_call";
+        cut |= !drain_timed_out && !shutdown_cut && !silent && tap.failed();
+        if tap.tool_call() && adm.ticket.operation == "chat" {
+            adm.ticket.operation = "function_call";
         }
-        let usage = tap
-            .usage()
-            .unwrap_or_else(|| adm.estimate(tap.bytes_seen(), tap.events_seen()));
+        let usage = tap.usage().unwrap_or_else(|| {
+            adm.ticket
+                .estimate(i64::try_from(tap.events_seen()).unwrap_or(i64::MAX))
+        });
         drop(drain_permit);
-        if client_gone {
-            extra.insert("client_disconnected".into(), serde_json::Value::Bool(true));
+        for (flag, key) in [
+            (client_gone, "client_disconnected"),
+            (cut, "upstream_cut"),
+            (silent, "upstream_cut"),
+            (silent, "upstream_timeout"),
+            (shutdown_cut, "shutdown_cut"),
+            (drain_timed_out, "drain_timed_out"),
+            (drain_skipped, "drain_skipped"),
+        ] {
+            if flag {
+                extra.insert(key.into(), serde_json::Value::Bool(true));
+            }
         }
-        if cut {
-            extra.insert("upstream_cut".into(), serde_json::Value::Bool(true));
-        }
-        if drain_timed_out {
-            extra.insert("drain_timed_out".into(), serde_json::Value::Bool(true));
-        }
-        if drain_skipped {
-            extra.insert("drain_skipped".into(), serde_json::Value::Bool(true));
-        }
-        let extra = (!extra.is_empty()).then_some(serde_json::Value::Object(extra));
-        if adm.settle(usage, extra).await.is_ok() && !client_gone {
+        if adm.settle(usage, extra).await.is_ok() && !client_gone && !shutdown_cut {
             let tail = tap.finish();
             if !tail.is_empty() {
                 let _ = tx.send(tail).await;

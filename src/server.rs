@@ -1,7 +1,8 @@
 //! Stage 1, accept, and the gateway's lifecycle: build the state, start the background
 //! tasks (model refresh, partition upkeep, usage flusher), serve until the shutdown
 //! future resolves, then drain: stop accepting, let in-flight requests finish within
-//! the grace period, and flush the usage they settled.
+//! the grace period, cut those still running (each settles what it received), and
+//! flush the usage they settled.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +26,9 @@ use crate::route::Models;
 use crate::state::{AppState, Inner};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How long requests cut at the end of the grace period get to settle.
+const SHUTDOWN_CUT_WAIT: Duration = Duration::from_secs(5);
 
 /// Connects to Redis, retrying for a while (the gateway may start before it).
 async fn connect_ledger(cfg: &Config) -> Result<Ledger, BoxError> {
@@ -72,6 +76,7 @@ pub async fn build_state(cfg: Config) -> Result<AppState, BoxError> {
     }
     let preferences = crate::preferences::PreferenceCache::new(&cfg.preferences);
     let drains = tokio::sync::Semaphore::new(cfg.disconnect_drains as usize);
+    let (orphans, orphans_rx) = tokio::sync::mpsc::unbounded_channel();
     Ok(AppState(Arc::new(Inner {
         cfg,
         db,
@@ -85,6 +90,9 @@ pub async fn build_state(cfg: Config) -> Result<AppState, BoxError> {
         drains,
         draining: AtomicBool::new(false),
         tasks: TaskTracker::new(),
+        cut: tokio_util::sync::CancellationToken::new(),
+        orphans,
+        orphans_rx: std::sync::Mutex::new(Some(orphans_rx)),
     })))
 }
 
@@ -158,6 +166,29 @@ pub async fn run(
         state.clone(),
         stop_rx.clone(),
     ));
+
+    // Requests whose ticket was dropped unsettled (a panic, an aborted task, the
+    // shutdown cut): settle what they received, or give their hold back.
+    let (orphans_stop, mut orphans_stopped) = tokio::sync::watch::channel(false);
+    let orphans_rx = state.orphans_rx.lock().ok().and_then(|mut rx| rx.take());
+    let orphans = orphans_rx.map(|mut rx| {
+        let state = state.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    o = rx.recv() => match o {
+                        Some(o) => crate::settle::handle_orphan(&state, o).await,
+                        None => break,
+                    },
+                    _ = orphans_stopped.changed() => break,
+                }
+            }
+            while let Ok(o) = rx.try_recv() {
+                crate::settle::handle_orphan(&state, o).await;
+            }
+            rx
+        })
+    });
 
     // The usage flusher.
     let flusher = Flusher::new(
@@ -274,8 +305,26 @@ pub async fn run(
     })
     .await;
     if drained.is_err() {
-        tracing::warn!("grace period over with requests still in flight");
+        // Every request still in flight settles what it received (an estimate capped at
+        // its hold, marked `shutdown_cut`) or releases its hold, and ends.
+        tracing::warn!("grace period over with requests still in flight: cutting them");
+        state.cut.cancel();
+        if tokio::time::timeout(SHUTDOWN_CUT_WAIT, state.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!("requests still running after the shutdown cut; their tickets settle as the workers stop");
+        }
     }
+    // What dropped tickets left is settled before the flusher's last pass.
+    let _ = orphans_stop.send(true);
+    let orphans_rx = match orphans {
+        Some(task) => tokio::time::timeout(grace, task)
+            .await
+            .ok()
+            .and_then(Result::ok),
+        None => None,
+    };
     let _ = stop_tx.send(true);
     background.close();
     let _ = tokio::time::timeout(grace, async {
@@ -294,6 +343,13 @@ pub async fn run(
         }
     })
     .await;
+    // Tickets dropped as the workers stopped: their charges go to Redis, where the
+    // next flusher of any gateway writes them to PostgreSQL.
+    if let Some(mut rx) = orphans_rx {
+        while let Ok(o) = rx.try_recv() {
+            crate::settle::handle_orphan(&state, o).await;
+        }
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -144,6 +144,221 @@ impl UsageEvent {
     }
 }
 
+/// What the provider has sent since it answered 2xx.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Received {
+    /// Bytes of the answer read so far.
+    pub bytes: usize,
+    /// Output tokens guessed from what was read (events of a stream, a token per four
+    /// bytes of a JSON answer, none for embeddings).
+    pub completion_estimate: i64,
+    /// The usage the provider reported, once seen.
+    pub usage: Option<Usage>,
+}
+
+/// What an admitted request leaves the gateway to do when its ticket is dropped
+/// without being settled or released.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Orphan {
+    /// No 2xx yet: give the hold back.
+    Release { user: Uuid, rid: Uuid },
+    /// The provider answered 2xx: charge this (an estimate of what was received, capped
+    /// at the hold, marked `aborted`), or an event whose settle failed.
+    Settle(UsageEvent),
+}
+
+/// Where dropped tickets send their [`Orphan`]s (a task of the gateway's settles or
+/// releases them).
+pub type Orphans = tokio::sync::mpsc::UnboundedSender<Orphan>;
+
+/// The money side of one admitted request: it ends in exactly one settle (once the
+/// provider answered 2xx — exactly, or from an estimate capped at the hold) or one
+/// release (before that). A ticket dropped without either — a panic, an aborted task, a
+/// runtime shut down — hands its debt to [`Orphans`].
+#[derive(Debug)]
+pub struct Ticket {
+    pub user: Uuid,
+    pub rid: Uuid,
+    pub model_id: String,
+    pub price_per_1k: i64,
+    pub hold: i64,
+    pub started: std::time::Instant,
+    pub stream: bool,
+    /// `usage_history.operation` (`chat` becomes `function_call` when the answer calls a
+    /// tool).
+    pub operation: &'static str,
+    /// The prompt's tokens as guessed from its size, for an answer without usage.
+    pub prompt_estimate: i64,
+    received: Option<Received>,
+    /// An event whose settle failed: a dropped ticket hands this one on (same id and
+    /// `created_at`, so it is recorded once whichever write lands).
+    unsettled: Option<UsageEvent>,
+    finished: bool,
+    orphans: Orphans,
+}
+
+impl Ticket {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        user: Uuid,
+        rid: Uuid,
+        model_id: String,
+        price_per_1k: i64,
+        hold: i64,
+        started: std::time::Instant,
+        stream: bool,
+        operation: &'static str,
+        prompt_estimate: i64,
+        orphans: Orphans,
+    ) -> Ticket {
+        Ticket {
+            user,
+            rid,
+            model_id,
+            price_per_1k,
+            hold,
+            started,
+            stream,
+            operation,
+            prompt_estimate,
+            received: None,
+            unsettled: None,
+            finished: false,
+            orphans,
+        }
+    }
+
+    /// The provider answered 2xx: from now on the request is charged.
+    pub fn answered(&mut self) {
+        self.received.get_or_insert_with(Received::default);
+    }
+
+    /// What has been received so far (after [`Ticket::answered`]).
+    pub fn progress(&mut self, r: Received) {
+        if self.received.is_some() {
+            self.received = Some(r);
+        }
+    }
+
+    pub fn received(&self) -> Option<Received> {
+        self.received
+    }
+
+    /// Settled or released: nothing is left to do.
+    pub fn finish(&mut self) {
+        self.finished = true;
+    }
+
+    /// A settle of `event` failed: if the ticket is dropped, `event` is handed on.
+    pub fn unsettled(&mut self, event: UsageEvent) {
+        self.unsettled = Some(event);
+    }
+
+    /// Usage when the provider reported none, marked as estimated: the prompt's
+    /// estimate plus `completion` output tokens. Its charge is capped at the hold
+    /// ([`Ticket::event`]).
+    pub fn estimate(&self, completion: i64) -> Usage {
+        let prompt = self.prompt_estimate.max(0);
+        let completion = completion.max(0);
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt.saturating_add(completion),
+            estimated: true,
+        }
+    }
+
+    /// The usage event of this request. An estimate never charges more than was held.
+    pub fn event(
+        &self,
+        usage: Usage,
+        extra: Option<serde_json::Value>,
+    ) -> Result<UsageEvent, SettleError> {
+        let mut credits = cost(usage.total_tokens, self.price_per_1k)
+            .ok_or_else(|| SettleError("cost overflow".into()))?;
+        if usage.estimated {
+            credits = credits.min(self.hold);
+        }
+        let mut meta = serde_json::json!({"stream": self.stream});
+        if usage.estimated {
+            meta["usage_estimated"] = serde_json::Value::Bool(true);
+        }
+        if let (Some(serde_json::Value::Object(extra)), Some(m)) = (extra, meta.as_object_mut()) {
+            m.extend(extra);
+        }
+        Ok(UsageEvent {
+            id: self.rid,
+            created_at: Utc::now(),
+            user_id: self.user,
+            model_id: self.model_id.clone(),
+            operation: self.operation,
+            credits_used: credits,
+            input_tokens: usage.prompt_tokens,
+            output_tokens: usage.completion_tokens,
+            total_tokens: usage.total_tokens,
+            duration_ms: i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX),
+            metadata: Some(meta),
+        })
+    }
+
+    /// What a dropped, unfinished ticket leaves to do.
+    fn orphan(&mut self) -> Orphan {
+        if let Some(e) = self.unsettled.take() {
+            return Orphan::Settle(e);
+        }
+        let release = Orphan::Release {
+            user: self.user,
+            rid: self.rid,
+        };
+        let Some(r) = self.received else {
+            return release;
+        };
+        let usage = r
+            .usage
+            .unwrap_or_else(|| self.estimate(r.completion_estimate));
+        match self.event(usage, Some(serde_json::json!({"aborted": true}))) {
+            Ok(e) => Orphan::Settle(e),
+            Err(_) => release,
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let orphan = self.orphan();
+        tracing::warn!(request_id = %self.rid, settle = matches!(orphan, Orphan::Settle(_)),
+                       "a request ended without its settle or release; handing it on");
+        // Closed only once the gateway has stopped: the hold then expires on its own
+        // (metering.hold_ttl_ms) and is returned to the balance.
+        let _ = self.orphans.send(orphan);
+    }
+}
+
+/// Settles or releases what dropped tickets left (the gateway runs this in a task).
+pub async fn handle_orphan(state: &AppState, orphan: Orphan) {
+    match orphan {
+        Orphan::Release { user, rid } => {
+            let r = state.ledger.release(&user, &rid).await;
+            metrics::counter!("tollgate_orphaned_requests_total", "outcome" => "released")
+                .increment(1);
+            if let Err(e) = r {
+                tracing::warn!(request_id = %rid, error = %e, "releasing an orphaned hold failed; it expires on its own");
+            }
+        }
+        Orphan::Settle(event) => {
+            let r = settle(state, &event).await;
+            metrics::counter!("tollgate_orphaned_requests_total", "outcome" => "settled")
+                .increment(1);
+            if let Err(e) = r {
+                tracing::error!(request_id = %event.id, error = %e, "an orphaned request could not be settled");
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct SettleError(pub String);
 
@@ -255,6 +470,147 @@ mod tests {
             prop_assert!(i128::from(c) * 1000 >= exact);
             prop_assert!(i128::from(c) * 1000 < exact + 1000);
         }
+    }
+
+    fn ticket(hold: i64) -> (Ticket, tokio::sync::mpsc::UnboundedReceiver<Orphan>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let t = Ticket::new(
+            Uuid::new_v4(),
+            Uuid::now_v7(),
+            "gpt-5".into(),
+            2,
+            hold,
+            std::time::Instant::now(),
+            true,
+            "chat",
+            100,
+            tx,
+        );
+        (t, rx)
+    }
+
+    #[test]
+    fn a_ticket_dropped_before_any_answer_releases_its_hold() {
+        let (t, mut rx) = ticket(10);
+        let (user, rid) = (t.user, t.rid);
+        drop(t);
+        assert_eq!(rx.try_recv().unwrap(), Orphan::Release { user, rid });
+        assert!(rx.try_recv().is_err(), "exactly one");
+    }
+
+    #[test]
+    fn a_ticket_dropped_after_a_2xx_settles_what_was_received_capped_at_the_hold() {
+        let (mut t, mut rx) = ticket(3);
+        t.progress(Received {
+            bytes: 10,
+            completion_estimate: 7,
+            usage: None,
+        });
+        assert_eq!(t.received(), None, "no progress before the 2xx");
+        t.answered();
+        t.progress(Received {
+            bytes: 400,
+            completion_estimate: 9_000,
+            usage: None,
+        });
+        let rid = t.rid;
+        drop(t);
+        let Orphan::Settle(e) = rx.try_recv().unwrap() else {
+            panic!("a settle")
+        };
+        assert_eq!(e.id, rid);
+        assert_eq!((e.input_tokens, e.output_tokens), (100, 9_000));
+        assert_eq!(e.credits_used, 3, "an estimate is capped at the hold");
+        let meta = e.metadata.unwrap();
+        assert_eq!(meta["aborted"], true);
+        assert_eq!(meta["usage_estimated"], true);
+        // The provider's own usage, once seen, is charged exactly.
+        let (mut t, mut rx) = ticket(1_000);
+        t.answered();
+        t.progress(Received {
+            bytes: 10,
+            completion_estimate: 1,
+            usage: Some(Usage {
+                prompt_tokens: 1_000,
+                completion_tokens: 500,
+                total_tokens: 1_500,
+                estimated: false,
+            }),
+        });
+        drop(t);
+        let Orphan::Settle(e) = rx.try_recv().unwrap() else {
+            panic!("a settle")
+        };
+        assert_eq!(e.credits_used, 3);
+        assert!(e.metadata.unwrap().get("usage_estimated").is_none());
+    }
+
+    #[test]
+    fn a_finished_ticket_leaves_nothing_and_a_failed_settle_hands_on_its_event() {
+        let (mut t, mut rx) = ticket(10);
+        t.answered();
+        t.finish();
+        drop(t);
+        assert!(rx.try_recv().is_err());
+        let (mut t, mut rx) = ticket(10);
+        t.answered();
+        let e = t.event(t.estimate(4), None).unwrap();
+        t.unsettled(e.clone());
+        drop(t);
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            Orphan::Settle(e),
+            "the same id and created_at"
+        );
+    }
+
+    /// A panic, an aborted task and a runtime shut down with the task pending all drop
+    /// the ticket: each leaves exactly one orphan.
+    #[test]
+    fn panics_aborts_and_runtime_shutdown_hand_the_ticket_on() {
+        let rt = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let (mut t, mut rx) = ticket(10);
+        t.answered();
+        let r = rt().block_on(async move {
+            tokio::spawn(async move {
+                let _t = t;
+                panic!("a bug on the request path");
+            })
+            .await
+        });
+        assert!(r.unwrap_err().is_panic());
+        assert!(matches!(rx.try_recv().unwrap(), Orphan::Settle(_)));
+
+        let (t, mut rx) = ticket(10);
+        rt().block_on(async move {
+            let h = tokio::spawn(async move {
+                let _t = t;
+                std::future::pending::<()>().await;
+            });
+            tokio::task::yield_now().await;
+            h.abort();
+            assert!(h.await.unwrap_err().is_cancelled());
+        });
+        assert!(matches!(rx.try_recv().unwrap(), Orphan::Release { .. }));
+
+        let (t, mut rx) = ticket(10);
+        let runtime = rt();
+        runtime.block_on(async move {
+            tokio::spawn(async move {
+                let _t = t;
+                std::future::pending::<()>().await;
+            });
+            tokio::task::yield_now().await;
+        });
+        assert!(rx.try_recv().is_err(), "still running");
+        drop(runtime);
+        assert!(matches!(rx.try_recv().unwrap(), Orphan::Release { .. }));
+        assert!(rx.try_recv().is_err());
     }
 
     #[test]

@@ -31,6 +31,15 @@ pub struct Inner {
     pub draining: AtomicBool,
     /// Request tails (streams draining, settles) that shutdown must wait for.
     pub tasks: TaskTracker,
+    /// Cancelled when the shutdown grace period ends: every request still in flight
+    /// settles what it received (or releases its hold) and stops.
+    pub cut: tokio_util::sync::CancellationToken,
+    /// Where a request's ticket goes when it is dropped unsettled (see
+    /// [`crate::settle::Ticket`]).
+    pub orphans: crate::settle::Orphans,
+    /// The other end of `orphans`, taken by the server's orphan task.
+    pub orphans_rx:
+        std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<crate::settle::Orphan>>>,
 }
 
 #[derive(Clone)]

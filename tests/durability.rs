@@ -425,3 +425,124 @@ async fn after_redis_loses_its_data_balances_are_rebuilt_from_postgres() {
         .await;
     assert_eq!(n, 1);
 }
+
+/// A stream still running when SIGTERM's grace period ended used to be dropped: the
+/// client had part of the answer and nothing was ever charged. Now every request still
+/// in flight is cut at the end of the grace: a stream is settled from what it received
+/// (an estimate capped at its hold, marked `shutdown_cut`), a request with no 2xx yet
+/// gives its hold back — and the usage is in PostgreSQL before the process exits.
+#[tokio::test]
+async fn requests_outliving_the_grace_period_are_settled_and_flushed_before_exit() {
+    let mut env = TestEnv::new().await;
+    env.env("ANTHROPIC_API_KEY", PROVIDER_KEY);
+    // A 10 s stream (40 chunks, 250 ms apart), and a provider that answers after 20 s.
+    let streaming = env
+        .mock(&[
+            "--chunks",
+            "40",
+            "--chunk-interval-ms",
+            "250",
+            "--completion-tokens",
+            "400",
+        ])
+        .await;
+    let slow = env.mock(&["--latency-ms", "20000"]).await;
+    let mut gw = env
+        .gateway_with(
+            &streaming,
+            &[
+                ("TOLLGATE__SERVER__SHUTDOWN_GRACE_MS", "1000"),
+                ("TOLLGATE__PROVIDERS__ANTHROPIC__BASE_URL", &slow.url("")),
+            ],
+        )
+        .await;
+    let (user, token) = env.user(100).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let body = serde_json::json!({"model": "gpt-5", "stream": true, "max_tokens": 500,
+                                  "messages": [{"role": "user", "content": "tell me a long story"}]});
+    let resp = client
+        .request(chat_request(&gw.url("/v1/chat/completions"), &token, &body))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let rid = Uuid::parse_str(resp.headers()["x-request-id"].to_str().unwrap()).unwrap();
+    let reader = tokio::spawn(async move {
+        let mut body = resp.into_body();
+        let mut text = Vec::new();
+        while let Some(Ok(f)) = body.frame().await {
+            if let Ok(d) = f.into_data() {
+                text.extend_from_slice(&d);
+            }
+        }
+        String::from_utf8_lossy(&text).into_owned()
+    });
+    let json_req = chat_request(
+        &gw.url("/v1/chat/completions"),
+        &token,
+        &serde_json::json!({"model": "claude-3.5-sonnet", "max_tokens": 50,
+                            "messages": [{"role": "user", "content": "hi"}]}),
+    );
+    let waiting = tokio::spawn(client.request(json_req));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        env.redis_held(&user).await > 0,
+        "both requests hold credits"
+    );
+    gw.signal("TERM");
+    let status = tokio::time::timeout(Duration::from_secs(30), gw.child.wait())
+        .await
+        .expect("exits")
+        .unwrap();
+    assert!(status.success());
+    let text = reader.await.unwrap();
+    assert!(
+        text.contains("data: {"),
+        "part of the answer reached the client"
+    );
+    assert!(
+        !text.contains("[DONE]"),
+        "a cut stream does not end as complete: {text}"
+    );
+    let events = text.matches("data: {").count() as i32;
+    match waiting.await.unwrap() {
+        Ok(r) => assert_eq!(r.status(), 503, "no 2xx yet: the client is told to retry"),
+        Err(e) => panic!("the waiting request got no answer: {e}"),
+    }
+    // Already in PostgreSQL: no waiting for a flush.
+    let db = env.db().await;
+    let rows = db
+        .query(
+            "SELECT id, credits_used, output_tokens, request_metadata FROM usage_history",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1, "the stream's row only");
+    let (id, credits, output, meta): (Uuid, i32, i32, serde_json::Value) = (
+        rows[0].get(0),
+        rows[0].get(1),
+        rows[0].get(2),
+        rows[0].get(3),
+    );
+    assert_eq!(id, rid);
+    assert_eq!(meta["shutdown_cut"], true, "{meta}");
+    assert_eq!(meta["usage_estimated"], true, "{meta}");
+    assert!(
+        output >= events && events > 0,
+        "{output} tokens for {events} events"
+    );
+    assert!(credits > 0 && credits <= 2, "capped at the hold: {credits}");
+    assert_eq!(env.used_credits_total().await, i64::from(credits));
+    assert_eq!(
+        env.redis_balance(&user).await,
+        Some(100 - i64::from(credits))
+    );
+    assert_eq!(
+        env.redis_held(&user).await,
+        0,
+        "the waiting request's hold was given back"
+    );
+    assert_eq!(env.redis_unflushed(&user).await, 0);
+    assert!(gw.log_text().contains("cutting them"), "{}", gw.log_text());
+}

@@ -564,11 +564,12 @@ async fn a_silent_provider_is_cut_off_and_charges_nothing() {
     let (status, _, resp) = env
         .chat(&gw, &token, json!({"model": "gpt-5", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}))
         .await;
-    assert_eq!(status, 502, "{}", String::from_utf8_lossy(&resp));
-    assert!(openai_error(&resp)["message"]
-        .as_str()
-        .unwrap()
-        .contains("timed out"));
+    // Sent and not answered: a 504, not retried, and nothing charged (no 2xx came).
+    assert_eq!(status, 504, "{}", String::from_utf8_lossy(&resp));
+    let e = openai_error(&resp);
+    assert_eq!(e["code"], "upstream_timeout");
+    assert!(e["message"].as_str().unwrap().contains("timed out"));
+    assert_eq!(mock_stats(&env, &mock).await["requests"], 1);
     assert_eq!(env.redis_balance(&user).await, Some(100));
 }
 

@@ -363,40 +363,151 @@ async fn an_unreachable_deployment_falls_over() {
     assert_eq!(row(&env, &rid).await.4["attempts"], 2);
 }
 
+/// A request sent and not answered within the first-byte timeout may still be running
+/// at the provider: it is not retried (a retry could be billed twice), the client gets a
+/// 504 that charges nothing (no 2xx came), and the metric shows it. With
+/// `retry_timeouts` it falls over, and the row says an earlier attempt timed out.
 #[tokio::test]
-async fn a_deployment_slower_than_the_first_byte_timeout_falls_over() {
+async fn a_request_not_answered_in_time_is_not_retried_unless_configured() {
     let env = TestEnv::new().await;
     let slow = env.mock(&["--latency-ms", "5000"]).await;
     let good = env.mock(&[]).await;
-    let timeout = [("TOLLGATE__PROVIDERS__OPENAI__FIRST_BYTE_TIMEOUT_MS", "300")];
-    let gw = gateway(
-        &env,
-        &[
-            (&slow.url(""), "OPENAI_API_KEY", 1),
-            (&good.url(""), "OPENAI_API_KEY", 0),
-        ],
-        &timeout,
-    )
-    .await;
+    let timeout = ("TOLLGATE__PROVIDERS__OPENAI__FIRST_BYTE_TIMEOUT_MS", "300");
+    let list = [
+        (slow.url("").to_string(), "OPENAI_API_KEY", 1),
+        (good.url("").to_string(), "OPENAI_API_KEY", 0),
+    ];
+    let list: Vec<(&str, &str, u32)> = list.iter().map(|(u, k, w)| (u.as_str(), *k, *w)).collect();
     let (user, token) = env.user(100).await;
+    let before = env.redis_balance(&user).await;
+
+    let gw = gateway(&env, &list, &[timeout]).await;
     for stream in [false, true] {
         let (status, _, body) = env.chat(&gw, &token, small(stream)).await;
+        assert_eq!(status, 504, "{}", String::from_utf8_lossy(&body));
+        assert_eq!(openai_error(&body)["code"], "upstream_timeout");
+    }
+    assert_eq!(stats(&env, &slow).await["requests"], 2, "one attempt each");
+    assert_eq!(
+        stats(&env, &good).await["requests"],
+        0,
+        "never retried elsewhere"
+    );
+    let m = env.metrics(&gw).await;
+    assert_eq!(
+        counter(
+            &m,
+            "tollgate_upstream_timeouts_total{provider=\"openai\",retried=\"false\"}"
+        ),
+        2,
+        "{m}"
+    );
+    // No 2xx: nothing charged, nothing held.
+    let balance = env.redis_balance(&user).await;
+    assert!(
+        balance == before || (before.is_none() && balance == Some(100)),
+        "{balance:?}"
+    );
+    assert_eq!(env.redis_held(&user).await, 0);
+
+    let gw = gateway(
+        &env,
+        &list,
+        &[
+            timeout,
+            ("TOLLGATE__PROVIDERS__OPENAI__RETRY_TIMEOUTS", "true"),
+        ],
+    )
+    .await;
+    for stream in [false, true] {
+        let (status, headers, body) = env.chat(&gw, &token, small(stream)).await;
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let rid = Uuid::parse_str(&headers["x-request-id"]).unwrap();
+        let (_, _, _, _, meta) = row(&env, &rid).await;
+        assert_eq!(meta["timed_out_attempts"], 1, "{meta}");
+        assert_eq!(meta["attempts"], 2, "{meta}");
     }
     assert_eq!(stats(&env, &good).await["served"], 2);
-    assert_eq!(stats(&env, &slow).await["requests"], 2);
+    assert_eq!(stats(&env, &slow).await["requests"], 4);
+    let m = env.metrics(&gw).await;
+    assert_eq!(
+        counter(
+            &m,
+            "tollgate_upstream_timeouts_total{provider=\"openai\",retried=\"true\"}"
+        ),
+        2,
+        "{m}"
+    );
+}
 
-    // Alone, the slow deployment is a 502 that charges nothing (the idle timeout is
-    // still its default: the first-byte timeout is what cut it).
-    let gw = env.gateway_with(&slow, &timeout).await;
-    let before = env.redis_balance(&user).await;
-    let (status, _, body) = env.chat(&gw, &token, small(false)).await;
-    assert_eq!(status, 502);
-    assert!(openai_error(&body)["message"]
-        .as_str()
-        .unwrap()
-        .contains("timed out"));
-    assert_eq!(env.redis_balance(&user).await, before);
+/// Once the provider answered 2xx it did the work: an answer that then fails — cut
+/// before its end, larger than the gateway accepts, cut before a stream's first chunk —
+/// is not retried and is charged an estimate of what was received (capped at the
+/// hold), marked. Repeating it is never free.
+#[tokio::test]
+async fn provider_work_after_a_2xx_is_charged_even_when_the_answer_fails() {
+    let env = TestEnv::new().await;
+    let (user, token) = env.user(1_000).await;
+    let three = ("TOLLGATE__PROVIDERS__OPENAI__MAX_ATTEMPTS", "3");
+    // (mock options, gateway options, stream, marker, status)
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, bool, &'a str, u16);
+    let cases: Vec<Case> = vec![
+        (
+            vec!["--cut-after", "40"],
+            vec![three],
+            false,
+            "upstream_cut",
+            502,
+        ),
+        (
+            vec!["--cut-after", "0"],
+            vec![three],
+            true,
+            "upstream_cut",
+            502,
+        ),
+        (
+            vec![],
+            vec![three, ("TOLLGATE__SERVER__MAX_RESPONSE_BYTES", "64")],
+            false,
+            "answer_too_large",
+            502,
+        ),
+    ];
+    for (mock_opts, gw_opts, stream, marker, want) in cases {
+        let mock = env.mock(&mock_opts).await;
+        let gw = env.gateway_with(&mock, &gw_opts).await;
+        let mut charged = 0;
+        for _ in 0..3 {
+            let before = env.redis_balance(&user).await.unwrap_or(1_000);
+            let (status, headers, body) = env.chat(&gw, &token, small(stream)).await;
+            assert_eq!(status, want, "{marker}: {}", String::from_utf8_lossy(&body));
+            openai_error(&body);
+            let rid = Uuid::parse_str(&headers["x-request-id"]).unwrap();
+            let (credits, input, _, total, meta) = row(&env, &rid).await;
+            assert_eq!(meta[marker], true, "{marker}: {meta}");
+            assert_eq!(meta["usage_estimated"], true, "{marker}: {meta}");
+            assert!(
+                input > 0 && credits > 0,
+                "{marker}: the prompt was processed: {meta}"
+            );
+            // Capped at the hold: the prompt bound and 600 output tokens at 2 per 1k.
+            assert!(credits <= 3, "{marker}: {credits}");
+            assert_eq!(i64::from(credits), (i64::from(total) * 2 + 999) / 1000);
+            assert_eq!(
+                env.redis_balance(&user).await,
+                Some(before - i64::from(credits))
+            );
+            charged += credits;
+        }
+        assert!(charged >= 3, "{marker}: repeating it is never free");
+        assert_eq!(
+            stats(&env, &mock).await["requests"],
+            3,
+            "{marker}: never retried after a 2xx"
+        );
+        assert_eq!(env.redis_held(&user).await, 0);
+    }
 }
 
 #[tokio::test]
@@ -480,9 +591,10 @@ async fn an_upstream_cut_mid_stream_is_billed_from_an_estimate_and_marked() {
         Some(100 - i64::from(credits))
     );
 
-    // Cut before its first chunk, nothing reached the client: retried, and when every
-    // attempt is cut, a 502 that charges nothing.
-    let before = env.redis_balance(&user).await;
+    // Cut before its first chunk (after the provider's 2xx): nothing reached the client,
+    // which gets a 502 — but the provider took the request, so it is not retried and the
+    // prompt is charged (see provider_work_after_a_2xx_is_charged_even_when_the_answer_fails).
+    let before = env.redis_balance(&user).await.unwrap();
     let mock0 = env.mock(&["--cut-after", "0"]).await;
     let gw0 = env
         .gateway_with(
@@ -490,10 +602,16 @@ async fn an_upstream_cut_mid_stream_is_billed_from_an_estimate_and_marked() {
             &[("TOLLGATE__PROVIDERS__OPENAI__MAX_ATTEMPTS", "2")],
         )
         .await;
-    let (status, _, body) = env.chat(&gw0, &token, small(true)).await;
+    let (status, headers, body) = env.chat(&gw0, &token, small(true)).await;
     assert_eq!(status, 502, "{}", String::from_utf8_lossy(&body));
-    assert_eq!(stats(&env, &mock0).await["requests"], 2);
-    assert_eq!(env.redis_balance(&user).await, before);
+    assert_eq!(stats(&env, &mock0).await["requests"], 1);
+    let rid = Uuid::parse_str(&headers["x-request-id"]).unwrap();
+    let (credits, _, output, _, meta) = row(&env, &rid).await;
+    assert_eq!((meta["upstream_cut"].clone(), output), (json!(true), 0));
+    assert_eq!(
+        env.redis_balance(&user).await,
+        Some(before - i64::from(credits))
+    );
 }
 
 /// Starts a stream, reads its first frame, and hangs up.
