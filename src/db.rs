@@ -16,6 +16,11 @@ pub type Conn<'a> = bb8::PooledConnection<'a, Manager>;
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "schema", include_str!("../migrations/0001_schema.sql")),
     (2, "oauth", include_str!("../migrations/0002_oauth.sql")),
+    (
+        3,
+        "partition_upkeep",
+        include_str!("../migrations/0003_partition_upkeep.sql"),
+    ),
 ];
 
 /// Seeds, applied by `tollgate seed` (idempotent upserts).
