@@ -641,6 +641,11 @@ impl RawConfig {
             "database.connect_timeout_ms",
             self.database.connect_timeout_ms,
         )?;
+        // Upkeep must keep next month's partition ready before the month starts.
+        positive(
+            "database.partitions_ahead_months",
+            u64::from(self.database.partitions_ahead_months),
+        )?;
         positive("redis.buckets", u64::from(self.redis.buckets))?;
         positive(
             "auth.access_token_ttl_secs",
@@ -987,6 +992,17 @@ mod tests {
         assert!(e.to_string().contains("providers.openai.base_url"), "{e}");
         let e = load_str("[redis]\nurl = \"http://x\"\n").unwrap_err();
         assert!(e.to_string().contains("redis.url"), "{e}");
+    }
+
+    #[test]
+    fn zero_partitions_ahead_is_named() {
+        let e = load_str("[database]\npartitions_ahead_months = 0\n").unwrap_err();
+        assert!(
+            e.to_string().contains("database.partitions_ahead_months"),
+            "{e}"
+        );
+        let c = load_str("[database]\npartitions_ahead_months = 1\n").unwrap();
+        assert_eq!(c.database.partitions_ahead_months, 1);
     }
 
     #[test]

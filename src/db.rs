@@ -21,6 +21,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "model_image_tokens",
         include_str!("../migrations/0003_model_image_tokens.sql"),
     ),
+    (
+        4,
+        "partition_upkeep",
+        include_str!("../migrations/0004_partition_upkeep.sql"),
+    ),
 ];
 
 /// Seeds, applied by `tollgate seed` (idempotent upserts).
@@ -202,6 +207,71 @@ pub async fn ensure_partitions(
         )
         .await?;
     Ok(row.get(0))
+}
+
+/// How many months beyond this one have their `usage_history` partition, counting
+/// until the first missing month (-1 when this month's is missing).
+pub async fn partition_months_ready(client: &tokio_postgres::Client) -> Result<i32, DbError> {
+    let row = client
+        .query_one(
+            "SELECT coalesce(min(i), 121) - 1 FROM generate_series(0, 121) AS i
+              WHERE NOT EXISTS (
+                    SELECT 1 FROM pg_inherits h JOIN pg_class c ON c.oid = h.inhrelid
+                     WHERE h.inhparent = 'usage_history'::regclass
+                       AND c.relname = 'usage_history_' || to_char(
+                           date_trunc('month', now() AT TIME ZONE 'UTC')
+                               + make_interval(months => i), 'YYYY_MM'))",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// One round of the server's partition upkeep: ensures the partitions, sets
+/// `tollgate_partition_months_ahead` to what is ready, and on failure logs at error
+/// level and counts it in `tollgate_partition_upkeep_failures_total`. Returns
+/// whether the partitions are in place.
+pub async fn partition_upkeep(db: &Db, months_ahead: i32) -> bool {
+    let client = match db.get().await {
+        Ok(c) => c,
+        Err(e) => {
+            upkeep_failed(&e);
+            return false;
+        }
+    };
+    let ensured = ensure_partitions(&client, months_ahead).await;
+    match partition_months_ready(&client).await {
+        Ok(n) => metrics::gauge!("tollgate_partition_months_ahead").set(f64::from(n)),
+        Err(e) => tracing::warn!(error = %e, "usage_history partitions not readable"),
+    }
+    match ensured {
+        Ok(n) => {
+            if n > 0 {
+                tracing::info!(created = n, "usage_history partitions created");
+            }
+            true
+        }
+        Err(e) => {
+            upkeep_failed(&e);
+            false
+        }
+    }
+}
+
+fn upkeep_failed(e: &DbError) {
+    metrics::counter!("tollgate_partition_upkeep_failures_total").increment(1);
+    // PostgreSQL's own message (and hint) says what to fix; on one line.
+    let why = match e {
+        DbError::Pg(pg) => pg.as_db_error().map_or_else(
+            || e.to_string(),
+            |d| match d.hint() {
+                Some(h) => format!("database: {} (hint: {h})", d.message()),
+                None => format!("database: {}", d.message()),
+            },
+        ),
+        DbError::Pool(_) => e.to_string(),
+    };
+    tracing::error!(error = %why, "usage_history partition upkeep failed; retrying at the next refresh");
 }
 
 /// Applies every seed in one transaction.

@@ -123,6 +123,8 @@ pub async fn run(
 
     // Model refresh and partition upkeep.
     {
+        // Present (at zero) from the start, so an alert on its increase has a series.
+        metrics::counter!("tollgate_partition_upkeep_failures_total").increment(0);
         let state = state.clone();
         let mut stop = stop_rx.clone();
         background.spawn(async move {
@@ -137,25 +139,15 @@ pub async fn run(
                     tracing::warn!(error = %e, "model refresh failed");
                 }
                 state.rate_limits.housekeeping();
-                if tokio::time::Instant::now() >= partitions_at {
-                    match state.db.get().await {
-                        Ok(c) => match crate::db::ensure_partitions(
-                            &c,
-                            state.cfg.database.partitions_ahead_months,
-                        )
-                        .await
-                        {
-                            Ok(n) => {
-                                if n > 0 {
-                                    tracing::info!(created = n, "usage_history partitions created");
-                                }
-                                partitions_at =
-                                    tokio::time::Instant::now() + Duration::from_secs(3600);
-                            }
-                            Err(e) => tracing::warn!(error = %e, "partition upkeep failed"),
-                        },
-                        Err(e) => tracing::warn!(error = %e, "partition upkeep: no connection"),
-                    }
+                // Hourly; after a failure, again at the next tick.
+                if tokio::time::Instant::now() >= partitions_at
+                    && crate::db::partition_upkeep(
+                        &state.db,
+                        state.cfg.database.partitions_ahead_months,
+                    )
+                    .await
+                {
+                    partitions_at = tokio::time::Instant::now() + Duration::from_secs(3600);
                 }
             }
         });

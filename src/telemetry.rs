@@ -89,6 +89,14 @@ fn describe() {
         "tollgate_flush_failures_total",
         "Usage batches that failed and will be retried"
     );
+    describe_counter!(
+        "tollgate_partition_upkeep_failures_total",
+        "usage_history partition upkeep runs that failed (retried at the next models refresh)"
+    );
+    describe_gauge!(
+        "tollgate_partition_months_ahead",
+        "Months beyond this one whose usage_history partition exists, counted up to the first missing (-1: this month's is missing)"
+    );
     describe_gauge!(
         "tollgate_usage_backlog_entries",
         "Usage events waiting in the Redis streams"

@@ -1104,6 +1104,18 @@ async fn zero_pool_size_stops_startup() {
 }
 
 #[tokio::test]
+async fn zero_partitions_ahead_stops_startup() {
+    let env = TestEnv::new().await;
+    assert_config_error(
+        &env,
+        &config_path(),
+        &[("TOLLGATE__DATABASE__PARTITIONS_AHEAD_MONTHS", "0")],
+        "database.partitions_ahead_months",
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn bad_provider_url_stops_startup() {
     let env = TestEnv::new().await;
     assert_config_error(
@@ -1339,4 +1351,329 @@ async fn the_server_creates_upcoming_partitions() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(found, "{next} recreated by the running server");
+}
+
+/// The first instant (UTC) of the month `k` months from this one, and the name of its
+/// `usage_history` partition.
+fn month(k: i32) -> (chrono::DateTime<Utc>, String) {
+    let first = Utc::now().date_naive().with_day(1).unwrap();
+    let m = chrono::Months::new(k.unsigned_abs());
+    let d = if k >= 0 {
+        first.checked_add_months(m)
+    } else {
+        first.checked_sub_months(m)
+    }
+    .unwrap();
+    (
+        d.and_hms_opt(0, 0, 0).unwrap().and_utc(),
+        format!("usage_history_{}", d.format("%Y_%m")),
+    )
+}
+
+/// A new user, for usage rows.
+async fn usage_writer(db: &tokio_postgres::Client) -> Uuid {
+    db.query_one(
+        "INSERT INTO users (email) VALUES ($1) RETURNING id",
+        &[&format!(
+            "p{}@example.com",
+            &Uuid::new_v4().simple().to_string()[..10]
+        )],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// Writes a usage row of `user` created at `at`; returns its id.
+async fn usage_at(db: &tokio_postgres::Client, user: &Uuid, at: chrono::DateTime<Utc>) -> Uuid {
+    let id = Uuid::new_v4();
+    db.execute(
+        "INSERT INTO usage_history (id, user_id, model_id, operation, credits_used,
+                                    input_tokens, output_tokens, total_tokens, request_metadata, created_at)
+         VALUES ($1, $2, 'gpt-5', 'chat', 7, 1, 2, 3, '{\"k\": \"v\"}', $3)",
+        &[&id, user, &at],
+    )
+    .await
+    .unwrap();
+    id
+}
+
+/// The partition a usage row is in.
+async fn partition_of(db: &tokio_postgres::Client, id: &Uuid) -> String {
+    db.query_one(
+        "SELECT tableoid::regclass::text FROM usage_history WHERE id = $1",
+        &[id],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// Whether `part` is a partition of usage_history.
+async fn is_partition(db: &tokio_postgres::Client, part: &str) -> bool {
+    db.query_one(
+        "SELECT EXISTS (SELECT 1 FROM pg_inherits
+                         WHERE inhparent = 'usage_history'::regclass AND inhrelid = to_regclass($1))",
+        &[&part],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// Every usage row in full, sorted (to compare before and after a move).
+async fn all_usage_rows(db: &tokio_postgres::Client) -> Vec<String> {
+    db.query("SELECT u::text FROM usage_history u ORDER BY u::text", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// A partition's indexes (and the parent index each is attached to) and constraints,
+/// with its own name replaced by `P`, so that two partitions can be compared.
+async fn partition_shape(db: &tokio_postgres::Client, part: &str) -> Vec<String> {
+    let mut shape: Vec<String> = db
+        .query(
+            "SELECT replace(pg_get_indexdef(i.indexrelid), $1, 'P') || ' of '
+                    || coalesce((SELECT inhparent::regclass::text FROM pg_inherits
+                                  WHERE inhrelid = i.indexrelid), '-')
+               FROM pg_index i WHERE i.indrelid = to_regclass($1)
+             UNION ALL
+             SELECT contype::text || ' ' || replace(conname, $1, 'P') || ' '
+                    || pg_get_constraintdef(oid) || ' local=' || conislocal
+                    || ' inherited=' || coninhcount
+               FROM pg_constraint WHERE conrelid = to_regclass($1)",
+            &[&part],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    shape.sort();
+    shape
+}
+
+#[tokio::test]
+async fn partition_upkeep_moves_rows_out_of_default_into_the_new_months() {
+    let env = TestEnv::new().await;
+    let db = env.db().await;
+    // The template has partitions through two months ahead (the default).
+    let (now_start, this_part) = month(0);
+    for k in 0..=2 {
+        assert!(is_partition(&db, &month(k).1).await, "month {k}");
+    }
+    for k in 3..=8 {
+        assert!(!is_partition(&db, &month(k).1).await, "month {k}");
+    }
+    let user = usage_writer(&db).await;
+    let (m3, p3) = month(3);
+    let (m5, p5) = month(5);
+    let (m6, p6) = month(6);
+    let (m8, _) = month(8);
+    let (past, _) = month(-30);
+    let micro = chrono::Duration::microseconds(1);
+    // Rows in months without partitions (so in DEFAULT), at their edges too.
+    let in3 = usage_at(&db, &user, m3 + chrono::Duration::days(3)).await;
+    let in5 = [
+        usage_at(&db, &user, m5).await,
+        usage_at(&db, &user, m5 + chrono::Duration::hours(100)).await,
+        usage_at(&db, &user, m6 - micro).await,
+    ];
+    let in6 = usage_at(&db, &user, m6).await;
+    // Beyond the months asked for, and long past: these stay in DEFAULT.
+    let in8 = usage_at(&db, &user, m8).await;
+    let old = usage_at(&db, &user, past).await;
+    for id in in5.iter().chain([&in3, &in6, &in8, &old]) {
+        assert_eq!(partition_of(&db, id).await, "usage_history_default");
+    }
+    let before = all_usage_rows(&db).await;
+
+    let created: i32 = db
+        .query_one("SELECT tollgate_ensure_usage_partitions(now(), 6)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(created, 4, "months 3, 4, 5 and 6 are created");
+    for k in 0..=6 {
+        assert!(is_partition(&db, &month(k).1).await, "month {k}");
+    }
+    assert!(!is_partition(&db, &month(7).1).await);
+    assert_eq!(partition_of(&db, &in3).await, p3);
+    for id in &in5 {
+        assert_eq!(partition_of(&db, id).await, p5);
+    }
+    assert_eq!(partition_of(&db, &in6).await, p6);
+    assert_eq!(partition_of(&db, &in8).await, "usage_history_default");
+    assert_eq!(partition_of(&db, &old).await, "usage_history_default");
+    let left: i64 = db
+        .query_one(
+            "SELECT count(*) FROM usage_history_default WHERE created_at >= $1 AND created_at < $2",
+            &[
+                &now_start,
+                &m6.checked_add_months(chrono::Months::new(1)).unwrap(),
+            ],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "DEFAULT keeps nothing of the months created");
+    // Nothing lost, nothing duplicated, nothing changed.
+    assert_eq!(all_usage_rows(&db).await, before);
+
+    // A partition made from rows in DEFAULT is like every other one: same indexes
+    // (attached to the parent's), primary key, foreign keys and checks.
+    let reference = partition_shape(&db, &this_part).await;
+    assert!(
+        reference
+            .iter()
+            .any(|s| s.contains("FOREIGN KEY (model_id)")),
+        "{reference:?}"
+    );
+    assert_eq!(partition_shape(&db, &p5).await, reference);
+    // ... and the key works across it: a replay inserts nothing.
+    let replayed = db
+        .execute(
+            "INSERT INTO usage_history SELECT * FROM usage_history WHERE id = $1
+             ON CONFLICT (id, created_at) DO NOTHING",
+            &[&in5[0]],
+        )
+        .await
+        .unwrap();
+    assert_eq!(replayed, 0);
+
+    // Again: nothing to do, nothing moves.
+    let created: i32 = db
+        .query_one("SELECT tollgate_ensure_usage_partitions(now(), 6)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(created, 0);
+    assert_eq!(all_usage_rows(&db).await, before);
+    assert_eq!(partition_of(&db, &in8).await, "usage_history_default");
+}
+
+#[tokio::test]
+async fn a_gateway_started_with_rows_in_default_creates_the_partitions() {
+    let env = TestEnv::new().await;
+    let db = env.db().await;
+    let user = usage_writer(&db).await;
+    let (m4, p4) = month(4);
+    let ids = [
+        usage_at(&db, &user, m4).await,
+        usage_at(&db, &user, m4 + chrono::Duration::days(9)).await,
+    ];
+    for id in &ids {
+        assert_eq!(partition_of(&db, id).await, "usage_history_default");
+    }
+    let mock = env.mock(&[]).await;
+    let gw = env
+        .gateway_with(
+            &mock,
+            &[("TOLLGATE__DATABASE__PARTITIONS_AHEAD_MONTHS", "5")],
+        )
+        .await;
+    let mut page = String::new();
+    for _ in 0..200 {
+        page = env.metrics(&gw).await;
+        if page
+            .lines()
+            .any(|l| l == "tollgate_partition_months_ahead 5")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        page.lines()
+            .any(|l| l == "tollgate_partition_months_ahead 5"),
+        "{page}\n{}",
+        gw.log_text()
+    );
+    assert!(
+        page.lines()
+            .any(|l| l == "tollgate_partition_upkeep_failures_total 0"),
+        "{page}"
+    );
+    for k in 0..=5 {
+        assert!(is_partition(&db, &month(k).1).await, "month {k}");
+    }
+    for id in &ids {
+        assert_eq!(partition_of(&db, id).await, p4);
+    }
+    let default_rows: i64 = db
+        .query_one("SELECT count(*) FROM usage_history_default", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(default_rows, 0);
+    assert!(!gw.log_text().contains("partition upkeep failed"));
+}
+
+#[tokio::test]
+async fn a_failed_partition_upkeep_is_counted_and_logged_as_an_error() {
+    let env = TestEnv::new().await;
+    let db = env.db().await;
+    // Next month's name is taken by a table that is not a partition: upkeep cannot
+    // create the month (the old function skipped it, leaving its rows to DEFAULT).
+    let (_, next) = month(1);
+    db.batch_execute(&format!(
+        "DROP TABLE {next}; CREATE TABLE {next} (note text)"
+    ))
+    .await
+    .unwrap();
+    let mock = env.mock(&[]).await;
+    // Upkeep retries at each models refresh after a failure.
+    let gw = env
+        .gateway_with(&mock, &[("TOLLGATE__MODELS__REFRESH_MS", "100")])
+        .await;
+    let mut page = String::new();
+    for _ in 0..300 {
+        page = env.metrics(&gw).await;
+        if counter(&page, "tollgate_partition_upkeep_failures_total") >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        counter(&page, "tollgate_partition_upkeep_failures_total") >= 2,
+        "failures counted, and retried before the hour: {page}\n{}",
+        gw.log_text()
+    );
+    // This month is ready, the next is not.
+    assert!(
+        page.lines()
+            .any(|l| l == "tollgate_partition_months_ahead 0"),
+        "{page}"
+    );
+    let log = gw.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("partition upkeep failed"))
+        .unwrap_or_else(|| panic!("no failure logged: {log}"));
+    assert!(line.contains("ERROR"), "logged at error level: {line}");
+    assert!(line.contains(&next), "the log names the table: {line}");
+
+    // Once the table is out of the way, the next attempt creates the month.
+    db.batch_execute(&format!("DROP TABLE {next}"))
+        .await
+        .unwrap();
+    for _ in 0..300 {
+        page = env.metrics(&gw).await;
+        if page
+            .lines()
+            .any(|l| l == "tollgate_partition_months_ahead 2")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        page.lines()
+            .any(|l| l == "tollgate_partition_months_ahead 2"),
+        "{page}"
+    );
+    assert!(is_partition(&db, &next).await);
 }
