@@ -144,6 +144,19 @@ end
 return 1
 ";
 
+const EXTEND: &str = r"
+-- KEYS: acct. ARGV: rid, ttl_ms. Moves a live hold's expiry to now + ttl (the request
+-- is still running). `exp` stays: it is only a lower bound of the earliest expiry, and
+-- a reserve that scans at it finds nothing expired and raises it.
+local f = 'h:' .. ARGV[1]
+local v = redis.call('HGET', KEYS[1], f)
+if not v then return 0 end
+local t = redis.call('TIME')
+local e = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], f, string.sub(v, 1, string.find(v, ':', 1, true) - 1) .. ':' .. string.format('%d', e))
+return 1
+";
+
 const LOAD: &str = r"
 -- KEYS: acct, pend, cred.
 -- ARGV: available, n, n x (credit_id, total), k, k x (rid, flushed 0|1), s, s x stale credit_id
@@ -537,6 +550,23 @@ impl Ledger {
         let n: i64 = RELEASE_SCRIPT
             .key(self.acct_key(user))
             .arg(rid.to_string())
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Keeps a running request's hold from expiring for another `ttl_ms` (holds expire
+    /// only so that a crashed gateway's come back). Returns whether the hold exists.
+    pub async fn extend(
+        &self,
+        user: &Uuid,
+        rid: &Uuid,
+        ttl_ms: u64,
+    ) -> Result<bool, redis::RedisError> {
+        let n: i64 = EXTEND_SCRIPT
+            .key(self.acct_key(user))
+            .arg(rid.to_string())
+            .arg(ttl_ms)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(n == 1)
@@ -1041,6 +1071,9 @@ impl Drop for InFlight<'_> {
 
 static RELEASE_SCRIPT: std::sync::LazyLock<Script> =
     std::sync::LazyLock::new(|| Script::new(RELEASE));
+
+static EXTEND_SCRIPT: std::sync::LazyLock<Script> =
+    std::sync::LazyLock::new(|| Script::new(EXTEND));
 
 /// Owns the answer of a submitted reserve until its caller has read it.
 struct CancelledReserve {

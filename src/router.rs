@@ -331,7 +331,8 @@ async fn forward(start: Start) -> Result<Response, ApiError> {
             let go = *go;
             let a = &go.adm;
             let call = send_upstream(&a.state, &a.model, a.endpoint, a.stream, body);
-            let sent = unless_cut(&a.state, call)
+            let (user, rid) = (a.ticket.user, a.ticket.rid);
+            let sent = holding(&a.state, user, rid, unless_cut(&a.state, call))
                 .await
                 .unwrap_or_else(|| Err(shutting_down()));
             (go, sent)
@@ -356,9 +357,12 @@ async fn forward(start: Start) -> Result<Response, ApiError> {
             };
             let sent = match (&go.resend, answer, call.take()) {
                 (None, Some(a), _) => a,
-                (None, None, Some(c)) => unless_cut(&go.adm.state, c)
-                    .await
-                    .unwrap_or_else(|| Err(shutting_down())),
+                (None, None, Some(c)) => {
+                    let (st, t) = (&go.adm.state, &go.adm.ticket);
+                    holding(st, t.user, t.rid, unless_cut(st, c))
+                        .await
+                        .unwrap_or_else(|| Err(shutting_down()))
+                }
                 (None, None, None) => Err(ApiError::internal("no upstream call")),
                 // Sent with a limit the hold does not cover: drop that call (and its
                 // answer, if it came: a stream would stay open upstream) and send again.
@@ -367,9 +371,14 @@ async fn forward(start: Start) -> Result<Response, ApiError> {
                     drop(c);
                     let g = &go.adm;
                     let call = send_upstream(&g.state, &g.model, g.endpoint, g.stream, b.clone());
-                    unless_cut(&g.state, call)
-                        .await
-                        .unwrap_or_else(|| Err(shutting_down()))
+                    holding(
+                        &g.state,
+                        g.ticket.user,
+                        g.ticket.rid,
+                        unless_cut(&g.state, call),
+                    )
+                    .await
+                    .unwrap_or_else(|| Err(shutting_down()))
                 }
             };
             (go, sent)
@@ -390,10 +399,11 @@ async fn forward(start: Start) -> Result<Response, ApiError> {
     };
     // The provider answered 2xx: from here on the request is charged.
     adm.ticket.answered();
+    let (state, user, rid) = (adm.state.clone(), adm.ticket.user, adm.ticket.rid);
     if adm.stream {
-        forward_stream(adm, sent, include_usage).await
+        holding(&state, user, rid, forward_stream(adm, sent, include_usage)).await
     } else {
-        forward_json(adm, sent).await
+        holding(&state, user, rid, forward_json(adm, sent)).await
     }
 }
 
@@ -404,6 +414,48 @@ async fn unless_cut<F: std::future::Future>(state: &AppState, f: F) -> Option<F:
         r = f => Some(r),
         _ = state.cut.cancelled() => None,
     }
+}
+
+/// Runs `f` while keeping the request's hold alive: every half `metering.hold_ttl_ms`
+/// its expiry moves on by a whole TTL. Holds expire only so that a crashed gateway's
+/// come back; without this, a request running longer than the TTL (a long stream,
+/// retries) would have its hold returned to the balance mid-way, and the balance could
+/// be spent twice.
+async fn holding<F: std::future::Future>(
+    state: &AppState,
+    user: Uuid,
+    rid: Uuid,
+    f: F,
+) -> F::Output {
+    let ttl = state.cfg.metering.hold_ttl;
+    let every = ttl / 2;
+    let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+    tokio::pin!(f);
+    let mut next = tokio::time::Instant::now() + every;
+    loop {
+        tokio::select! {
+            biased;
+            r = &mut f => return r,
+            _ = tokio::time::sleep_until(next) => {
+                next += every;
+                match state.hot_ledger().extend(&user, &rid, ms).await {
+                    Ok(true) => {}
+                    Ok(false) => tracing::warn!(request_id = %rid, "the hold of a running request was gone"),
+                    Err(e) => tracing::warn!(request_id = %rid, error = %e, "extending a hold failed"),
+                }
+            }
+        }
+    }
+}
+
+/// [`holding`] for a spawned task (which must own what it uses).
+async fn holding_owned<F: std::future::Future>(
+    state: AppState,
+    user: Uuid,
+    rid: Uuid,
+    f: F,
+) -> F::Output {
+    holding(&state, user, rid, f).await
 }
 
 fn shutting_down() -> ApiError {
@@ -812,8 +864,11 @@ async fn forward_stream(
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
     let state = adm.state.clone();
-    state.tasks.spawn(async move {
+    let (user, rid) = (adm.ticket.user, adm.ticket.rid);
+    let pump_state = state.clone();
+    state.tasks.spawn(holding_owned(pump_state, user, rid, async move {
         let mut adm = adm;
+        let st = adm.state.clone();
         let mut first = Some(first);
         let mut tap = Tap::new(adm.kind, include_usage, adm.ticket.rid, &adm.model.id);
         let mut client_gone = false;
@@ -826,6 +881,8 @@ async fn forward_stream(
         let drain = adm.state.cfg.disconnect_drain;
         let idle = adm.idle_timeout();
         let mut drain_deadline: Option<tokio::time::Instant> = None;
+        let max_bytes = adm.state.cfg.max_response_bytes;
+        let mut too_large = false;
         loop {
             // A silent provider is cut after its idle timeout; once the client has left,
             // reading stops at the drain deadline too.
@@ -863,12 +920,18 @@ async fn forward_stream(
                 Ok(f) => {
                     if let Ok(data) = f.into_data() {
                         let out = tap.feed(data);
+                        // A provider that never ends its answer is cut (and charged at
+                        // most the hold) rather than streamed for ever.
+                        too_large = tap.bytes_seen() > max_bytes;
                         adm.ticket.progress(Received {
                             bytes: tap.bytes_seen(),
                             completion_estimate: i64::try_from(tap.events_seen())
                                 .unwrap_or(i64::MAX),
                             usage: tap.usage(),
                         });
+                        if too_large {
+                            break;
+                        }
                         if let Some(out) = out {
                             // A client that is gone, or has stopped reading for the whole
                             // drain time, is treated as gone; reading goes on (bounded) so
@@ -877,7 +940,7 @@ async fn forward_stream(
                                 client_gone = true;
                                 drain_deadline = Some(tokio::time::Instant::now() + drain);
                                 // Reads on after a disconnect are bounded in number too.
-                                match adm.state.drains.try_acquire() {
+                                match st.drains.try_acquire() {
                                     Ok(p) => drain_permit = Some(p),
                                     Err(_) => {
                                         drain_skipped = true;
@@ -895,7 +958,7 @@ async fn forward_stream(
                 }
             }
         }
-        cut |= !drain_timed_out && !shutdown_cut && !silent && tap.failed();
+        cut |= !drain_timed_out && !shutdown_cut && !silent && !too_large && tap.failed();
         if tap.tool_call() && adm.ticket.operation == "chat" {
             adm.ticket.operation = "function_call";
         }
@@ -910,6 +973,7 @@ async fn forward_stream(
             (silent, "upstream_cut"),
             (silent, "upstream_timeout"),
             (shutdown_cut, "shutdown_cut"),
+            (too_large, "answer_too_large"),
             (drain_timed_out, "drain_timed_out"),
             (drain_skipped, "drain_skipped"),
         ] {
@@ -917,13 +981,13 @@ async fn forward_stream(
                 extra.insert(key.into(), serde_json::Value::Bool(true));
             }
         }
-        if adm.settle(usage, extra).await.is_ok() && !client_gone && !shutdown_cut {
+        if adm.settle(usage, extra).await.is_ok() && !client_gone && !shutdown_cut && !too_large {
             let tail = tap.finish();
             if !tail.is_empty() {
                 let _ = tx.send(tail).await;
             }
         }
-    });
+    }));
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv()
             .await

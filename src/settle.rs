@@ -269,6 +269,10 @@ impl Ticket {
     }
 
     /// The usage event of this request. An estimate never charges more than was held.
+    /// A provider's own report is charged exactly, even above the hold — which an honest
+    /// provider's never is (the hold bounds the prompt by its bytes and the output by the
+    /// limit sent): such a charge is marked `usage_over_hold`, counted and logged, so a
+    /// misbehaving provider shows.
     pub fn event(
         &self,
         usage: Usage,
@@ -276,12 +280,16 @@ impl Ticket {
     ) -> Result<UsageEvent, SettleError> {
         let mut credits = cost(usage.total_tokens, self.price_per_1k)
             .ok_or_else(|| SettleError("cost overflow".into()))?;
-        if usage.estimated {
-            credits = credits.min(self.hold);
-        }
         let mut meta = serde_json::json!({"stream": self.stream});
         if usage.estimated {
+            credits = credits.min(self.hold);
             meta["usage_estimated"] = serde_json::Value::Bool(true);
+        } else if credits > self.hold {
+            meta["usage_over_hold"] = serde_json::Value::Bool(true);
+            metrics::counter!("tollgate_usage_over_hold_total", "model" => self.model_id.clone())
+                .increment(1);
+            tracing::warn!(request_id = %self.rid, charged = credits, held = self.hold,
+                           "the provider reported more usage than the hold covers");
         }
         if let (Some(serde_json::Value::Object(extra)), Some(m)) = (extra, meta.as_object_mut()) {
             m.extend(extra);
@@ -543,6 +551,31 @@ mod tests {
         };
         assert_eq!(e.credits_used, 3);
         assert!(e.metadata.unwrap().get("usage_estimated").is_none());
+    }
+
+    #[test]
+    fn a_report_is_charged_exactly_and_marked_above_the_hold_an_estimate_is_capped() {
+        let (mut t, _rx) = ticket(3);
+        let over = Usage {
+            prompt_tokens: 9_000,
+            completion_tokens: 1_000,
+            total_tokens: 10_000,
+            estimated: false,
+        };
+        let e = t.event(over, None).unwrap();
+        assert_eq!(e.credits_used, 20, "the provider's report, exactly");
+        assert_eq!(e.metadata.as_ref().unwrap()["usage_over_hold"], true);
+        let e = t.event(t.estimate(9_000), None).unwrap();
+        assert_eq!(e.credits_used, 3, "an estimate is capped at the hold");
+        assert!(e.metadata.unwrap().get("usage_over_hold").is_none());
+        let under = Usage {
+            total_tokens: 1_000,
+            ..over
+        };
+        let e = t.event(under, None).unwrap();
+        assert_eq!(e.credits_used, 2);
+        assert!(e.metadata.unwrap().get("usage_over_hold").is_none());
+        t.finish();
     }
 
     #[test]

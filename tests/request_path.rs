@@ -1214,3 +1214,109 @@ async fn images_and_files_are_held_at_the_models_bound() {
     flushed(&env, &user).await;
     assert!(env.redis_balance(&user).await.unwrap() >= 0);
 }
+
+/// A provider's report is charged exactly (DESIGN: the request is charged exactly), even
+/// when it is more than the hold covers — which an honest provider's never is (the prompt
+/// is bounded by its bytes, the output by the limit sent). Such a charge is marked in the
+/// row and counted, so an operator sees a misbehaving provider.
+#[tokio::test]
+async fn a_provider_reporting_more_than_the_hold_is_charged_as_reported_and_flagged() {
+    let env = TestEnv::new().await;
+    let mock = env
+        .mock(&["--prompt-tokens", "200000", "--completion-tokens", "50"])
+        .await;
+    let gw = env.gateway(&mock).await;
+    let (user, token) = env.user(1_000).await;
+    let (status, headers, resp) = env
+        .chat(&gw, &token, json!({"model": "gpt-5", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}))
+        .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&resp));
+    flushed(&env, &user).await;
+    let rid = Uuid::parse_str(&headers["x-request-id"]).unwrap();
+    let row = env
+        .db()
+        .await
+        .query_one(
+            "SELECT credits_used, request_metadata FROM usage_history WHERE id = $1",
+            &[&rid],
+        )
+        .await
+        .unwrap();
+    let (credits, meta): (i32, serde_json::Value) = (row.get(0), row.get(1));
+    // 200,050 tokens at 2 per 1k, while the hold was 1 credit.
+    assert_eq!(credits, 401, "{meta}");
+    assert_eq!(meta["usage_over_hold"], true);
+    assert_eq!(env.redis_balance(&user).await, Some(1_000 - 401));
+    let m = env.metrics(&gw).await;
+    assert_eq!(
+        counter(&m, "tollgate_usage_over_hold_total{model=\"gpt-5\"}"),
+        1,
+        "{m}"
+    );
+}
+
+/// Holds expire only so that a crashed gateway's come back. A stream that runs longer
+/// than `metering.hold_ttl_ms` keeps its hold alive: otherwise the next reserve would
+/// return it to the balance mid-stream, and the balance could be spent twice.
+#[tokio::test]
+async fn a_stream_longer_than_the_hold_ttl_keeps_its_hold() {
+    let env = TestEnv::new().await;
+    // 20 chunks 250 ms apart: a 5 s stream, with holds living 2 s.
+    let mock = env
+        .mock(&[
+            "--chunks",
+            "20",
+            "--chunk-interval-ms",
+            "250",
+            "--completion-tokens",
+            "400",
+        ])
+        .await;
+    let gw = env
+        .gateway_with(
+            &mock,
+            &[
+                ("TOLLGATE__METERING__HOLD_TTL_MS", "2000"),
+                ("TOLLGATE__PROVIDERS__OPENAI__FIRST_BYTE_TIMEOUT_MS", "900"),
+                ("TOLLGATE__PROVIDERS__OPENAI__IDLE_TIMEOUT_MS", "900"),
+            ],
+        )
+        .await;
+    // 2 credits: one hold of (prompt bound + 500) tokens at 2 per 1k takes them all.
+    let (user, token) = env.user(2).await;
+    let body = json!({"model": "gpt-5", "stream": true, "max_tokens": 500,
+                      "messages": [{"role": "user", "content": "a long story"}]});
+    let stream = {
+        let resp = env
+            .http
+            .request(chat_request(&gw.url("/v1/chat/completions"), &token, &body))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        tokio::spawn(async move { resp.into_body().collect().await.unwrap().to_bytes() })
+    };
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    assert_eq!(
+        env.redis_held(&user).await,
+        2,
+        "the running stream's hold is there"
+    );
+    let (status, _, resp) = env
+        .chat(&gw, &token, json!({"model": "gpt-5", "max_tokens": 500, "messages": [{"role": "user", "content": "hi"}]}))
+        .await;
+    assert_eq!(
+        status,
+        429,
+        "the balance is still held: {}",
+        String::from_utf8_lossy(&resp)
+    );
+    let text = stream.await.unwrap();
+    assert!(String::from_utf8_lossy(&text).ends_with("data: [DONE]\n\n"));
+    flushed(&env, &user).await;
+    assert_eq!(env.redis_held(&user).await, 0);
+    assert_eq!(
+        env.redis_balance(&user).await,
+        Some(1),
+        "charged exactly 1 credit"
+    );
+}
