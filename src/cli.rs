@@ -93,7 +93,38 @@ pub enum TokenCommand {
         /// Lifetime in seconds (default: auth.access_token_ttl_secs).
         #[arg(long)]
         ttl: Option<u64>,
+        /// Space-separated scopes, e.g. "llm.inference models.read" (default: the
+        /// seeded `textassistant-desktop` client's registered scopes).
+        #[arg(long, default_value = DEFAULT_TOKEN_SCOPE)]
+        scope: String,
     },
+}
+
+/// The scope of `tollgate token issue` without `--scope`: what the seeded desktop
+/// client (`seeds/0001_oauth_clients.sql`) is registered for, so a CLI token reaches
+/// every route a signed-in user of the app can.
+pub const DEFAULT_TOKEN_SCOPE: &str =
+    "openid email profile llm.inference models.read user.info credits.read";
+
+/// `--scope` normalised: values separated by single spaces, duplicates dropped; each
+/// value a scope-token of RFC 6749 §3.3.
+fn token_scope(arg: &str) -> Result<String, BoxError> {
+    let mut out: Vec<&str> = Vec::new();
+    for s in arg.split_ascii_whitespace() {
+        let ok = s
+            .bytes()
+            .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b));
+        if !ok {
+            return Err(format!("--scope: `{s}` is not a valid scope value").into());
+        }
+        if !out.contains(&s) {
+            out.push(s);
+        }
+    }
+    if out.is_empty() {
+        return Err("--scope must name at least one scope".into());
+    }
+    Ok(out.join(" "))
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -234,19 +265,12 @@ async fn dispatch(cli: Cli) -> Result<(), BoxError> {
             }
             Ok(())
         }
-        Command::Token(TokenCommand::Issue { email, ttl }) => {
+        Command::Token(TokenCommand::Issue { email, ttl, scope }) => {
+            let scope = token_scope(scope)?;
             let client = db::connect(&cfg.database).await?;
             let user = active_user(&client, email).await?;
             let auth = crate::authenticate::Authenticator::from_config(&cfg.auth)?;
-            println!(
-                "{}",
-                auth.issue(
-                    &user,
-                    "tollgate-cli",
-                    "llm.inference models.read credits.read",
-                    *ttl
-                )?
-            );
+            println!("{}", auth.issue(&user, "tollgate-cli", &scope, *ttl)?);
             Ok(())
         }
         Command::MockProvider { .. } => Ok(()),
@@ -379,4 +403,42 @@ async fn sync_credits(
         ledger.grant(user, &r.get(0), r.get(1)).await?;
     }
     Ok(ledger.balance(user).await?)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::scope::{grants, Scope};
+
+    #[test]
+    fn the_default_token_scope_is_the_seeded_clients_and_reaches_every_route() {
+        let seed = include_str!("../seeds/0001_oauth_clients.sql");
+        assert!(
+            seed.contains(&format!("'{DEFAULT_TOKEN_SCOPE}'")),
+            "DEFAULT_TOKEN_SCOPE must match textassistant-desktop's registration"
+        );
+        for s in [
+            Scope::LlmInference,
+            Scope::ModelsRead,
+            Scope::CreditsRead,
+            Scope::UserInfo,
+        ] {
+            assert!(grants(DEFAULT_TOKEN_SCOPE, s), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn scope_arguments_are_normalised_or_refused() {
+        assert_eq!(
+            token_scope("  llm.inference   models.read llm.inference ").unwrap(),
+            "llm.inference models.read"
+        );
+        assert_eq!(token_scope("openid").unwrap(), "openid");
+        assert!(token_scope("").is_err());
+        assert!(token_scope("   ").is_err());
+        assert!(token_scope("a\"b").is_err());
+        assert!(token_scope("a\\b").is_err());
+        assert!(token_scope("caf\u{e9}").is_err());
+    }
 }

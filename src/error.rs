@@ -11,6 +11,10 @@ pub enum ApiError {
         code: &'static str,
         message: String,
     },
+    /// The token is valid but lacks the scope the route requires (RFC 6750 §3.1).
+    InsufficientScope {
+        scope: &'static str,
+    },
     InvalidRequest {
         message: String,
         param: Option<&'static str>,
@@ -67,6 +71,7 @@ impl ApiError {
     pub fn status_code(&self) -> StatusCode {
         match self {
             ApiError::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
+            ApiError::InsufficientScope { .. } => StatusCode::FORBIDDEN,
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::ModelNotFound { .. } | ApiError::NotFound => StatusCode::NOT_FOUND,
@@ -89,6 +94,7 @@ impl ApiError {
     pub fn label(&self) -> &'static str {
         match self {
             ApiError::Unauthenticated { .. } => "unauthenticated",
+            ApiError::InsufficientScope { .. } => "insufficient_scope",
             ApiError::InvalidRequest { .. } => "invalid_request",
             ApiError::BodyTooLarge { .. } => "body_too_large",
             ApiError::ModelNotFound { .. } => "model_not_found",
@@ -147,6 +153,12 @@ impl ApiError {
                 } else {
                     "missing_api_key"
                 }),
+            ),
+            ApiError::InsufficientScope { scope } => (
+                format!("The access token lacks the `{scope}` scope this endpoint requires."),
+                "invalid_request_error",
+                None,
+                Some("insufficient_scope"),
             ),
             ApiError::InvalidRequest { message, param } => {
                 (message.clone(), "invalid_request_error", *param, None)
@@ -274,6 +286,12 @@ impl IntoResponse for ApiError {
                     _ => HeaderValue::from_static("Bearer"),
                 };
                 h.insert(header::WWW_AUTHENTICATE, v);
+            }
+            ApiError::InsufficientScope { scope } => {
+                let v = format!("Bearer error=\"insufficient_scope\", scope=\"{scope}\"");
+                if let Ok(v) = HeaderValue::from_str(&v) {
+                    h.insert(header::WWW_AUTHENTICATE, v);
+                }
             }
             ApiError::InsufficientQuota
             | ApiError::RateLimited {

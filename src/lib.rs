@@ -24,6 +24,7 @@ pub mod preferences;
 pub mod rate_limit;
 pub mod route;
 pub mod router;
+pub mod scope;
 pub mod server;
 pub mod settle;
 pub mod sse;

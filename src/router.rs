@@ -5,7 +5,8 @@
 //!    connection is served by one [worker thread](crate::worker) from then on; a request
 //!    id (UUIDv7) is assigned and returned as `x-request-id` on every response.
 //! 2. [`authenticate`](crate::authenticate) — verify the bearer JWT locally (every route
-//!    except [`UNAUTHENTICATED_ROUTES`]).
+//!    except [`UNAUTHENTICATED_ROUTES`]); then the [`scope`](crate::scope) the route's
+//!    group requires (403 `insufficient_scope`), before the body is read.
 //!    Then [`rate_limit`](crate::rate_limit) — per-user requests and tokens per minute by
 //!    tier, in memory (checked once the request is parsed, before anything is held).
 //! 3. [`parse`](crate::parse) — read `model`, `stream`, token limits and a prompt bound;
@@ -43,6 +44,7 @@ use crate::error::ApiError;
 use crate::ledger::{HoldRequest, Reserve};
 use crate::parse::{missing_model, parse_chat_lenient, upstream_body, ChatRequest, Edits};
 use crate::route::Model;
+use crate::scope::Scope;
 use crate::settle::{cost, settle, Received, Ticket, Usage};
 use crate::state::AppState;
 use crate::stream_back::Tap;
@@ -53,19 +55,34 @@ use crate::translate::{self, Kind};
 pub struct RequestId(pub Uuid);
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    // Each group of routes requires one OAuth scope, checked before its handler runs.
+    let need = |s: Scope| axum::middleware::from_fn_with_state(s, crate::scope::require);
+    let inference = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(crate::endpoints::completions))
         .route("/v1/embeddings", post(crate::endpoints::embeddings))
+        .route_layer(need(Scope::LlmInference));
+    let models = Router::new()
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
+        .route_layer(need(Scope::ModelsRead));
+    let credits = Router::new()
+        .route("/v1/credits", get(crate::account::credits))
+        .route("/v1/usage", get(crate::account::usage))
+        .route_layer(need(Scope::CreditsRead));
+    let user = Router::new()
         .route("/v1/users/me", get(crate::account::me))
         .route(
             "/v1/users/me/preferences",
             get(crate::account::get_preferences).put(crate::account::put_preferences),
         )
-        .route("/v1/credits", get(crate::account::credits))
-        .route("/v1/usage", get(crate::account::usage))
+        .route_layer(need(Scope::UserInfo));
+    // Ops and OAuth routes need no scope.
+    Router::new()
+        .merge(inference)
+        .merge(models)
+        .merge(credits)
+        .merge(user)
         .route("/health", get(crate::ops::health))
         .route("/livez", get(crate::ops::livez))
         .route("/metrics", get(crate::telemetry::render))

@@ -1288,6 +1288,88 @@ async fn refresh_token_reuse_revokes_the_family_and_tokens_expire() {
     .oauth_error(400, "invalid_scope");
 }
 
+#[tokio::test]
+async fn a_sign_in_without_scope_is_granted_the_clients_registered_scopes() {
+    let env = TestEnv::new().await;
+    let mock = env.mock(&[]).await;
+    let gw = env.gateway(&mock).await;
+    let (_, email) = password_user(&env, 1000).await;
+    let registered: String = env
+        .db()
+        .await
+        .query_one(
+            "SELECT scope FROM oauth_clients WHERE client_id = $1",
+            &[&CLIENT],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        registered,
+        "openid email profile llm.inference models.read user.info credits.read"
+    );
+    let p = pkce();
+    let redirect = "http://127.0.0.1:43210/callback";
+    let params: Vec<_> = authorize_params(redirect, &p, "s")
+        .into_iter()
+        .filter(|(k, _)| *k != "scope")
+        .collect();
+    let r = sign_in(&gw, &params, &email, PASSWORD).await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    let code = query_of(r.location())["code"].clone();
+    let t = redeem(&gw, &code, redirect, &p.verifier).await;
+    assert_eq!(t.status, 200, "{}", t.body);
+    let v = t.json();
+    assert_eq!(v["scope"], registered.as_str());
+    let access = v["access_token"].as_str().unwrap().to_owned();
+    let refresh1 = v["refresh_token"].as_str().unwrap().to_owned();
+    assert_eq!(jwt_part(&access, 1)["scope"], registered.as_str());
+    // The registered scopes reach every scoped route.
+    for path in [
+        "/v1/models",
+        "/v1/credits",
+        "/v1/usage",
+        "/v1/users/me",
+        "/v1/users/me/preferences",
+    ] {
+        let (s, _, b) = env.request("GET", &gw.url(path), Some(&access), None).await;
+        assert_eq!(s, 200, "{path}: {}", String::from_utf8_lossy(&b));
+    }
+    let (s, _, b) = env.chat(&gw, &access, chat_body()).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+
+    // A refresh without scope keeps the grant; one with a narrower scope narrows it,
+    // and the narrowed token is refused where a dropped scope is needed.
+    let t = refresh(&gw, &refresh1).await;
+    assert_eq!(t.status, 200, "{}", t.body);
+    assert_eq!(t.json()["scope"], registered.as_str());
+    let refresh2 = t.json()["refresh_token"].as_str().unwrap().to_owned();
+    let t = token_request(
+        &gw,
+        &[
+            ("grant_type", "refresh_token"),
+            ("client_id", CLIENT),
+            ("refresh_token", &refresh2),
+            ("scope", "llm.inference"),
+        ],
+    )
+    .await;
+    assert_eq!(t.status, 200, "{}", t.body);
+    assert_eq!(t.json()["scope"], "llm.inference");
+    let narrowed = t.json()["access_token"].as_str().unwrap().to_owned();
+    let (s, _, b) = env.chat(&gw, &narrowed, chat_body()).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let (s, h, b) = env
+        .request("GET", &gw.url("/v1/users/me"), Some(&narrowed), None)
+        .await;
+    assert_eq!(s, 403, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(openai_error(&b)["code"], "insufficient_scope");
+    assert_eq!(
+        h["www-authenticate"],
+        "Bearer error=\"insufficient_scope\", scope=\"user.info\""
+    );
+}
+
 // ---------------------------------------------------------------------------------
 // The gateway's token check
 
@@ -1606,6 +1688,26 @@ async fn external_issuer_tokens_via_its_cached_jwks() {
         .await;
     assert_eq!(s, 200);
     assert_eq!(idp.fetches(), 1, "served from the cached JWKS");
+    // Its `scope` claim is enforced like ours: whole values only.
+    for scope in ["models.read", "llm.inferencex", ""] {
+        let token = sign(&with("scope", json!(scope)), "ext-1", &k1);
+        let (s, h, b) = env.chat(&gw, &token, chat_body()).await;
+        assert_eq!(s, 403, "{scope}: {}", String::from_utf8_lossy(&b));
+        assert_eq!(openai_error(&b)["code"], "insufficient_scope");
+        assert_eq!(
+            h["www-authenticate"],
+            "Bearer error=\"insufficient_scope\", scope=\"llm.inference\""
+        );
+    }
+    let (s, _, _) = env
+        .request(
+            "GET",
+            &gw.url("/v1/models"),
+            Some(&sign(&with("scope", json!("models.read")), "ext-1", &k1)),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200);
     // Our own tokens still work beside it.
     let (_, own) = env.user(1000).await;
     let (s, _, _) = env.chat(&gw, &own, chat_body()).await;

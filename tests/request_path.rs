@@ -1320,3 +1320,197 @@ async fn a_stream_longer_than_the_hold_ttl_keeps_its_hold() {
         "charged exactly 1 credit"
     );
 }
+
+/// The email of a user made by `TestEnv::user`.
+async fn email_of(env: &TestEnv, user: &Uuid) -> String {
+    env.db()
+        .await
+        .query_one("SELECT email FROM users WHERE id = $1", &[user])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// `tollgate token issue --scope`.
+async fn token_with_scope(env: &TestEnv, email: &str, scope: &str) -> String {
+    env.cli(&["token", "issue", "--email", email, "--scope", scope])
+        .await
+}
+
+/// The claims of a JWT (unverified).
+fn claims_of(token: &str) -> serde_json::Value {
+    use base64::Engine;
+    json(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token.split('.').nth(1).unwrap())
+            .unwrap(),
+    )
+}
+
+/// Asserts a 403 `insufficient_scope` naming `scope` (RFC 6750 §3.1).
+fn assert_insufficient_scope(
+    status: u16,
+    headers: &std::collections::HashMap<String, String>,
+    body: &[u8],
+    scope: &str,
+    what: &str,
+) {
+    assert_eq!(status, 403, "{what}: {}", String::from_utf8_lossy(body));
+    assert_eq!(
+        headers.get("www-authenticate").map(String::as_str),
+        Some(format!("Bearer error=\"insufficient_scope\", scope=\"{scope}\"").as_str()),
+        "{what}"
+    );
+    let e = openai_error(body);
+    assert_eq!(e["code"], "insufficient_scope", "{what}");
+    assert_eq!(e["type"], "invalid_request_error", "{what}");
+    assert!(headers.contains_key("x-request-id"), "{what}");
+}
+
+#[tokio::test]
+async fn a_token_without_llm_inference_is_refused_before_anything_is_read_or_held() {
+    let mut env = TestEnv::new().await;
+    env.env("TOLLGATE__SERVER__MAX_BODY_BYTES", "4096");
+    let mock = env.mock(&[]).await;
+    let gw = env.gateway(&mock).await;
+    let (user, full) = env.user(1000).await;
+    let email = email_of(&env, &user).await;
+    let openid = token_with_scope(&env, &email, "openid").await;
+    assert_eq!(claims_of(&openid)["scope"], "openid");
+    let hello = json!({"model": "gpt-5", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]});
+
+    // Refused before the balance is even loaded: nothing reaches Redis or the provider.
+    let (s, h, b) = env.chat(&gw, &openid, hello.clone()).await;
+    assert_insufficient_scope(s, &h, &b, "llm.inference", "openid-only chat");
+    assert_eq!(mock_stats(&env, &mock).await["requests"], 0);
+    assert_eq!(env.redis_balance(&user).await, None, "nothing was loaded");
+
+    // Once the balance is live, a refused request moves nothing.
+    let (s, _, b) = env.chat(&gw, &full, hello.clone()).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let balance = env.redis_balance(&user).await;
+    assert!(balance.is_some_and(|b| b < 1000), "{balance:?}");
+    let calls = mock_stats(&env, &mock).await["requests"].clone();
+    for (what, body) in [
+        ("a valid body", serde_json::to_vec(&hello).unwrap()),
+        ("a streamed one", serde_json::to_vec(&json!({"model": "gpt-5", "stream": true, "messages": [{"role": "user", "content": "hi"}]})).unwrap()),
+        // The body is never read: neither its size nor its syntax is what refuses it.
+        ("an unparsable body", b"{not json".to_vec()),
+        ("a body over max_body_bytes", vec![b'x'; 8192]),
+    ] {
+        let (s, h, b) = env
+            .request("POST", &gw.url("/v1/chat/completions"), Some(&openid), Some(body))
+            .await;
+        assert_insufficient_scope(s, &h, &b, "llm.inference", what);
+    }
+    // A value that merely starts with the scope's name grants nothing.
+    let near = token_with_scope(&env, &email, "openid llm.inferencex llm").await;
+    let (s, h, b) = env.chat(&gw, &near, hello.clone()).await;
+    assert_insufficient_scope(s, &h, &b, "llm.inference", "llm.inferencex");
+    assert_eq!(mock_stats(&env, &mock).await["requests"], calls);
+    assert_eq!(env.redis_balance(&user).await, balance);
+    assert_eq!(env.redis_held(&user).await, 0);
+    let rows = env
+        .wait_for_count("SELECT count(*) FROM usage_history", 1, FLUSH_WAIT)
+        .await;
+    assert_eq!(rows, 1, "only the admitted request is recorded");
+}
+
+#[tokio::test]
+async fn each_route_needs_its_scope_and_that_scope_alone_suffices() {
+    let env = TestEnv::new().await;
+    env.db()
+        .await
+        .batch_execute(
+            "INSERT INTO models (id, name, display_name, provider, capabilities, context_length,
+                                 input_cost_per_million_tokens, output_cost_per_million_tokens, credits_per_1k_tokens)
+             VALUES ('text-embedding-3-small', 'text-embedding-3-small', 'Embedding 3 small', 'openai', '{text}', 8192, 2, 0, 1)",
+        )
+        .await
+        .unwrap();
+    let mock = env.mock(&[]).await;
+    let gw = env.gateway(&mock).await;
+    let (user, default) = env.user(1000).await;
+    let email = email_of(&env, &user).await;
+    // The CLI's default is the desktop client's registration: every route is open to it.
+    assert_eq!(
+        claims_of(&default)["scope"],
+        "openid email profile llm.inference models.read user.info credits.read"
+    );
+    let openid = token_with_scope(&env, &email, "openid").await;
+    let chat = json!({"model": "gpt-5", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]});
+    let routes: Vec<(&str, &str, Option<serde_json::Value>, &str)> = vec![
+        ("POST", "/v1/chat/completions", Some(chat), "llm.inference"),
+        (
+            "POST",
+            "/v1/completions",
+            Some(json!({"model": "gpt-5", "prompt": "x", "max_tokens": 20})),
+            "llm.inference",
+        ),
+        (
+            "POST",
+            "/v1/embeddings",
+            Some(json!({"model": "text-embedding-3-small", "input": "x"})),
+            "llm.inference",
+        ),
+        ("GET", "/v1/models", None, "models.read"),
+        ("GET", "/v1/models/gpt-5", None, "models.read"),
+        ("GET", "/v1/credits", None, "credits.read"),
+        ("GET", "/v1/usage", None, "credits.read"),
+        ("GET", "/v1/users/me", None, "user.info"),
+        ("GET", "/v1/users/me/preferences", None, "user.info"),
+        (
+            "PUT",
+            "/v1/users/me/preferences",
+            Some(json!({"temperature": 0.5})),
+            "user.info",
+        ),
+    ];
+    let mut single = std::collections::HashMap::new();
+    for scope in ["llm.inference", "models.read", "credits.read", "user.info"] {
+        let t = token_with_scope(&env, &email, scope).await;
+        assert_eq!(claims_of(&t)["scope"], scope);
+        single.insert(scope, t);
+    }
+    for (method, path, body, scope) in &routes {
+        let body = || body.as_ref().map(|b| serde_json::to_vec(b).unwrap());
+        let what = format!("{method} {path}");
+        let (s, h, b) = env
+            .request(method, &gw.url(path), Some(&openid), body())
+            .await;
+        assert_insufficient_scope(s, &h, &b, scope, &format!("{what} with openid"));
+        // Another route's scope does not open this one.
+        for (other, t) in &single {
+            if other != scope {
+                let (s, h, b) = env.request(method, &gw.url(path), Some(t), body()).await;
+                assert_insufficient_scope(s, &h, &b, scope, &format!("{what} with {other}"));
+            }
+        }
+        let (s, _, b) = env
+            .request(method, &gw.url(path), Some(&single[scope]), body())
+            .await;
+        assert_eq!(
+            s,
+            200,
+            "{what} with {scope}: {}",
+            String::from_utf8_lossy(&b)
+        );
+    }
+    // Ops and OAuth metadata need no token, hence no scope.
+    for path in [
+        "/livez",
+        "/.well-known/oauth-authorization-server",
+        "/.well-known/jwks.json",
+    ] {
+        let (s, _, _) = env.request("GET", &gw.url(path), None, None).await;
+        assert_eq!(s, 200, "{path}");
+    }
+    // `--scope` must name something valid.
+    for bad in ["", "   ", "a\"b"] {
+        let (ok, _, err) = env
+            .cli_raw(&["token", "issue", "--email", &email, "--scope", bad], &[])
+            .await;
+        assert!(!ok, "--scope {bad:?} accepted");
+        assert!(err.contains("--scope"), "{err}");
+    }
+}

@@ -119,6 +119,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn no_requested_scope_grants_the_registered_one_and_requests_are_checked_by_value() {
+        let c = Client {
+            client_id: "c".into(),
+            name: "C".into(),
+            secret_hash: None,
+            redirect_uris: Vec::new(),
+            grant_types: Vec::new(),
+            response_types: Vec::new(),
+            scope: vec!["openid".into(), "llm.inference".into(), "user.info".into()],
+        };
+        assert_eq!(
+            c.grant_scope(None).as_deref(),
+            Some("openid llm.inference user.info")
+        );
+        assert_eq!(
+            c.grant_scope(Some("user.info  user.info llm.inference"))
+                .as_deref(),
+            Some("user.info llm.inference")
+        );
+        assert_eq!(c.grant_scope(Some("llm")), None);
+        assert_eq!(c.grant_scope(Some("llm.inferencex")), None);
+        assert_eq!(c.grant_scope(Some("openid credits.read")), None);
+    }
+
+    #[test]
     fn loopback_any_port_everything_else_exact() {
         let reg = "http://127.0.0.1/callback";
         assert!(redirect_matches(reg, "http://127.0.0.1/callback"));
