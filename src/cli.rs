@@ -306,7 +306,10 @@ async fn active_user(client: &tokio_postgres::Client, email: &str) -> Result<Uui
 
 /// Argon2id with the configured parameters (`[passwords]`).
 pub fn hash_password(password: &str, cfg: &Config) -> Result<String, BoxError> {
-    Ok(crate::oauth::password::hash(password, &cfg.passwords)?)
+    Ok(crate::oauth::password::hash(
+        password,
+        &cfg.passwords.argon2,
+    )?)
 }
 
 async fn create_user(

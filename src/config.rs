@@ -108,6 +108,7 @@ pub struct RawPasswords {
     pub argon2_memory_kib: u32,
     pub argon2_iterations: u32,
     pub argon2_parallelism: u32,
+    pub max_queued: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -331,6 +332,7 @@ impl Default for RawPasswords {
             argon2_memory_kib: 19_456,
             argon2_iterations: 2,
             argon2_parallelism: 1,
+            max_queued: 64,
         }
     }
 }
@@ -470,7 +472,7 @@ pub struct Config {
     pub redis: RedisConfig,
     pub auth: AuthConfig,
     pub oauth: OAuthConfig,
-    pub passwords: argon2::Params,
+    pub passwords: PasswordsConfig,
     pub metering: MeteringConfig,
     pub flush: FlushConfig,
     pub models_refresh: Duration,
@@ -534,6 +536,14 @@ pub struct ExternalIssuerConfig {
     pub user_claim: String,
     pub refetch_min_interval: Duration,
     pub fetch_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct PasswordsConfig {
+    /// Argon2id parameters of new hashes (a stored hash below them is rehashed).
+    pub argon2: argon2::Params,
+    /// Callers that may wait for a busy hasher; past that they are refused (503).
+    pub max_queued: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -662,13 +672,17 @@ impl RawConfig {
         }
         let oauth = validate_oauth(&self.oauth)?;
         let external = validate_external(&self.external_issuer)?;
-        let passwords = argon2::Params::new(
+        let argon2 = argon2::Params::new(
             self.passwords.argon2_memory_kib,
             self.passwords.argon2_iterations,
             self.passwords.argon2_parallelism,
             None,
         )
         .map_err(|e| bad("passwords", format!("invalid Argon2 parameters ({e})")))?;
+        let passwords = PasswordsConfig {
+            argon2,
+            max_queued: self.passwords.max_queued as usize,
+        };
         if !(self.database.url.starts_with("postgres://")
             || self.database.url.starts_with("postgresql://"))
         {
@@ -1125,6 +1139,7 @@ mod tests {
         let c = load_str("").unwrap();
         assert!(c.auth.external.is_none());
         assert_eq!(c.oauth.code_ttl, Duration::from_secs(60));
-        assert_eq!(c.passwords.m_cost(), 19_456);
+        assert_eq!(c.passwords.argon2.m_cost(), 19_456);
+        assert_eq!(c.passwords.max_queued, 64);
     }
 }

@@ -77,6 +77,7 @@ pub async fn build_state(cfg: Config) -> Result<AppState, BoxError> {
     let preferences = crate::preferences::PreferenceCache::new(&cfg.preferences);
     let drains = tokio::sync::Semaphore::new(cfg.disconnect_drains as usize);
     let (orphans, orphans_rx) = tokio::sync::mpsc::unbounded_channel();
+    let hashers = crate::oauth::password::Hashers::new(cfg.passwords.max_queued);
     Ok(AppState(Arc::new(Inner {
         cfg,
         db,
@@ -88,6 +89,7 @@ pub async fn build_state(cfg: Config) -> Result<AppState, BoxError> {
         rate_limits,
         preferences,
         drains,
+        hashers,
         draining: AtomicBool::new(false),
         tasks: TaskTracker::new(),
         cut: tokio_util::sync::CancellationToken::new(),

@@ -27,6 +27,8 @@ pub struct Inner {
     pub preferences: PreferenceCache,
     /// Permits for reading on after a streaming client left (`server.disconnect_drains`).
     pub drains: tokio::sync::Semaphore,
+    /// Argon2 capacity: hashes running and waiting (`passwords.max_queued`).
+    pub hashers: crate::oauth::password::Hashers,
     /// Set on SIGTERM: `/readyz` answers 503 while in-flight requests finish.
     pub draining: AtomicBool,
     /// Request tails (streams draining, settles) that shutdown must wait for.

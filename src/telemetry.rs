@@ -1,8 +1,9 @@
 //! `/metrics` in the Prometheus text format. Counters and histograms are recorded
 //! where things happen (this module's middleware for HTTP, `ApiError` for errors, the
-//! settle and the flusher for usage); gauges (usage backlog, pools, requests in
-//! flight) are read when scraped. Labels are low-cardinality: route templates,
-//! status codes, error labels, model ids — never users or request ids.
+//! settle and the flusher for usage, `oauth` for password hashes and sign-in locks);
+//! gauges (usage backlog, pools, requests in flight) are read when scraped. Labels are
+//! low-cardinality: route templates, status codes, error labels, model ids, purposes —
+//! never users, emails, IPs or request ids.
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -96,6 +97,30 @@ fn describe() {
     describe_gauge!(
         "tollgate_partition_months_ahead",
         "Months beyond this one whose usage_history partition exists, counted up to the first missing (-1: this month's is missing)"
+    );
+    describe_counter!(
+        "tollgate_upstream_timeouts_total",
+        "Requests sent upstream and not answered within the first-byte timeout (the provider may still run them), by provider and whether they were retried"
+    );
+    describe_counter!(
+        "tollgate_orphaned_requests_total",
+        "Admitted requests that ended without their settle or release (panic, aborted task, shutdown) and were settled or released afterwards, by outcome"
+    );
+    describe_counter!(
+        "tollgate_usage_over_hold_total",
+        "Charges of provider-reported usage above the request's hold (an honest provider never reports more), by model"
+    );
+    describe_counter!(
+        "tollgate_password_hashes_total",
+        "Argon2 jobs run (a password verified, with its rehash if any, or a client secret), by purpose"
+    );
+    describe_counter!(
+        "tollgate_password_queue_full_total",
+        "Password checks refused (503) because every hasher was busy and passwords.max_queued waited, by purpose"
+    );
+    describe_counter!(
+        "tollgate_signin_locked_total",
+        "Sign-ins refused (429) without checking the password while the account or the IP was locked, by subject"
     );
     describe_gauge!(
         "tollgate_usage_backlog_entries",

@@ -263,6 +263,13 @@ fn cookie_of(r: &Resp) -> String {
         .to_owned()
 }
 
+/// Opens the sign-in page: (its CSRF cookie, its `csrf` field).
+async fn sign_in_page(gw: &Proc, params: &[(&str, &str)]) -> (String, String) {
+    let page = send("GET", &authorize_url(gw, params), &[], None, None).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    (cookie_of(&page), csrf_of(&page.body))
+}
+
 /// Opens the sign-in page, then submits it (from `from`, if set).
 async fn sign_in_from(
     gw: &Proc,
@@ -271,12 +278,21 @@ async fn sign_in_from(
     password: &str,
     from: Option<IpAddr>,
 ) -> Resp {
-    let page = send("GET", &authorize_url(gw, params), &[], None, None).await;
-    assert_eq!(page.status, 200, "{}", page.body);
-    let csrf = csrf_of(&page.body);
-    let cookie = cookie_of(&page);
+    let (cookie, csrf) = sign_in_page(gw, params).await;
+    submit_sign_in(gw, params, (&cookie, &csrf), email, password, from).await
+}
+
+/// Submits a sign-in form whose page gave `cookie` and `csrf`.
+async fn submit_sign_in(
+    gw: &Proc,
+    params: &[(&str, &str)],
+    (cookie, csrf): (&str, &str),
+    email: &str,
+    password: &str,
+    from: Option<IpAddr>,
+) -> Resp {
     let mut fields: Vec<(&str, &str)> = params.to_vec();
-    fields.push(("csrf", &csrf));
+    fields.push(("csrf", csrf));
     fields.push(("email", email));
     fields.push(("password", password));
     send(
@@ -284,7 +300,7 @@ async fn sign_in_from(
         &gw.url("/oauth/authorize"),
         &[
             ("content-type", "application/x-www-form-urlencoded"),
-            ("cookie", &cookie),
+            ("cookie", cookie),
         ],
         Some(form(&fields)),
         from,
@@ -942,6 +958,304 @@ async fn wrong_credentials_get_a_generic_message_and_failures_lock_out() {
     assert_eq!(r.status, 429, "{}", r.body);
     let r = sign_in_from(&gw, &params, &b, PASSWORD, ip(7)).await;
     assert_eq!(r.status, 303);
+}
+
+/// How a burst of wrong sign-ins was answered.
+#[derive(Debug, Default)]
+struct Burst {
+    /// 200 with the generic message: the password was checked.
+    wrong: usize,
+    /// 429: refused while locked, unchecked.
+    locked: usize,
+    /// 503: no hasher free and the queue full, unchecked.
+    busy: usize,
+}
+
+/// Tallies the answers to wrong sign-ins, asserting each is one of the three.
+fn burst_of(rs: &[Resp]) -> Burst {
+    let mut b = Burst::default();
+    for r in rs {
+        match r.status {
+            200 => {
+                assert!(r.body.contains(WRONG), "{}", r.body);
+                b.wrong += 1;
+            }
+            429 => {
+                assert!(
+                    r.body.contains("Too many failed sign-in attempts"),
+                    "{}",
+                    r.body
+                );
+                let secs: u64 = r.headers["retry-after"].parse().unwrap();
+                assert!(secs >= 1, "retry-after {secs}");
+                b.locked += 1;
+            }
+            503 => {
+                assert!(r.headers.contains_key("retry-after"), "{:?}", r.headers);
+                b.busy += 1;
+            }
+            s => panic!("unexpected {s}: {}", r.body),
+        }
+    }
+    assert_eq!(b.wrong + b.locked + b.busy, rs.len(), "{b:?}");
+    b
+}
+
+fn loopback(i: usize) -> Option<IpAddr> {
+    Some(IpAddr::from([
+        127,
+        10,
+        (i / 250) as u8,
+        (i % 250 + 1) as u8,
+    ]))
+}
+
+const SIGNIN_HASHES: &str = "tollgate_password_hashes_total{purpose=\"signin\"}";
+
+#[tokio::test]
+async fn parallel_wrong_guesses_are_refused_before_hashing() {
+    const MAX: usize = 3;
+    const GUESSES: usize = 200;
+    let env = TestEnv::new().await;
+    let mock = env.mock(&[]).await;
+    let gw = env
+        .gateway_with(
+            &mock,
+            &[
+                ("TOLLGATE__OAUTH__SIGNIN_MAX_FAILURES", "3"),
+                ("TOLLGATE__OAUTH__SIGNIN_LOCKOUT_INITIAL_SECS", "120"),
+                ("TOLLGATE__OAUTH__SIGNIN_LOCKOUT_MAX_SECS", "120"),
+            ],
+        )
+        .await;
+    let (_, email) = password_user(&env, 0).await;
+    let p = pkce();
+    let params = authorize_params("http://127.0.0.1:5000/callback", &p, "s");
+    let (cookie, csrf) = sign_in_page(&gw, &params).await;
+
+    // One account, guessed from 200 addresses at once: its lock is what must hold.
+    let before = counter(&env.metrics(&gw).await, SIGNIN_HASHES);
+    let rs =
+        futures_util::future::join_all(
+            (0..GUESSES).map(|i| {
+                let guess = format!("guess {i}");
+                let (params, cookie, csrf, email, gw) = (&params, &cookie, &csrf, &email, &gw);
+                async move {
+                    submit_sign_in(gw, params, (cookie, csrf), email, &guess, loopback(i)).await
+                }
+            }),
+        )
+        .await;
+    let m = env.metrics(&gw).await;
+    let hashed = counter(&m, SIGNIN_HASHES) - before;
+    let b = burst_of(&rs);
+    println!("one account, {GUESSES} parallel guesses: {b:?}, password hashes run: {hashed}");
+    assert!(
+        hashed <= MAX as u64,
+        "{hashed} hashes for {MAX} allowed failures: {b:?}"
+    );
+    assert_eq!(hashed, b.wrong as u64, "a 200 is a checked password: {b:?}");
+    assert!(b.wrong >= 1, "{b:?}");
+    assert_eq!(
+        counter(&m, "tollgate_signin_locked_total{subject=\"account\"}"),
+        b.locked as u64
+    );
+    // Locked now: even the right password is refused, unchecked.
+    let r = sign_in_from(&gw, &params, &email, PASSWORD, loopback(GUESSES)).await;
+    assert_eq!(r.status, 429, "{}", r.body);
+
+    // One address, guessing 200 accounts at once: its lock is what must hold.
+    let before = counter(&env.metrics(&gw).await, SIGNIN_HASHES);
+    let from = Some(IpAddr::from([127, 11, 0, 1]));
+    let rs = futures_util::future::join_all((0..GUESSES).map(|i| {
+        let account = format!("guess{i}@example.com");
+        let (params, cookie, csrf, gw) = (&params, &cookie, &csrf, &gw);
+        async move { submit_sign_in(gw, params, (cookie, csrf), &account, "guess", from).await }
+    }))
+    .await;
+    let m = env.metrics(&gw).await;
+    let hashed = counter(&m, SIGNIN_HASHES) - before;
+    let b = burst_of(&rs);
+    println!("one address, {GUESSES} parallel guesses: {b:?}, password hashes run: {hashed}");
+    assert!(
+        hashed <= MAX as u64,
+        "{hashed} hashes for {MAX} allowed failures: {b:?}"
+    );
+    assert_eq!(hashed, b.wrong as u64, "{b:?}");
+    assert!(b.wrong >= 1, "{b:?}");
+    assert_eq!(
+        counter(&m, "tollgate_signin_locked_total{subject=\"ip\"}"),
+        b.locked as u64
+    );
+}
+
+#[tokio::test]
+async fn after_the_lock_expires_the_right_password_signs_in() {
+    let env = TestEnv::new().await;
+    let mock = env.mock(&[]).await;
+    let gw = env
+        .gateway_with(
+            &mock,
+            &[
+                ("TOLLGATE__OAUTH__SIGNIN_MAX_FAILURES", "2"),
+                ("TOLLGATE__OAUTH__SIGNIN_LOCKOUT_INITIAL_SECS", "3"),
+                ("TOLLGATE__OAUTH__SIGNIN_LOCKOUT_MAX_SECS", "60"),
+            ],
+        )
+        .await;
+    let (_, email) = password_user(&env, 0).await;
+    let p = pkce();
+    let params = authorize_params("http://127.0.0.1:5000/callback", &p, "s");
+    for i in 0..2 {
+        let r = sign_in_from(&gw, &params, &email, "wrong", loopback(i)).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(r.body.contains(WRONG));
+    }
+    let r = sign_in_from(&gw, &params, &email, PASSWORD, loopback(2)).await;
+    assert_eq!(r.status, 429, "{}", r.body);
+    // Refused attempts neither count nor extend the lock: keep asking until it lifts.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let r = loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let r = sign_in_from(&gw, &params, &email, PASSWORD, loopback(3)).await;
+        if r.status != 429 || Instant::now() > deadline {
+            break r;
+        }
+    };
+    assert_eq!(r.status, 303, "{}", r.body);
+    // That success cleared the account (and the lock its own attempt armed).
+    let r = sign_in_from(&gw, &params, &email, PASSWORD, loopback(4)).await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    let r = sign_in_from(&gw, &params, &email, "wrong", loopback(5)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+#[tokio::test]
+async fn successes_behind_one_address_do_not_lock_it() {
+    let env = TestEnv::new().await;
+    let mock = env.mock(&[]).await;
+    let gw = env
+        .gateway_with(
+            &mock,
+            &[
+                ("TOLLGATE__OAUTH__SIGNIN_MAX_FAILURES", "2"),
+                ("TOLLGATE__OAUTH__SIGNIN_LOCKOUT_INITIAL_SECS", "120"),
+            ],
+        )
+        .await;
+    let (_, a) = password_user(&env, 0).await;
+    let (_, b) = password_user(&env, 0).await;
+    let p = pkce();
+    let params = authorize_params("http://127.0.0.1:5000/callback", &p, "s");
+    let nat = Some(IpAddr::from([127, 12, 0, 1]));
+    let r = sign_in_from(&gw, &params, "nobody@example.com", "wrong", nat).await;
+    assert_eq!(r.status, 200);
+    // Many users sign in from the same address: each success gives its attempt back.
+    for email in [&a, &b, &a, &b, &a] {
+        let r = sign_in_from(&gw, &params, email, PASSWORD, nat).await;
+        assert_eq!(r.status, 303, "{}", r.body);
+    }
+    // Failures still count: the second one locks the address.
+    let r = sign_in_from(&gw, &params, "nobody2@example.com", "wrong", nat).await;
+    assert_eq!(r.status, 200);
+    let r = sign_in_from(&gw, &params, &a, PASSWORD, nat).await;
+    assert_eq!(r.status, 429, "{}", r.body);
+}
+
+#[tokio::test]
+async fn a_full_hasher_queue_answers_503_with_retry_after() {
+    const CALLS: usize = 200;
+    let env = TestEnv::new().await;
+    let mock = env.mock(&[]).await;
+    let gw = env
+        .gateway_with(
+            &mock,
+            &[
+                ("TOLLGATE__PASSWORDS__MAX_QUEUED", "0"),
+                ("TOLLGATE__OAUTH__SIGNIN_MAX_FAILURES", "1000"),
+            ],
+        )
+        .await;
+    let p = pkce();
+    let params = authorize_params("http://127.0.0.1:5000/callback", &p, "s");
+    let (cookie, csrf) = sign_in_page(&gw, &params).await;
+
+    // Sign-in: more parallel checks than hashers, and no queue.
+    let rs =
+        futures_util::future::join_all((0..CALLS).map(|i| {
+            let account = format!("busy{i}@example.com");
+            let (params, cookie, csrf, gw) = (&params, &cookie, &csrf, &gw);
+            async move {
+                submit_sign_in(gw, params, (cookie, csrf), &account, "guess", loopback(i)).await
+            }
+        }))
+        .await;
+    let m = env.metrics(&gw).await;
+    let b = burst_of(&rs);
+    println!("{CALLS} parallel sign-ins, no queue: {b:?}");
+    assert_eq!(b.locked, 0, "{b:?}");
+    assert!(b.busy >= 1, "{b:?}");
+    assert_eq!(counter(&m, SIGNIN_HASHES), b.wrong as u64);
+    assert_eq!(
+        counter(&m, "tollgate_password_queue_full_total{purpose=\"signin\"}"),
+        b.busy as u64
+    );
+    let busy = rs.iter().find(|r| r.status == 503).unwrap();
+    assert_eq!(busy.headers["retry-after"], "1");
+    assert!(busy.body.contains("Sign-in is busy"), "{}", busy.body);
+    assert!(
+        busy.headers["content-type"].starts_with("text/html"),
+        "{:?}",
+        busy.headers
+    );
+
+    // The token endpoint's client-secret check: RFC 6749 `temporarily_unavailable`.
+    let argon2 = argon2::Params::new(19_456, 2, 1, None).unwrap();
+    let secret_hash = tollgate::oauth::password::hash("s3cret-value", &argon2).unwrap();
+    env.db()
+        .await
+        .execute(
+            "INSERT INTO oauth_clients (client_id, client_name, client_secret_hash, redirect_uris, grant_types, response_types, scope)
+             VALUES ('backend', 'Backend', $1, ARRAY['https://app.example/cb'], ARRAY['refresh_token'], ARRAY['code'], 'llm.inference')",
+            &[&secret_hash],
+        )
+        .await
+        .unwrap();
+    let pairs = [
+        ("grant_type", "refresh_token"),
+        ("refresh_token", "x"),
+        ("client_id", "backend"),
+        ("client_secret", "s3cret-value"),
+    ];
+    let rs = futures_util::future::join_all((0..CALLS).map(|_| token_request(&gw, &pairs))).await;
+    let m = env.metrics(&gw).await;
+    let (mut checked, mut busy) = (0, 0);
+    for r in &rs {
+        if r.status == 503 {
+            r.oauth_error(503, "temporarily_unavailable");
+            assert_eq!(r.headers["retry-after"], "1");
+            busy += 1;
+        } else {
+            r.oauth_error(400, "invalid_grant");
+            checked += 1;
+        }
+    }
+    println!("{CALLS} parallel client authentications, no queue: {checked} checked, {busy} busy");
+    assert!(busy >= 1);
+    assert_eq!(
+        counter(
+            &m,
+            "tollgate_password_hashes_total{purpose=\"client_secret\"}"
+        ),
+        checked
+    );
+    assert_eq!(
+        counter(
+            &m,
+            "tollgate_password_queue_full_total{purpose=\"client_secret\"}"
+        ),
+        busy
+    );
 }
 
 #[tokio::test]

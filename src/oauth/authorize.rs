@@ -7,6 +7,12 @@
 //! 6749 §4.1.2.1). The form is CSRF-safe: a `SameSite=Strict`, `HttpOnly` cookie holds
 //! a random value, the form carries its HMAC under a key derived from the signing key,
 //! and a cross-origin `Origin` is refused. Wrong credentials get one generic message.
+//!
+//! Each attempt is counted and checked against the account's and the IP's lock
+//! ([`super::throttle`]) before the password is hashed: while locked, 429 with
+//! `retry-after` and no hash. Hashing goes through the bounded [`password::Hashers`]:
+//! when every hasher is busy and its queue is full, 503 with `retry-after` (and the
+//! attempt is not counted).
 
 use std::sync::OnceLock;
 
@@ -20,7 +26,7 @@ use http::{header, HeaderMap, HeaderValue, StatusCode};
 use uuid::Uuid;
 
 use super::clients::{self, Client};
-use super::throttle::Throttle;
+use super::throttle::{ip_subject, Throttle, Verdict};
 use super::{ct_eq, no_store, password, random_token, sha256, Params, PeerAddr};
 use crate::state::AppState;
 
@@ -401,13 +407,26 @@ fn same_origin(headers: &HeaderMap) -> bool {
 
 static DUMMY_HASH: OnceLock<String> = OnceLock::new();
 
+/// Why the credentials could not be checked (nothing says they were wrong).
+enum CheckError {
+    /// Every password hasher is busy and the queue is full.
+    Busy,
+    Unavailable(String),
+}
+
+impl<E: std::fmt::Display> From<E> for CheckError {
+    fn from(e: E) -> Self {
+        CheckError::Unavailable(e.to_string())
+    }
+}
+
 /// Checks the credentials. Returns the user id if they are right and the user may sign
 /// in; rehashes the password when the configured parameters rose.
 async fn check_credentials(
     state: &AppState,
     email: &str,
     password: &str,
-) -> Result<Option<Uuid>, crate::db::DbError> {
+) -> Result<Option<Uuid>, CheckError> {
     let row = state
         .db
         .get()
@@ -426,27 +445,33 @@ async fn check_credentials(
         ),
         None => (None, None, false),
     };
-    let params = state.cfg.passwords.clone();
+    let params = state.cfg.passwords.argon2.clone();
     let pw = password.to_owned();
     let stored_c = stored.clone();
     // No pooled connection is held while Argon2 runs.
-    let (ok, rehash) = password::run_bounded(move || {
-        let hash = match stored_c {
-            Some(h) => h,
-            None => DUMMY_HASH
-                .get_or_init(|| password::dummy_hash(&params))
-                .clone(),
-        };
-        let ok = password::verify(&pw, &hash);
-        let rehash = if ok && password::needs_rehash(&hash, &params) {
-            password::hash(&pw, &params).ok()
-        } else {
-            None
-        };
-        (ok, rehash)
-    })
-    .await
-    .map_err(crate::db::DbError::Pool)?;
+    let (ok, rehash) = match state
+        .hashers
+        .run(password::Purpose::SignIn, move || {
+            let hash = match stored_c {
+                Some(h) => h,
+                None => DUMMY_HASH
+                    .get_or_init(|| password::dummy_hash(&params))
+                    .clone(),
+            };
+            let ok = password::verify(&pw, &hash);
+            let rehash = if ok && password::needs_rehash(&hash, &params) {
+                password::hash(&pw, &params).ok()
+            } else {
+                None
+            };
+            (ok, rehash)
+        })
+        .await
+    {
+        Ok(r) => r,
+        Err(password::HashError::Busy) => return Err(CheckError::Busy),
+        Err(e) => return Err(e.into()),
+    };
     let (Some(id), true, true, Some(_)) = (id, ok, active, stored) else {
         return Ok(None);
     };
@@ -505,7 +530,7 @@ pub async fn submit(
     submitted: Result<Form<Vec<(String, String)>>, FormRejection>,
 ) -> Response {
     let peer = peer
-        .map(|Extension(p)| p.0.ip().to_string())
+        .map(|Extension(p)| ip_subject(p.0.ip()))
         .unwrap_or_else(|| "unknown".into());
     let pairs = match submitted {
         Ok(Form(f)) => f,
@@ -553,33 +578,52 @@ pub async fn submit(
             "Please try again in a moment.",
         )
     };
-    match throttle.locked(&email, &peer).await {
-        Ok(false) => {}
-        Ok(true) => {
+    // Counted (and refused while locked) before the password is hashed.
+    let ticket = match throttle.attempt(&email, &peer, &state.cfg.oauth).await {
+        Ok(Verdict::Admitted(t)) => t,
+        Ok(Verdict::Locked { by, retry_after }) => {
+            metrics::counter!("tollgate_signin_locked_total", "subject" => by.label()).increment(1);
             let mut r = show(
                 StatusCode::TOO_MANY_REQUESTS,
                 "Too many failed sign-in attempts. Wait a little, then try again.",
             );
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
             return r;
         }
         Err(e) => return unavailable(&e),
-    }
+    };
     let user = match check_credentials(&state, &email, password).await {
         Ok(u) => u,
-        Err(e) => return unavailable(&e),
+        Err(e) => {
+            // Not checked: the attempt does not count against the account or the IP.
+            throttle.unchecked(&email, &peer, ticket).await;
+            return match e {
+                CheckError::Busy => {
+                    let mut r = page(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "Sign-in is busy",
+                        "Too many people are signing in right now. Please try again in a moment.",
+                    );
+                    r.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    r
+                }
+                CheckError::Unavailable(e) => unavailable(&e),
+            };
+        }
     };
     let Some(user) = user else {
-        if let Err(e) = throttle.failed(&email, &peer, &state.cfg.oauth).await {
-            return unavailable(&e);
-        }
+        // A wrong password: its attempt stays counted.
+        throttle
+            .failed(&email, &peer, ticket, &state.cfg.oauth)
+            .await;
         tracing::info!(client_id = %auth_req.client.client_id, "sign-in refused");
         return show(StatusCode::OK, WRONG);
     };
-    if let Err(e) = throttle.succeeded(&email).await {
-        tracing::warn!(error = %e, "could not clear the sign-in failure count");
-    }
+    throttle.succeeded(&email, &peer, ticket).await;
     let code = match issue_code(&state, &auth_req, &user).await {
         Ok(c) => c,
         Err(_) => return unavailable(&"the authorization code could not be stored"),

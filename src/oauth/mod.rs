@@ -91,14 +91,21 @@ impl OAuthError {
         )
     }
 
-    /// Headers every §5.2 answer carries (and `WWW-Authenticate` for a failed client).
+    /// Headers every §5.2 answer carries (and `WWW-Authenticate` for a failed client,
+    /// `Retry-After` for a temporarily unavailable server).
     pub fn add_headers(&self, h: &mut http::HeaderMap) {
         no_store(h);
-        if self.error == "invalid_client" {
-            h.insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Basic realm=\"tollgate\""),
-            );
+        match self.error {
+            "invalid_client" => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Basic realm=\"tollgate\""),
+                );
+            }
+            "temporarily_unavailable" => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
         }
     }
 }

@@ -48,22 +48,130 @@ pub fn needs_rehash(stored: &str, params: &Params) -> bool {
 /// than allocate without bound.
 const HASHES_PER_CORE: usize = 2;
 
-fn permits() -> &'static tokio::sync::Semaphore {
-    static PERMITS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
-    PERMITS.get_or_init(|| {
-        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
-        tokio::sync::Semaphore::new(cores.saturating_mul(HASHES_PER_CORE))
-    })
+/// What a hash is run for: the label of `tollgate_password_hashes_total` and
+/// `tollgate_password_queue_full_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// A user's password on the sign-in form.
+    SignIn,
+    /// A confidential client's secret at `/oauth/token`.
+    ClientSecret,
 }
 
-/// Runs `f` (password hashing or verification) on the blocking pool, bounded.
-pub async fn run_bounded<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, String> {
-    let _permit = permits().acquire().await.map_err(|e| e.to_string())?;
-    tokio::task::spawn_blocking(f)
+impl Purpose {
+    fn label(self) -> &'static str {
+        match self {
+            Purpose::SignIn => "signin",
+            Purpose::ClientSecret => "client_secret",
+        }
+    }
+}
+
+/// Why [`Hashers::run`] did not run the hash.
+#[derive(Debug)]
+pub enum HashError {
+    /// Every hasher is busy and `passwords.max_queued` callers already wait: retry
+    /// shortly (503).
+    Busy,
+    /// The blocking task failed.
+    Failed(String),
+}
+
+impl std::fmt::Display for HashError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HashError::Busy => f.write_str("every password hasher is busy and the queue is full"),
+            HashError::Failed(e) => write!(f, "password hashing failed: {e}"),
+        }
+    }
+}
+
+/// The process's Argon2 capacity: at most `running` hashes at once, at most
+/// `max_queued` more callers waiting for one; a caller past that is refused at once
+/// ([`HashError::Busy`]) instead of waiting without bound.
+pub struct Hashers {
+    running: std::sync::Arc<tokio::sync::Semaphore>,
+    waiting: std::sync::atomic::AtomicUsize,
+    max_queued: usize,
+}
+
+/// A place in the queue, given back when dropped (the hash started, or the caller
+/// went away).
+struct QueueSlot<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for QueueSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+impl Hashers {
+    /// `HASHES_PER_CORE` running per core, `max_queued` waiting.
+    pub fn new(max_queued: usize) -> Hashers {
+        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+        Hashers::with_limits(cores.saturating_mul(HASHES_PER_CORE), max_queued)
+    }
+
+    pub fn with_limits(running: usize, max_queued: usize) -> Hashers {
+        Hashers {
+            running: std::sync::Arc::new(tokio::sync::Semaphore::new(running.max(1))),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+            max_queued,
+        }
+    }
+
+    /// Callers waiting for a hasher now.
+    pub fn queued(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn queue_slot(&self) -> Option<QueueSlot<'_>> {
+        use std::sync::atomic::Ordering;
+        self.waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_queued).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| QueueSlot(&self.waiting))
+    }
+
+    /// Runs `f` (password hashing or verification) on the blocking pool, bounded. The
+    /// permit travels with the blocking task, so a caller that goes away mid-hash does
+    /// not free its place before the hash has finished.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        purpose: Purpose,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, HashError> {
+        use tokio::sync::TryAcquireError;
+        let permit = match self.running.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(TryAcquireError::Closed) => return Err(HashError::Failed("closed".into())),
+            Err(TryAcquireError::NoPermits) => {
+                let Some(_slot) = self.queue_slot() else {
+                    metrics::counter!(
+                        "tollgate_password_queue_full_total",
+                        "purpose" => purpose.label()
+                    )
+                    .increment(1);
+                    return Err(HashError::Busy);
+                };
+                self.running
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|e| HashError::Failed(e.to_string()))?
+            }
+        };
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            metrics::counter!("tollgate_password_hashes_total", "purpose" => purpose.label())
+                .increment(1);
+            f()
+        })
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| HashError::Failed(e.to_string()))
+    }
 }
 
 /// A hash of a random password: verified against when the account does not exist, so
@@ -93,5 +201,79 @@ mod tests {
         assert!(!needs_rehash(&h2, &owasp));
         assert!(needs_rehash("not a hash", &owasp));
         assert!(!verify("x", "not a hash"));
+    }
+
+    #[tokio::test]
+    async fn the_queue_is_bounded_and_a_full_one_refuses_at_once() {
+        let h = std::sync::Arc::new(Hashers::with_limits(1, 1));
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let (started, running) = tokio::sync::oneshot::channel::<()>();
+        let first = tokio::spawn({
+            let h = h.clone();
+            async move {
+                h.run(Purpose::SignIn, move || {
+                    let _ = started.send(());
+                    hold.recv().ok();
+                    1
+                })
+                .await
+            }
+        });
+        running.await.unwrap();
+        // The one hasher is busy: the next caller waits, the one after is refused.
+        let second = tokio::spawn({
+            let h = h.clone();
+            async move { h.run(Purpose::SignIn, || 2).await }
+        });
+        while h.queued() < 1 {
+            tokio::task::yield_now().await;
+        }
+        assert!(matches!(
+            h.run(Purpose::ClientSecret, || 3).await,
+            Err(HashError::Busy)
+        ));
+        release.send(()).unwrap();
+        assert_eq!(first.await.unwrap().unwrap(), 1);
+        assert_eq!(second.await.unwrap().unwrap(), 2);
+        assert_eq!(h.queued(), 0);
+        assert_eq!(h.run(Purpose::SignIn, || 4).await.unwrap(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_goes_away_gives_its_place_back() {
+        let h = std::sync::Arc::new(Hashers::with_limits(1, 1));
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let (started, running) = tokio::sync::oneshot::channel::<()>();
+        let first = tokio::spawn({
+            let h = h.clone();
+            async move {
+                h.run(Purpose::SignIn, move || {
+                    let _ = started.send(());
+                    hold.recv().ok();
+                })
+                .await
+            }
+        });
+        running.await.unwrap();
+        let waiter = tokio::spawn({
+            let h = h.clone();
+            async move { h.run(Purpose::SignIn, || ()).await }
+        });
+        while h.queued() < 1 {
+            tokio::task::yield_now().await;
+        }
+        waiter.abort();
+        assert!(waiter.await.unwrap_err().is_cancelled());
+        assert_eq!(h.queued(), 0, "the aborted caller's place is free again");
+        let again = tokio::spawn({
+            let h = h.clone();
+            async move { h.run(Purpose::SignIn, || 5).await }
+        });
+        while h.queued() < 1 {
+            tokio::task::yield_now().await;
+        }
+        release.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        assert_eq!(again.await.unwrap().unwrap(), 5);
     }
 }

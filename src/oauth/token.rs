@@ -75,9 +75,19 @@ async fn authenticate_client(state: &AppState, headers: &HeaderMap, p: &Params) 
         let Some(secret) = secret else {
             return Err(OAuthError::invalid_client("client authentication is required").into());
         };
-        let ok = password::run_bounded(move || password::verify(&secret, &hash))
+        let ok = state
+            .hashers
+            .run(password::Purpose::ClientSecret, move || {
+                password::verify(&secret, &hash)
+            })
             .await
-            .map_err(ApiError::internal)?;
+            .map_err(|e| match e {
+                password::HashError::Busy => ApiError::from(OAuthError::new(
+                    "temporarily_unavailable",
+                    "too many client authentications are in progress; retry shortly",
+                )),
+                password::HashError::Failed(e) => ApiError::internal(e),
+            })?;
         if !ok {
             return Err(OAuthError::invalid_client("client authentication failed").into());
         }
