@@ -796,3 +796,41 @@ async fn a_deployment_whose_key_is_refused_fails_over_and_is_not_tried_again() {
     assert_eq!(stats(&env, &refusing).await["requests"], 1);
     assert_eq!(stats(&env, &good).await["served"], 1);
 }
+
+/// A provider that never ends its stream is cut once the answer passes
+/// `server.max_response_bytes` (instead of being streamed for ever), and charged what it
+/// sent, capped at the hold.
+#[tokio::test]
+async fn a_stream_that_never_ends_is_cut_at_the_response_limit_and_charged_at_most_the_hold() {
+    let env = TestEnv::new().await;
+    // 2,000 chunks of ~170 bytes each, against a 4 KiB limit.
+    let mock = env
+        .mock(&["--chunks", "2000", "--completion-tokens", "2000"])
+        .await;
+    let gw = env
+        .gateway_with(&mock, &[("TOLLGATE__SERVER__MAX_RESPONSE_BYTES", "4096")])
+        .await;
+    let (user, token) = env.user(100).await;
+    let (status, rid, text) = stream_all(&env, &gw, &token, &small(true)).await;
+    assert_eq!(status, 200);
+    assert!(
+        !text.contains("[DONE]"),
+        "a cut stream does not end as complete"
+    );
+    assert!(
+        text.len() <= 4096 + 1024,
+        "stopped near the limit: {} bytes",
+        text.len()
+    );
+    let (credits, _, output, _, meta) = row(&env, &rid).await;
+    assert_eq!(meta["answer_too_large"], true, "{meta}");
+    assert_eq!(meta["usage_estimated"], true, "{meta}");
+    assert!(output > 0);
+    // The hold: the prompt bound and 600 output tokens at 2 per 1k = 2 credits.
+    assert!(credits > 0 && credits <= 2, "{credits}");
+    assert_eq!(
+        env.redis_balance(&user).await,
+        Some(100 - i64::from(credits))
+    );
+    assert_eq!(env.redis_held(&user).await, 0);
+}
