@@ -19,7 +19,7 @@ use crate::parse::{
     len, positive, upstream_body, ChatRequest, Edits, PromptSize, RawStreamOptions, MAX_CHOICES,
     TOKENS_PER_REQUEST,
 };
-use crate::router::{admit_and_run, read_body, Admission, Api, RequestId};
+use crate::router::{admit_and_run, read_body, route_sized, Admission, Api, RequestId};
 use crate::state::AppState;
 use crate::translate::{self, Kind};
 
@@ -208,8 +208,7 @@ pub async fn completions(
     let started = Instant::now();
     let body = read_body(req.into_body(), state.cfg.max_body_bytes).await?;
     let mut chat = parse_completion(&body)?;
-    let model = state.models.route(&chat.model)?;
-    chat.size_for(&model, i64::from(state.cfg.metering.image_tokens));
+    let model = route_sized(&state, &mut chat)?;
     let kind = state.upstream.provider(&model.provider)?.kind;
     if kind != Kind::OpenAi {
         return Err(not_offered(
@@ -320,8 +319,7 @@ pub async fn embeddings(
     let started = Instant::now();
     let body = read_body(req.into_body(), state.cfg.max_body_bytes).await?;
     let (mut chat, input, base64, dimensions) = parse_embeddings(&body)?;
-    let model = state.models.route(&chat.model)?;
-    chat.size_for(&model, i64::from(state.cfg.metering.image_tokens));
+    let model = route_sized(&state, &mut chat)?;
     let kind = state.upstream.provider(&model.provider)?.kind;
     let translated = match kind {
         Kind::OpenAi => None,

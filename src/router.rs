@@ -143,6 +143,16 @@ async fn get_model(
     Ok(Json(state.models.route(&id)?.to_openai()))
 }
 
+/// Stage 4 for a parsed request: its model, with the prompt's bound sized for it.
+pub(crate) fn route_sized(
+    state: &AppState,
+    chat: &mut ChatRequest,
+) -> Result<std::sync::Arc<Model>, ApiError> {
+    let model = state.models.route(&chat.model)?;
+    chat.size_for(&model, i64::from(state.cfg.metering.image_tokens));
+    Ok(model)
+}
+
 /// Reads the body, refusing more than `limit` bytes with 413.
 pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     match http_body_util::Limited::new(body, limit).collect().await {
@@ -637,8 +647,7 @@ async fn chat_completions(
         .and_then(|p| p.max_tokens)
         .filter(|m| *m > 0 && chat.max_tokens.is_none());
     let temperature = prefs.as_ref().and_then(|p| p.temperature);
-    let model = state.models.route(&chat.model)?;
-    chat.size_for(&model, i64::from(state.cfg.metering.image_tokens));
+    let model = route_sized(&state, &mut chat)?;
     let kind = state.upstream.provider(&model.provider)?.kind;
     // Translation runs before anything is held: what the provider cannot honour is a 400.
     let translated = match kind {

@@ -1149,41 +1149,24 @@ async fn images_and_files_are_held_at_the_models_bound() {
     let (user, token) = env.user(100).await;
     let image = json!([{"type": "text", "text": "what is this?"},
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]);
-    let chat = |model: &str, content: &serde_json::Value| {
-        serde_json::to_vec(&json!({"model": model, "max_tokens": 20, "messages": [{"role": "user", "content": content}]})).unwrap()
+    let post = |model: &'static str, content: serde_json::Value| {
+        let body = serde_json::to_vec(&json!({"model": model, "max_tokens": 20,
+            "messages": [{"role": "user", "content": content}]}))
+        .unwrap();
+        let (env, gw, token) = (&env, &gw, &token);
+        async move { post_raw(env, gw, "/v1/chat/completions", token, &body).await }
     };
     // gpt-5: 1,500 tokens an image — 100 credits cover it.
-    let (status, _, resp) = post_raw(
-        &env,
-        &gw,
-        "/v1/chat/completions",
-        &token,
-        &chat("gpt-5", &image),
-    )
-    .await;
+    let (status, _, resp) = post("gpt-5", image.clone()).await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&resp));
     // Gemini: no bound known, an image is held as the 2M-token context: refused.
-    let (status, headers, resp) = post_raw(
-        &env,
-        &gw,
-        "/v1/chat/completions",
-        &token,
-        &chat("gemini-2.0-pro", &image),
-    )
-    .await;
+    let (status, headers, resp) = post("gemini-2.0-pro", image.clone()).await;
     assert_eq!(status, 429, "{}", String::from_utf8_lossy(&resp));
     assert_eq!(openai_error(&resp)["code"], "insufficient_quota");
     assert_eq!(headers["x-should-retry"], "false");
     // A PDF: its pages can cost up to the context length (400k tokens = 800 credits).
     let pdf = json!([{"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBERi0xLjQK"}}]);
-    let (status, _, _) = post_raw(
-        &env,
-        &gw,
-        "/v1/chat/completions",
-        &token,
-        &chat("gpt-5", &pdf),
-    )
-    .await;
+    let (status, _, _) = post("gpt-5", pdf).await;
     assert_eq!(status, 429);
     // The operator sets Gemini's bound (16 tiles of 258 tokens): applied within the refresh.
     env.db()
@@ -1196,14 +1179,7 @@ async fn images_and_files_are_held_at_the_models_bound() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (status, _, resp) = post_raw(
-            &env,
-            &gw,
-            "/v1/chat/completions",
-            &token,
-            &chat("gemini-2.0-pro", &image),
-        )
-        .await;
+        let (status, _, resp) = post("gemini-2.0-pro", image.clone()).await;
         if status == 200 {
             break;
         }
