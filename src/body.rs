@@ -8,7 +8,8 @@
 //! - one JSON object, nothing else (no BOM, no trailing bytes, at most 128 levels deep —
 //!   serde_json's limits);
 //! - no key twice in any object at any depth, keys compared after decoding escapes
-//!   (`"max_\u0074okens"` is `max_tokens`);
+//!   (`"max_\u0074okens"` is `max_tokens`) and folding letter case (Go's parser matches
+//!   `"INCLUDE_USAGE"` and `"include_uſage"` to `include_usage`);
 //! - top-level keys from the endpoint's allow-list only (anything else: 400
 //!   `Unrecognized request argument supplied`, as OpenAI answers).
 //!
@@ -19,7 +20,7 @@
 
 use std::borrow::Cow;
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -41,11 +42,26 @@ impl Keys {
     }
 }
 
-/// Where a duplicate key was found: the key, and the top-level key it sits under
-/// (`None`: at the top level itself).
+/// Where a duplicate key was found: the key, whether it repeats another only up to
+/// letter case, and the top-level key it sits under (`None`: at the top level itself).
 #[derive(Debug, Default)]
 struct Found {
-    duplicate: Option<(String, Option<String>)>,
+    duplicate: Option<(String, bool, Option<String>)>,
+}
+
+/// A key folded to one letter case, as a case-insensitive parser (Go's
+/// `encoding/json` matches struct fields so, Unicode folding included) would match it.
+fn fold<'a>(key: &Cow<'a, str>) -> Cow<'a, str> {
+    if key.bytes().all(|b| b.is_ascii() && !b.is_ascii_uppercase()) {
+        // Borrowed from the body, most of the time: no copy.
+        return key.clone();
+    }
+    Cow::Owned(
+        key.chars()
+            .flat_map(char::to_uppercase)
+            .flat_map(char::to_lowercase)
+            .collect(),
+    )
 }
 
 /// Walks any JSON value, refusing an object that holds a key twice.
@@ -147,17 +163,21 @@ impl<'de> Visitor<'de> for Strict<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let mut few: Vec<Cow<'de, str>> = Vec::new();
-        let mut many: HashSet<Cow<'de, str>> = HashSet::new();
+        // Keys folded to one case, with the key as written: a key seen again, or seen
+        // again but for letter case, is refused.
+        let mut few: Vec<(Cow<'de, str>, Cow<'de, str>)> = Vec::new();
+        let mut many: HashMap<Cow<'de, str>, Cow<'de, str>> = HashMap::new();
         while let Some(key) = map.next_key_seed(Key)? {
+            let folded = fold(&key);
             let seen = if many.is_empty() {
-                few.contains(&key)
+                few.iter().find(|(f, _)| *f == folded).map(|(_, k)| k)
             } else {
-                many.contains(&key)
+                many.get(&folded)
             };
-            if seen {
+            if let Some(earlier) = seen {
+                let only_case = *earlier != key;
                 let under = self.under.map(str::to_owned);
-                self.found.borrow_mut().duplicate = Some((key.into_owned(), under));
+                self.found.borrow_mut().duplicate = Some((key.into_owned(), only_case, under));
                 return Err(de::Error::custom("duplicate key"));
             }
             if let Some(keys) = self.keys {
@@ -177,10 +197,10 @@ impl<'de> Visitor<'de> for Strict<'_> {
                 keys: None,
             })?;
             if many.is_empty() && few.len() < LINEAR_KEYS {
-                few.push(key);
+                few.push((folded, key));
             } else {
                 many.extend(few.drain(..));
-                many.insert(key);
+                many.insert(folded, key);
             }
         }
         Ok(())
@@ -223,8 +243,8 @@ pub fn check(body: &[u8], params: &Params) -> Result<Keys, ApiError> {
     )
     .and_then(|()| de.end());
     if let Err(e) = walked {
-        if let Some((key, under)) = found.into_inner().duplicate {
-            return Err(duplicate(&key, under.as_deref(), params));
+        if let Some((key, only_case, under)) = found.into_inner().duplicate {
+            return Err(duplicate(&key, only_case, under.as_deref(), params));
         }
         return Err(json_error(&e));
     }
@@ -250,7 +270,7 @@ pub fn check(body: &[u8], params: &Params) -> Result<Keys, ApiError> {
     Ok(keys)
 }
 
-fn duplicate(key: &str, under: Option<&str>, params: &Params) -> ApiError {
+fn duplicate(key: &str, only_case: bool, under: Option<&str>, params: &Params) -> ApiError {
     // Name the top-level parameter at fault, with a static name when it is one we know.
     let top = under.unwrap_or(key);
     let param = params
@@ -259,9 +279,14 @@ fn duplicate(key: &str, under: Option<&str>, params: &Params) -> ApiError {
         .copied()
         .chain(params.refused.iter().map(|(n, _)| *n))
         .find(|p| *p == top);
+    let again = if only_case {
+        "appears again but for letter case"
+    } else {
+        "appears more than once"
+    };
     let message = match under {
-        None => format!("the parameter `{key}` appears more than once in the request body"),
-        Some(u) => format!("the key `{key}` appears more than once in an object of `{u}`"),
+        None => format!("the parameter `{key}` {again} in the request body"),
+        Some(u) => format!("the key `{key}` {again} in an object of `{u}`"),
     };
     ApiError::InvalidRequest { message, param }
 }
@@ -363,6 +388,16 @@ mod tests {
         // An unknown top-level key twice: refused, no static name to give.
         let (_, p) = err(r#"{"x":1,"x":2}"#);
         assert_eq!(p, None);
+        // Keys equal but for letter case, Unicode folding included.
+        for body in [
+            r#"{"stream_options":{"include_usage":true,"INCLUDE_USAGE":false}}"#,
+            "{\"stream_options\":{\"include_usage\":true,\"include_u\u{17f}age\":false}}",
+            r#"{"messages":[{"content":"hi","CONTENT":"bye"}]}"#,
+        ] {
+            let (m, p) = err(body);
+            assert!(m.contains("but for letter case"), "{body}: {m}");
+            assert!(p.is_some(), "{body}");
+        }
         // Many keys (the hash-set path).
         let mut big = String::from("{\"messages\":{");
         for i in 0..40 {

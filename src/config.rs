@@ -344,7 +344,7 @@ impl Default for RawMetering {
             min_output_tokens: 16,
             image_tokens: 0,
             settle_retries: 3,
-            speculative_send: true,
+            speculative_send: false,
         }
     }
 }

@@ -16,10 +16,12 @@ use crate::authenticate::Principal;
 use crate::body::{self, Params};
 use crate::error::ApiError;
 use crate::parse::{
-    len, positive, upstream_body, ChatRequest, Edits, PromptSize, RawStreamOptions, MAX_CHOICES,
+    len, positive, stream_options, upstream_body, ChatRequest, Edits, PromptSize, MAX_CHOICES,
     TOKENS_PER_REQUEST,
 };
-use crate::router::{admit_and_run, read_body, route_sized, Admission, Api, RequestId};
+use crate::router::{
+    admit_and_run, parse_off_thread, read_body, route_sized, Admission, Api, RequestId,
+};
 use crate::state::AppState;
 use crate::translate::{self, Kind};
 
@@ -68,8 +70,8 @@ struct RawCompletion<'a> {
     prompt: Option<&'a RawValue>,
     #[serde(default)]
     stream: Option<bool>,
-    #[serde(default)]
-    stream_options: Option<RawStreamOptions>,
+    #[serde(default, borrow)]
+    stream_options: Option<&'a RawValue>,
     #[serde(default)]
     max_tokens: Option<serde_json::Value>,
     #[serde(default)]
@@ -170,8 +172,7 @@ pub fn parse_completion(body: &[u8]) -> Result<ChatRequest, ApiError> {
         model,
         stream,
         include_usage: stream
-            && raw
-                .stream_options
+            && stream_options(raw.stream_options)?
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false),
         // Absent means OpenAI's default of 16.
@@ -189,6 +190,7 @@ pub fn parse_completion(body: &[u8]) -> Result<ChatRequest, ApiError> {
         model_in_body: true,
         has_temperature: false,
         keys,
+        tools: false,
     })
 }
 
@@ -207,9 +209,8 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let body = read_body(req.into_body(), state.cfg.max_body_bytes).await?;
-    let mut chat = parse_completion(&body)?;
-    let model = route_sized(&state, &mut chat)?;
-    let kind = state.upstream.provider(&model.provider)?.kind;
+    let mut chat = parse_off_thread(&body, parse_completion).await?;
+    let (model, kind) = route_sized(&state, &mut chat)?;
     if kind != Kind::OpenAi {
         return Err(not_offered(
             &model.id,
@@ -306,6 +307,7 @@ pub fn parse_embeddings(
         model_in_body: true,
         has_temperature: false,
         keys,
+        tools: false,
     };
     Ok((chat, input, base64, dimensions))
 }
@@ -318,9 +320,11 @@ pub async fn embeddings(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let body = read_body(req.into_body(), state.cfg.max_body_bytes).await?;
-    let (mut chat, input, base64, dimensions) = parse_embeddings(&body)?;
-    let model = route_sized(&state, &mut chat)?;
-    let kind = state.upstream.provider(&model.provider)?.kind;
+    let (mut chat, input, base64, dimensions) = parse_off_thread(&body, |b| {
+        parse_embeddings(b).map(|(c, i, b64, d)| (c, i.to_owned(), b64, d))
+    })
+    .await?;
+    let (model, kind) = route_sized(&state, &mut chat)?;
     let translated = match kind {
         Kind::OpenAi => None,
         Kind::Gemini => {

@@ -60,6 +60,10 @@ pub enum ApiError {
     Unavailable {
         message: String,
     },
+    /// The provider answered, but its usage could not be recorded yet (the ledger and
+    /// PostgreSQL both failed): it will be charged once they are back, so a retry would
+    /// pay twice (`x-should-retry: false`).
+    UsageNotRecorded,
     Internal {
         message: String,
     },
@@ -84,7 +88,9 @@ impl ApiError {
             ApiError::BadGateway { .. } => StatusCode::BAD_GATEWAY,
             ApiError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable { .. } | ApiError::UsageNotRecorded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::OAuth(e) => e.status_code(),
         }
@@ -108,6 +114,7 @@ impl ApiError {
             ApiError::UpstreamTimeout { .. } => "upstream_timeout",
             ApiError::UpstreamBusy { .. } => "upstream_busy",
             ApiError::Unavailable { .. } => "unavailable",
+            ApiError::UsageNotRecorded => "usage_not_recorded",
             ApiError::Internal { .. } => "internal",
             ApiError::OAuth(_) => "oauth",
         }
@@ -233,6 +240,13 @@ impl ApiError {
                 None,
                 Some("service_unavailable"),
             ),
+            ApiError::UsageNotRecorded => (
+                "The provider answered, but the usage could not be recorded; it will be charged when the ledger is back. Do not retry: a retry would be charged again."
+                    .into(),
+                "server_error",
+                None,
+                Some("usage_not_recorded"),
+            ),
             ApiError::Internal { message } => (message.clone(), "server_error", None, None),
             ApiError::OAuth(e) => (e.description.clone(), "invalid_request_error", None, None),
         }
@@ -294,6 +308,7 @@ impl IntoResponse for ApiError {
                 }
             }
             ApiError::InsufficientQuota
+            | ApiError::UsageNotRecorded
             | ApiError::RateLimited {
                 retry_after: None, ..
             } => {

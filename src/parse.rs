@@ -79,14 +79,14 @@ struct RawChat<'a> {
     max_tokens: Option<serde_json::Value>,
     #[serde(default)]
     max_completion_tokens: Option<serde_json::Value>,
-    #[serde(default)]
-    stream_options: Option<RawStreamOptions>,
+    #[serde(default, borrow)]
+    stream_options: Option<&'a RawValue>,
     #[serde(default)]
     n: Option<serde_json::Value>,
     #[serde(default)]
     temperature: Option<serde_json::Value>,
     #[serde(default, borrow)]
-    messages: Option<Vec<RawMessage<'a>>>,
+    messages: Option<&'a RawValue>,
     #[serde(default, borrow)]
     modalities: Option<Vec<Cow<'a, str>>>,
     #[serde(default, borrow)]
@@ -95,34 +95,71 @@ struct RawChat<'a> {
     tools: Option<Vec<RawTool<'a>>>,
 }
 
+// The objects the gateway reads inside the body list every field OpenAI defines, and
+// refuse others: a field the gateway would not see (`"FILE_ID"`) may be one a provider
+// reads (Go's parser matches it to `file_id`).
+
+// Fields read only so that they are accepted.
+#[allow(dead_code)]
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct RawStreamOptions {
     #[serde(default)]
     pub(crate) include_usage: Option<bool>,
+    #[serde(default)]
+    include_obfuscation: Option<serde::de::IgnoredAny>,
 }
 
+#[allow(dead_code)]
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawMessage<'a> {
+    #[serde(default)]
+    role: Option<serde::de::IgnoredAny>,
     #[serde(default, borrow)]
     content: Option<&'a RawValue>,
     #[serde(default, borrow)]
     audio: Option<&'a RawValue>,
+    #[serde(default)]
+    name: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    tool_calls: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    tool_call_id: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    function_call: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    refusal: Option<serde::de::IgnoredAny>,
 }
 
+#[allow(dead_code)]
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawPart<'a> {
     #[serde(rename = "type", borrow)]
     kind: Option<Cow<'a, str>>,
+    #[serde(default)]
+    text: Option<serde::de::IgnoredAny>,
     #[serde(default, borrow)]
     image_url: Option<&'a RawValue>,
     #[serde(default, borrow)]
     file: Option<RawFile<'a>>,
+    #[serde(default)]
+    refusal: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    input_audio: Option<serde::de::IgnoredAny>,
 }
 
+#[allow(dead_code)]
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawFile<'a> {
     #[serde(default, borrow)]
     file_id: Option<&'a RawValue>,
+    #[serde(default)]
+    file_data: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    filename: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -199,6 +236,8 @@ pub struct ChatRequest {
     pub choices: i64,
     /// The body's top-level keys (decoded), to edit it exactly.
     pub keys: Keys,
+    /// The request offers tools (some providers add hidden prompt tokens for them).
+    pub tools: bool,
 }
 
 impl ChatRequest {
@@ -321,10 +360,17 @@ pub fn parse_chat_lenient(body: &[u8]) -> Result<ChatRequest, ApiError> {
             });
         }
     }
-    let messages = raw.messages.ok_or(ApiError::InvalidRequest {
-        message: "`messages` is required".into(),
-        param: Some("messages"),
-    })?;
+    let messages: Vec<RawMessage<'_>> = match raw.messages.filter(|m| m.get() != "null") {
+        None => {
+            return Err(ApiError::InvalidRequest {
+                message: "`messages` is required".into(),
+                param: Some("messages"),
+            })
+        }
+        Some(m) => serde_json::from_str(m.get())
+            .map_err(|e| bad_messages(format!("invalid `messages`: {e}")))?,
+    };
+    let stream_options = stream_options(raw.stream_options)?;
     if messages.is_empty() {
         return Err(bad_messages("`messages` must contain at least one message"));
     }
@@ -366,8 +412,7 @@ pub fn parse_chat_lenient(body: &[u8]) -> Result<ChatRequest, ApiError> {
         has_temperature: !matches!(raw.temperature, None | Some(serde_json::Value::Null)),
         stream,
         include_usage: stream
-            && raw
-                .stream_options
+            && stream_options
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false),
         max_tokens: mct.or(mt),
@@ -377,7 +422,22 @@ pub fn parse_chat_lenient(body: &[u8]) -> Result<ChatRequest, ApiError> {
         prompt_tokens_bound: 0,
         choices,
         keys,
+        tools: raw.tools.is_some_and(|t| !t.is_empty()),
     })
+}
+
+/// `stream_options`, read with its own error (it names the parameter).
+pub(crate) fn stream_options(raw: Option<&RawValue>) -> Result<Option<RawStreamOptions>, ApiError> {
+    raw.map(|o| {
+        serde_json::from_str::<Option<RawStreamOptions>>(o.get()).map_err(|e| {
+            ApiError::InvalidRequest {
+                message: format!("invalid `stream_options`: {e}"),
+                param: Some("stream_options"),
+            }
+        })
+    })
+    .transpose()
+    .map(Option::flatten)
 }
 
 /// Checks one message's content against the content policy and counts its images and
@@ -669,6 +729,13 @@ mod tests {
             (r#"{"model":"gpt-5","messages":[{"role":"user","content":[{"text":"x"}]}]}"#.into(), Some("messages")),
             (r#"{"model":"gpt-5","messages":[{"role":"user","content":7}]}"#.into(), Some("messages")),
             (r#"{"model":"gpt-5","messages":[{"role":"assistant","audio":{"id":"audio_1"}}]}"#.into(), Some("messages")),
+            // What a case-insensitive parser (Go's) would read as another field.
+            (r#"{"model":"gpt-5","messages":[{"role":"user","CONTENT":[{"type":"file","file":{"file_id":"file-x"}}]}]}"#.into(), Some("messages")),
+            (r#"{"model":"gpt-5","messages":[{"role":"user","content":"hi","CONTENT":"x"}]}"#.into(), Some("messages")),
+            (r#"{"model":"gpt-5","messages":[{"role":"user","content":[{"type":"file","file":{"file_data":"AA","FILE_ID":"file-x"}}]}]}"#.into(), Some("messages")),
+            (r#"{"model":"gpt-5","messages":[{"role":"user","content":[{"type":"text","Type":"image_url","text":"x"}]}]}"#.into(), Some("messages")),
+            (format!(r#"{{"model":"gpt-5","stream":true,"stream_options":{{"INCLUDE_USAGE":false}},{msg}}}"#), Some("stream_options")),
+            (format!("{{\"model\":\"gpt-5\",\"stream\":true,\"stream_options\":{{\"include_usage\":true,\"include_u{}age\":false}},{msg}}}", '\u{17f}'), Some("stream_options")),
         ] {
             let e = parse_chat(body.as_bytes()).unwrap_err();
             assert_eq!(e.status_code(), http::StatusCode::BAD_REQUEST, "{body}");
@@ -868,7 +935,9 @@ mod tests {
                     } else {
                         r#"{"type":"text","text":"hello"}"#
                     };
-                    format!(r#"[{{"role":"user","content":[{part}],"name":"x","extra":{deep}}}]"#)
+                    format!(
+                        r#"[{{"role":"user","content":[{part}],"name":"x","tool_calls":{deep}}}]"#
+                    )
                 })
                 .boxed(),
             "temperature" => prop_oneof![s("0.5"), s("null")].boxed(),

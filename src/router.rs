@@ -45,7 +45,7 @@ use crate::ledger::{HoldRequest, Reserve};
 use crate::parse::{missing_model, parse_chat_lenient, upstream_body, ChatRequest, Edits};
 use crate::route::Model;
 use crate::scope::Scope;
-use crate::settle::{cost, settle, Received, Ticket, Usage};
+use crate::settle::{cost, settle, PromptTokens, Received, Ticket, Usage};
 use crate::state::AppState;
 use crate::stream_back::Tap;
 use crate::translate::{self, Kind};
@@ -138,19 +138,55 @@ async fn list_models(State(state): State<AppState>) -> Json<serde_json::Value> {
 
 async fn get_model(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    // A path that is not UTF-8 gets an OpenAI-shaped error too.
+    let Path(id) = id.map_err(|e| ApiError::InvalidRequest {
+        message: format!("invalid model id in the URL ({})", e.body_text()),
+        param: Some("model"),
+    })?;
     Ok(Json(state.models.route(&id)?.to_openai()))
 }
 
-/// Stage 4 for a parsed request: its model, with the prompt's bound sized for it.
+/// Prompt tokens Anthropic adds to a request with tools (its tool-use system prompt:
+/// 313–346 for the current models, per its pricing documentation), which are not in
+/// the body.
+const ANTHROPIC_TOOL_PROMPT_TOKENS: i64 = 400;
+
+/// Stage 4 for a parsed request: its model and provider's format, with the prompt's
+/// bound sized for them.
 pub(crate) fn route_sized(
     state: &AppState,
     chat: &mut ChatRequest,
-) -> Result<std::sync::Arc<Model>, ApiError> {
+) -> Result<(std::sync::Arc<Model>, Kind), ApiError> {
     let model = state.models.route(&chat.model)?;
+    let kind = state.upstream.provider(&model.provider)?.kind;
+    if kind == Kind::Anthropic && chat.tools {
+        chat.prompt.bytes = chat
+            .prompt
+            .bytes
+            .saturating_add(ANTHROPIC_TOOL_PROMPT_TOKENS);
+    }
     chat.size_for(&model, i64::from(state.cfg.metering.image_tokens));
-    Ok(model)
+    Ok((model, kind))
+}
+
+/// Bodies larger than this are checked and parsed on the blocking pool: a large body
+/// costs its own CPU without holding up the other requests of this worker thread.
+const INLINE_PARSE_BYTES: usize = 64 * 1024;
+
+/// Runs `parse` on `body`, on the blocking pool when the body is large.
+pub(crate) async fn parse_off_thread<T: Send + 'static>(
+    body: &Bytes,
+    parse: impl FnOnce(&[u8]) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    if body.len() <= INLINE_PARSE_BYTES {
+        return parse(body);
+    }
+    let body = body.clone();
+    tokio::task::spawn_blocking(move || parse(&body))
+        .await
+        .map_err(ApiError::internal)?
 }
 
 /// Reads the body, refusing more than `limit` bytes with 413.
@@ -180,6 +216,8 @@ pub(crate) struct Admitted {
     pub(crate) endpoint: Api,
     /// The money: settled or released exactly once, even if this is dropped.
     pub(crate) ticket: Ticket,
+    /// Keeps the hold alive while the request runs.
+    pub(crate) keeper: HoldKeeper,
 }
 
 /// The OpenAI endpoint a request came in on.
@@ -270,9 +308,13 @@ pub(crate) async fn admit_and_run(
             a.started,
             chat.stream,
             a.operation,
-            chat.prompt_estimate(),
+            PromptTokens {
+                estimate: chat.prompt_estimate(),
+                bound: chat.prompt_tokens_bound,
+            },
             state.orphans.clone(),
         ),
+        keeper: HoldKeeper::new(state, principal.user_id, a.rid),
     };
     // The balance lowered the limit: the body sent (or to send) must carry the lower one.
     let lowered = if max_tokens == want {
@@ -358,8 +400,7 @@ async fn forward(start: Start) -> Result<Response, ApiError> {
             let go = *go;
             let a = &go.adm;
             let call = send_upstream(&a.state, &a.model, a.endpoint, a.stream, body);
-            let (user, rid) = (a.ticket.user, a.ticket.rid);
-            let sent = holding(&a.state, user, rid, unless_cut(&a.state, call))
+            let sent = holding(&a.state, &a.keeper, unless_cut(&a.state, call))
                 .await
                 .unwrap_or_else(|| Err(shutting_down()));
             (go, sent)
@@ -385,8 +426,8 @@ async fn forward(start: Start) -> Result<Response, ApiError> {
             let sent = match (&go.resend, answer, call.take()) {
                 (None, Some(a), _) => a,
                 (None, None, Some(c)) => {
-                    let (st, t) = (&go.adm.state, &go.adm.ticket);
-                    holding(st, t.user, t.rid, unless_cut(st, c))
+                    let st = &go.adm.state;
+                    holding(st, &go.adm.keeper, unless_cut(st, c))
                         .await
                         .unwrap_or_else(|| Err(shutting_down()))
                 }
@@ -398,14 +439,9 @@ async fn forward(start: Start) -> Result<Response, ApiError> {
                     drop(c);
                     let g = &go.adm;
                     let call = send_upstream(&g.state, &g.model, g.endpoint, g.stream, b.clone());
-                    holding(
-                        &g.state,
-                        g.ticket.user,
-                        g.ticket.rid,
-                        unless_cut(&g.state, call),
-                    )
-                    .await
-                    .unwrap_or_else(|| Err(shutting_down()))
+                    holding(&g.state, &g.keeper, unless_cut(&g.state, call))
+                        .await
+                        .unwrap_or_else(|| Err(shutting_down()))
                 }
             };
             (go, sent)
@@ -426,11 +462,11 @@ async fn forward(start: Start) -> Result<Response, ApiError> {
     };
     // The provider answered 2xx: from here on the request is charged.
     adm.ticket.answered();
-    let (state, user, rid) = (adm.state.clone(), adm.ticket.user, adm.ticket.rid);
+    let (state, keeper) = (adm.state.clone(), adm.keeper.clone());
     if adm.stream {
-        holding(&state, user, rid, forward_stream(adm, sent, include_usage)).await
+        holding(&state, &keeper, forward_stream(adm, sent, include_usage)).await
     } else {
-        holding(&state, user, rid, forward_json(adm, sent)).await
+        holding(&state, &keeper, forward_json(adm, sent)).await
     }
 }
 
@@ -443,33 +479,58 @@ async fn unless_cut<F: std::future::Future>(state: &AppState, f: F) -> Option<F:
     }
 }
 
-/// Runs `f` while keeping the request's hold alive: every half `metering.hold_ttl_ms`
-/// its expiry moves on by a whole TTL. Holds expire only so that a crashed gateway's
-/// come back; without this, a request running longer than the TTL (a long stream,
-/// retries) would have its hold returned to the balance mid-way, and the balance could
-/// be spent twice.
-async fn holding<F: std::future::Future>(
-    state: &AppState,
+/// The schedule on which a running request's hold has its expiry moved on: every
+/// half `metering.hold_ttl_ms` from the reserve, by a whole TTL. Holds expire only so
+/// that a crashed gateway's come back; without this, a request running longer than
+/// the TTL (retries, a long stream) would have its hold returned to the balance
+/// mid-way, and the balance could be spent twice. One schedule is shared by every
+/// phase of the request (send, first chunk, pump), so there is no gap between them.
+#[derive(Clone)]
+pub(crate) struct HoldKeeper {
     user: Uuid,
     rid: Uuid,
-    f: F,
-) -> F::Output {
+    origin: tokio::time::Instant,
+    /// When the next move is due, in ms since `origin`.
+    next_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl HoldKeeper {
+    fn new(state: &AppState, user: Uuid, rid: Uuid) -> HoldKeeper {
+        let half = u64::try_from(state.cfg.metering.hold_ttl.as_millis() / 2).unwrap_or(u64::MAX);
+        HoldKeeper {
+            user,
+            rid,
+            origin: tokio::time::Instant::now(),
+            next_ms: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(half.max(1))),
+        }
+    }
+}
+
+/// Runs `f` while keeping the request's hold alive on `keeper`'s schedule. The move
+/// itself runs in a task of its own, so a slow Redis never stalls the answer.
+async fn holding<F: std::future::Future>(state: &AppState, keeper: &HoldKeeper, f: F) -> F::Output {
+    use std::sync::atomic::Ordering;
     let ttl = state.cfg.metering.hold_ttl;
-    let every = ttl / 2;
-    let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+    let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+    let half = (ttl_ms / 2).max(1);
     tokio::pin!(f);
-    let mut next = tokio::time::Instant::now() + every;
     loop {
+        let due = keeper.origin
+            + std::time::Duration::from_millis(keeper.next_ms.load(Ordering::Acquire));
         tokio::select! {
             biased;
             r = &mut f => return r,
-            _ = tokio::time::sleep_until(next) => {
-                next += every;
-                match state.hot_ledger().extend(&user, &rid, ms).await {
-                    Ok(true) => {}
-                    Ok(false) => tracing::warn!(request_id = %rid, "the hold of a running request was gone"),
-                    Err(e) => tracing::warn!(request_id = %rid, error = %e, "extending a hold failed"),
-                }
+            _ = tokio::time::sleep_until(due) => {
+                keeper.next_ms.fetch_add(half, Ordering::AcqRel);
+                let (st, user, rid) = (state.clone(), keeper.user, keeper.rid);
+                tokio::spawn(async move {
+                    match st.hot_ledger().extend(&user, &rid, ttl_ms).await {
+                        Ok(true) => {}
+                        // Settled or released meanwhile.
+                        Ok(false) => tracing::debug!(request_id = %rid, "no hold left to extend"),
+                        Err(e) => tracing::warn!(request_id = %rid, error = %e, "extending a hold failed"),
+                    }
+                });
             }
         }
     }
@@ -478,11 +539,10 @@ async fn holding<F: std::future::Future>(
 /// [`holding`] for a spawned task (which must own what it uses).
 async fn holding_owned<F: std::future::Future>(
     state: AppState,
-    user: Uuid,
-    rid: Uuid,
+    keeper: HoldKeeper,
     f: F,
 ) -> F::Output {
-    holding(&state, user, rid, f).await
+    holding(&state, &keeper, f).await
 }
 
 fn shutting_down() -> ApiError {
@@ -503,9 +563,11 @@ impl Admitted {
 
     /// Gives the hold back (no 2xx came).
     pub(crate) async fn release(&mut self) {
-        self.ticket.finish();
         let (user, rid) = (self.ticket.user, self.ticket.rid);
-        if let Err(e) = self.state.hot_ledger().release(&user, &rid).await {
+        let r = self.state.hot_ledger().release(&user, &rid).await;
+        // Only now: a release cancelled mid-way leaves the ticket to hand it on.
+        self.ticket.finish();
+        if let Err(e) = r {
             // The hold expires on its own (metering.hold_ttl_ms) and is returned then.
             tracing::warn!(request_id = %rid, error = %e, "releasing a hold failed");
         }
@@ -518,16 +580,13 @@ impl Admitted {
         extra: serde_json::Map<String, serde_json::Value>,
     ) -> Result<(), ApiError> {
         let extra = (!extra.is_empty()).then_some(serde_json::Value::Object(extra));
-        let event = self
-            .ticket
-            .event(usage, extra)
-            .map_err(ApiError::internal)?;
+        let event = self.ticket.event(usage, extra);
+        // From here, a ticket dropped mid-way (or after a failed settle) hands on this
+        // very event: the same id and `created_at`, so it is recorded once.
+        self.ticket.unsettled(event.clone());
         if let Err(e) = settle(&self.state, &event).await {
             tracing::error!(request_id = %event.id, error = %e, "usage could not be recorded");
-            self.ticket.unsettled(event);
-            return Err(ApiError::Unavailable {
-                message: "the usage of this request could not be recorded; retry shortly".into(),
-            });
+            return Err(ApiError::UsageNotRecorded);
         }
         self.ticket.finish();
         let model = self.model.id.clone();
@@ -629,7 +688,7 @@ async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let body = read_body(req.into_body(), state.cfg.max_body_bytes).await?;
-    let mut chat = parse_chat_lenient(&body)?;
+    let mut chat = parse_off_thread(&body, parse_chat_lenient).await?;
     // The user's preferences fill in what the request leaves out (from memory).
     let prefs = if chat.model.is_empty() || chat.max_tokens.is_none() || !chat.has_temperature {
         state.preferences.get(&state, principal.user_id).await
@@ -647,12 +706,14 @@ async fn chat_completions(
         .and_then(|p| p.max_tokens)
         .filter(|m| *m > 0 && chat.max_tokens.is_none());
     let temperature = prefs.as_ref().and_then(|p| p.temperature);
-    let model = route_sized(&state, &mut chat)?;
-    let kind = state.upstream.provider(&model.provider)?.kind;
+    let (model, kind) = route_sized(&state, &mut chat)?;
     // Translation runs before anything is held: what the provider cannot honour is a 400.
     let translated = match kind {
         Kind::OpenAi => None,
-        _ => Some(translate::request(kind, &body, &model)?),
+        _ => {
+            let m = model.clone();
+            Some(parse_off_thread(&body, move |b| translate::request(kind, b, &m)).await?)
+        }
     };
     let want = chat
         .max_tokens
@@ -890,9 +951,9 @@ async fn forward_stream(
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
     let state = adm.state.clone();
-    let (user, rid) = (adm.ticket.user, adm.ticket.rid);
+    let keeper = adm.keeper.clone();
     let pump_state = state.clone();
-    state.tasks.spawn(holding_owned(pump_state, user, rid, async move {
+    state.tasks.spawn(holding_owned(pump_state, keeper, async move {
         let mut adm = adm;
         let st = adm.state.clone();
         let mut first = Some(first);
@@ -962,7 +1023,18 @@ async fn forward_stream(
                             // A client that is gone, or has stopped reading for the whole
                             // drain time, is treated as gone; reading goes on (bounded) so
                             // the user is billed what was generated.
-                            if !client_gone && tx.send_timeout(out, drain).await.is_err() {
+                            let sent = if client_gone {
+                                true
+                            } else {
+                                match unless_cut(&st, tx.send_timeout(out, drain)).await {
+                                    Some(r) => r.is_ok(),
+                                    None => {
+                                        shutdown_cut = true;
+                                        break;
+                                    }
+                                }
+                            };
+                            if !sent {
                                 client_gone = true;
                                 drain_deadline = Some(tokio::time::Instant::now() + drain);
                                 // Reads on after a disconnect are bounded in number too.
@@ -988,9 +1060,15 @@ async fn forward_stream(
         if tap.tool_call() && adm.ticket.operation == "chat" {
             adm.ticket.operation = "function_call";
         }
+        let events = i64::try_from(tap.events_seen()).unwrap_or(i64::MAX);
         let usage = tap.usage().unwrap_or_else(|| {
-            adm.ticket
-                .estimate(i64::try_from(tap.events_seen()).unwrap_or(i64::MAX))
+            if client_gone {
+                // The client left before the usage came: its prompt is billed at the
+                // bound the hold covers, not at a guess it could make low.
+                adm.ticket.estimate_at_bound(events)
+            } else {
+                adm.ticket.estimate(events)
+            }
         });
         drop(drain_permit);
         for (flag, key) in [

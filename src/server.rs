@@ -94,7 +94,7 @@ pub async fn build_state(cfg: Config) -> Result<AppState, BoxError> {
         tasks: TaskTracker::new(),
         cut: tokio_util::sync::CancellationToken::new(),
         orphans,
-        orphans_rx: std::sync::Mutex::new(Some(orphans_rx)),
+        orphans_rx: tokio::sync::Mutex::new(orphans_rx),
     })))
 }
 
@@ -164,10 +164,10 @@ pub async fn run(
     // Requests whose ticket was dropped unsettled (a panic, an aborted task, the
     // shutdown cut): settle what they received, or give their hold back.
     let (orphans_stop, mut orphans_stopped) = tokio::sync::watch::channel(false);
-    let orphans_rx = state.orphans_rx.lock().ok().and_then(|mut rx| rx.take());
-    let orphans = orphans_rx.map(|mut rx| {
+    let orphans = {
         let state = state.clone();
         tokio::spawn(async move {
+            let mut rx = state.orphans_rx.lock().await;
             loop {
                 tokio::select! {
                     o = rx.recv() => match o {
@@ -180,9 +180,8 @@ pub async fn run(
             while let Ok(o) = rx.try_recv() {
                 crate::settle::handle_orphan(&state, o).await;
             }
-            rx
         })
-    });
+    };
 
     // The usage flusher.
     let flusher = Flusher::new(
@@ -312,13 +311,11 @@ pub async fn run(
     }
     // What dropped tickets left is settled before the flusher's last pass.
     let _ = orphans_stop.send(true);
-    let orphans_rx = match orphans {
-        Some(task) => tokio::time::timeout(grace, task)
-            .await
-            .ok()
-            .and_then(Result::ok),
-        None => None,
-    };
+    let abort = orphans.abort_handle();
+    if tokio::time::timeout(grace, orphans).await.is_err() {
+        tracing::error!("orphaned requests still being settled at the end of the grace period");
+        abort.abort();
+    }
     let _ = stop_tx.send(true);
     background.close();
     let _ = tokio::time::timeout(grace, async {
@@ -339,10 +336,9 @@ pub async fn run(
     .await;
     // Tickets dropped as the workers stopped: their charges go to Redis, where the
     // next flusher of any gateway writes them to PostgreSQL.
-    if let Some(mut rx) = orphans_rx {
-        while let Ok(o) = rx.try_recv() {
-            crate::settle::handle_orphan(&state, o).await;
-        }
+    let mut rx = state.orphans_rx.lock().await;
+    while let Ok(o) = rx.try_recv() {
+        crate::settle::handle_orphan(&state, o).await;
     }
     tracing::info!("stopped");
     Ok(())

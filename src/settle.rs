@@ -144,6 +144,15 @@ impl UsageEvent {
     }
 }
 
+/// A prompt's tokens as the gateway knows them before the provider reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PromptTokens {
+    /// A guess from its size (a token per four bytes of text, images at their bound).
+    pub estimate: i64,
+    /// The upper bound the hold was sized with.
+    pub bound: i64,
+}
+
 /// What the provider has sent since it answered 2xx.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Received {
@@ -187,8 +196,8 @@ pub struct Ticket {
     /// `usage_history.operation` (`chat` becomes `function_call` when the answer calls a
     /// tool).
     pub operation: &'static str,
-    /// The prompt's tokens as guessed from its size, for an answer without usage.
-    pub prompt_estimate: i64,
+    /// The prompt's tokens, for an answer without usage.
+    pub prompt: PromptTokens,
     received: Option<Received>,
     /// An event whose settle failed: a dropped ticket hands this one on (same id and
     /// `created_at`, so it is recorded once whichever write lands).
@@ -208,7 +217,7 @@ impl Ticket {
         started: std::time::Instant,
         stream: bool,
         operation: &'static str,
-        prompt_estimate: i64,
+        prompt: PromptTokens,
         orphans: Orphans,
     ) -> Ticket {
         Ticket {
@@ -220,7 +229,7 @@ impl Ticket {
             started,
             stream,
             operation,
-            prompt_estimate,
+            prompt,
             received: None,
             unsettled: None,
             finished: false,
@@ -258,7 +267,18 @@ impl Ticket {
     /// estimate plus `completion` output tokens. Its charge is capped at the hold
     /// ([`Ticket::event`]).
     pub fn estimate(&self, completion: i64) -> Usage {
-        let prompt = self.prompt_estimate.max(0);
+        self.estimate_with(self.prompt.estimate, completion)
+    }
+
+    /// [`Ticket::estimate`] with the prompt at its bound: for an answer the client chose
+    /// to leave before its usage came, so that a prompt denser in tokens than the
+    /// estimate assumes is not billed below its cost.
+    pub fn estimate_at_bound(&self, completion: i64) -> Usage {
+        self.estimate_with(self.prompt.bound, completion)
+    }
+
+    fn estimate_with(&self, prompt: i64, completion: i64) -> Usage {
+        let prompt = prompt.max(0);
         let completion = completion.max(0);
         Usage {
             prompt_tokens: prompt,
@@ -272,29 +292,34 @@ impl Ticket {
     /// A provider's own report is charged exactly, even above the hold — which an honest
     /// provider's never is (the hold bounds the prompt by its bytes and the output by the
     /// limit sent): such a charge is marked `usage_over_hold`, counted and logged, so a
-    /// misbehaving provider shows.
-    pub fn event(
-        &self,
-        usage: Usage,
-        extra: Option<serde_json::Value>,
-    ) -> Result<UsageEvent, SettleError> {
-        let mut credits = cost(usage.total_tokens, self.price_per_1k)
-            .ok_or_else(|| SettleError("cost overflow".into()))?;
+    /// misbehaving provider shows. A report too large to price is charged the hold,
+    /// marked `usage_overflow`.
+    pub fn event(&self, usage: Usage, extra: Option<serde_json::Value>) -> UsageEvent {
         let mut meta = serde_json::json!({"stream": self.stream});
+        let credits = match cost(usage.total_tokens, self.price_per_1k) {
+            None => {
+                meta["usage_overflow"] = serde_json::Value::Bool(true);
+                self.hold.max(0)
+            }
+            Some(c) if usage.estimated => c.min(self.hold.max(0)),
+            Some(c) => {
+                if c > self.hold {
+                    meta["usage_over_hold"] = serde_json::Value::Bool(true);
+                    metrics::counter!("tollgate_usage_over_hold_total", "model" => self.model_id.clone())
+                        .increment(1);
+                    tracing::warn!(request_id = %self.rid, charged = c, held = self.hold,
+                                   "the provider reported more usage than the hold covers");
+                }
+                c
+            }
+        };
         if usage.estimated {
-            credits = credits.min(self.hold);
             meta["usage_estimated"] = serde_json::Value::Bool(true);
-        } else if credits > self.hold {
-            meta["usage_over_hold"] = serde_json::Value::Bool(true);
-            metrics::counter!("tollgate_usage_over_hold_total", "model" => self.model_id.clone())
-                .increment(1);
-            tracing::warn!(request_id = %self.rid, charged = credits, held = self.hold,
-                           "the provider reported more usage than the hold covers");
         }
         if let (Some(serde_json::Value::Object(extra)), Some(m)) = (extra, meta.as_object_mut()) {
             m.extend(extra);
         }
-        Ok(UsageEvent {
+        UsageEvent {
             id: self.rid,
             created_at: Utc::now(),
             user_id: self.user,
@@ -306,7 +331,7 @@ impl Ticket {
             total_tokens: usage.total_tokens,
             duration_ms: i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX),
             metadata: Some(meta),
-        })
+        }
     }
 
     /// What a dropped, unfinished ticket leaves to do.
@@ -314,20 +339,16 @@ impl Ticket {
         if let Some(e) = self.unsettled.take() {
             return Orphan::Settle(e);
         }
-        let release = Orphan::Release {
-            user: self.user,
-            rid: self.rid,
-        };
         let Some(r) = self.received else {
-            return release;
+            return Orphan::Release {
+                user: self.user,
+                rid: self.rid,
+            };
         };
         let usage = r
             .usage
             .unwrap_or_else(|| self.estimate(r.completion_estimate));
-        match self.event(usage, Some(serde_json::json!({"aborted": true}))) {
-            Ok(e) => Orphan::Settle(e),
-            Err(_) => release,
-        }
+        Orphan::Settle(self.event(usage, Some(serde_json::json!({"aborted": true}))))
     }
 }
 
@@ -491,7 +512,10 @@ mod tests {
             std::time::Instant::now(),
             true,
             "chat",
-            100,
+            PromptTokens {
+                estimate: 100,
+                bound: 400,
+            },
             tx,
         );
         (t, rx)
@@ -562,19 +586,37 @@ mod tests {
             total_tokens: 10_000,
             estimated: false,
         };
-        let e = t.event(over, None).unwrap();
+        let e = t.event(over, None);
         assert_eq!(e.credits_used, 20, "the provider's report, exactly");
         assert_eq!(e.metadata.as_ref().unwrap()["usage_over_hold"], true);
-        let e = t.event(t.estimate(9_000), None).unwrap();
+        let e = t.event(t.estimate(9_000), None);
         assert_eq!(e.credits_used, 3, "an estimate is capped at the hold");
         assert!(e.metadata.unwrap().get("usage_over_hold").is_none());
         let under = Usage {
             total_tokens: 1_000,
             ..over
         };
-        let e = t.event(under, None).unwrap();
+        let e = t.event(under, None);
         assert_eq!(e.credits_used, 2);
         assert!(e.metadata.unwrap().get("usage_over_hold").is_none());
+        t.finish();
+    }
+
+    #[test]
+    fn an_unpriceable_report_charges_the_hold_and_a_client_left_estimate_the_bound() {
+        let (mut t, _rx) = ticket(7);
+        let absurd = Usage {
+            prompt_tokens: i64::MAX,
+            completion_tokens: 0,
+            total_tokens: i64::MAX,
+            estimated: false,
+        };
+        let e = t.event(absurd, None);
+        assert_eq!(e.credits_used, 7);
+        assert_eq!(e.metadata.unwrap()["usage_overflow"], true);
+        assert_eq!(t.estimate(10).prompt_tokens, 100);
+        assert_eq!(t.estimate_at_bound(10).prompt_tokens, 400);
+        assert!(t.estimate_at_bound(10).estimated);
         t.finish();
     }
 
@@ -587,7 +629,7 @@ mod tests {
         assert!(rx.try_recv().is_err());
         let (mut t, mut rx) = ticket(10);
         t.answered();
-        let e = t.event(t.estimate(4), None).unwrap();
+        let e = t.event(t.estimate(4), None);
         t.unsettled(e.clone());
         drop(t);
         assert_eq!(

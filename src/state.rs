@@ -39,9 +39,9 @@ pub struct Inner {
     /// Where a request's ticket goes when it is dropped unsettled (see
     /// [`crate::settle::Ticket`]).
     pub orphans: crate::settle::Orphans,
-    /// The other end of `orphans`, taken by the server's orphan task.
-    pub orphans_rx:
-        std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<crate::settle::Orphan>>>,
+    /// The other end of `orphans`: the server's orphan task reads it, and shutdown
+    /// drains what is left once the workers have stopped.
+    pub orphans_rx: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<crate::settle::Orphan>>,
 }
 
 #[derive(Clone)]

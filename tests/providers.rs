@@ -736,3 +736,27 @@ async fn gemini_embeddings_without_reported_usage_are_billed_from_the_prompt_onl
     assert!((1000..1100).contains(&row.input), "{}", row.input);
     assert_eq!(row.credits, price(row.total, 1));
 }
+
+/// Anthropic adds a tool-use system prompt (a few hundred tokens, not in the body) to a
+/// request with tools: the hold covers it, so an honest report never exceeds the hold.
+/// With 1 credit, the same small request is admitted without tools and refused with one.
+#[tokio::test]
+async fn an_anthropic_request_with_tools_is_held_for_its_hidden_tool_prompt() {
+    let s = setup(&[], 1).await;
+    let body = |tools: bool| {
+        let mut b = json!({"model": CLAUDE.0, "max_tokens": 16,
+                           "messages": [{"role": "user", "content": "weather?"}]});
+        if tools {
+            b["tools"] = json!([{"type": "function", "function": {"name": "w",
+                "parameters": {"type": "object", "properties": {}}}}]);
+        }
+        b
+    };
+    // (8 + 4 + ~120 bytes + 400 hidden + 16 output) at 2 per 1k = 2 credits > 1.
+    let (status, _, v) = s.post("/v1/chat/completions", body(true)).await;
+    assert_eq!(status, 429, "{v}");
+    assert_eq!(v["error"]["code"], "insufficient_quota");
+    // (8 + 4 + ~90 bytes + 16) at 2 per 1k = 1 credit.
+    let (status, _, v) = s.post("/v1/chat/completions", body(false)).await;
+    assert_eq!(status, 200, "{v}");
+}

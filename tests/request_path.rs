@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use http_body_util::BodyExt;
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
 const FLUSH_WAIT: Duration = Duration::from_secs(15);
@@ -490,6 +491,13 @@ async fn models_are_listed_from_the_table() {
         .await;
     assert_eq!(status, 404);
     assert_eq!(openai_error(&body)["code"], "model_not_found");
+    // An id that is not UTF-8: a 400 in OpenAI's shape, not the framework's text.
+    let (status, headers, body) = env
+        .request("GET", &gw.url("/v1/models/%C3%28"), Some(&token), None)
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(openai_error(&body)["param"], "model");
 }
 
 #[tokio::test]
@@ -786,10 +794,10 @@ async fn speculative_sends_never_let_a_stale_balance_overspend() {
         .mock(&[&tokens[..], &["--latency-ms", "150"]].concat())
         .await;
     let fast = env.mock(&tokens).await;
-    let a = env.gateway(&slow).await;
-    let b = env
-        .gateway_with(&fast, &[("TOLLGATE__METERING__SPECULATIVE_SEND", "false")])
+    let a = env
+        .gateway_with(&slow, &[("TOLLGATE__METERING__SPECULATIVE_SEND", "true")])
         .await;
+    let b = env.gateway(&fast).await;
     let used = "tollgate_speculative_sends_total{outcome=\"used\"}";
     let resent = "tollgate_speculative_sends_total{outcome=\"resent\"}";
     let cancelled = "tollgate_speculative_sends_total{outcome=\"cancelled\"}";
@@ -1489,4 +1497,189 @@ async fn each_route_needs_its_scope_and_that_scope_alone_suffices() {
         assert!(!ok, "--scope {bad:?} accepted");
         assert!(err.contains("--scope"), "{err}");
     }
+}
+
+/// A local provider that answers a stream's headers after 900 ms and its first chunk 900 ms
+/// later, then streams for 3 s; a JSON request is answered at once. Every answer
+/// reports 990 tokens (within a 2-credit hold at 2 credits/1k).
+async fn slow_start_provider() -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut tmp = [0u8; 8192];
+                let (head_end, len) = loop {
+                    let n = s.read(&mut tmp).await.unwrap();
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&tmp[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..i]).to_lowercase();
+                        let len = head
+                            .lines()
+                            .find_map(|l| {
+                                l.strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap())
+                            })
+                            .unwrap_or(0);
+                        break (i + 4, len);
+                    }
+                };
+                while buf.len() < head_end + len {
+                    let n = s.read(&mut tmp).await.unwrap();
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&tmp[..n]);
+                }
+                let body = String::from_utf8_lossy(&buf[head_end..]).into_owned();
+                let usage = r#"{"prompt_tokens":10,"completion_tokens":980,"total_tokens":990}"#;
+                if body.contains("\"stream\":true") {
+                    tokio::time::sleep(Duration::from_millis(900)).await;
+                    s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n").await.unwrap();
+                    s.flush().await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(900)).await;
+                    let chunk = |d: String| format!("{:x}\r\n{}\r\n", d.len(), d);
+                    let ev = |c: &str| {
+                        format!("data: {{\"id\":\"x\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-5\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{c}\"}},\"finish_reason\":null}}]}}\n\n")
+                    };
+                    for _ in 0..13 {
+                        if s.write_all(chunk(ev("tok")).as_bytes()).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    let fin = format!("data: {{\"id\":\"x\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-5\",\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"stop\"}}]}}\n\ndata: {{\"id\":\"x\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-5\",\"choices\":[],\"usage\":{usage}}}\n\ndata: [DONE]\n\n");
+                    let _ = s.write_all(chunk(fin).as_bytes()).await;
+                    let _ = s.write_all(b"0\r\n\r\n").await;
+                } else {
+                    let b = format!(
+                        r#"{{"id":"x","object":"chat.completion","created":1,"model":"gpt-5","choices":[{{"index":0,"message":{{"role":"assistant","content":"hi"}},"finish_reason":"stop"}}],"usage":{usage}}}"#
+                    );
+                    let _ = s.write_all(format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{b}", b.len()).as_bytes()).await;
+                }
+                let _ = s.flush().await;
+            });
+        }
+    });
+    format!("http://{addr}/v1")
+}
+
+/// One keep-alive schedule runs from the reserve to the settle: a stream whose headers
+/// and first chunk each take just under half the hold's TTL (two phases, each under the
+/// period) still has its hold when another request of the same user comes, past the
+/// TTL. (The keep-alive used to restart in each phase, and the hold expired.)
+#[tokio::test]
+async fn a_hold_is_kept_alive_across_the_phases_of_a_request() {
+    let env = TestEnv::new().await;
+    let unused = env.mock(&[]).await;
+    let upstream = slow_start_provider().await;
+    let gw = env
+        .gateway_with(
+            &unused,
+            &[
+                ("TOLLGATE__PROVIDERS__OPENAI__BASE_URL", upstream.as_str()),
+                ("TOLLGATE__METERING__HOLD_TTL_MS", "2000"),
+                ("TOLLGATE__METERING__SPECULATIVE_SEND", "false"),
+                ("TOLLGATE__PROVIDERS__OPENAI__FIRST_BYTE_TIMEOUT_MS", "5000"),
+                ("TOLLGATE__PROVIDERS__OPENAI__IDLE_TIMEOUT_MS", "5000"),
+            ],
+        )
+        .await;
+    let (user, token) = env.user(2).await;
+    let body = json!({"model": "gpt-5", "stream": true, "max_tokens": 500,
+                      "messages": [{"role": "user", "content": "a long story"}]});
+    let stream = {
+        let req = chat_request(&gw.url("/v1/chat/completions"), &token, &body);
+        let http = env.http.clone();
+        tokio::spawn(async move {
+            let resp = http.request(req).await.unwrap();
+            let st = resp.status().as_u16();
+            (st, resp.into_body().collect().await.unwrap().to_bytes())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(2_400)).await;
+    let held = env.redis_held(&user).await;
+    let (status, _, resp) = env
+        .chat(&gw, &token, json!({"model": "gpt-5", "max_tokens": 500, "messages": [{"role": "user", "content": "hi"}]}))
+        .await;
+    let (st, text) = stream.await.unwrap();
+    assert_eq!(held, 2, "the running stream's hold is there at 2.4 s");
+    assert_eq!(
+        status,
+        429,
+        "the hold was spent by another request: {}",
+        String::from_utf8_lossy(&resp)
+    );
+    assert_eq!(st, 200);
+    assert!(String::from_utf8_lossy(&text).ends_with("data: [DONE]\n\n"));
+    flushed(&env, &user).await;
+    // 990 tokens at 2 per 1k.
+    assert_eq!(env.redis_balance(&user).await, Some(0));
+}
+
+/// Speculation is off by default: a replica whose figure of the balance is stale (another
+/// replica holds it all) never sends upstream a request its hold then refuses — which
+/// would be provider work nobody pays for, on demand.
+#[tokio::test]
+async fn by_default_a_stale_replica_sends_nothing_its_hold_refuses() {
+    let env = TestEnv::new().await;
+    let mock = env
+        .mock(&[
+            "--chunks",
+            "10",
+            "--chunk-interval-ms",
+            "300",
+            "--completion-tokens",
+            "4000",
+        ])
+        .await;
+    let gw1 = env.gateway(&mock).await;
+    let gw2 = env.gateway(&mock).await;
+    let (user, token) = env.user(200).await;
+    let small = json!({"model": "gpt-5", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]});
+    // About 48 credits of hold: under a quarter of the 199 replica 2 last saw.
+    let big = json!({"model": "gpt-5", "max_tokens": 4000, "messages": [{"role": "user", "content": "x".repeat(19_000)}]});
+    let (s, _, b) = env.chat(&gw2, &token, small).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    // Replica 1 holds all of it (no max_tokens: lowered to what the balance affords).
+    let long = {
+        let req = chat_request(
+            &gw1.url("/v1/chat/completions"),
+            &token,
+            &json!({"model": "gpt-5", "stream": true, "messages": [{"role": "user", "content": "long"}]}),
+        );
+        let http = env.http.clone();
+        tokio::spawn(async move {
+            let resp = http.request(req).await.unwrap();
+            let _ = resp.into_body().collect().await;
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        env.redis_balance(&user).await,
+        Some(0),
+        "all held by replica 1"
+    );
+    let before = mock_stats(&env, &mock).await["requests"].as_u64().unwrap();
+    let (s, _, b) = env.chat(&gw2, &token, big).await;
+    assert_eq!(s, 429, "{}", String::from_utf8_lossy(&b));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        mock_stats(&env, &mock).await["requests"].as_u64().unwrap(),
+        before,
+        "nothing went upstream"
+    );
+    long.await.unwrap();
+    assert_eq!(
+        counter(
+            &env.metrics(&gw2).await,
+            "tollgate_speculative_sends_total{outcome=\"cancelled\"}"
+        ),
+        0
+    );
 }
