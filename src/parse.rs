@@ -79,8 +79,8 @@ struct RawChat<'a> {
     max_tokens: Option<serde_json::Value>,
     #[serde(default)]
     max_completion_tokens: Option<serde_json::Value>,
-    #[serde(default)]
-    stream_options: Option<RawStreamOptions>,
+    #[serde(default, borrow)]
+    stream_options: Option<&'a RawValue>,
     #[serde(default)]
     n: Option<serde_json::Value>,
     #[serde(default)]
@@ -96,9 +96,26 @@ struct RawChat<'a> {
 }
 
 #[derive(Debug, Deserialize)]
-pub(crate) struct RawStreamOptions {
+struct RawStreamOptions {
     #[serde(default)]
-    pub(crate) include_usage: Option<bool>,
+    include_usage: Option<bool>,
+}
+
+/// `stream_options.include_usage` (absent or null: false). The value must be an object
+/// (or null), as the provider reads it: a derived struct would also read an array, and
+/// take `[true]` for a request of the usage chunk that the provider never sees.
+pub(crate) fn include_usage(stream_options: Option<&RawValue>) -> Result<bool, ApiError> {
+    let bad = |why: String| ApiError::InvalidRequest {
+        message: format!("`stream_options` {why}"),
+        param: Some("stream_options"),
+    };
+    match stream_options.map(RawValue::get) {
+        None | Some("null") => Ok(false),
+        Some(o) if o.starts_with('{') => serde_json::from_str::<RawStreamOptions>(o)
+            .map(|o| o.include_usage.unwrap_or(false))
+            .map_err(|e| bad(format!("could not be read ({e})"))),
+        Some(_) => Err(bad("must be an object".into())),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -360,16 +377,13 @@ pub fn parse_chat_lenient(body: &[u8]) -> Result<ChatRequest, ApiError> {
         }
     };
     let stream = raw.stream.unwrap_or(false);
+    let include_usage = include_usage(raw.stream_options)?;
     Ok(ChatRequest {
         model_in_body: !model.is_empty(),
         model,
         has_temperature: !matches!(raw.temperature, None | Some(serde_json::Value::Null)),
         stream,
-        include_usage: stream
-            && raw
-                .stream_options
-                .and_then(|o| o.include_usage)
-                .unwrap_or(false),
+        include_usage: stream && include_usage,
         max_tokens: mct.or(mt),
         limits,
         limit_field: "max_completion_tokens",
@@ -683,6 +697,49 @@ mod tests {
             format!(r#"{{"model":"gpt-5","audio":null,"service_tier":"auto",{msg}}}"#).as_bytes(),
         )
         .unwrap();
+    }
+
+    /// Found by the `chat` fuzz target: a derived struct also reads an array, so
+    /// `"stream_options":[true]` read as "the client asked for usage" and went upstream
+    /// as it came, an array the provider does not read as asking for the usage chunk.
+    #[test]
+    fn stream_options_must_be_an_object() {
+        let msg = r#""messages":[{"role":"user","content":"hi"}]"#;
+        for so in [
+            "[true]",
+            "[]",
+            "true",
+            "\"x\"",
+            "1",
+            r#"{"include_usage":"yes"}"#,
+        ] {
+            let chat = format!(r#"{{"model":"gpt-5","stream":true,"stream_options":{so},{msg}}}"#);
+            let completion =
+                format!(r#"{{"model":"m","prompt":"x","stream":true,"stream_options":{so}}}"#);
+            for r in [
+                parse_chat(chat.as_bytes()),
+                crate::endpoints::parse_completion(completion.as_bytes()),
+            ] {
+                match r {
+                    Err(ApiError::InvalidRequest { param, .. }) => {
+                        assert_eq!(param, Some("stream_options"), "{so}")
+                    }
+                    other => panic!("{so}: {other:?}"),
+                }
+            }
+        }
+        for (so, usage) in [
+            ("null", false),
+            ("{}", false),
+            (r#"{"include_usage":true}"#, true),
+        ] {
+            let chat = format!(r#"{{"model":"gpt-5","stream":true,"stream_options":{so},{msg}}}"#);
+            assert_eq!(
+                parse_chat(chat.as_bytes()).unwrap().include_usage,
+                usage,
+                "{so}"
+            );
+        }
     }
 
     #[test]
