@@ -16,7 +16,7 @@ use crate::authenticate::Principal;
 use crate::body::{self, Params};
 use crate::error::ApiError;
 use crate::parse::{
-    len, positive, stream_options, upstream_body, ChatRequest, Edits, PromptSize, MAX_CHOICES,
+    include_usage, len, positive, upstream_body, ChatRequest, Edits, PromptSize, MAX_CHOICES,
     TOKENS_PER_REQUEST,
 };
 use crate::router::{
@@ -168,13 +168,11 @@ pub fn parse_completion(body: &[u8]) -> Result<ChatRequest, ApiError> {
     }
     let stream = raw.stream.unwrap_or(false);
     let mt = positive(&raw.max_tokens, "max_tokens")?;
+    let include_usage = include_usage(raw.stream_options)?;
     Ok(ChatRequest {
         model,
         stream,
-        include_usage: stream
-            && stream_options(raw.stream_options)?
-                .and_then(|o| o.include_usage)
-                .unwrap_or(false),
+        include_usage: stream && include_usage,
         // Absent means OpenAI's default of 16.
         max_tokens: Some(mt.unwrap_or(COMPLETION_DEFAULT_MAX_TOKENS)),
         limits: mt.map(|m| ("max_tokens", m)).into_iter().collect(),

@@ -15,6 +15,9 @@ pub mod endpoints;
 pub mod error;
 pub mod flush;
 pub mod forward;
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod fuzz;
 pub mod ledger;
 pub mod mock_provider;
 pub mod oauth;

@@ -103,11 +103,28 @@ struct RawChat<'a> {
 #[allow(dead_code)]
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawStreamOptions {
+struct RawStreamOptions {
     #[serde(default)]
-    pub(crate) include_usage: Option<bool>,
+    include_usage: Option<bool>,
     #[serde(default)]
     include_obfuscation: Option<serde::de::IgnoredAny>,
+}
+
+/// `stream_options.include_usage` (absent or null: false). The value must be an object
+/// (or null), as the provider reads it: a derived struct would also read an array, and
+/// take `[true]` for a request of the usage chunk that the provider never sees.
+pub(crate) fn include_usage(stream_options: Option<&RawValue>) -> Result<bool, ApiError> {
+    let bad = |why: String| ApiError::InvalidRequest {
+        message: format!("`stream_options` {why}"),
+        param: Some("stream_options"),
+    };
+    match stream_options.map(RawValue::get) {
+        None | Some("null") => Ok(false),
+        Some(o) if o.starts_with('{') => serde_json::from_str::<RawStreamOptions>(o)
+            .map(|o| o.include_usage.unwrap_or(false))
+            .map_err(|e| bad(format!("could not be read ({e})"))),
+        Some(_) => Err(bad("must be an object".into())),
+    }
 }
 
 #[allow(dead_code)]
@@ -370,7 +387,6 @@ pub fn parse_chat_lenient(body: &[u8]) -> Result<ChatRequest, ApiError> {
         Some(m) => serde_json::from_str(m.get())
             .map_err(|e| bad_messages(format!("invalid `messages`: {e}")))?,
     };
-    let stream_options = stream_options(raw.stream_options)?;
     if messages.is_empty() {
         return Err(bad_messages("`messages` must contain at least one message"));
     }
@@ -406,15 +422,13 @@ pub fn parse_chat_lenient(body: &[u8]) -> Result<ChatRequest, ApiError> {
         }
     };
     let stream = raw.stream.unwrap_or(false);
+    let include_usage = include_usage(raw.stream_options)?;
     Ok(ChatRequest {
         model_in_body: !model.is_empty(),
         model,
         has_temperature: !matches!(raw.temperature, None | Some(serde_json::Value::Null)),
         stream,
-        include_usage: stream
-            && stream_options
-                .and_then(|o| o.include_usage)
-                .unwrap_or(false),
+        include_usage: stream && include_usage,
         max_tokens: mct.or(mt),
         limits,
         limit_field: "max_completion_tokens",
@@ -424,20 +438,6 @@ pub fn parse_chat_lenient(body: &[u8]) -> Result<ChatRequest, ApiError> {
         keys,
         tools: raw.tools.is_some_and(|t| !t.is_empty()),
     })
-}
-
-/// `stream_options`, read with its own error (it names the parameter).
-pub(crate) fn stream_options(raw: Option<&RawValue>) -> Result<Option<RawStreamOptions>, ApiError> {
-    raw.map(|o| {
-        serde_json::from_str::<Option<RawStreamOptions>>(o.get()).map_err(|e| {
-            ApiError::InvalidRequest {
-                message: format!("invalid `stream_options`: {e}"),
-                param: Some("stream_options"),
-            }
-        })
-    })
-    .transpose()
-    .map(Option::flatten)
 }
 
 /// Checks one message's content against the content policy and counts its images and
@@ -750,6 +750,49 @@ mod tests {
             format!(r#"{{"model":"gpt-5","audio":null,"service_tier":"auto",{msg}}}"#).as_bytes(),
         )
         .unwrap();
+    }
+
+    /// Found by the `chat` fuzz target: a derived struct also reads an array, so
+    /// `"stream_options":[true]` read as "the client asked for usage" and went upstream
+    /// as it came, an array the provider does not read as asking for the usage chunk.
+    #[test]
+    fn stream_options_must_be_an_object() {
+        let msg = r#""messages":[{"role":"user","content":"hi"}]"#;
+        for so in [
+            "[true]",
+            "[]",
+            "true",
+            "\"x\"",
+            "1",
+            r#"{"include_usage":"yes"}"#,
+        ] {
+            let chat = format!(r#"{{"model":"gpt-5","stream":true,"stream_options":{so},{msg}}}"#);
+            let completion =
+                format!(r#"{{"model":"m","prompt":"x","stream":true,"stream_options":{so}}}"#);
+            for r in [
+                parse_chat(chat.as_bytes()),
+                crate::endpoints::parse_completion(completion.as_bytes()),
+            ] {
+                match r {
+                    Err(ApiError::InvalidRequest { param, .. }) => {
+                        assert_eq!(param, Some("stream_options"), "{so}")
+                    }
+                    other => panic!("{so}: {other:?}"),
+                }
+            }
+        }
+        for (so, usage) in [
+            ("null", false),
+            ("{}", false),
+            (r#"{"include_usage":true}"#, true),
+        ] {
+            let chat = format!(r#"{{"model":"gpt-5","stream":true,"stream_options":{so},{msg}}}"#);
+            assert_eq!(
+                parse_chat(chat.as_bytes()).unwrap().include_usage,
+                usage,
+                "{so}"
+            );
+        }
     }
 
     #[test]

@@ -125,7 +125,8 @@ struct ChoicesOnly {
     choices: Option<Vec<serde::de::IgnoredAny>>,
 }
 
-fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
+/// Where the first event of `buf` ends: (end of its body, start of the next).
+pub(crate) fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
     let lf = memmem::find(buf, b"\n\n").map(|i| (i, i + 2));
     let crlf = memmem::find(buf, b"\r\n\r\n").map(|i| (i, i + 4));
     match (lf, crlf) {
