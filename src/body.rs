@@ -2,20 +2,28 @@
 //!
 //! The gateway sizes a request's hold from a few fields and edits a few others; the
 //! provider then parses the body with its own JSON parser, which (Python's, Go's and
-//! JavaScript's alike) keeps the LAST of duplicate keys and decodes escapes in keys.
-//! A body the two could read differently is refused before anything is held:
+//! JavaScript's alike) keeps the LAST of duplicate keys and decodes escapes in keys,
+//! and (Go's) matches keys ignoring letter case. A body the two could read differently
+//! is refused before anything is held:
 //!
-//! - one JSON object, nothing else (no BOM, no trailing bytes, at most 128 levels deep —
-//!   serde_json's limits);
-//! - no key twice in any object at any depth, keys compared after decoding escapes
-//!   (`"max_\u0074okens"` is `max_tokens`) and folding letter case (Go's parser matches
-//!   `"INCLUDE_USAGE"` and `"include_uſage"` to `include_usage`);
-//! - top-level keys from the endpoint's allow-list only (anything else: 400
-//!   `Unrecognized request argument supplied`, as OpenAI answers).
+//! - anything but one JSON object (a BOM, trailing bytes, NaN, lone surrogates, more
+//!   than 128 levels — serde_json's limits);
+//! - a top-level key not on the endpoint's allow-list ([`Params`]; 400 `Unrecognized
+//!   request argument supplied`, as OpenAI answers), so no case variant of a parameter
+//!   (`MAX_TOKENS`) either;
+//! - in every object the gateway reads (the top level, messages, content parts, files,
+//!   `stream_options`), a key given twice (escapes decoded: `"max_\u0074okens"` is
+//!   `max_tokens`) or a key it does not know (`CONTENT`, `FILE_ID`, `include_uſage`).
 //!
-//! With those three, the gateway's reading of a field equals the provider's, and an
-//! edit is exact: a key the gateway adds is spliced in front only when the (decoded)
-//! body has no such key; otherwise the top level is rebuilt from its entries, each
+//! The endpoints get this from ONE typed parse: each of those objects is a struct that
+//! lists every field OpenAI defines (`deny_unknown_fields`; serde refuses a field twice).
+//! The subtrees the gateway does not read (tool schemas, metadata) may repeat keys with
+//! no effect on the price. When that parse fails, [`check`] walks the whole body to name
+//! the fault — any key twice at any depth, keys compared decoded and case-folded — and
+//! the tests and fuzz targets hold the parse to it.
+//!
+//! An edit is exact: a key the gateway adds is spliced in front only when the body has
+//! no such key ([`Present`]); otherwise the top level is rebuilt from its entries, each
 //! value's bytes kept as they came ([`rebuild`]).
 
 use std::borrow::Cow;
@@ -204,6 +212,98 @@ impl<'de> Visitor<'de> for Strict<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// Which of the top-level keys the gateway may set a body has (even as `null`): a key
+/// present must be rewritten, never added again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Present(u8);
+
+impl Present {
+    /// The keys the gateway may set.
+    pub const EDITED: [&'static str; 5] = [
+        "model",
+        "stream_options",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+    ];
+
+    /// `self` with `key` marked present when `present` holds.
+    pub fn with(self, key: &str, present: bool) -> Present {
+        match Self::EDITED.iter().position(|k| *k == key) {
+            Some(i) if present => Present(self.0 | 1 << i),
+            _ => self,
+        }
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        Self::EDITED
+            .iter()
+            .position(|k| *k == key)
+            .is_some_and(|i| self.0 & 1 << i != 0)
+    }
+}
+
+/// For an `Option<&RawValue>` field: the value as it is, `null` included (serde's own
+/// `Option` would read `null` as absent, and the gateway must know the key is there).
+pub fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&'de RawValue as serde::Deserialize>::deserialize(d).map(Some)
+}
+
+/// Bodies up to this size get a walk of the whole body to name what a failed parse
+/// tripped on; a larger one gets the parser's own message (the walk costs as much as
+/// the parse, and a failing body is cheap to send).
+const DIAGNOSED_BYTES: usize = 64 * 1024;
+
+/// A body as text: valid UTF-8 (a value the gateway only passes through is not checked
+/// by its parse, and a provider's decoder may read invalid bytes otherwise) and a JSON
+/// object at the top (a derived struct would also read an array, field by field).
+pub fn object_text(body: &[u8]) -> Result<&str, ApiError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|e| ApiError::invalid(format!("the request body is not valid UTF-8 ({e})")))?;
+    if text.trim_start().starts_with('{') {
+        Ok(text)
+    } else {
+        Err(ApiError::invalid(
+            "invalid request: the body must be a JSON object",
+        ))
+    }
+}
+
+/// A top-level parameter and whether a value is one the gateway can read for it.
+pub type Reader = (&'static str, fn(&str) -> bool);
+
+/// The error of a body whose typed parse failed with `e`: [`check`]'s, which names
+/// the parameter, when it finds the fault; else the parser's, naming the first
+/// parameter whose value one of `readers` does not read.
+pub fn parse_error(
+    body: &[u8],
+    params: &Params,
+    readers: &[Reader],
+    e: &serde_json::Error,
+) -> ApiError {
+    if body.len() > DIAGNOSED_BYTES {
+        return json_error(e);
+    }
+    if let Err(found) = check(body, params) {
+        return found;
+    }
+    let failing = entries(body).ok().and_then(|entries| {
+        entries.iter().find_map(|(k, v)| {
+            readers
+                .iter()
+                .find(|(name, read)| name == k && !read(v.get()))
+                .map(|(name, _)| *name)
+        })
+    });
+    match (failing, json_error(e)) {
+        (Some(param), ApiError::InvalidRequest { message, .. }) => ApiError::InvalidRequest {
+            message,
+            param: Some(param),
+        },
+        (_, other) => other,
     }
 }
 

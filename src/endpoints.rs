@@ -9,15 +9,16 @@ use axum::extract::{Request, State};
 use axum::response::Response;
 use axum::Extension;
 use bytes::Bytes;
+use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::authenticate::Principal;
-use crate::body::{self, Params};
+use crate::body::{self, Params, Present};
 use crate::error::ApiError;
 use crate::parse::{
-    include_usage, len, positive, upstream_body, ChatRequest, Edits, PromptSize, MAX_CHOICES,
-    TOKENS_PER_REQUEST,
+    include_usage, len, positive, positive_raw, upstream_body, ChatRequest, Edits, PromptSize,
+    MAX_CHOICES, TOKENS_PER_REQUEST,
 };
 use crate::router::{
     admit_and_run, parse_off_thread, read_body, route_sized, Admission, Api, RequestId,
@@ -62,23 +63,72 @@ pub const EMBEDDING_PARAMS: Params = Params {
     refused: &[],
 };
 
+/// A text-completions body as the gateway reads it: every parameter of
+/// [`COMPLETION_PARAMS`], nothing else, none twice.
+#[allow(dead_code)] // the pass-through parameters are read only so that they are accepted
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawCompletion<'a> {
     #[serde(default)]
     model: Option<String>,
     #[serde(default, borrow)]
     prompt: Option<&'a RawValue>,
     #[serde(default)]
-    stream: Option<bool>,
-    #[serde(default, borrow)]
-    stream_options: Option<&'a RawValue>,
+    suffix: Option<IgnoredAny>,
+    #[serde(default, borrow, deserialize_with = "body::present")]
+    max_tokens: Option<&'a RawValue>,
     #[serde(default)]
-    max_tokens: Option<serde_json::Value>,
+    temperature: Option<IgnoredAny>,
+    #[serde(default)]
+    top_p: Option<IgnoredAny>,
     #[serde(default)]
     n: Option<serde_json::Value>,
     #[serde(default)]
     best_of: Option<serde_json::Value>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default, borrow, deserialize_with = "body::present")]
+    stream_options: Option<&'a RawValue>,
+    #[serde(default)]
+    logprobs: Option<IgnoredAny>,
+    #[serde(default)]
+    echo: Option<IgnoredAny>,
+    #[serde(default)]
+    stop: Option<IgnoredAny>,
+    #[serde(default)]
+    presence_penalty: Option<IgnoredAny>,
+    #[serde(default)]
+    frequency_penalty: Option<IgnoredAny>,
+    #[serde(default)]
+    logit_bias: Option<IgnoredAny>,
+    #[serde(default)]
+    seed: Option<IgnoredAny>,
+    #[serde(default)]
+    user: Option<IgnoredAny>,
 }
+
+/// The parameters of a completions body whose values the gateway reads.
+const COMPLETION_READERS: &[body::Reader] = &[
+    ("model", |v| {
+        serde_json::from_str::<Option<String>>(v).is_ok()
+    }),
+    ("stream", |v| {
+        serde_json::from_str::<Option<bool>>(v).is_ok()
+    }),
+    ("stream_options", |v| {
+        include_usage(serde_json::from_str(v).ok()).is_ok()
+    }),
+];
+
+/// The parameters of an embeddings body whose values the gateway reads.
+const EMBEDDING_READERS: &[body::Reader] = &[
+    ("model", |v| {
+        serde_json::from_str::<Option<String>>(v).is_ok()
+    }),
+    ("encoding_format", |v| {
+        serde_json::from_str::<Option<String>>(v).is_ok()
+    }),
+];
 
 fn model_of(m: Option<String>) -> Result<String, ApiError> {
     m.filter(|m| !m.is_empty())
@@ -146,8 +196,9 @@ fn prompt_count(v: &RawValue, param: &'static str) -> Result<i64, ApiError> {
 /// body counts as a prompt token for the hold; every prompt of a prompt array runs
 /// `max(n, best_of)` times, each up to `max_tokens`.
 pub fn parse_completion(body: &[u8]) -> Result<ChatRequest, ApiError> {
-    let keys = body::check(body, &COMPLETION_PARAMS)?;
-    let raw: RawCompletion<'_> = serde_json::from_slice(body).map_err(|e| body::json_error(&e))?;
+    let text = body::object_text(body)?;
+    let raw: RawCompletion<'_> = serde_json::from_str(text)
+        .map_err(|e| body::parse_error(body, &COMPLETION_PARAMS, COMPLETION_READERS, &e))?;
     let model = model_of(raw.model)?;
     let prompts = match raw.prompt.filter(|p| p.get() != "null") {
         Some(p) => prompt_count(p, "prompt")?,
@@ -167,7 +218,7 @@ pub fn parse_completion(body: &[u8]) -> Result<ChatRequest, ApiError> {
         });
     }
     let stream = raw.stream.unwrap_or(false);
-    let mt = positive(&raw.max_tokens, "max_tokens")?;
+    let mt = positive_raw(raw.max_tokens, "max_tokens")?;
     let include_usage = include_usage(raw.stream_options)?;
     Ok(ChatRequest {
         model,
@@ -187,7 +238,10 @@ pub fn parse_completion(body: &[u8]) -> Result<ChatRequest, ApiError> {
         choices: prompts.saturating_mul(n.max(best_of)),
         model_in_body: true,
         has_temperature: false,
-        keys,
+        present: Present::default()
+            .with("model", true)
+            .with("max_tokens", raw.max_tokens.is_some())
+            .with("stream_options", raw.stream_options.is_some()),
         tools: false,
     })
 }
@@ -248,7 +302,11 @@ pub async fn completions(
     .await
 }
 
+/// An embeddings body as the gateway reads it: every parameter of
+/// [`EMBEDDING_PARAMS`], nothing else, none twice.
+#[allow(dead_code)] // `user` is read only so that it is accepted
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawEmbeddings<'a> {
     #[serde(default)]
     model: Option<String>,
@@ -258,6 +316,8 @@ struct RawEmbeddings<'a> {
     encoding_format: Option<String>,
     #[serde(default)]
     dimensions: Option<serde_json::Value>,
+    #[serde(default)]
+    user: Option<IgnoredAny>,
 }
 
 /// Parses an embeddings body: what the metered path needs, the input (for a translated
@@ -265,8 +325,9 @@ struct RawEmbeddings<'a> {
 pub fn parse_embeddings(
     body: &[u8],
 ) -> Result<(ChatRequest, &RawValue, bool, Option<i64>), ApiError> {
-    let keys = body::check(body, &EMBEDDING_PARAMS)?;
-    let raw: RawEmbeddings<'_> = serde_json::from_slice(body).map_err(|e| body::json_error(&e))?;
+    let text = body::object_text(body)?;
+    let raw: RawEmbeddings<'_> = serde_json::from_str(text)
+        .map_err(|e| body::parse_error(body, &EMBEDDING_PARAMS, EMBEDDING_READERS, &e))?;
     let model = model_of(raw.model)?;
     let Some(input) = raw.input.filter(|i| i.get() != "null") else {
         return Err(ApiError::InvalidRequest {
@@ -304,7 +365,7 @@ pub fn parse_embeddings(
         choices: 1,
         model_in_body: true,
         has_temperature: false,
-        keys,
+        present: Present::default().with("model", true),
         tools: false,
     };
     Ok((chat, input, base64, dimensions))

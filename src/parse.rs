@@ -12,7 +12,9 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::body::{self, Keys, Params};
+use serde::de::IgnoredAny;
+
+use crate::body::{self, Params, Present};
 use crate::error::ApiError;
 use crate::route::Model;
 
@@ -69,30 +71,137 @@ pub const CHAT_PARAMS: Params = Params {
     ],
 };
 
+/// A chat body as the gateway reads it: every parameter of [`CHAT_PARAMS`], nothing
+/// else, none twice. The keys the gateway may set are read as they are (`null`
+/// included), so that it knows they are there.
+#[allow(dead_code)] // the pass-through parameters are read only so that they are accepted
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawChat<'a> {
-    #[serde(borrow)]
-    model: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "body::present")]
+    model: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    messages: Option<Vec<RawMessage<'a>>>,
     #[serde(default)]
     stream: Option<bool>,
-    #[serde(default)]
-    max_tokens: Option<serde_json::Value>,
-    #[serde(default)]
-    max_completion_tokens: Option<serde_json::Value>,
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "body::present")]
     stream_options: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "body::present")]
+    max_tokens: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "body::present")]
+    max_completion_tokens: Option<&'a RawValue>,
     #[serde(default)]
     n: Option<serde_json::Value>,
+    #[serde(default, borrow, deserialize_with = "body::present")]
+    temperature: Option<&'a RawValue>,
     #[serde(default)]
-    temperature: Option<serde_json::Value>,
+    top_p: Option<IgnoredAny>,
+    #[serde(default)]
+    stop: Option<IgnoredAny>,
+    #[serde(default)]
+    presence_penalty: Option<IgnoredAny>,
+    #[serde(default)]
+    frequency_penalty: Option<IgnoredAny>,
+    #[serde(default)]
+    logit_bias: Option<IgnoredAny>,
+    #[serde(default)]
+    logprobs: Option<IgnoredAny>,
+    #[serde(default)]
+    top_logprobs: Option<IgnoredAny>,
+    #[serde(default)]
+    seed: Option<IgnoredAny>,
+    #[serde(default)]
+    user: Option<IgnoredAny>,
+    #[serde(default)]
+    safety_identifier: Option<IgnoredAny>,
+    #[serde(default)]
+    prompt_cache_key: Option<IgnoredAny>,
+    #[serde(default)]
+    metadata: Option<IgnoredAny>,
+    #[serde(default)]
+    store: Option<IgnoredAny>,
     #[serde(default, borrow)]
-    messages: Option<&'a RawValue>,
+    tools: Option<Vec<RawTool<'a>>>,
+    #[serde(default)]
+    tool_choice: Option<IgnoredAny>,
+    #[serde(default)]
+    parallel_tool_calls: Option<IgnoredAny>,
+    #[serde(default)]
+    functions: Option<IgnoredAny>,
+    #[serde(default)]
+    function_call: Option<IgnoredAny>,
+    #[serde(default)]
+    response_format: Option<IgnoredAny>,
+    #[serde(default)]
+    reasoning_effort: Option<IgnoredAny>,
+    #[serde(default)]
+    verbosity: Option<IgnoredAny>,
     #[serde(default, borrow)]
     modalities: Option<Vec<Cow<'a, str>>>,
     #[serde(default, borrow)]
     service_tier: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    tools: Option<Vec<RawTool<'a>>>,
+    #[serde(default, borrow, deserialize_with = "body::present")]
+    audio: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "body::present")]
+    prediction: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "body::present")]
+    web_search_options: Option<&'a RawValue>,
+}
+
+/// The parameters of a chat body whose values the gateway reads (to name the one at
+/// fault when a body does not parse).
+const CHAT_READERS: &[body::Reader] = &[
+    ("model", |v| {
+        serde_json::from_str::<Option<Cow<'_, str>>>(v).is_ok()
+    }),
+    ("messages", |v| {
+        serde_json::from_str::<Vec<RawMessage<'_>>>(v).is_ok()
+    }),
+    ("stream", |v| {
+        serde_json::from_str::<Option<bool>>(v).is_ok()
+    }),
+    ("stream_options", |v| {
+        include_usage(serde_json::from_str(v).ok()).is_ok()
+    }),
+    ("tools", |v| {
+        serde_json::from_str::<Option<Vec<RawTool<'_>>>>(v).is_ok()
+    }),
+    ("modalities", |v| {
+        serde_json::from_str::<Option<Vec<Cow<'_, str>>>>(v).is_ok()
+    }),
+    ("service_tier", |v| {
+        serde_json::from_str::<Option<Cow<'_, str>>>(v).is_ok()
+    }),
+];
+
+/// A refused parameter given a value other than `null`: the 400 naming it.
+pub(crate) fn refused(
+    params: &Params,
+    name: &'static str,
+    value: Option<&RawValue>,
+) -> Result<(), ApiError> {
+    match (value, params.refused.iter().find(|(n, _)| *n == name)) {
+        (Some(v), Some((_, why))) if v.get() != "null" => Err(ApiError::InvalidRequest {
+            message: format!("the parameter `{name}` is not accepted: {why}"),
+            param: Some(name),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// A positive integer parameter read as it is (`null` or absent: `None`).
+pub(crate) fn positive_raw(
+    v: Option<&RawValue>,
+    field: &'static str,
+) -> Result<Option<i64>, ApiError> {
+    let value = match v {
+        None => None,
+        Some(v) => Some(
+            serde_json::from_str::<serde_json::Value>(v.get())
+                .map_err(|_| must_be_positive(field))?,
+        ),
+    };
+    positive(&value, field)
 }
 
 // The objects the gateway reads inside the body list every field OpenAI defines, and
@@ -251,8 +360,8 @@ pub struct ChatRequest {
     /// Outputs the provider generates, each up to the limit: `n` for chat;
     /// prompts × max(`n`, `best_of`) for completions.
     pub choices: i64,
-    /// The body's top-level keys (decoded), to edit it exactly.
-    pub keys: Keys,
+    /// Which of the keys the gateway may set the body has (even as `null`).
+    pub present: Present,
     /// The request offers tools (some providers add hidden prompt tokens for them).
     pub tools: bool,
 }
@@ -338,12 +447,28 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
 /// Parses a chat-completions body. A body that names no model parses with an empty
 /// `model` (a default may apply).
 pub fn parse_chat_lenient(body: &[u8]) -> Result<ChatRequest, ApiError> {
-    let keys = body::check(body, &CHAT_PARAMS)?;
-    let raw: RawChat<'_> = serde_json::from_slice(body).map_err(|e| body::json_error(&e))?;
-    let model = match raw.model {
-        Some(m) if !m.is_empty() => m.into_owned(),
-        Some(_) => return Err(missing_model()),
-        None => String::new(),
+    let text = body::object_text(body)?;
+    let raw: RawChat<'_> = serde_json::from_str(text)
+        .map_err(|e| body::parse_error(body, &CHAT_PARAMS, CHAT_READERS, &e))?;
+    for (name, value) in [
+        ("audio", raw.audio),
+        ("prediction", raw.prediction),
+        ("web_search_options", raw.web_search_options),
+    ] {
+        refused(&CHAT_PARAMS, name, value)?;
+    }
+    let model = match raw.model.map(RawValue::get) {
+        None | Some("null") => String::new(),
+        Some(m) => match serde_json::from_str::<Cow<'_, str>>(m) {
+            Ok(m) if !m.is_empty() => m.into_owned(),
+            Ok(_) => return Err(missing_model()),
+            Err(_) => {
+                return Err(ApiError::InvalidRequest {
+                    message: "`model` must be a string".into(),
+                    param: Some("model"),
+                })
+            }
+        },
     };
     if let Some(m) = raw
         .modalities
@@ -377,16 +502,10 @@ pub fn parse_chat_lenient(body: &[u8]) -> Result<ChatRequest, ApiError> {
             });
         }
     }
-    let messages: Vec<RawMessage<'_>> = match raw.messages.filter(|m| m.get() != "null") {
-        None => {
-            return Err(ApiError::InvalidRequest {
-                message: "`messages` is required".into(),
-                param: Some("messages"),
-            })
-        }
-        Some(m) => serde_json::from_str(m.get())
-            .map_err(|e| bad_messages(format!("invalid `messages`: {e}")))?,
-    };
+    let messages = raw.messages.as_ref().ok_or(ApiError::InvalidRequest {
+        message: "`messages` is required".into(),
+        param: Some("messages"),
+    })?;
     if messages.is_empty() {
         return Err(bad_messages("`messages` must contain at least one message"));
     }
@@ -396,7 +515,7 @@ pub fn parse_chat_lenient(body: &[u8]) -> Result<ChatRequest, ApiError> {
         files: 0,
         prompts: 1,
     };
-    for m in &messages {
+    for m in messages {
         prompt.bytes = prompt.bytes.saturating_add(TOKENS_PER_MESSAGE);
         if m.audio.is_some_and(|a| a.get() != "null") {
             return Err(bad_messages(
@@ -405,8 +524,8 @@ pub fn parse_chat_lenient(body: &[u8]) -> Result<ChatRequest, ApiError> {
         }
         content_parts(m.content, &mut prompt)?;
     }
-    let mct = positive(&raw.max_completion_tokens, "max_completion_tokens")?;
-    let mt = positive(&raw.max_tokens, "max_tokens")?;
+    let mct = positive_raw(raw.max_completion_tokens, "max_completion_tokens")?;
+    let mt = positive_raw(raw.max_tokens, "max_tokens")?;
     let limits: Vec<(&'static str, i64)> = [("max_completion_tokens", mct), ("max_tokens", mt)]
         .into_iter()
         .filter_map(|(f, v)| Some((f, v?)))
@@ -426,7 +545,7 @@ pub fn parse_chat_lenient(body: &[u8]) -> Result<ChatRequest, ApiError> {
     Ok(ChatRequest {
         model_in_body: !model.is_empty(),
         model,
-        has_temperature: !matches!(raw.temperature, None | Some(serde_json::Value::Null)),
+        has_temperature: raw.temperature.is_some_and(|t| t.get() != "null"),
         stream,
         include_usage: stream && include_usage,
         max_tokens: mct.or(mt),
@@ -435,7 +554,12 @@ pub fn parse_chat_lenient(body: &[u8]) -> Result<ChatRequest, ApiError> {
         prompt,
         prompt_tokens_bound: 0,
         choices,
-        keys,
+        present: Present::default()
+            .with("model", raw.model.is_some())
+            .with("stream_options", raw.stream_options.is_some())
+            .with("max_tokens", raw.max_tokens.is_some())
+            .with("max_completion_tokens", raw.max_completion_tokens.is_some())
+            .with("temperature", raw.temperature.is_some()),
         tools: raw.tools.is_some_and(|t| !t.is_empty()),
     })
 }
@@ -531,7 +655,7 @@ pub fn upstream_body(
     if !want_usage && !set_model && limit.is_none() && temperature.is_none() {
         return Ok(None);
     }
-    let has = |k: &str| req.keys.contains(k);
+    let has = |k: &str| req.present.contains(k);
     let splice = !(want_usage && has("stream_options"))
         && !(limit.is_some() && (has("max_tokens") || has("max_completion_tokens")))
         && !(temperature.is_some() && has("temperature"))
@@ -628,9 +752,14 @@ mod tests {
         }
     }
 
+    /// The body sent, as a provider reads it: the last of duplicate keys wins, at any
+    /// depth the gateway passes through.
     fn sent(body: &[u8], r: &ChatRequest, upstream: &str, e: Edits) -> serde_json::Value {
+        use serde::Deserialize;
         let out = upstream_body(body, r, upstream, e).unwrap();
-        serde_json::from_slice(out.as_deref().unwrap_or(body)).unwrap()
+        let mut de = serde_json::Deserializer::from_slice(out.as_deref().unwrap_or(body));
+        de.disable_recursion_limit();
+        serde_json::Value::deserialize(&mut de).unwrap()
     }
 
     #[test]
@@ -638,7 +767,7 @@ mod tests {
         let b = br#"{"model":"gpt-5","stream":true,"max_tokens":100,"messages":[{"role":"user","content":"hello"}]}"#;
         let mut r = parse_chat(b).unwrap();
         assert_eq!(r.model, "gpt-5");
-        assert!(r.stream && !r.include_usage && !r.keys.contains("stream_options"));
+        assert!(r.stream && !r.include_usage && !r.present.contains("stream_options"));
         assert_eq!(r.max_tokens, Some(100));
         assert_eq!(r.limits, [("max_tokens", 100)]);
         r.size_for(&model(), 0);
@@ -672,6 +801,49 @@ mod tests {
             r.prompt_tokens_bound, 400_000,
             "a PDF's pages: up to the context"
         );
+    }
+
+    /// The typed parse reads exactly the allow-list (which `body::check` names faults
+    /// with): every allowed or refused parameter is known to it, nothing else is.
+    #[test]
+    fn the_typed_parses_know_exactly_their_allow_lists() {
+        use crate::endpoints::{
+            parse_completion, parse_embeddings, COMPLETION_PARAMS, EMBEDDING_PARAMS,
+        };
+        let unknown = |e: &ApiError| matches!(e, ApiError::InvalidRequest { message, .. } if message.contains("unknown field") || message.contains("Unrecognized"));
+        type Parse = fn(&[u8]) -> Result<(), ApiError>;
+        let cases: [(&Params, &str, Parse); 3] = [
+            (
+                &CHAT_PARAMS,
+                r#""model":"m","messages":[{"role":"user","content":"x"}]"#,
+                |b| parse_chat_lenient(b).map(|_| ()),
+            ),
+            (&COMPLETION_PARAMS, r#""model":"m","prompt":"x""#, |b| {
+                parse_completion(b).map(|_| ())
+            }),
+            (&EMBEDDING_PARAMS, r#""model":"m","input":"x""#, |b| {
+                parse_embeddings(b).map(|_| ())
+            }),
+        ];
+        for (params, base, parse) in cases {
+            let names = params
+                .allowed
+                .iter()
+                .chain(params.refused.iter().map(|(n, _)| n));
+            for name in names {
+                let body = format!("{{{base},\"{name}\":null}}");
+                let body = if base.contains(&format!("\"{name}\"")) {
+                    format!("{{{base}}}")
+                } else {
+                    body
+                };
+                if let Err(e) = parse(body.as_bytes()) {
+                    assert!(!unknown(&e), "{name} is on the list but not read: {e:?}");
+                }
+            }
+            let e = parse(format!("{{{base},\"frobnicate\":1}}").as_bytes()).unwrap_err();
+            assert!(unknown(&e), "{e:?}");
+        }
     }
 
     #[test]

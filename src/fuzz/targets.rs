@@ -74,6 +74,26 @@ fn sized(r: &mut ChatRequest, m: &Model, h: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// A body's top level as a provider reads it: each key's LAST value, as its raw JSON
+/// text (values the gateway passes through are compared as bytes: it promises to keep
+/// them, and a provider's parser may take what serde_json's would refuse there, such as
+/// `1e400`, a lone surrogate or any depth).
+fn top_level(b: &[u8]) -> Result<std::collections::HashMap<String, String>, String> {
+    let entries = crate::body::entries(b).map_err(|e| format!("not one JSON object: {e:?}"))?;
+    Ok(entries
+        .into_iter()
+        .map(|(k, v)| (k.into_owned(), v.get().to_owned()))
+        .collect())
+}
+
+/// A top-level value the gateway reads, parsed (`Null` when absent).
+fn read_value(top: &std::collections::HashMap<String, String>, key: &str) -> Result<Value, String> {
+    match top.get(key) {
+        None => Ok(Value::Null),
+        Some(raw) => serde_json::from_str(raw).map_err(|e| format!("`{key}` sent as {raw}: {e}")),
+    }
+}
+
 fn int_or(v: &Value, key: &str, default: i64) -> Result<i64, String> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(default),
@@ -87,7 +107,8 @@ fn int_or(v: &Value, key: &str, default: i64) -> Result<i64, String> {
 /// (the last of duplicate keys wins): the upstream model, `stream` as the gateway read
 /// it, the usage chunk asked for on streams, every limit field at most the held limit
 /// (at least one), the temperature as the body or the edit set it, every other
-/// parameter untouched, and nothing else added.
+/// parameter's bytes untouched, and nothing else added. Returns the read parameters
+/// (`n`, `best_of`, `prompt`) as the provider reads them.
 fn check_sent(
     body: &[u8],
     sent: &[u8],
@@ -97,35 +118,39 @@ fn check_sent(
     temperature: Option<f64>,
     limit_fields: &[&str],
 ) -> Result<Value, String> {
-    let v: Value =
-        serde_json::from_slice(sent).map_err(|e| format!("sent body is not JSON: {e}"))?;
-    let input: Value =
-        serde_json::from_slice(body).map_err(|e| format!("accepted body is not JSON: {e}"))?;
-    let (Some(out), Some(inp)) = (v.as_object(), input.as_object()) else {
-        return Err("sent or accepted body is not an object".into());
-    };
-    if v["model"].as_str() != Some(m.name.as_str()) {
-        return Err(format!("model sent {}, routed to {}", v["model"], m.name));
+    let out = top_level(sent).map_err(|e| format!("sent body: {e}"))?;
+    let inp = top_level(body).map_err(|e| format!("accepted body: {e}"))?;
+    let model = read_value(&out, "model")?;
+    if model.as_str() != Some(m.name.as_str()) {
+        return Err(format!("model sent {model}, routed to {}", m.name));
     }
-    let stream = match v.get("stream") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(x) => return Err(format!("stream sent as {x}")),
+    let stream = match read_value(&out, "stream")? {
+        Value::Null => false,
+        Value::Bool(b) => b,
+        x => return Err(format!("stream sent as {x}")),
     };
     if stream != r.stream {
         return Err(format!("stream sent {stream}, read {}", r.stream));
     }
-    if stream && v["stream_options"]["include_usage"] != Value::Bool(true) {
+    // stream_options as the provider reads it: its own keys, last one winning.
+    let so = |top: &std::collections::HashMap<String, String>| -> Result<std::collections::HashMap<String, String>, String> {
+        match top.get("stream_options").map(String::as_str) {
+            None | Some("null") => Ok(Default::default()),
+            Some(raw) => top_level(raw.as_bytes()).map_err(|e| format!("stream_options: {e}")),
+        }
+    };
+    let (so_out, so_in) = (so(&out)?, so(&inp)?);
+    if stream && so_out.get("include_usage").map(String::as_str) != Some("true") {
         return Err(format!(
-            "a stream without include_usage: {}",
-            v["stream_options"]
+            "a stream without include_usage: {:?}",
+            out.get("stream_options")
         ));
     }
     let mut limits = 0;
     for f in ["max_tokens", "max_completion_tokens"] {
-        match v.get(f) {
-            None | Some(Value::Null) => {}
-            Some(x) => match x.as_i64() {
+        match read_value(&out, f)? {
+            Value::Null => {}
+            x => match x.as_i64() {
                 Some(l) if (1..=held).contains(&l) => limits += 1,
                 _ => return Err(format!("`{f}` sent as {x}, held {held}")),
             },
@@ -134,28 +159,29 @@ fn check_sent(
     if limits == 0 {
         return Err(format!("no limit sent (held {held})"));
     }
-    match (inp.get("temperature").filter(|t| !t.is_null()), temperature) {
-        (Some(t), _) if v.get("temperature") != Some(t) => {
+    let t_in = inp.get("temperature").filter(|t| t.as_str() != "null");
+    match (t_in, temperature) {
+        (Some(t), _) if out.get("temperature") != Some(t) => {
             return Err(format!(
                 "temperature {t} sent as {:?}",
-                v.get("temperature")
+                out.get("temperature")
             ))
         }
-        (None, Some(t)) if v["temperature"].as_f64() != Some(t) => {
+        (None, Some(t)) if read_value(&out, "temperature")?.as_f64() != Some(t) => {
             return Err(format!(
-                "preferred temperature {t} sent as {}",
-                v["temperature"]
+                "preferred temperature {t} sent as {:?}",
+                out.get("temperature")
             ))
         }
         (None, None) if out.get("temperature") != inp.get("temperature") => {
-            return Err(format!("temperature added: {}", v["temperature"]))
+            return Err(format!("temperature added: {:?}", out.get("temperature")))
         }
         _ => {}
     }
     let edited = |k: &str| {
         k == "model" || k == "stream_options" || k == "temperature" || limit_fields.contains(&k)
     };
-    for (k, x) in inp {
+    for (k, x) in &inp {
         if !edited(k) && out.get(k) != Some(x) {
             return Err(format!("`{k}` changed: {x} sent as {:?}", out.get(k)));
         }
@@ -165,17 +191,21 @@ fn check_sent(
             return Err(format!("`{k}` added"));
         }
     }
-    // The rest of stream_options is kept.
-    if let (Some(Value::Object(so)), true) = (inp.get("stream_options"), r.stream) {
-        for (k, x) in so {
-            if k != "include_usage" && v["stream_options"].get(k) != Some(x) {
+    // The rest of stream_options is kept on streams; off streams it is not touched.
+    if r.stream {
+        for (k, x) in &so_in {
+            if k != "include_usage" && so_out.get(k) != Some(x) {
                 return Err(format!("stream_options.{k} lost"));
             }
         }
-    } else if !r.stream && out.get("stream_options") != inp.get("stream_options") {
+    } else if out.get("stream_options") != inp.get("stream_options") {
         return Err("stream_options edited on a non-stream".into());
     }
-    Ok(v)
+    let mut read = serde_json::Map::new();
+    for k in ["n", "best_of", "prompt"] {
+        read.insert(k.into(), read_value(&out, k)?);
+    }
+    Ok(Value::Object(read))
 }
 
 /// Target `chat`: a chat body read, sized, held and sent (OpenAI, Anthropic, Gemini).
@@ -207,8 +237,17 @@ pub(crate) fn chat(body: &[u8]) -> Result<Outcome, String> {
     let out = parse::upstream_body(body, &r, &m.name, edits)
         .map_err(|e| format!("upstream_body refused an accepted body: {e:?}"))?;
     let sent = out.as_deref().unwrap_or(body);
-    crate::body::check(sent, &parse::CHAT_PARAMS)
-        .map_err(|e| format!("the sent body fails the gateway's own check: {e:?}"))?;
+    // The body sent reads, to the gateway, as what it held for.
+    let again = parse::parse_chat_lenient(sent)
+        .map_err(|e| format!("the gateway refuses the body it sent: {e:?}"))?;
+    if again.stream != r.stream
+        || again.choices != r.choices
+        || again.model != m.name
+        || again.limits.is_empty()
+        || again.limits.iter().any(|(_, l)| *l > held)
+    {
+        return Err(format!("the body sent reads otherwise: {again:?}"));
+    }
     let v = check_sent(
         body,
         sent,
@@ -295,8 +334,15 @@ pub(crate) fn completions(body: &[u8]) -> Result<Outcome, String> {
     let out = parse::upstream_body(body, &r, &m.name, edits)
         .map_err(|e| format!("upstream_body refused an accepted body: {e:?}"))?;
     let sent = out.as_deref().unwrap_or(body);
-    crate::body::check(sent, &crate::endpoints::COMPLETION_PARAMS)
-        .map_err(|e| format!("the sent body fails the gateway's own check: {e:?}"))?;
+    let again = crate::endpoints::parse_completion(sent)
+        .map_err(|e| format!("the gateway refuses the body it sent: {e:?}"))?;
+    if again.stream != r.stream
+        || again.choices != r.choices
+        || again.model != m.name
+        || again.limits.iter().any(|(_, l)| *l > held)
+    {
+        return Err(format!("the body sent reads otherwise: {again:?}"));
+    }
     let v = check_sent(body, sent, &r, &m, held, None, &["max_tokens"])?;
     let n = int_or(&v, "n", 1)?;
     let best_of = int_or(&v, "best_of", 1)?;
@@ -345,12 +391,15 @@ pub(crate) fn embeddings(body: &[u8]) -> Result<Outcome, String> {
     let out = parse::upstream_body(body, &r, &m.name, Edits::default())
         .map_err(|e| format!("upstream_body refused an accepted body: {e:?}"))?;
     let sent = out.as_deref().unwrap_or(body);
-    crate::body::check(sent, &crate::endpoints::EMBEDDING_PARAMS)
-        .map_err(|e| format!("the sent body fails the gateway's own check: {e:?}"))?;
-    let v: Value =
-        serde_json::from_slice(sent).map_err(|e| format!("sent body is not JSON: {e}"))?;
-    if v["model"].as_str() != Some(m.name.as_str()) || v["input"] != input {
-        return Err(format!("sent model {} input {}", v["model"], v["input"]));
+    crate::endpoints::parse_embeddings(sent)
+        .map_err(|e| format!("the gateway refuses the body it sent: {e:?}"))?;
+    let (out, inp) = (top_level(sent)?, top_level(body)?);
+    let sent_model = read_value(&out, "model")?;
+    if sent_model.as_str() != Some(m.name.as_str()) || out.get("input") != inp.get("input") {
+        return Err(format!(
+            "sent model {sent_model} input {:?}",
+            out.get("input")
+        ));
     }
     let gm = model(&r.model, "google", h);
     let gemini = match crate::translate::gemini::embed_request(&input, &gm, dims) {
