@@ -472,10 +472,25 @@ async fn forward(start: Start) -> Result<Response, ApiError> {
 
 /// Runs `f` unless the shutdown cut (the end of the grace period) comes first.
 async fn unless_cut<F: std::future::Future>(state: &AppState, f: F) -> Option<F::Output> {
-    tokio::select! {
-        biased;
-        r = f => Some(r),
-        _ = state.cut.cancelled() => None,
+    Cut::new(state).or(f).await
+}
+
+/// The shutdown cut as one future for a whole loop of reads: it registers its waiter
+/// once, not once per read.
+struct Cut(std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>);
+
+impl Cut {
+    fn new(state: &AppState) -> Cut {
+        Cut(Box::pin(state.cut.clone().cancelled_owned()))
+    }
+
+    /// Runs `f` unless the cut comes first.
+    async fn or<F: std::future::Future>(&mut self, f: F) -> Option<F::Output> {
+        tokio::select! {
+            biased;
+            r = f => Some(r),
+            _ = self.0.as_mut() => None,
+        }
     }
 }
 
@@ -813,9 +828,10 @@ async fn forward_json(mut adm: Admitted, sent: Sent) -> Result<Response, ApiErro
         ..
     } = sent;
     let mut buf = bytes::BytesMut::new();
+    let mut grace_end = Cut::new(&adm.state);
     let failure = loop {
         let next = tokio::time::timeout(idle, upstream.frame());
-        let Some(frame) = unless_cut(&adm.state, next).await else {
+        let Some(frame) = grace_end.or(next).await else {
             break Some(("shutdown_cut", shutting_down()));
         };
         match frame {
@@ -923,9 +939,10 @@ async fn forward_stream(
         first_byte_due,
         ..
     } = sent;
+    let mut grace_end = Cut::new(&adm.state);
     let first = loop {
         let next = tokio::time::timeout_at(first_byte_due, upstream.frame());
-        let Some(frame) = unless_cut(&adm.state, next).await else {
+        let Some(frame) = grace_end.or(next).await else {
             return Err(adm
                 .charge_failure("shutdown_cut", extra, shutting_down())
                 .await);
@@ -982,7 +999,7 @@ async fn forward_stream(
                 Some(data) => Some(Ok(Frame::data(data))),
                 None => {
                     let read = tokio::time::timeout_at(deadline, upstream.frame());
-                    match unless_cut(&adm.state, read).await {
+                    match grace_end.or(read).await {
                         None => {
                             shutdown_cut = true;
                             break;
@@ -1026,7 +1043,7 @@ async fn forward_stream(
                             let sent = if client_gone {
                                 true
                             } else {
-                                match unless_cut(&st, tx.send_timeout(out, drain)).await {
+                                match grace_end.or(tx.send_timeout(out, drain)).await {
                                     Some(r) => r.is_ok(),
                                     None => {
                                         shutdown_cut = true;
