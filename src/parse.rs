@@ -690,17 +690,25 @@ pub fn upstream_body(
     }
     let mut set: Vec<(&str, Vec<u8>)> = Vec::new();
     if want_usage {
-        let mut so = serde_json::Map::new();
+        // The client's other options pass on as written (raw text: a `Value` would
+        // give up on deep nesting and drop them); include_usage is set once.
+        let mut v = b"{".to_vec();
         if has("stream_options") {
             let entries = body::entries(body)?;
-            if let Some((_, v)) = entries.iter().find(|(k, _)| k == "stream_options") {
-                if let Ok(serde_json::Value::Object(o)) = serde_json::from_str(v.get()) {
-                    so = o;
+            let so = entries.iter().rev().find(|(k, _)| k == "stream_options");
+            // `null` reads as absent; any other value was checked to be an object.
+            if let Some((_, so)) = so.filter(|(_, so)| so.get() != "null") {
+                for (k, o) in body::entries(so.get().as_bytes())? {
+                    if k != "include_usage" {
+                        v.extend_from_slice(&serde_json::to_vec(&k).map_err(ApiError::internal)?);
+                        v.push(b':');
+                        v.extend_from_slice(o.get().as_bytes());
+                        v.push(b',');
+                    }
                 }
             }
         }
-        so.insert("include_usage".into(), serde_json::Value::Bool(true));
-        let v = serde_json::to_vec(&so).map_err(ApiError::internal)?;
+        v.extend_from_slice(br#""include_usage":true}"#);
         set.push(("stream_options", v));
     }
     if let Some(m) = limit {
