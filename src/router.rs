@@ -399,7 +399,11 @@ async fn forward(start: Start) -> Result<Response, ApiError> {
         Start::Now(go, body) => {
             let go = *go;
             let a = &go.adm;
-            let call = send_upstream(&a.state, &a.model, a.endpoint, a.stream, body);
+            // Boxed here (and below) so the nested wrappers move a pointer, not the
+            // whole future (the moves of large futures showed in profiles as memmove).
+            let call = Box::pin(send_upstream(
+                &a.state, &a.model, a.endpoint, a.stream, body,
+            ));
             let sent = holding(&a.state, &a.keeper, unless_cut(&a.state, call))
                 .await
                 .unwrap_or_else(|| Err(shutting_down()));
@@ -438,7 +442,13 @@ async fn forward(start: Start) -> Result<Response, ApiError> {
                     drop(a);
                     drop(c);
                     let g = &go.adm;
-                    let call = send_upstream(&g.state, &g.model, g.endpoint, g.stream, b.clone());
+                    let call = Box::pin(send_upstream(
+                        &g.state,
+                        &g.model,
+                        g.endpoint,
+                        g.stream,
+                        b.clone(),
+                    ));
                     holding(&g.state, &g.keeper, unless_cut(&g.state, call))
                         .await
                         .unwrap_or_else(|| Err(shutting_down()))
@@ -464,9 +474,14 @@ async fn forward(start: Start) -> Result<Response, ApiError> {
     adm.ticket.answered();
     let (state, keeper) = (adm.state.clone(), adm.keeper.clone());
     if adm.stream {
-        holding(&state, &keeper, forward_stream(adm, sent, include_usage)).await
+        holding(
+            &state,
+            &keeper,
+            Box::pin(forward_stream(adm, sent, include_usage)),
+        )
+        .await
     } else {
-        holding(&state, &keeper, forward_json(adm, sent)).await
+        holding(&state, &keeper, Box::pin(forward_json(adm, sent))).await
     }
 }
 
