@@ -203,8 +203,15 @@ mod tests {
         assert!(!verify("x", "not a hash"));
     }
 
-    #[tokio::test]
-    async fn the_queue_is_bounded_and_a_full_one_refuses_at_once() {
+    type Busy = (
+        std::sync::Arc<Hashers>,
+        std::sync::mpsc::Sender<()>,
+        tokio::task::JoinHandle<Result<i32, HashError>>,
+    );
+
+    /// One hasher and a queue of one, the hasher busy with a job that returns 1 once
+    /// the sender is used.
+    async fn busy_hasher() -> Busy {
         let h = std::sync::Arc::new(Hashers::with_limits(1, 1));
         let (release, hold) = std::sync::mpsc::channel::<()>();
         let (started, running) = tokio::sync::oneshot::channel::<()>();
@@ -220,14 +227,29 @@ mod tests {
             }
         });
         running.await.unwrap();
-        // The one hasher is busy: the next caller waits, the one after is refused.
-        let second = tokio::spawn({
+        (h, release, first)
+    }
+
+    /// Spawns a sign-in job returning `v` and waits until it is queued.
+    async fn queued_job(
+        h: &std::sync::Arc<Hashers>,
+        v: i32,
+    ) -> tokio::task::JoinHandle<Result<i32, HashError>> {
+        let job = tokio::spawn({
             let h = h.clone();
-            async move { h.run(Purpose::SignIn, || 2).await }
+            async move { h.run(Purpose::SignIn, move || v).await }
         });
         while h.queued() < 1 {
             tokio::task::yield_now().await;
         }
+        job
+    }
+
+    #[tokio::test]
+    async fn the_queue_is_bounded_and_a_full_one_refuses_at_once() {
+        let (h, release, first) = busy_hasher().await;
+        // The one hasher is busy: the next caller waits, the one after is refused.
+        let second = queued_job(&h, 2).await;
         assert!(matches!(
             h.run(Purpose::ClientSecret, || 3).await,
             Err(HashError::Busy)
@@ -241,39 +263,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_caller_that_goes_away_gives_its_place_back() {
-        let h = std::sync::Arc::new(Hashers::with_limits(1, 1));
-        let (release, hold) = std::sync::mpsc::channel::<()>();
-        let (started, running) = tokio::sync::oneshot::channel::<()>();
-        let first = tokio::spawn({
-            let h = h.clone();
-            async move {
-                h.run(Purpose::SignIn, move || {
-                    let _ = started.send(());
-                    hold.recv().ok();
-                })
-                .await
-            }
-        });
-        running.await.unwrap();
-        let waiter = tokio::spawn({
-            let h = h.clone();
-            async move { h.run(Purpose::SignIn, || ()).await }
-        });
-        while h.queued() < 1 {
-            tokio::task::yield_now().await;
-        }
+        let (h, release, first) = busy_hasher().await;
+        let waiter = queued_job(&h, 0).await;
         waiter.abort();
         assert!(waiter.await.unwrap_err().is_cancelled());
         assert_eq!(h.queued(), 0, "the aborted caller's place is free again");
-        let again = tokio::spawn({
-            let h = h.clone();
-            async move { h.run(Purpose::SignIn, || 5).await }
-        });
-        while h.queued() < 1 {
-            tokio::task::yield_now().await;
-        }
+        let again = queued_job(&h, 5).await;
         release.send(()).unwrap();
-        first.await.unwrap().unwrap();
+        assert_eq!(first.await.unwrap().unwrap(), 1);
         assert_eq!(again.await.unwrap().unwrap(), 5);
     }
 }
