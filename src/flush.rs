@@ -8,6 +8,9 @@
 //! crash between COMMIT and XACK changes nothing. Entries left pending by a dead
 //! gateway are claimed (XAUTOCLAIM) once idle for `flush.claim_idle_ms`. While
 //! PostgreSQL is down the streams grow and drain when it returns.
+//!
+//! Which credit rows a batch's charges go to is decided by the pure
+//! `allocation` module, inside the transaction that locks the rows.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -20,6 +23,9 @@ use crate::config::FlushConfig;
 use crate::db::{Db, DbError};
 use crate::ledger::{Ledger, STREAM_SLICE};
 use crate::settle::UsageEvent;
+
+mod allocation;
+use allocation::{allocate, CreditRow};
 
 /// One stream entry read by this consumer.
 struct Entry {
@@ -576,8 +582,8 @@ pub async fn write_batch(db: &Db, events: &[UsageEvent]) -> Result<Vec<Uuid>, Db
     let mut users: Vec<Uuid> = events.iter().map(|e| e.user_id).collect();
     users.sort_unstable();
     users.dedup();
-    // Lock the users' current credit rows: the allocation below and the increment
-    // are one decision.
+    // Lock the users' current credit rows, earliest-ending first: the allocation
+    // below and the increment are one decision.
     let rows = tx
         .query(
             "SELECT id, user_id, total_credits::bigint, used_credits::bigint FROM credits
@@ -587,54 +593,17 @@ pub async fn write_batch(db: &Db, events: &[UsageEvent]) -> Result<Vec<Uuid>, Db
             &[&users],
         )
         .await?;
-    struct Row {
-        id: Uuid,
-        remaining: i64,
-    }
-    let mut credit_rows: HashMap<Uuid, Vec<Row>> = HashMap::new();
+    let mut credit_rows: HashMap<Uuid, Vec<CreditRow>> = HashMap::new();
     for r in rows {
         let total: i64 = r.get(2);
         let used: i64 = r.get(3);
-        credit_rows.entry(r.get(1)).or_default().push(Row {
+        credit_rows.entry(r.get(1)).or_default().push(CreditRow {
             id: r.get(0),
             remaining: total - used,
         });
     }
-    // Allocate each charge to the user's rows, earliest-ending first; overflow stays
-    // on the last row.
-    let mut allocations: Vec<Vec<(Uuid, i64)>> = Vec::with_capacity(events.len());
-    let mut credit_ids: Vec<Option<Uuid>> = Vec::with_capacity(events.len());
-    for e in events {
-        let mut alloc = Vec::new();
-        let mut left = e.credits_used;
-        if let Some(rows) = credit_rows.get_mut(&e.user_id) {
-            let last = rows.len().saturating_sub(1);
-            for (i, r) in rows.iter_mut().enumerate() {
-                if left <= 0 {
-                    break;
-                }
-                let take = if i == last {
-                    left
-                } else {
-                    left.min(r.remaining.max(0))
-                };
-                if take > 0 {
-                    r.remaining -= take;
-                    left -= take;
-                    alloc.push((r.id, take));
-                }
-            }
-            credit_ids.push(
-                alloc
-                    .first()
-                    .map(|a| a.0)
-                    .or_else(|| rows.first().map(|r| r.id)),
-            );
-        } else {
-            credit_ids.push(None);
-        }
-        allocations.push(alloc);
-    }
+    let allocation = allocate(events, &credit_rows);
+    let credit_ids = &allocation.credit_ids;
     let to_i32 = |v: i64| i32::try_from(v).unwrap_or(i32::MAX);
     let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
     let user_ids: Vec<Uuid> = events.iter().map(|e| e.user_id).collect();
@@ -660,20 +629,11 @@ pub async fn write_batch(db: &Db, events: &[UsageEvent]) -> Result<Vec<Uuid>, Db
                 AND EXISTS (SELECT 1 FROM models m WHERE m.id = v.model_id)
              ON CONFLICT (id, created_at) DO NOTHING
              RETURNING id",
-            &[&ids, &user_ids, &credit_ids, &models, &ops, &credits, &input, &output, &total, &dur, &meta, &created],
+            &[&ids, &user_ids, credit_ids, &models, &ops, &credits, &input, &output, &total, &dur, &meta, &created],
         )
         .await?;
     let inserted: Vec<Uuid> = inserted.iter().map(|r| r.get(0)).collect();
-    // Each inserted row moves credits once, even if the batch held its event twice.
-    let mut uncounted: std::collections::HashSet<Uuid> = inserted.iter().copied().collect();
-    let mut inc: HashMap<Uuid, i64> = HashMap::new();
-    for (e, alloc) in events.iter().zip(&allocations) {
-        if uncounted.remove(&e.id) {
-            for (row, amount) in alloc {
-                *inc.entry(*row).or_default() += amount;
-            }
-        }
-    }
+    let inc = allocation.increments(events, &inserted);
     if !inc.is_empty() {
         let (rows, amounts): (Vec<Uuid>, Vec<i32>) =
             inc.into_iter().map(|(k, v)| (k, to_i32(v))).unzip();
