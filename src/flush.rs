@@ -650,6 +650,7 @@ pub async fn write_batch(db: &Db, events: &[UsageEvent]) -> Result<Vec<Uuid>, Db
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
 
@@ -778,6 +779,64 @@ mod tests {
         let o = p.apply(Written::Nothing, Read::Batch(batch(1, Source::New)), ROWS);
         assert_eq!(o, Outcome::Failed);
         assert!(p.carried.is_some());
+    }
+
+    #[test]
+    fn stream_entries_are_decoded_and_unreadable_ones_kept_to_be_acknowledged() {
+        use chrono::TimeZone;
+        let event = UsageEvent {
+            id: Uuid::now_v7(),
+            created_at: chrono::Utc
+                .timestamp_micros(1_764_000_000_000_001)
+                .single()
+                .unwrap(),
+            user_id: Uuid::new_v4(),
+            model_id: "gpt-5".into(),
+            operation: "function_call",
+            credits_used: 3,
+            input_tokens: 1,
+            output_tokens: 2,
+            total_tokens: 3,
+            duration_ms: 4,
+            metadata: None,
+        };
+        let entry = |id: &str, fields: Vec<(&str, Value)>| StreamId {
+            id: id.into(),
+            map: fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            ..StreamId::default()
+        };
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let ids = vec![
+            entry("1-0", vec![("e", bulk(&event.encode()))]),
+            entry("1-1", vec![]),
+            entry("1-2", vec![("x", bulk(&event.encode()))]),
+            entry("1-3", vec![("e", bulk("garbage"))]),
+            entry("1-4", vec![("e", Value::BulkString(vec![0xff, 0xfe]))]),
+            entry("1-5", vec![("e", Value::Nil)]),
+            entry("1-6", vec![("e", Value::Int(5))]),
+            entry("1-7", vec![("e", Value::SimpleString(event.encode()))]),
+        ];
+        let mut out = Vec::new();
+        Flusher::entries_of(7, ids, &mut out);
+        let got: Vec<(u32, &str, bool)> = out
+            .iter()
+            .map(|e| (e.bucket, e.entry_id.as_str(), e.event.is_some()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (7, "1-0", true),
+                (7, "1-1", false),
+                (7, "1-2", false),
+                (7, "1-3", false),
+                (7, "1-4", false),
+                (7, "1-5", false),
+                (7, "1-6", false),
+                (7, "1-7", true),
+            ]
+        );
+        assert_eq!(out[0].event.as_ref(), Some(&event));
+        assert_eq!(out[7].event.as_ref(), Some(&event));
     }
 
     #[test]
