@@ -8,6 +8,9 @@
 //! crash between COMMIT and XACK changes nothing. Entries left pending by a dead
 //! gateway are claimed (XAUTOCLAIM) once idle for `flush.claim_idle_ms`. While
 //! PostgreSQL is down the streams grow and drain when it returns.
+//!
+//! Which credit rows a batch's charges go to is decided by the pure
+//! `allocation` module, inside the transaction that locks the rows.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -20,6 +23,9 @@ use crate::config::FlushConfig;
 use crate::db::{Db, DbError};
 use crate::ledger::{Ledger, STREAM_SLICE};
 use crate::settle::UsageEvent;
+
+mod allocation;
+use allocation::{allocate, CreditRow};
 
 /// One stream entry read by this consumer.
 struct Entry {
@@ -110,17 +116,14 @@ impl Flusher {
             .collect())
     }
 
-    /// Reads up to `flush.batch_rows` entries: new ones (`>`), or this consumer's own
-    /// pending ones (`0`) after a failed write or read, from `buckets` (those holding
-    /// entries, in this pass's order), one bucket and at most [`STREAM_SLICE`] entries per call, one
-    /// call after the other: a pipelined read of every bucket, or a whole batch in one
-    /// call, would hold Redis (and every reserve and settle queued behind it) for as
-    /// long as it takes to read them all.
-    async fn read(
-        &self,
-        buckets: &[u32],
-        own_pending: bool,
-    ) -> Result<Vec<Entry>, redis::RedisError> {
+    /// Reads up to `flush.batch_rows` entries from `source` — new ones (`>`), or this
+    /// consumer's own pending ones (`0`) after a failed write or read — from `buckets`
+    /// (those holding entries, in this pass's order), one bucket and at most
+    /// [`STREAM_SLICE`] entries per call, one call after the other: a pipelined read of
+    /// every bucket, or a whole batch in one call, would hold Redis (and every reserve
+    /// and settle queued behind it) for as long as it takes to read them all.
+    async fn read(&self, buckets: &[u32], source: Source) -> Result<Vec<Entry>, redis::RedisError> {
+        let own_pending = source == Source::OwnPending;
         let mut out = Vec::new();
         let mut conn = self.ledger.conn();
         for &b in buckets {
@@ -271,44 +274,83 @@ impl Flusher {
     }
 
     /// Claims entries left by dead consumers (every `claim_idle / 2`) and reads the
-    /// next batch. A failed read marks the groups for recreation (Redis may have lost
-    /// its data; XGROUP CREATE is idempotent).
+    /// next batch from `source`. A failed read marks the groups for recreation (Redis
+    /// may have lost its data; XGROUP CREATE is idempotent).
     async fn next_batch(
         &self,
-        own_pending: bool,
+        source: Source,
         last_claim: &mut Option<Instant>,
-        groups_ready: &mut bool,
-    ) -> Result<Vec<Entry>, ()> {
+        groups: &mut Groups,
+    ) -> Read {
         let buckets = match self.buckets_to_read().await {
             Ok(b) => b,
             Err(e) => {
-                *groups_ready = false;
+                *groups = Groups::Recreate;
                 tracing::warn!(error = %e, "reading usage stream lengths failed");
-                return Err(());
+                return Read::Failed;
             }
         };
-        let mut batch = Vec::new();
+        let mut entries = Vec::new();
         if last_claim.is_none_or(|t| t.elapsed() >= self.cfg.claim_idle / 2) {
             *last_claim = Some(Instant::now());
             match self.claim_stale(&buckets).await {
-                Ok(v) => batch.extend(v),
+                Ok(v) => entries.extend(v),
                 Err(e) => {
-                    *groups_ready = false;
+                    *groups = Groups::Recreate;
                     tracing::warn!(error = %e, "claiming stale usage events failed");
                 }
             }
         }
-        match self.read(&buckets, own_pending).await {
+        match self.read(&buckets, source).await {
             Ok(v) => {
-                batch.extend(v);
-                Ok(batch)
+                entries.extend(v);
+                Read::Batch(Batch { entries, source })
             }
             Err(e) => {
-                *groups_ready = false;
+                *groups = Groups::Recreate;
                 tracing::warn!(error = %e, "reading usage events failed");
-                Err(())
+                Read::Failed
             }
         }
+    }
+
+    /// The write half of a pass: writes and acknowledges `batch`, if any.
+    async fn write(&self, batch: Option<Batch>) -> Written {
+        let Some(Batch { entries, source }) = batch else {
+            return Written::Nothing;
+        };
+        let n = entries.len();
+        match self.write_and_ack(entries).await {
+            Ok(inserted) => Written::Flushed {
+                entries: n,
+                inserted,
+                source,
+            },
+            Err(error) => Written::Failed { entries: n, error },
+        }
+    }
+
+    /// One pass: (re)creates the groups if needed, then writes the batch carried from
+    /// the last pass while reading the next one (when [`Pass::read_source`] says so).
+    async fn pass(&self, p: &mut Pass) -> Outcome {
+        if p.groups == Groups::Recreate {
+            match self.ensure_groups().await {
+                Ok(()) => p.groups = Groups::Ready,
+                Err(e) => tracing::warn!(error = %e, "usage streams unavailable"),
+            }
+        }
+        let writing = p.carried.take();
+        let read_from = p.read_source(writing.as_ref(), self.cfg.batch_rows);
+        let (written, read) = tokio::join!(self.write(writing), async {
+            match read_from {
+                Some(source) => {
+                    self.next_batch(source, &mut p.last_claim, &mut p.groups)
+                        .await
+                }
+                None => Read::Skipped,
+            }
+        });
+        p.apply(written, read, self.cfg.batch_rows)
     }
 
     /// Runs until `shutdown` flips, then drains what is left: everything settled
@@ -321,105 +363,210 @@ impl Flusher {
     /// concurrently read batch is dropped — it stays in this consumer's pending list —
     /// and the next pass re-reads that list alone.
     pub async fn run(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        let mut groups_ready = false;
-        let mut last_claim: Option<Instant> = None;
-        let mut own_pending = false;
-        let mut backoff = self.cfg.interval;
-        // Read and not yet written, and whether it came from this consumer's own
-        // pending list (which may hold more than one read returns).
-        let mut carried: Vec<Entry> = Vec::new();
-        let mut carried_pending = false;
+        let mut p = Pass::new(self.cfg.interval);
         loop {
             let stopping = *shutdown.borrow();
-            if !groups_ready {
-                match self.ensure_groups().await {
-                    Ok(()) => groups_ready = true,
-                    Err(e) => tracing::warn!(error = %e, "usage streams unavailable"),
-                }
-            }
-            let writing = std::mem::take(&mut carried);
-            let writing_pending = carried_pending;
-            let n_writing = writing.len();
-            // Read alongside the write only when the last read was full (more is
-            // likely waiting) and not while recovering this consumer's pending list.
-            let read_now = groups_ready
-                && (n_writing == 0 || (n_writing >= self.cfg.batch_rows && !own_pending));
-            let read_pending = own_pending;
-            let (written, read) = tokio::join!(
-                async {
-                    if writing.is_empty() {
-                        None
-                    } else {
-                        Some(self.write_and_ack(writing).await)
-                    }
-                },
-                async {
-                    if read_now {
-                        Some(
-                            self.next_batch(read_pending, &mut last_claim, &mut groups_ready)
-                                .await,
-                        )
-                    } else {
-                        None
-                    }
-                }
-            );
-            let mut write_failed = false;
-            match written {
-                Some(Ok(w)) => {
-                    tracing::debug!(entries = n_writing, inserted = w, "usage batch flushed");
-                    metrics::counter!("tollgate_usage_rows_flushed_total").increment(w as u64);
-                    // A full batch from the pending list: read the list again.
-                    own_pending = writing_pending && n_writing >= self.cfg.batch_rows;
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, entries = n_writing, "usage batch failed; will retry");
-                    metrics::counter!("tollgate_flush_failures_total").increment(1);
-                    own_pending = true;
-                    write_failed = true;
-                }
-                None => {}
-            }
-            let mut failed = write_failed || !groups_ready;
-            match read {
-                // After a failed write the batch read alongside stays in this
-                // consumer's pending list and is read again from there.
-                Some(Ok(batch)) if !write_failed => {
-                    if read_pending && batch.is_empty() {
-                        own_pending = false;
-                    }
-                    carried = batch;
-                    carried_pending = read_pending;
-                }
-                Some(Ok(_)) | None => {}
-                // A read that failed part-way may have delivered entries to this
-                // consumer (they are in its pending list now, and `>` will not return
-                // them again): read that list next.
-                Some(Err(())) => {
-                    failed = true;
-                    own_pending = true;
-                }
-            }
-            if stopping && carried.is_empty() && (failed || (read_now && !own_pending)) {
-                break;
-            }
-            backoff = if failed {
-                (backoff * 2).min(Duration::from_secs(2))
-            } else {
-                self.cfg.interval
+            let outcome = self.pass(&mut p).await;
+            p.backoff = match outcome {
+                Outcome::Failed => (p.backoff * 2).min(MAX_BACKOFF),
+                Outcome::Carrying | Outcome::Idle { .. } => self.cfg.interval,
             };
-            if !failed && !carried.is_empty() {
-                continue;
-            }
-            if stopping && !failed {
-                continue;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = shutdown.changed(), if !stopping => {}
+            match outcome.next(stopping, p.carried.is_some()) {
+                Next::Stop => break,
+                Next::Now => continue,
+                Next::Wait => tokio::select! {
+                    _ = tokio::time::sleep(p.backoff) => {}
+                    _ = shutdown.changed(), if !stopping => {}
+                },
             }
         }
         tracing::info!("usage flusher stopped");
+    }
+}
+
+/// The longest wait between two failed passes (the wait doubles from
+/// `flush.interval_ms` on each failure in a row).
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Where a batch's read came from. Stale entries claimed from dead consumers
+/// (XAUTOCLAIM, every `claim_idle / 2`) ride along with a read from either.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// Entries not yet delivered to any consumer of the group (`>`).
+    New,
+    /// This consumer's own pending list (`0`, paged by id): entries delivered to it
+    /// and not acknowledged — after a failed write or read, or after a full batch
+    /// from that list.
+    OwnPending,
+}
+
+/// Entries read together, and where from.
+struct Batch {
+    entries: Vec<Entry>,
+    source: Source,
+}
+
+/// The consumer groups on the buckets' streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Groups {
+    /// Created (or found) on every stream.
+    Ready,
+    /// To be created before the next read: at start, and after a failed read, which
+    /// may mean that Redis lost its data.
+    Recreate,
+}
+
+/// How the write half of a pass ended.
+enum Written {
+    /// Nothing was carried over to write.
+    Nothing,
+    /// Committed and acknowledged: `entries` read, `inserted` of them new rows.
+    Flushed {
+        entries: usize,
+        inserted: usize,
+        source: Source,
+    },
+    /// Not committed (or not acknowledged): the entries stay pending.
+    Failed { entries: usize, error: String },
+}
+
+/// How the read half of a pass ended.
+enum Read {
+    /// No read this pass: the groups are not ready, or the batch being written is
+    /// neither full nor from new entries.
+    Skipped,
+    Batch(Batch),
+    /// The read failed, maybe part-way: it may have delivered entries to this
+    /// consumer (they are in its pending list now, and `>` will not return them again).
+    Failed,
+}
+
+/// What a pass came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// A write or a read failed, or the groups could not be created: back off.
+    Failed,
+    /// A batch was read and waits to be written: more is likely waiting.
+    Carrying,
+    /// Nothing failed and nothing waits. `caught_up`: the pass read new entries and
+    /// found none (nor anything pending of this consumer's to read again).
+    Idle { caught_up: bool },
+}
+
+/// When the next pass runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// At once.
+    Now,
+    /// After the back-off (or, before the shutdown flips, when it flips).
+    Wait,
+    /// Never: the flusher stops.
+    Stop,
+}
+
+impl Outcome {
+    /// Once `stopping`, the flusher ends as soon as nothing is carried and either the
+    /// streams are read to their end or a failure leaves the rest pending (for the
+    /// next gateway to claim); until then it passes again at once.
+    fn next(self, stopping: bool, carrying: bool) -> Next {
+        match self {
+            Outcome::Failed if stopping && !carrying => Next::Stop,
+            Outcome::Failed => Next::Wait,
+            Outcome::Carrying => Next::Now,
+            Outcome::Idle { caught_up: true } if stopping => Next::Stop,
+            Outcome::Idle { .. } if stopping => Next::Now,
+            Outcome::Idle { .. } => Next::Wait,
+        }
+    }
+}
+
+/// What one pass hands to the next.
+struct Pass {
+    groups: Groups,
+    last_claim: Option<Instant>,
+    /// Where the next read comes from.
+    next_read: Source,
+    backoff: Duration,
+    /// Read and not yet written (never empty).
+    carried: Option<Batch>,
+}
+
+impl Pass {
+    fn new(interval: Duration) -> Pass {
+        Pass {
+            groups: Groups::Recreate,
+            last_claim: None,
+            next_read: Source::New,
+            backoff: interval,
+            carried: None,
+        }
+    }
+
+    /// Whether this pass reads, and from where: when nothing is being written, or
+    /// alongside the write of a full batch (more is likely waiting) — but not while
+    /// this consumer's pending list is being recovered.
+    fn read_source(&self, writing: Option<&Batch>, batch_rows: usize) -> Option<Source> {
+        let read = self.groups == Groups::Ready
+            && writing
+                .is_none_or(|b| b.entries.len() >= batch_rows && self.next_read == Source::New);
+        read.then_some(self.next_read)
+    }
+
+    /// Takes in what the two halves of a pass came to: logs and counts the write,
+    /// keeps the batch read for the next pass, and decides where the next read comes
+    /// from.
+    fn apply(&mut self, written: Written, read: Read, batch_rows: usize) -> Outcome {
+        let mut write_failed = false;
+        match written {
+            Written::Nothing => {}
+            Written::Flushed {
+                entries,
+                inserted,
+                source,
+            } => {
+                tracing::debug!(entries, inserted, "usage batch flushed");
+                metrics::counter!("tollgate_usage_rows_flushed_total").increment(inserted as u64);
+                // A full batch from the pending list: read the list again.
+                self.next_read = if source == Source::OwnPending && entries >= batch_rows {
+                    Source::OwnPending
+                } else {
+                    Source::New
+                };
+            }
+            Written::Failed { entries, error } => {
+                tracing::warn!(%error, entries, "usage batch failed; will retry");
+                metrics::counter!("tollgate_flush_failures_total").increment(1);
+                self.next_read = Source::OwnPending;
+                write_failed = true;
+            }
+        }
+        let mut failed = write_failed || self.groups == Groups::Recreate;
+        let mut read_through = false;
+        match read {
+            // After a failed write the batch read alongside stays in this consumer's
+            // pending list and is read again from there.
+            Read::Batch(batch) if !write_failed => {
+                read_through = true;
+                if batch.source == Source::OwnPending && batch.entries.is_empty() {
+                    self.next_read = Source::New;
+                }
+                self.carried = (!batch.entries.is_empty()).then_some(batch);
+            }
+            Read::Batch(_) | Read::Skipped => {}
+            Read::Failed => {
+                failed = true;
+                self.next_read = Source::OwnPending;
+            }
+        }
+        if failed {
+            Outcome::Failed
+        } else if self.carried.is_some() {
+            Outcome::Carrying
+        } else {
+            Outcome::Idle {
+                caught_up: read_through && self.next_read == Source::New,
+            }
+        }
     }
 }
 
@@ -435,8 +582,8 @@ pub async fn write_batch(db: &Db, events: &[UsageEvent]) -> Result<Vec<Uuid>, Db
     let mut users: Vec<Uuid> = events.iter().map(|e| e.user_id).collect();
     users.sort_unstable();
     users.dedup();
-    // Lock the users' current credit rows: the allocation below and the increment
-    // are one decision.
+    // Lock the users' current credit rows, earliest-ending first: the allocation
+    // below and the increment are one decision.
     let rows = tx
         .query(
             "SELECT id, user_id, total_credits::bigint, used_credits::bigint FROM credits
@@ -446,54 +593,17 @@ pub async fn write_batch(db: &Db, events: &[UsageEvent]) -> Result<Vec<Uuid>, Db
             &[&users],
         )
         .await?;
-    struct Row {
-        id: Uuid,
-        remaining: i64,
-    }
-    let mut credit_rows: HashMap<Uuid, Vec<Row>> = HashMap::new();
+    let mut credit_rows: HashMap<Uuid, Vec<CreditRow>> = HashMap::new();
     for r in rows {
         let total: i64 = r.get(2);
         let used: i64 = r.get(3);
-        credit_rows.entry(r.get(1)).or_default().push(Row {
+        credit_rows.entry(r.get(1)).or_default().push(CreditRow {
             id: r.get(0),
             remaining: total - used,
         });
     }
-    // Allocate each charge to the user's rows, earliest-ending first; overflow stays
-    // on the last row.
-    let mut allocations: Vec<Vec<(Uuid, i64)>> = Vec::with_capacity(events.len());
-    let mut credit_ids: Vec<Option<Uuid>> = Vec::with_capacity(events.len());
-    for e in events {
-        let mut alloc = Vec::new();
-        let mut left = e.credits_used;
-        if let Some(rows) = credit_rows.get_mut(&e.user_id) {
-            let last = rows.len().saturating_sub(1);
-            for (i, r) in rows.iter_mut().enumerate() {
-                if left <= 0 {
-                    break;
-                }
-                let take = if i == last {
-                    left
-                } else {
-                    left.min(r.remaining.max(0))
-                };
-                if take > 0 {
-                    r.remaining -= take;
-                    left -= take;
-                    alloc.push((r.id, take));
-                }
-            }
-            credit_ids.push(
-                alloc
-                    .first()
-                    .map(|a| a.0)
-                    .or_else(|| rows.first().map(|r| r.id)),
-            );
-        } else {
-            credit_ids.push(None);
-        }
-        allocations.push(alloc);
-    }
+    let allocation = allocate(events, &credit_rows);
+    let credit_ids = &allocation.credit_ids;
     let to_i32 = |v: i64| i32::try_from(v).unwrap_or(i32::MAX);
     let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
     let user_ids: Vec<Uuid> = events.iter().map(|e| e.user_id).collect();
@@ -519,20 +629,11 @@ pub async fn write_batch(db: &Db, events: &[UsageEvent]) -> Result<Vec<Uuid>, Db
                 AND EXISTS (SELECT 1 FROM models m WHERE m.id = v.model_id)
              ON CONFLICT (id, created_at) DO NOTHING
              RETURNING id",
-            &[&ids, &user_ids, &credit_ids, &models, &ops, &credits, &input, &output, &total, &dur, &meta, &created],
+            &[&ids, &user_ids, credit_ids, &models, &ops, &credits, &input, &output, &total, &dur, &meta, &created],
         )
         .await?;
     let inserted: Vec<Uuid> = inserted.iter().map(|r| r.get(0)).collect();
-    // Each inserted row moves credits once, even if the batch held its event twice.
-    let mut uncounted: std::collections::HashSet<Uuid> = inserted.iter().copied().collect();
-    let mut inc: HashMap<Uuid, i64> = HashMap::new();
-    for (e, alloc) in events.iter().zip(&allocations) {
-        if uncounted.remove(&e.id) {
-            for (row, amount) in alloc {
-                *inc.entry(*row).or_default() += amount;
-            }
-        }
-    }
+    let inc = allocation.increments(events, &inserted);
     if !inc.is_empty() {
         let (rows, amounts): (Vec<Uuid>, Vec<i32>) =
             inc.into_iter().map(|(k, v)| (k, to_i32(v))).unzip();
@@ -546,4 +647,212 @@ pub async fn write_batch(db: &Db, events: &[UsageEvent]) -> Result<Vec<Uuid>, Db
     }
     tx.commit().await?;
     Ok(inserted)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    const ROWS: usize = 4;
+
+    fn batch(n: usize, source: Source) -> Batch {
+        Batch {
+            entries: (0..n)
+                .map(|i| Entry {
+                    bucket: 0,
+                    entry_id: format!("1-{i}"),
+                    event: None,
+                })
+                .collect(),
+            source,
+        }
+    }
+
+    fn ready() -> Pass {
+        let mut p = Pass::new(Duration::from_millis(10));
+        p.groups = Groups::Ready;
+        p
+    }
+
+    fn flushed(entries: usize, source: Source) -> Written {
+        Written::Flushed {
+            entries,
+            inserted: entries,
+            source,
+        }
+    }
+
+    fn failed_write() -> Written {
+        Written::Failed {
+            entries: ROWS,
+            error: "down".into(),
+        }
+    }
+
+    #[test]
+    fn a_pass_reads_when_idle_or_alongside_a_full_batch_of_new_entries() {
+        let mut p = ready();
+        assert_eq!(p.read_source(None, ROWS), Some(Source::New));
+        assert_eq!(
+            p.read_source(Some(&batch(ROWS, Source::New)), ROWS),
+            Some(Source::New)
+        );
+        assert_eq!(
+            p.read_source(Some(&batch(ROWS - 1, Source::New)), ROWS),
+            None
+        );
+        p.next_read = Source::OwnPending;
+        assert_eq!(p.read_source(None, ROWS), Some(Source::OwnPending));
+        // Recovering the pending list: one batch at a time.
+        assert_eq!(
+            p.read_source(Some(&batch(ROWS, Source::OwnPending)), ROWS),
+            None
+        );
+        p.groups = Groups::Recreate;
+        assert_eq!(p.read_source(None, ROWS), None);
+    }
+
+    #[test]
+    fn a_batch_read_is_carried_to_the_next_pass() {
+        let mut p = ready();
+        let o = p.apply(Written::Nothing, Read::Batch(batch(2, Source::New)), ROWS);
+        assert_eq!(o, Outcome::Carrying);
+        assert_eq!(p.carried.as_ref().map(|b| b.entries.len()), Some(2));
+        let writing = p.carried.take();
+        assert!(writing.is_some());
+        let o = p.apply(flushed(2, Source::New), Read::Skipped, ROWS);
+        assert_eq!(o, Outcome::Idle { caught_up: false });
+        assert_eq!(p.next_read, Source::New);
+        let o = p.apply(Written::Nothing, Read::Batch(batch(0, Source::New)), ROWS);
+        assert_eq!(o, Outcome::Idle { caught_up: true });
+        assert!(p.carried.is_none());
+    }
+
+    #[test]
+    fn a_failed_write_drops_the_batch_read_alongside_and_rereads_the_pending_list() {
+        let mut p = ready();
+        let o = p.apply(failed_write(), Read::Batch(batch(ROWS, Source::New)), ROWS);
+        assert_eq!(o, Outcome::Failed);
+        assert!(p.carried.is_none());
+        assert_eq!(p.next_read, Source::OwnPending);
+        // The pending list, read again, comes back whole: written, and read once more.
+        let o = p.apply(
+            Written::Nothing,
+            Read::Batch(batch(ROWS, Source::OwnPending)),
+            ROWS,
+        );
+        assert_eq!(o, Outcome::Carrying);
+        let writing = p.carried.take();
+        assert_eq!(p.read_source(writing.as_ref(), ROWS), None);
+        let o = p.apply(flushed(ROWS, Source::OwnPending), Read::Skipped, ROWS);
+        assert_eq!(o, Outcome::Idle { caught_up: false });
+        assert_eq!(p.next_read, Source::OwnPending);
+        // Until it is empty: then new entries again.
+        let o = p.apply(
+            Written::Nothing,
+            Read::Batch(batch(0, Source::OwnPending)),
+            ROWS,
+        );
+        assert_eq!(o, Outcome::Idle { caught_up: true });
+        assert_eq!(p.next_read, Source::New);
+    }
+
+    #[test]
+    fn a_short_batch_from_the_pending_list_ends_its_recovery() {
+        let mut p = ready();
+        p.next_read = Source::OwnPending;
+        let o = p.apply(flushed(ROWS - 1, Source::OwnPending), Read::Skipped, ROWS);
+        assert_eq!(o, Outcome::Idle { caught_up: false });
+        assert_eq!(p.next_read, Source::New);
+    }
+
+    #[test]
+    fn a_failed_read_rereads_the_pending_list_and_a_lost_group_fails_the_pass() {
+        let mut p = ready();
+        let o = p.apply(flushed(ROWS, Source::New), Read::Failed, ROWS);
+        assert_eq!(o, Outcome::Failed);
+        assert_eq!(p.next_read, Source::OwnPending);
+        // A failed claim: the batch read is kept, but the pass counts as failed.
+        let mut p = ready();
+        p.groups = Groups::Recreate;
+        let o = p.apply(Written::Nothing, Read::Batch(batch(1, Source::New)), ROWS);
+        assert_eq!(o, Outcome::Failed);
+        assert!(p.carried.is_some());
+    }
+
+    #[test]
+    fn stream_entries_are_decoded_and_unreadable_ones_kept_to_be_acknowledged() {
+        use chrono::TimeZone;
+        let event = UsageEvent {
+            id: Uuid::now_v7(),
+            created_at: chrono::Utc
+                .timestamp_micros(1_764_000_000_000_001)
+                .single()
+                .unwrap(),
+            user_id: Uuid::new_v4(),
+            model_id: "gpt-5".into(),
+            operation: "function_call",
+            credits_used: 3,
+            input_tokens: 1,
+            output_tokens: 2,
+            total_tokens: 3,
+            duration_ms: 4,
+            metadata: None,
+        };
+        let entry = |id: &str, fields: Vec<(&str, Value)>| StreamId {
+            id: id.into(),
+            map: fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            ..StreamId::default()
+        };
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let ids = vec![
+            entry("1-0", vec![("e", bulk(&event.encode()))]),
+            entry("1-1", vec![]),
+            entry("1-2", vec![("x", bulk(&event.encode()))]),
+            entry("1-3", vec![("e", bulk("garbage"))]),
+            entry("1-4", vec![("e", Value::BulkString(vec![0xff, 0xfe]))]),
+            entry("1-5", vec![("e", Value::Nil)]),
+            entry("1-6", vec![("e", Value::Int(5))]),
+            entry("1-7", vec![("e", Value::SimpleString(event.encode()))]),
+        ];
+        let mut out = Vec::new();
+        Flusher::entries_of(7, ids, &mut out);
+        let got: Vec<(u32, &str, bool)> = out
+            .iter()
+            .map(|e| (e.bucket, e.entry_id.as_str(), e.event.is_some()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (7, "1-0", true),
+                (7, "1-1", false),
+                (7, "1-2", false),
+                (7, "1-3", false),
+                (7, "1-4", false),
+                (7, "1-5", false),
+                (7, "1-6", false),
+                (7, "1-7", true),
+            ]
+        );
+        assert_eq!(out[0].event.as_ref(), Some(&event));
+        assert_eq!(out[7].event.as_ref(), Some(&event));
+    }
+
+    #[test]
+    fn the_flusher_stops_once_drained_or_failed_with_nothing_carried() {
+        use Next::{Now, Stop, Wait};
+        let idle = Outcome::Idle { caught_up: false };
+        let caught_up = Outcome::Idle { caught_up: true };
+        for (outcome, carrying, running, stopping) in [
+            (Outcome::Failed, false, Wait, Stop),
+            (Outcome::Failed, true, Wait, Wait),
+            (Outcome::Carrying, true, Now, Now),
+            (idle, false, Wait, Now),
+            (caught_up, false, Wait, Stop),
+        ] {
+            assert_eq!(outcome.next(false, carrying), running, "{outcome:?}");
+            assert_eq!(outcome.next(true, carrying), stopping, "{outcome:?}");
+        }
+    }
 }

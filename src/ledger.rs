@@ -756,25 +756,18 @@ impl Ledger {
         if entries.is_empty() {
             return Ok(0);
         }
-        let mut by_user: std::collections::BTreeMap<&str, Vec<&str>> =
-            std::collections::BTreeMap::new();
-        for (_, rid, user) in entries {
-            if !rid.is_empty() {
-                by_user.entry(user.as_str()).or_default().push(rid.as_str());
-            }
-        }
+        let (keys, args) = ack_args(
+            self.stream_key(bucket),
+            |user| self.pend_key(bucket, user),
+            group,
+            entries,
+        );
         let mut inv = self.ack.prepare_invoke();
-        inv.key(self.stream_key(bucket));
-        inv.arg(group).arg(entries.len());
-        for (entry, _, _) in entries {
-            inv.arg(entry.as_str());
+        for k in &keys {
+            inv.key(k);
         }
-        for (user, rids) in &by_user {
-            inv.key(self.pend_key(bucket, user));
-            inv.arg(rids.len());
-            for rid in rids {
-                inv.arg(*rid);
-            }
+        for a in &args {
+            inv.arg(a);
         }
         inv.invoke_async(&mut self.conn.clone()).await
     }
@@ -895,6 +888,94 @@ impl Op {
     }
 }
 
+/// The KEYS and ARGV of one batch call of the hot script: an op record per op, in
+/// order — `r, acct#, rid, price, p, m, minm, ttl` or `s, acct#, pend#, stream#, rid,
+/// cost, event` (# = 1-based index into KEYS; each key listed once).
+fn batch_args(group: &[Op]) -> (Vec<&str>, Vec<String>) {
+    fn index<'a>(k: &'a str, keys: &mut Vec<&'a str>) -> usize {
+        match keys.iter().position(|x| *x == k) {
+            Some(i) => i + 1,
+            None => {
+                keys.push(k);
+                keys.len()
+            }
+        }
+    }
+    let mut keys: Vec<&str> = Vec::new();
+    let mut args: Vec<String> = Vec::with_capacity(group.len() * 8);
+    for op in group {
+        match op {
+            Op::Reserve { acct, rid, h, .. } => {
+                let a = index(acct, &mut keys);
+                args.extend([
+                    "r".to_owned(),
+                    a.to_string(),
+                    rid.clone(),
+                    h.price_per_1k.to_string(),
+                    h.prompt_tokens.to_string(),
+                    h.max_tokens.to_string(),
+                    h.min_tokens.to_string(),
+                    h.ttl_ms.to_string(),
+                ]);
+            }
+            Op::Settle {
+                acct,
+                pend,
+                stream,
+                rid,
+                cost,
+                event,
+                ..
+            } => {
+                let a = index(acct, &mut keys);
+                let p = index(pend, &mut keys);
+                let s = index(stream, &mut keys);
+                args.extend([
+                    "s".to_owned(),
+                    a.to_string(),
+                    p.to_string(),
+                    s.to_string(),
+                    rid.clone(),
+                    cost.to_string(),
+                    event.clone(),
+                ]);
+            }
+        }
+    }
+    (keys, args)
+}
+
+/// The KEYS and ARGV of one call of the ack script: KEYS the stream, then the pend key
+/// (`pend_key(user)`) of each user with a request id to forget; ARGV the group, the
+/// number of entries, their ids, then for each pend key in KEYS order the number of
+/// its request ids and the ids. Entries with an empty request id (no readable event)
+/// are acknowledged and deleted only.
+fn ack_args(
+    stream: String,
+    pend_key: impl Fn(&str) -> String,
+    group: &str,
+    entries: &[(String, String, String)],
+) -> (Vec<String>, Vec<String>) {
+    let mut by_user: std::collections::BTreeMap<&str, Vec<&str>> =
+        std::collections::BTreeMap::new();
+    for (_, rid, user) in entries {
+        if !rid.is_empty() {
+            by_user.entry(user.as_str()).or_default().push(rid.as_str());
+        }
+    }
+    let mut keys = vec![stream];
+    let mut args = Vec::with_capacity(2 + entries.len() * 2 + by_user.len());
+    args.push(group.to_owned());
+    args.push(entries.len().to_string());
+    args.extend(entries.iter().map(|(entry, _, _)| entry.clone()));
+    for (user, rids) in &by_user {
+        keys.push(pend_key(user));
+        args.push(rids.len().to_string());
+        args.extend(rids.iter().map(|r| (*r).to_owned()));
+    }
+    (keys, args)
+}
+
 /// Most ops in one script call.
 const MAX_BATCH: usize = 256;
 
@@ -950,56 +1031,7 @@ impl GroupCommit {
     }
 
     fn command(&self, group: &[Op]) -> redis::Cmd {
-        fn index<'a>(k: &'a str, keys: &mut Vec<&'a str>) -> usize {
-            match keys.iter().position(|x| *x == k) {
-                Some(i) => i + 1,
-                None => {
-                    keys.push(k);
-                    keys.len()
-                }
-            }
-        }
-        let mut keys: Vec<&str> = Vec::new();
-        let mut args: Vec<String> = Vec::with_capacity(group.len() * 8);
-        for op in group {
-            match op {
-                Op::Reserve { acct, rid, h, .. } => {
-                    let a = index(acct, &mut keys);
-                    args.extend([
-                        "r".to_owned(),
-                        a.to_string(),
-                        rid.clone(),
-                        h.price_per_1k.to_string(),
-                        h.prompt_tokens.to_string(),
-                        h.max_tokens.to_string(),
-                        h.min_tokens.to_string(),
-                        h.ttl_ms.to_string(),
-                    ]);
-                }
-                Op::Settle {
-                    acct,
-                    pend,
-                    stream,
-                    rid,
-                    cost,
-                    event,
-                    ..
-                } => {
-                    let a = index(acct, &mut keys);
-                    let p = index(pend, &mut keys);
-                    let s = index(stream, &mut keys);
-                    args.extend([
-                        "s".to_owned(),
-                        a.to_string(),
-                        p.to_string(),
-                        s.to_string(),
-                        rid.clone(),
-                        cost.to_string(),
-                        event.clone(),
-                    ]);
-                }
-            }
-        }
+        let (keys, args) = batch_args(group);
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.script.get_hash())
             .arg(keys.len())
@@ -1106,5 +1138,300 @@ impl Drop for CancelledReserve {
                 }
             });
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::settle::{UsageEvent, OPERATIONS};
+    use chrono::{TimeZone, Utc};
+
+    /// An op record of the batch call, as the hot script's batch loop reads it.
+    #[derive(Debug, PartialEq)]
+    enum Record {
+        Reserve {
+            acct: String,
+            rid: String,
+            price: i64,
+            p: i64,
+            m: i64,
+            minm: i64,
+            ttl: u64,
+        },
+        Settle {
+            acct: String,
+            pend: String,
+            stream: String,
+            rid: String,
+            cost: i64,
+            event: String,
+        },
+    }
+
+    /// Reads KEYS and ARGV the way the batch loop of the hot script does: `r` starts a
+    /// reserve record of 8 values, anything else a settle record of 7; `#` values index
+    /// KEYS from 1.
+    fn read_batch(keys: &[&str], args: &[String]) -> Vec<Record> {
+        let key = |i: &String| keys[i.parse::<usize>().unwrap() - 1].to_owned();
+        let num = |i: &String| i.parse::<i64>().unwrap();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < args.len() {
+            if args[i] == "r" {
+                out.push(Record::Reserve {
+                    acct: key(&args[i + 1]),
+                    rid: args[i + 2].clone(),
+                    price: num(&args[i + 3]),
+                    p: num(&args[i + 4]),
+                    m: num(&args[i + 5]),
+                    minm: num(&args[i + 6]),
+                    ttl: args[i + 7].parse().unwrap(),
+                });
+                i += 8;
+            } else {
+                out.push(Record::Settle {
+                    acct: key(&args[i + 1]),
+                    pend: key(&args[i + 2]),
+                    stream: key(&args[i + 3]),
+                    rid: args[i + 4].clone(),
+                    cost: num(&args[i + 5]),
+                    event: args[i + 6].clone(),
+                });
+                i += 7;
+            }
+        }
+        out
+    }
+
+    type Reply = tokio::sync::oneshot::Receiver<Result<Vec<i64>, redis::RedisError>>;
+
+    fn reserve(user: &str, rid: &str, h: HoldRequest) -> (Op, Reply) {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let op = Op::Reserve {
+            bucket: 3,
+            acct: format!("t{{b3}}:acct:{user}"),
+            rid: rid.into(),
+            h,
+            reply,
+        };
+        (op, rx)
+    }
+
+    fn settle(user: &str, rid: &str, cost: i64, event: &str) -> (Op, Reply) {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let op = Op::Settle {
+            bucket: 3,
+            acct: format!("t{{b3}}:acct:{user}"),
+            pend: format!("t{{b3}}:pend:{user}"),
+            stream: "t{b3}:usage".into(),
+            rid: rid.into(),
+            cost,
+            event: event.into(),
+            reply,
+        };
+        (op, rx)
+    }
+
+    fn usage_event(operation: &'static str) -> UsageEvent {
+        UsageEvent {
+            id: Uuid::now_v7(),
+            created_at: Utc
+                .timestamp_micros(1_764_000_000_123_456)
+                .single()
+                .unwrap(),
+            user_id: Uuid::new_v4(),
+            model_id: "gpt-5".into(),
+            operation,
+            credits_used: 12,
+            input_tokens: 100,
+            output_tokens: 20,
+            total_tokens: 120,
+            duration_ms: 340,
+            metadata: Some(serde_json::json!({"stream": true, "attempts": 2})),
+        }
+    }
+
+    const HOLD: HoldRequest = HoldRequest {
+        price_per_1k: 30,
+        prompt_tokens: 1_200,
+        max_tokens: 4_096,
+        min_tokens: 16,
+        ttl_ms: 600_000,
+    };
+
+    #[test]
+    fn every_op_of_a_batch_reads_back_as_it_was_queued() {
+        let events: Vec<UsageEvent> = OPERATIONS.into_iter().map(usage_event).collect();
+        let mut ops = vec![reserve("u1", "r1", HOLD).0];
+        for (i, e) in events.iter().enumerate() {
+            ops.push(settle("u1", &format!("s{i}"), e.credits_used, &e.encode()).0);
+        }
+        let negative = HoldRequest {
+            prompt_tokens: 0,
+            max_tokens: -1,
+            ttl_ms: u64::MAX,
+            ..HOLD
+        };
+        ops.push(reserve("u2", "r2", negative).0);
+        ops.push(settle("u2", "s9", -5, "").0);
+        let (keys, args) = batch_args(&ops);
+        // Each key once, in order of first use.
+        assert_eq!(
+            keys,
+            [
+                "t{b3}:acct:u1",
+                "t{b3}:pend:u1",
+                "t{b3}:usage",
+                "t{b3}:acct:u2",
+                "t{b3}:pend:u2"
+            ]
+        );
+        let records = read_batch(&keys, &args);
+        assert_eq!(records.len(), ops.len());
+        for (op, record) in ops.iter().zip(&records) {
+            let expected = match op {
+                Op::Reserve { acct, rid, h, .. } => Record::Reserve {
+                    acct: acct.clone(),
+                    rid: rid.clone(),
+                    price: h.price_per_1k,
+                    p: h.prompt_tokens,
+                    m: h.max_tokens,
+                    minm: h.min_tokens,
+                    ttl: h.ttl_ms,
+                },
+                Op::Settle {
+                    acct,
+                    pend,
+                    stream,
+                    rid,
+                    cost,
+                    event,
+                    ..
+                } => Record::Settle {
+                    acct: acct.clone(),
+                    pend: pend.clone(),
+                    stream: stream.clone(),
+                    rid: rid.clone(),
+                    cost: *cost,
+                    event: event.clone(),
+                },
+            };
+            assert_eq!(*record, expected);
+        }
+        // The settle record carries the usage event as the flusher decodes it.
+        for (e, record) in events.iter().zip(&records[1..]) {
+            let Record::Settle { event, .. } = record else {
+                panic!("not a settle: {record:?}")
+            };
+            assert_eq!(UsageEvent::decode(event).as_ref(), Some(e));
+        }
+    }
+
+    #[test]
+    fn a_batch_of_one_op_and_an_empty_batch() {
+        let one = [reserve("u", "r", HOLD).0];
+        let (keys, args) = batch_args(&one);
+        assert_eq!(keys, ["t{b3}:acct:u"]);
+        assert_eq!(
+            args,
+            ["r", "1", "r", "30", "1200", "4096", "16", "600000"].map(String::from)
+        );
+        let one = [settle("u", "r", 7, "ev").0];
+        let (keys, args) = batch_args(&one);
+        assert_eq!(keys, ["t{b3}:acct:u", "t{b3}:pend:u", "t{b3}:usage"]);
+        assert_eq!(args, ["s", "1", "2", "3", "r", "7", "ev"].map(String::from));
+        let (keys, args) = batch_args(&[]);
+        assert!(keys.is_empty() && args.is_empty());
+    }
+
+    #[test]
+    fn a_reserve_answered_after_its_caller_left_names_the_hold_to_release() {
+        let (op, rx) = reserve("u", "r", HOLD);
+        drop(rx);
+        assert_eq!(
+            op.reply(Ok(vec![1, 40, 4096, 960])),
+            Some(("t{b3}:acct:u".to_owned(), "r".to_owned()))
+        );
+        // Refused, or not loaded: nothing was held.
+        for row in [vec![0, 0, 0, 5], vec![-1, 0, 0, 0], vec![]] {
+            let (op, rx) = reserve("u", "r", HOLD);
+            drop(rx);
+            assert_eq!(op.reply(Ok(row)), None);
+        }
+        let (op, rx) = reserve("u", "r", HOLD);
+        drop(rx);
+        assert_eq!(op.reply(Err(gone())), None);
+        // A caller still waiting gets the answer; a settle never leaves a hold behind.
+        let (op, mut rx) = reserve("u", "r", HOLD);
+        assert_eq!(op.reply(Ok(vec![1, 40, 4096, 960])), None);
+        assert_eq!(rx.try_recv().unwrap().unwrap(), vec![1, 40, 4096, 960]);
+        let (op, rx) = settle("u", "r", 1, "ev");
+        drop(rx);
+        assert_eq!(op.reply(Ok(vec![1, 5])), None);
+    }
+
+    /// What the ack script reads from KEYS and ARGV.
+    #[derive(Debug, PartialEq)]
+    struct AckCall {
+        stream: String,
+        group: String,
+        entries: Vec<String>,
+        /// Per pend key, the request ids to forget.
+        pend: Vec<(String, Vec<String>)>,
+    }
+
+    fn read_ack(keys: &[String], args: &[String]) -> AckCall {
+        let n: usize = args[1].parse().unwrap();
+        let entries = args[2..2 + n].to_vec();
+        let mut i = 2 + n;
+        let mut k = 1;
+        let mut pend = Vec::new();
+        while i < args.len() {
+            let c: usize = args[i].parse().unwrap();
+            pend.push((keys[k].clone(), args[i + 1..=i + c].to_vec()));
+            i += c + 1;
+            k += 1;
+        }
+        assert_eq!(k, keys.len(), "a pend key without its ids");
+        AckCall {
+            stream: keys[0].clone(),
+            group: args[0].clone(),
+            entries,
+            pend,
+        }
+    }
+
+    #[test]
+    fn an_ack_forgets_the_pending_ids_of_each_user_once_and_skips_unreadable_entries() {
+        let t = |e: &str, rid: &str, user: &str| (e.to_owned(), rid.to_owned(), user.to_owned());
+        let entries = [
+            t("1-0", "ra", "ub"),
+            t("1-1", "", ""),
+            t("1-2", "rb", "ua"),
+            t("2-0", "rc", "ub"),
+        ];
+        let (keys, args) = ack_args(
+            "s".into(),
+            |user| format!("pend:{user}"),
+            "flushers",
+            &entries,
+        );
+        let pend =
+            |k: &str, ids: &[&str]| (k.to_owned(), ids.iter().map(|i| (*i).to_owned()).collect());
+        assert_eq!(
+            read_ack(&keys, &args),
+            AckCall {
+                stream: "s".into(),
+                group: "flushers".into(),
+                entries: ["1-0", "1-1", "1-2", "2-0"].map(String::from).to_vec(),
+                pend: vec![pend("pend:ua", &["rb"]), pend("pend:ub", &["ra", "rc"])],
+            }
+        );
+        // Only unreadable entries: acknowledged and deleted, no pend key.
+        let (keys, args) = ack_args("s".into(), |u| u.into(), "g", &[t("3-0", "", "")]);
+        assert_eq!(keys, ["s"]);
+        assert_eq!(args, ["g", "1", "3-0"]);
     }
 }

@@ -47,7 +47,7 @@ use crate::route::Model;
 use crate::scope::Scope;
 use crate::settle::{cost, settle, PromptTokens, Received, Ticket, Usage};
 use crate::state::AppState;
-use crate::stream_back::Tap;
+use crate::stream_back::{Stop, StreamEnd, Tap};
 use crate::translate::{self, Kind};
 
 /// The request id: the key of the hold, the settle and the `usage_history` row.
@@ -939,6 +939,33 @@ async fn forward_json(mut adm: Admitted, sent: Sent) -> Result<Response, ApiErro
     Ok(out)
 }
 
+/// Who the stream pump reads the provider's answer for.
+enum Reader<'a> {
+    /// The client, still reading.
+    Client,
+    /// Nobody: the client left, and the answer is read on until `until` so the user is
+    /// billed what was generated, holding one of the `server.disconnect_drains` permits.
+    Drain {
+        until: tokio::time::Instant,
+        _permit: tokio::sync::SemaphorePermit<'a>,
+    },
+}
+
+impl Reader<'_> {
+    /// The end of a stream that stopped as `stop` says, for this reader.
+    fn stopped(&self, stop: Stop) -> StreamEnd {
+        match self {
+            Reader::Client => StreamEnd::Stopped(stop),
+            Reader::Drain { .. } => StreamEnd::ClientGone(stop),
+        }
+    }
+
+    /// The drain time is over.
+    fn drain_over(&self) -> bool {
+        matches!(self, Reader::Drain { until, .. } if tokio::time::Instant::now() >= *until)
+    }
+}
+
 /// Streams a 2xx answer back through the tap. Its first chunk is awaited here (within
 /// the first-byte timeout), so an answer that fails before any byte still gets a proper
 /// error status; it is charged an estimate all the same.
@@ -990,24 +1017,16 @@ async fn forward_stream(
         let st = adm.state.clone();
         let mut first = Some(first);
         let mut tap = Tap::new(adm.kind, include_usage, adm.ticket.rid, &adm.model.id);
-        let mut client_gone = false;
-        let mut cut = false;
-        let mut silent = false;
-        let mut shutdown_cut = false;
-        let mut drain_timed_out = false;
-        let mut drain_skipped = false;
-        let mut drain_permit = None;
         let drain = adm.state.cfg.disconnect_drain;
         let idle = adm.idle_timeout();
-        let mut drain_deadline: Option<tokio::time::Instant> = None;
         let max_bytes = adm.state.cfg.max_response_bytes;
-        let mut too_large = false;
-        loop {
+        let mut reader = Reader::Client;
+        let end = loop {
             // A silent provider is cut after its idle timeout; once the client has left,
             // reading stops at the drain deadline too.
             let mut deadline = tokio::time::Instant::now() + idle;
-            if let Some(d) = drain_deadline {
-                deadline = deadline.min(d);
+            if let Reader::Drain { until, .. } = &reader {
+                deadline = deadline.min(*until);
             }
             let next = match first.take() {
                 // The first chunk was read before the answer was committed to.
@@ -1015,86 +1034,81 @@ async fn forward_stream(
                 None => {
                     let read = tokio::time::timeout_at(deadline, upstream.frame());
                     match grace_end.or(read).await {
-                        None => {
-                            shutdown_cut = true;
-                            break;
-                        }
+                        None => break reader.stopped(Stop::ShutdownCut),
                         Some(Ok(f)) => f,
-                        Some(Err(_))
-                            if drain_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) =>
-                        {
-                            drain_timed_out = true;
-                            break;
-                        }
+                        Some(Err(_)) if reader.drain_over() => break StreamEnd::DrainTimedOut,
                         Some(Err(_)) => {
                             tracing::warn!(request_id = %adm.ticket.rid, "upstream went silent");
-                            silent = true;
-                            break;
+                            break reader.stopped(Stop::Silent);
                         }
                     }
                 }
             };
-            let Some(frame) = next else { break };
-            match frame {
-                Ok(f) => {
-                    if let Ok(data) = f.into_data() {
-                        let out = tap.feed(data);
-                        // A provider that never ends its answer is cut (and charged at
-                        // most the hold) rather than streamed for ever.
-                        too_large = tap.bytes_seen() > max_bytes;
-                        adm.ticket.progress(Received {
-                            bytes: tap.bytes_seen(),
-                            completion_estimate: i64::try_from(tap.events_seen())
-                                .unwrap_or(i64::MAX),
-                            usage: tap.usage(),
-                        });
-                        if too_large {
-                            break;
+            let Some(frame) = next else {
+                // A translated stream that ended without the provider's end of the
+                // answer was cut.
+                break reader.stopped(if tap.failed() {
+                    Stop::UpstreamCut
+                } else {
+                    Stop::Finished
+                });
+            };
+            let data = match frame {
+                Ok(f) => match f.into_data() {
+                    Ok(data) => data,
+                    Err(_) => continue,
+                },
+                Err(e) => {
+                    tracing::warn!(request_id = %adm.ticket.rid, error = %e, "upstream stream cut");
+                    break reader.stopped(Stop::UpstreamCut);
+                }
+            };
+            let out = tap.feed(data);
+            adm.ticket.progress(Received {
+                bytes: tap.bytes_seen(),
+                completion_estimate: i64::try_from(tap.events_seen()).unwrap_or(i64::MAX),
+                usage: tap.usage(),
+            });
+            // A provider that never ends its answer is cut (and charged at most the
+            // hold) rather than streamed for ever.
+            if tap.bytes_seen() > max_bytes {
+                break reader.stopped(Stop::TooLarge);
+            }
+            // Once the client is gone, reading goes on (bounded) so the user is billed
+            // what was generated.
+            let (Some(out), Reader::Client) = (out, &reader) else {
+                continue;
+            };
+            // A client that is gone, or has stopped reading for the whole drain time, is
+            // treated as gone.
+            match grace_end.or(tx.send_timeout(out, drain)).await {
+                Some(Ok(())) => {}
+                None => break reader.stopped(Stop::ShutdownCut),
+                Some(Err(_)) => {
+                    let until = tokio::time::Instant::now() + drain;
+                    // Reads on after a disconnect are bounded in number too.
+                    match st.drains.try_acquire() {
+                        Ok(permit) => {
+                            reader = Reader::Drain {
+                                until,
+                                _permit: permit,
+                            }
                         }
-                        if let Some(out) = out {
-                            // A client that is gone, or has stopped reading for the whole
-                            // drain time, is treated as gone; reading goes on (bounded) so
-                            // the user is billed what was generated.
-                            let sent = if client_gone {
-                                true
-                            } else {
-                                match grace_end.or(tx.send_timeout(out, drain)).await {
-                                    Some(r) => r.is_ok(),
-                                    None => {
-                                        shutdown_cut = true;
-                                        break;
-                                    }
-                                }
-                            };
-                            if !sent {
-                                client_gone = true;
-                                drain_deadline = Some(tokio::time::Instant::now() + drain);
-                                // Reads on after a disconnect are bounded in number too.
-                                match st.drains.try_acquire() {
-                                    Ok(p) => drain_permit = Some(p),
-                                    Err(_) => {
-                                        drain_skipped = true;
-                                        break;
-                                    }
-                                }
+                        Err(_) => {
+                            break StreamEnd::DrainSkipped {
+                                unfinished: tap.failed(),
                             }
                         }
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(request_id = %adm.ticket.rid, error = %e, "upstream stream cut");
-                    cut = true;
-                    break;
-                }
             }
-        }
-        cut |= !drain_timed_out && !shutdown_cut && !silent && !too_large && tap.failed();
+        };
         if tap.tool_call() && adm.ticket.operation == "chat" {
             adm.ticket.operation = "function_call";
         }
         let events = i64::try_from(tap.events_seen()).unwrap_or(i64::MAX);
         let usage = tap.usage().unwrap_or_else(|| {
-            if client_gone {
+            if end.client_gone() {
                 // The client left before the usage came: its prompt is billed at the
                 // bound the hold covers, not at a guess it could make low.
                 adm.ticket.estimate_at_bound(events)
@@ -1102,22 +1116,12 @@ async fn forward_stream(
                 adm.ticket.estimate(events)
             }
         });
-        drop(drain_permit);
-        for (flag, key) in [
-            (client_gone, "client_disconnected"),
-            (cut, "upstream_cut"),
-            (silent, "upstream_cut"),
-            (silent, "upstream_timeout"),
-            (shutdown_cut, "shutdown_cut"),
-            (too_large, "answer_too_large"),
-            (drain_timed_out, "drain_timed_out"),
-            (drain_skipped, "drain_skipped"),
-        ] {
-            if flag {
-                extra.insert(key.into(), serde_json::Value::Bool(true));
-            }
+        // The drain permit goes back before the settle.
+        drop(reader);
+        for mark in end.marks() {
+            extra.insert(mark.into(), serde_json::Value::Bool(true));
         }
-        if adm.settle(usage, extra).await.is_ok() && !client_gone && !shutdown_cut && !too_large {
+        if adm.settle(usage, extra).await.is_ok() && end.client_reads_the_end() {
             let tail = tap.finish();
             if !tail.is_empty() {
                 let _ = tx.send(tail).await;

@@ -733,4 +733,103 @@ mod tests {
         assert!(UsageEvent::decode("garbage").is_none());
         assert!(UsageEvent::decode("").is_none());
     }
+
+    fn sample_event(operation: &'static str) -> UsageEvent {
+        UsageEvent {
+            id: Uuid::now_v7(),
+            created_at: Utc
+                .timestamp_micros(1_764_000_000_123_456)
+                .single()
+                .unwrap(),
+            user_id: Uuid::new_v4(),
+            model_id: "claude-sonnet-4".into(),
+            operation,
+            credits_used: 9,
+            input_tokens: 70,
+            output_tokens: 30,
+            total_tokens: 100,
+            duration_ms: 1_234,
+            metadata: Some(serde_json::json!({"upstream_cut": true, "attempts": 2})),
+        }
+    }
+
+    #[test]
+    fn every_operation_round_trips_through_the_stream_entry() {
+        for op in OPERATIONS {
+            let e = sample_event(op);
+            assert_eq!(UsageEvent::decode(&e.encode()).as_ref(), Some(&e), "{op}");
+        }
+        // Extremes of the numbers and of the time survive too.
+        let e = UsageEvent {
+            credits_used: i64::MIN,
+            input_tokens: -1,
+            output_tokens: i64::MAX,
+            total_tokens: 0,
+            duration_ms: 0,
+            created_at: Utc.timestamp_micros(0).single().unwrap(),
+            metadata: Some(serde_json::json!({"text": "a\u{1f}b", "n": [1, 2]})),
+            ..sample_event("chat")
+        };
+        assert_eq!(UsageEvent::decode(&e.encode()).as_ref(), Some(&e));
+        // The separator cannot be part of a model id: it is dropped.
+        let e = UsageEvent {
+            model_id: "a\u{1f}b".into(),
+            ..sample_event("chat")
+        };
+        let back = UsageEvent::decode(&e.encode()).unwrap();
+        assert_eq!(back.model_id, "ab");
+        assert_eq!(
+            back,
+            UsageEvent {
+                model_id: "ab".into(),
+                ..e
+            }
+        );
+    }
+
+    #[test]
+    fn a_malformed_stream_entry_decodes_to_nothing() {
+        let good = sample_event("chat").encode();
+        let fields: Vec<&str> = good.split('\x1f').collect();
+        assert_eq!(fields.len(), 11);
+        // One field spoiled at a time.
+        for (i, bad) in [
+            (0, "not-a-uuid"),
+            (1, "1.5"),
+            (1, "9223372036854775807"),
+            (2, ""),
+            (4, "CHAT"),
+            (4, "image"),
+            (5, "12x"),
+            (6, ""),
+            (7, "1e3"),
+            (8, "99999999999999999999"),
+            (9, " 1"),
+            (10, "{\"a\":"),
+            (10, "{} trailing"),
+        ] {
+            let mut f = fields.clone();
+            f[i] = bad;
+            let s = f.join("\x1f");
+            assert!(
+                UsageEvent::decode(&s).is_none(),
+                "field {i} = {bad:?} was accepted"
+            );
+        }
+        // Too few fields (the metadata's separator missing too), or one more.
+        assert!(UsageEvent::decode(&fields[..10].join("\x1f")).is_none());
+        assert!(UsageEvent::decode(&fields[..5].join("\x1f")).is_none());
+        assert!(UsageEvent::decode(&format!("{good}\x1fmore")).is_none());
+        // What is accepted as it stands: any JSON value as metadata, and an empty
+        // model id (the flusher's insert then drops the row: no such model).
+        let mut f = fields.clone();
+        f[10] = "5";
+        assert_eq!(
+            UsageEvent::decode(&f.join("\x1f")).unwrap().metadata,
+            Some(serde_json::json!(5))
+        );
+        let mut f = fields.clone();
+        f[3] = "";
+        assert_eq!(UsageEvent::decode(&f.join("\x1f")).unwrap().model_id, "");
+    }
 }

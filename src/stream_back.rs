@@ -86,6 +86,81 @@ impl Tap {
     }
 }
 
+/// Where reading a streamed answer stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// The provider ended its answer.
+    Finished,
+    /// The provider's stream broke, or a translated stream ended without the
+    /// provider's end of the answer.
+    UpstreamCut,
+    /// No chunk within the provider's idle timeout.
+    Silent,
+    /// More than `server.max_response_bytes`: a provider that never ends its answer is
+    /// cut rather than streamed for ever.
+    TooLarge,
+    /// The shutdown grace ended.
+    ShutdownCut,
+}
+
+/// How a streamed answer ended: decided once, when the pump stops reading. The charge
+/// (its estimate and the row's marks) and the end of the client's stream follow from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// The client was reading when the answer stopped.
+    Stopped(Stop),
+    /// The client left (or stopped reading for `server.disconnect_drain_ms`); the
+    /// answer was read on, for billing, until it stopped.
+    ClientGone(Stop),
+    /// The client left, and the drain time ran out before the answer stopped.
+    DrainTimedOut,
+    /// The client left while every drain permit (`server.disconnect_drains`) was
+    /// taken: reading stopped at once. `unfinished`: a translated answer whose end had
+    /// not come yet, marked `upstream_cut` as well.
+    DrainSkipped { unfinished: bool },
+}
+
+impl StreamEnd {
+    /// The client left before the end: its prompt is billed at the bound the hold
+    /// covers when no usage came, not at a guess it could make low.
+    pub fn client_gone(self) -> bool {
+        !matches!(self, StreamEnd::Stopped(_))
+    }
+
+    /// The client is still there and nothing on our side cut the answer: once it is
+    /// settled, the client gets the rest of the stream (`[DONE]` for a finished one).
+    pub fn client_reads_the_end(self) -> bool {
+        matches!(
+            self,
+            StreamEnd::Stopped(Stop::Finished | Stop::UpstreamCut | Stop::Silent)
+        )
+    }
+
+    /// The marks of the usage row's metadata (each `true`), in this order.
+    pub fn marks(self) -> impl Iterator<Item = &'static str> {
+        let stop = match self {
+            StreamEnd::Stopped(s) | StreamEnd::ClientGone(s) => Some(s),
+            StreamEnd::DrainTimedOut | StreamEnd::DrainSkipped { .. } => None,
+        };
+        let cut = matches!(stop, Some(Stop::UpstreamCut | Stop::Silent))
+            || self == StreamEnd::DrainSkipped { unfinished: true };
+        [
+            (self.client_gone(), "client_disconnected"),
+            (cut, "upstream_cut"),
+            (stop == Some(Stop::Silent), "upstream_timeout"),
+            (stop == Some(Stop::ShutdownCut), "shutdown_cut"),
+            (stop == Some(Stop::TooLarge), "answer_too_large"),
+            (self == StreamEnd::DrainTimedOut, "drain_timed_out"),
+            (
+                matches!(self, StreamEnd::DrainSkipped { .. }),
+                "drain_skipped",
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(on, mark)| on.then_some(mark))
+    }
+}
+
 pub struct SseTap {
     buf: BytesMut,
     client_wants_usage: bool,
@@ -247,6 +322,73 @@ impl SseTap {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn each_end_of_a_stream_marks_bills_and_ends_the_client_stream_its_way() {
+        use Stop::*;
+        use StreamEnd::*;
+        // (end, marks, billed at the prompt bound, client gets the end of the stream)
+        let table: [(StreamEnd, &[&str], bool, bool); 13] = [
+            (Stopped(Finished), &[], false, true),
+            (Stopped(UpstreamCut), &["upstream_cut"], false, true),
+            (
+                Stopped(Silent),
+                &["upstream_cut", "upstream_timeout"],
+                false,
+                true,
+            ),
+            (Stopped(TooLarge), &["answer_too_large"], false, false),
+            (Stopped(ShutdownCut), &["shutdown_cut"], false, false),
+            (ClientGone(Finished), &["client_disconnected"], true, false),
+            (
+                ClientGone(UpstreamCut),
+                &["client_disconnected", "upstream_cut"],
+                true,
+                false,
+            ),
+            (
+                ClientGone(Silent),
+                &["client_disconnected", "upstream_cut", "upstream_timeout"],
+                true,
+                false,
+            ),
+            (
+                ClientGone(TooLarge),
+                &["client_disconnected", "answer_too_large"],
+                true,
+                false,
+            ),
+            (
+                ClientGone(ShutdownCut),
+                &["client_disconnected", "shutdown_cut"],
+                true,
+                false,
+            ),
+            (
+                DrainTimedOut,
+                &["client_disconnected", "drain_timed_out"],
+                true,
+                false,
+            ),
+            (
+                DrainSkipped { unfinished: false },
+                &["client_disconnected", "drain_skipped"],
+                true,
+                false,
+            ),
+            (
+                DrainSkipped { unfinished: true },
+                &["client_disconnected", "upstream_cut", "drain_skipped"],
+                true,
+                false,
+            ),
+        ];
+        for (end, marks, gone, reads_end) in table {
+            assert_eq!(end.marks().collect::<Vec<_>>(), marks, "{end:?}");
+            assert_eq!(end.client_gone(), gone, "{end:?}");
+            assert_eq!(end.client_reads_the_end(), reads_end, "{end:?}");
+        }
+    }
 
     const STREAM: &str = concat!(
         "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}],\"usage\":null}\n\n",
