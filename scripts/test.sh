@@ -19,7 +19,7 @@ if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
 fi
 bash scripts/browser.sh
 threads=${TEST_THREADS:-2}
-cargo test --lib --bins --tests -- --test-threads "$threads"
+cargo test --workspace --lib --bins --tests -- --test-threads "$threads"
 cargo test --bench hot_path
 cargo build --release --quiet
 cargo bench --bench load -- --smoke

@@ -45,7 +45,7 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:9000")]
         listen: String,
         #[command(flatten)]
-        options: crate::mock_provider::MockOptions,
+        options: tollgate_mock_provider::MockOptions,
     },
 }
 
@@ -196,7 +196,7 @@ async fn dispatch(cli: Cli) -> Result<(), BoxError> {
     if let Command::MockProvider { listen, options } = &cli.command {
         let listener = TcpListener::bind(listen).await?;
         println!("listening on http://{}", listener.local_addr()?);
-        crate::mock_provider::serve(listener, options.clone(), crate::server::shutdown_signal())
+        tollgate_mock_provider::serve(listener, options.clone(), crate::server::shutdown_signal())
             .await?;
         return Ok(());
     }

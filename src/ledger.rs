@@ -1,6 +1,6 @@
 //! The live credit ledger in Redis: balances, holds, settled-but-unflushed charges and
-//! the usage streams, changed only by the Lua scripts below (one round trip each,
-//! atomic; never GET-then-SET).
+//! the usage streams, changed only by the Lua scripts in `src/lua/ledger_*.lua` (one
+//! round trip each, atomic; never GET-then-SET).
 //!
 //! Keys for user `u` in bucket `b = fnv1a(u) mod buckets` (all share the hash tag
 //! `{bN}`, so every script touches one Redis Cluster slot):
@@ -24,217 +24,19 @@ use uuid::Uuid;
 
 use crate::db::Db;
 
-/// The hot-path scripts as Lua functions, shared by the one-op scripts and the batch.
-const HOT_FUNCTIONS: &str = r"
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+// The scripts, one file each under src/lua/; each file's header says what it does, its
+// KEYS, ARGV and answer.
 
--- Holds ceil((p + m) * price / 1000) under rid, lowering m (not below minm) to what the
--- balance affords. Returns {status (1 admitted, 0 refused, -1 not loaded), hold, m, bal}.
-local function reserve(acct, rid, price, p, m, minm, ttl, now)
-  local v = redis.call('HMGET', acct, 'bal', 'exp')
-  if not v[1] then return {-1, 0, 0, 0} end
-  local bal = tonumber(v[1])
-  local changed = false
-  local exp = v[2] and tonumber(v[2])
-  if exp and exp <= now then
-    -- Some hold expired (a crash): return every expired hold to the balance.
-    exp = nil
-    local all = redis.call('HGETALL', acct)
-    for i = 1, #all, 2 do
-      local f = all[i]
-      if string.byte(f, 1) == 104 and string.byte(f, 2) == 58 then -- 'h:'
-        local h = all[i + 1]
-        local sep = string.find(h, ':', 1, true)
-        local e = tonumber(string.sub(h, sep + 1))
-        if e <= now then
-          bal = bal + tonumber(string.sub(h, 1, sep - 1))
-          redis.call('HDEL', acct, f)
-        elseif not exp or e < exp then
-          exp = e
-        end
-      end
-    end
-    if exp then redis.call('HSET', acct, 'exp', string.format('%d', exp)) else redis.call('HDEL', acct, 'exp') end
-    changed = true
-  end
-  local cost = math.ceil((p + m) * price / 1000)
-  local status = 1
-  if cost > bal then
-    status = 0
-    if price > 0 and minm > 0 and bal > 0 then
-      local afford = math.floor(bal * 1000 / price) - p
-      if afford >= minm then
-        if afford < m then m = afford end
-        cost = math.ceil((p + m) * price / 1000)
-        if cost <= bal then status = 1 end
-      end
-    end
-  end
-  if status == 1 then
-    bal = bal - cost
-    local e = now + ttl
-    if exp and exp <= e then
-      redis.call('HSET', acct, 'bal', string.format('%d', bal), 'h:' .. rid, string.format('%d:%d', cost, e))
-    else
-      redis.call('HSET', acct, 'bal', string.format('%d', bal), 'h:' .. rid, string.format('%d:%d', cost, e),
-        'exp', string.format('%d', e))
-    end
-  elseif changed then
-    redis.call('HSET', acct, 'bal', string.format('%d', bal))
-  end
-  return {status, cost, m, bal}
-end
-
--- Charges cost, releases the rest of rid's hold and appends the usage event.
--- Returns {1, bal}, or {0, 0} when rid was already settled.
-local function settle(acct, pend, stream, rid, cost, ev)
-  local f = 'h:' .. rid
-  local held = 0
-  local v = redis.call('HGET', acct, f)
-  if v then
-    held = tonumber(string.sub(v, 1, string.find(v, ':', 1, true) - 1))
-    redis.call('HDEL', acct, f)
-  elseif redis.call('HEXISTS', pend, rid) == 1 then
-    return {0, 0}
-  end
-  local bal = 0
-  if redis.call('HEXISTS', acct, 'bal') == 1 then
-    bal = redis.call('HINCRBY', acct, 'bal', string.format('%d', held - tonumber(cost)))
-  end
-  redis.call('HSET', pend, rid, cost)
-  redis.call('XADD', stream, '*', 'e', ev)
-  return {1, bal}
-end
-";
-
-/// Many reserves and settles of one bucket in one call (group commit). ARGV holds op
-/// records: `r, acct#, rid, price, p, m, minm, ttl` or `s, acct#, pend#, stream#, rid,
-/// cost, event` (# = index into KEYS). Returns one result per op, in order.
-const BATCH_CALL: &str = r"
-local out = {}
-local i = 1
-local now = nil
-while i <= #ARGV do
-  if ARGV[i] == 'r' then
-    now = now or now_ms()
-    out[#out + 1] = reserve(KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2], tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]),
-      tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6]), tonumber(ARGV[i + 7]), now)
-    i = i + 8
-  else
-    out[#out + 1] = settle(KEYS[tonumber(ARGV[i + 1])], KEYS[tonumber(ARGV[i + 2])], KEYS[tonumber(ARGV[i + 3])],
-      ARGV[i + 4], ARGV[i + 5], ARGV[i + 6])
-    i = i + 7
-  end
-end
-return out
-";
-
-const RELEASE: &str = r"
--- KEYS: acct. ARGV: rid
-local f = 'h:' .. ARGV[1]
-local v = redis.call('HGET', KEYS[1], f)
-if not v then return 0 end
-redis.call('HDEL', KEYS[1], f)
-if redis.call('HEXISTS', KEYS[1], 'bal') == 1 then
-  redis.call('HINCRBY', KEYS[1], 'bal', string.sub(v, 1, string.find(v, ':', 1, true) - 1))
-end
-return 1
-";
-
-const EXTEND: &str = r"
--- KEYS: acct. ARGV: rid, ttl_ms. Moves a live hold's expiry to now + ttl (the request
--- is still running). `exp` stays: it is only a lower bound of the earliest expiry, and
--- a reserve that scans at it finds nothing expired and raises it.
-local f = 'h:' .. ARGV[1]
-local v = redis.call('HGET', KEYS[1], f)
-if not v then return 0 end
-local t = redis.call('TIME')
-local e = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
-redis.call('HSET', KEYS[1], f, string.sub(v, 1, string.find(v, ':', 1, true) - 1) .. ':' .. string.format('%d', e))
-return 1
-";
-
-const LOAD: &str = r"
--- KEYS: acct, pend, cred.
--- ARGV: available, n, n x (credit_id, total), k, k x (rid, flushed 0|1), s, s x stale credit_id
--- The pairs describe one PostgreSQL snapshot: the user's current credit rows and which
--- of the pending request ids (read from KEYS[2] just before) it already holds.
-if redis.call('HEXISTS', KEYS[1], 'bal') == 1 then return {1, tonumber(redis.call('HGET', KEYS[1], 'bal'))} end
-local bal = tonumber(ARGV[1])
-local idx = 3
-local snap = {}
-for i = 1, tonumber(ARGV[2]) do snap[ARGV[idx]] = ARGV[idx + 1]; idx = idx + 2 end
-local k = tonumber(ARGV[idx]); idx = idx + 1
-local seenp = {}
-for i = 1, k do seenp[ARGV[idx]] = ARGV[idx + 1]; idx = idx + 2 end
-local cur = redis.call('HGETALL', KEYS[2])
-local present = {}
-for i = 1, #cur, 2 do
-  local f = seenp[cur[i]]
-  if f == nil then return {0, 0} end
-  present[cur[i]] = true
-  if f == '0' then bal = bal - tonumber(cur[i + 1]) end
-end
-for id, f in pairs(seenp) do
-  if f == '0' and not present[id] then return {0, 0} end
-end
-local stale = {}
-for i = 1, tonumber(ARGV[idx]) do stale[ARGV[idx + i]] = true end
-local cred = redis.call('HGETALL', KEYS[3])
-for i = 1, #cred, 2 do
-  if stale[cred[i]] then
-    redis.call('HDEL', KEYS[3], cred[i])
-  elseif snap[cred[i]] == nil then
-    -- Committed after the snapshot and announced by its grant: count it.
-    bal = bal + tonumber(cred[i + 1])
-  end
-end
-for id, total in pairs(snap) do redis.call('HSET', KEYS[3], id, total) end
--- Holds of a lost balance are meaningless: their settles charge in full.
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'bal', string.format('%d', bal))
-return {1, bal}
-";
-
-const GRANT: &str = r"
--- KEYS: acct, cred. ARGV: credit_id, amount
-if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 and redis.call('HEXISTS', KEYS[1], 'bal') == 1 then
-  return {1, redis.call('HINCRBY', KEYS[1], 'bal', ARGV[2])}
-end
-return {0, 0}
-";
-
-const ACK: &str = r"
--- KEYS: stream, then pend keys. ARGV: group, n, n entry ids, then for each pend key in
--- KEYS order: count, request ids. Variadic commands in chunks (Lua's unpack limit):
--- three commands per thousand entries instead of three per entry.
-local n = tonumber(ARGV[2])
-local acked = 0
-local i = 3
-while i < 3 + n do
-  local j = math.min(i + 999, 2 + n)
-  acked = acked + redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, i, j))
-  redis.call('XDEL', KEYS[1], unpack(ARGV, i, j))
-  i = j + 1
-end
-local k = 2
-while i <= #ARGV do
-  local c = tonumber(ARGV[i])
-  local s = i + 1
-  local last = i + c
-  while s <= last do
-    local e = math.min(s + 999, last)
-    redis.call('HDEL', KEYS[k], unpack(ARGV, s, e))
-    s = e + 1
-  end
-  i = last + 1
-  k = k + 1
-end
-return acked
-";
+/// The hot-path operations (reserve, settle) as Lua functions, run by the batch.
+const HOT_FUNCTIONS: &str = include_str!("lua/ledger_functions.lua");
+/// Many reserves and settles of one bucket in one call (group commit), after
+/// [`HOT_FUNCTIONS`].
+const BATCH_CALL: &str = include_str!("lua/ledger_batch.lua");
+const RELEASE: &str = include_str!("lua/ledger_release.lua");
+const EXTEND: &str = include_str!("lua/ledger_extend.lua");
+const LOAD: &str = include_str!("lua/ledger_load.lua");
+const GRANT: &str = include_str!("lua/ledger_grant.lua");
+const ACK: &str = include_str!("lua/ledger_ack.lua");
 
 #[derive(Debug)]
 pub enum LedgerError {

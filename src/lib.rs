@@ -19,7 +19,6 @@ pub mod forward;
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod fuzz;
 pub mod ledger;
-pub mod mock_provider;
 pub mod oauth;
 pub mod ops;
 pub mod parse;

@@ -35,49 +35,17 @@ use redis::aio::ConnectionManager;
 
 use crate::config::OAuthConfig;
 
-/// KEYS: count, lock. ARGV: window ms, max failures, max lock ms, first lock ms.
-/// Returns {n, 0} when admitted as the subject's n-th attempt of the window, {0, ms}
-/// when refused with the lock's remaining time.
-const ATTEMPT: &str = r"
-local ttl = redis.call('PTTL', KEYS[2])
-if ttl ~= -2 then return {0, ttl} end
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-local max = tonumber(ARGV[2])
-if n >= max then
-  local ms = tonumber(ARGV[4]) * 2 ^ math.min(n - max, 30)
-  ms = math.min(ms, tonumber(ARGV[3]))
-  redis.call('SET', KEYS[2], n, 'PX', math.floor(ms))
-end
-return {n, 0}
-";
+// The scripts, one file each under src/lua/; each file's header says what it does, its
+// KEYS, ARGV and answer.
 
-/// KEYS: count, lock. ARGV: the attempt's n, max failures, max lock ms, first lock ms.
-/// A wrong password re-arms the lock its attempt armed (or that expired while it was
-/// checked) so that it lasts its full time from the failure; never a lock armed by a
-/// later attempt, nor after the count was cleared or given back below n.
-const FAILED: &str = r"
-local n = tonumber(ARGV[1])
-local max = tonumber(ARGV[2])
-if n < max then return 0 end
-local cur = redis.call('GET', KEYS[2])
-if cur and tonumber(cur) > n then return 0 end
-if tonumber(redis.call('GET', KEYS[1]) or '0') < n then return 0 end
-local ms = tonumber(ARGV[4]) * 2 ^ math.min(n - max, 30)
-ms = math.min(ms, tonumber(ARGV[3]))
-redis.call('SET', KEYS[2], n, 'PX', math.floor(ms))
-return 1
-";
+/// Counts an attempt unless the subject is locked; arms the lock at the maximum.
+const ATTEMPT: &str = include_str!("../lua/signin_attempt.lua");
 
-/// KEYS: count, lock. ARGV: the attempt's n, '1' to clear the count (else give one
-/// back). Lifts the lock only if this attempt armed it.
-const GIVE_BACK: &str = r"
-if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
-if ARGV[2] == '1' then return redis.call('DEL', KEYS[1]) end
-local n = tonumber(redis.call('GET', KEYS[1]) or '0')
-if n <= 1 then return redis.call('DEL', KEYS[1]) end
-return redis.call('DECR', KEYS[1])
-";
+/// Re-arms the lock a wrong password's attempt armed.
+const FAILED: &str = include_str!("../lua/signin_failed.lua");
+
+/// Gives an attempt back (or clears the count).
+const GIVE_BACK: &str = include_str!("../lua/signin_give_back.lua");
 
 /// The throttle subject of a client IP: an IPv4 address as is (IPv4-mapped IPv6
 /// included), an IPv6 address by its /64 (one host commonly holds a whole /64).

@@ -1,4 +1,4 @@
-//! The mock provider's other wire formats (a child module of `mock_provider`):
+//! The mock provider's other wire formats (a child module of the crate root):
 //! Anthropic `POST /v1/messages`, Gemini `POST /v1beta/models/{m}:generateContent`,
 //! `:streamGenerateContent?alt=sse` and `:batchEmbedContents`, and OpenAI
 //! `POST /v1/completions`, `POST /v1/embeddings` and tool calls in chat.

@@ -1,8 +1,9 @@
 //! Bundled mock LLM provider speaking OpenAI's chat-completions wire format, and (in
 //! its child module `formats`) Anthropic's, Gemini's and OpenAI's other endpoints.
 //!
-//! Used for load tests, local development and integration tests of the gateway.
-//! Self-contained: references nothing else from this crate.
+//! Used for load tests, local development and integration tests of the gateway, which
+//! runs it as `tollgate mock-provider` ([`MockOptions`] are that command's options).
+//! Depends on nothing of the gateway.
 //!
 //! Routes:
 //! - `POST /v1/chat/completions` — JSON or SSE (`stream: true`) answers with usage;
@@ -38,7 +39,6 @@ use hyper_util::server::graceful::GracefulShutdown;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-#[path = "mock_formats.rs"]
 mod formats;
 
 /// Options of the mock provider (also usable as a clap sub-command's arguments).
