@@ -1,7 +1,6 @@
 //! Black-box test harness: real PostgreSQL, real Redis, the real `tollgate` binary on
 //! port 0. Each test gets a fresh database cloned from a migrated and seeded template,
 //! its own Redis key prefix and its own signing key.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

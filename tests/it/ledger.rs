@@ -1,12 +1,9 @@
 //! The Redis ledger scripts against real Redis and PostgreSQL: a balance rebuilt from
 //! PostgreSQL never forgets settled-but-unflushed charges nor counts a flushed one
 //! twice; settle is idempotent; expired holds come back; grants apply once.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
+use crate::harness::*;
 use chrono::Utc;
-use common::*;
 use tollgate::config::DatabaseConfig;
 use tollgate::db::Db;
 use tollgate::ledger::{HoldRequest, Ledger, Reserve};

@@ -1,14 +1,11 @@
 //! Crash and shutdown behaviour under load: SIGTERM drains and records every success;
 //! kill -9 then a restart loses nothing and records nothing twice.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 use http_body_util::BodyExt;
 use uuid::Uuid;
 

@@ -1,11 +1,8 @@
 //! Per-user rate limits by subscription tier, black-box: what a request over each
 //! limit gets, that it charges nothing and reaches no provider, and that the headers
 //! tell the client where it stands.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
-use common::*;
+use crate::harness::*;
 use serde_json::json;
 use uuid::Uuid;
 

@@ -2,14 +2,11 @@
 //! retries, circuit breakers, timeouts, disconnects and cut streams, and the user's
 //! preferences — the real binary against real PostgreSQL and Redis and bundled mock
 //! providers.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
 
 use std::time::{Duration, Instant};
 
+use crate::harness::*;
 use bytes::Bytes;
-use common::*;
 use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 use uuid::Uuid;

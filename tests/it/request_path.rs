@@ -1,12 +1,9 @@
 //! The metered request path, black-box: the real binary, real PostgreSQL and Redis,
 //! the bundled mock provider.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 use http_body_util::BodyExt;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -1,13 +1,10 @@
 //! The signed-in user's own account endpoints, against the real binary: profile,
 //! preferences (and what each bad preference gets), the live credit balance, and
 //! the paginated usage history.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 use serde_json::json;
 
 fn hello() -> serde_json::Value {

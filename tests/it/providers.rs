@@ -1,13 +1,10 @@
 //! Anthropic and Gemini behind the OpenAI API, and the completions and embeddings
 //! endpoints, black-box: the real binary against the bundled mock speaking each
 //! provider's wire format, real PostgreSQL and Redis.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
