@@ -19,6 +19,8 @@ use uuid::Uuid;
 pub const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 pub const REDIS: &str = "redis://127.0.0.1:6379";
 pub const PROVIDER_KEY: &str = "sk-test-provider-key";
+/// How long a test waits for usage to reach PostgreSQL.
+pub const FLUSH_WAIT: Duration = Duration::from_secs(15);
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_tollgate")
@@ -323,19 +325,24 @@ impl TestEnv {
             &Uuid::new_v4().simple().to_string()[..10]
         );
         let id = Uuid::parse_str(&self.cli(&["user", "create", "--email", &email]).await).unwrap();
+        self.grant(&email, credits).await;
+        let token = self.cli(&["token", "issue", "--email", &email]).await;
+        (id, token)
+    }
+
+    /// Grants `credits` to the user with `email` (nothing when not positive).
+    pub async fn grant(&self, email: &str, credits: i32) {
         if credits > 0 {
             self.cli(&[
                 "credits",
                 "grant",
                 "--email",
-                &email,
+                email,
                 "--amount",
                 &credits.to_string(),
             ])
             .await;
         }
-        let token = self.cli(&["token", "issue", "--email", &email]).await;
-        (id, token)
     }
 
     pub async fn db(&self) -> tokio_postgres::Client {
@@ -463,11 +470,14 @@ impl TestEnv {
         .await
     }
 
-    /// `credits.used_credits` summed over every row.
+    /// `credits.used_credits` summed over every row (0 without rows).
     pub async fn used_credits_total(&self) -> i64 {
         self.db()
             .await
-            .query_one("SELECT sum(used_credits)::bigint FROM credits", &[])
+            .query_one(
+                "SELECT coalesce(sum(used_credits), 0)::bigint FROM credits",
+                &[],
+            )
             .await
             .unwrap()
             .get(0)
@@ -493,6 +503,23 @@ impl TestEnv {
                 .await
                 .unwrap();
         }
+    }
+
+    /// A JSON page that must answer 200.
+    pub async fn get_json(&self, url: &str) -> serde_json::Value {
+        let (s, _, b) = self.request("GET", url, None, None).await;
+        assert_eq!(s, 200, "GET {url}: {}", String::from_utf8_lossy(&b));
+        json(&b)
+    }
+
+    /// The mock provider's counters (`requests`, `served`, the last `authorization`).
+    pub async fn mock_stats(&self, mock: &Proc) -> serde_json::Value {
+        self.get_json(&mock.url("/_mock/stats")).await
+    }
+
+    /// The headers and body of the last request `mock` received, in any wire format.
+    pub async fn mock_last(&self, mock: &Proc) -> serde_json::Value {
+        self.get_json(&mock.url("/_mock/last")).await
     }
 
     /// The gateway's `/metrics` page.
@@ -523,6 +550,26 @@ impl TestEnv {
             .unwrap()
             .get(0)
     }
+}
+
+/// Starts a stream, reads its first frame and hangs up; returns the request id.
+pub async fn read_first_then_disconnect(gw: &Proc, token: &str) -> Uuid {
+    let body = serde_json::json!({"model": "gpt-5", "stream": true, "max_tokens": 500,
+                                  "messages": [{"role": "user", "content": "tell me a long story"}]});
+    let req = chat_request(&gw.url("/v1/chat/completions"), token, &body);
+    // A client of its own, so dropping the body closes the connection.
+    let client = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http::<Full<Bytes>>();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let rid = Uuid::parse_str(resp.headers()["x-request-id"].to_str().unwrap()).unwrap();
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.is_data());
+    drop(body);
+    drop(client);
+    rid
 }
 
 /// Runs `f` to completion on a runtime of its own, on another thread: cleanup code
@@ -634,6 +681,11 @@ pub fn chat_request(
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(serde_json::to_vec(body).unwrap())))
         .unwrap()
+}
+
+/// A short chat-completions body for the seeded `gpt-5`.
+pub fn hello(max_tokens: i64) -> serde_json::Value {
+    serde_json::json!({"model": "gpt-5", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": max_tokens})
 }
 
 pub fn json(b: &[u8]) -> serde_json::Value {

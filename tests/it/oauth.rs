@@ -368,17 +368,7 @@ async fn password_user(env: &TestEnv, credits: i32) -> (Uuid, String) {
             .await,
     )
     .unwrap();
-    if credits > 0 {
-        env.cli(&[
-            "credits",
-            "grant",
-            "--email",
-            &email,
-            "--amount",
-            &credits.to_string(),
-        ])
-        .await;
-    }
+    env.grant(&email, credits).await;
     (id, email)
 }
 
