@@ -14,6 +14,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tollgate::ledger::KeyLayout;
 use uuid::Uuid;
 
 pub const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -182,6 +183,9 @@ pub struct TestEnv {
     pub db_name: String,
     pub db_url: String,
     pub prefix: String,
+    /// Where this test's gateways keep a user's ledger keys: `prefix` and the bucket
+    /// count of the configuration they read (the library's layout, not a copy).
+    pub layout: KeyLayout,
     pub dir: tempfile::TempDir,
     pub http: Client<HttpConnector, Full<Bytes>>,
     pub extra_env: Vec<(String, String)>,
@@ -199,10 +203,15 @@ impl TestEnv {
             .unwrap();
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
+        let prefix = format!("t{}:", &id[..12]);
+        // The gateways read this file and inherit this process's environment; no test
+        // overrides `redis.buckets`.
+        let config = tollgate::config::load(&config_path(), true).expect("the test config loads");
         TestEnv {
             db_url: db_url(&db_name),
             db_name,
-            prefix: format!("t{}:", &id[..12]),
+            layout: KeyLayout::new(&prefix, config.redis.buckets),
+            prefix,
             dir: tempfile::tempdir().unwrap(),
             http: Client::builder(TokioExecutor::new()).build(http),
             extra_env: Vec::new(),
@@ -357,31 +366,18 @@ impl TestEnv {
             .unwrap()
     }
 
-    /// A connection and the user's account hash key(s) in Redis (none until loaded).
-    async fn acct_keys(&self, user: &Uuid) -> (redis::aio::MultiplexedConnection, Vec<String>) {
-        let mut r = self.redis().await;
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}*:acct:{user}", self.prefix))
-            .query_async(&mut r)
+    /// Credits held for the user's requests in flight (`h:` fields of the user's
+    /// account hash).
+    pub async fn redis_held(&self, user: &Uuid) -> i64 {
+        let all: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(self.layout.acct_key(user))
+            .query_async(&mut self.redis().await)
             .await
             .unwrap();
-        (r, keys)
-    }
-
-    /// Credits held for the user's requests in flight (Redis `h:` fields).
-    pub async fn redis_held(&self, user: &Uuid) -> i64 {
-        let (mut r, keys) = self.acct_keys(user).await;
         let mut held = 0;
-        for k in keys {
-            let all: Vec<(String, String)> = redis::cmd("HGETALL")
-                .arg(&k)
-                .query_async(&mut r)
-                .await
-                .unwrap();
-            for (f, v) in all {
-                if f.starts_with("h:") {
-                    held += v.split(':').next().unwrap().parse::<i64>().unwrap();
-                }
+        for (f, v) in all {
+            if f.starts_with("h:") {
+                held += v.split(':').next().unwrap().parse::<i64>().unwrap();
             }
         }
         held
@@ -390,36 +386,21 @@ impl TestEnv {
     /// The user's charges settled in Redis and not yet acknowledged as flushed to
     /// PostgreSQL (entries of the user's `pend` hash).
     pub async fn redis_unflushed(&self, user: &Uuid) -> i64 {
-        let mut r = self.redis().await;
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}*:pend:{user}", self.prefix))
-            .query_async(&mut r)
+        redis::cmd("HLEN")
+            .arg(self.layout.keys(user).pend)
+            .query_async(&mut self.redis().await)
             .await
-            .unwrap();
-        let mut n = 0;
-        for k in keys {
-            let len: i64 = redis::cmd("HLEN")
-                .arg(&k)
-                .query_async(&mut r)
-                .await
-                .unwrap();
-            n += len;
-        }
-        n
+            .unwrap()
     }
 
     /// The user's live balance in Redis (None if not loaded).
     pub async fn redis_balance(&self, user: &Uuid) -> Option<i64> {
-        let (mut r, keys) = self.acct_keys(user).await;
-        match keys.first() {
-            Some(k) => redis::cmd("HGET")
-                .arg(k)
-                .arg("bal")
-                .query_async(&mut r)
-                .await
-                .unwrap(),
-            None => None,
-        }
+        redis::cmd("HGET")
+            .arg(self.layout.acct_key(user))
+            .arg("bal")
+            .query_async(&mut self.redis().await)
+            .await
+            .unwrap()
     }
 
     pub async fn request(

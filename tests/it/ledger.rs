@@ -11,7 +11,9 @@ use tollgate::settle::UsageEvent;
 use uuid::Uuid;
 
 async fn setup(env: &TestEnv, credits: i32) -> (Ledger, Db, Uuid) {
-    let ledger = Ledger::connect(REDIS, &env.prefix, 16).await.unwrap();
+    let ledger = Ledger::connect(REDIS, &env.prefix, env.layout.buckets())
+        .await
+        .unwrap();
     let db = Db::new(&DatabaseConfig {
         url: env.db_url.clone(),
         pool_size: 4,
@@ -408,7 +410,9 @@ async fn a_reserve_cancelled_while_redis_has_not_answered_leaves_no_hold() {
     let port = free_port();
     let _redis = private_redis(port).await;
     let url = format!("redis://127.0.0.1:{port}");
-    let ledger = Ledger::connect(&url, &env.prefix, 16).await.unwrap();
+    let ledger = Ledger::connect(&url, &env.prefix, env.layout.buckets())
+        .await
+        .unwrap();
     let (_, db, user) = setup(&env, 10).await;
     ledger.load(&db, &user).await.unwrap();
     let mut admin = redis::Client::open(url.as_str())
