@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes sure Debian's chromium and chromedriver are installed: the sign-in page test
-# (tests/oauth.rs) drives a real headless browser over WebDriver. Quick when both are
+# (tests/it/oauth.rs) drives a real headless browser over WebDriver. Quick when both are
 # already there. Meant for development and CI machines.
 set -euo pipefail
 

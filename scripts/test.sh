@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/services.sh
-# The openai Python SDK test (tests/providers.rs) builds a venv under target/: it needs
+# The openai Python SDK test (tests/it/providers.rs) builds a venv under target/: it needs
 # python3 with venv and ensurepip, installed here from the Debian archive if missing.
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
   as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }

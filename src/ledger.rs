@@ -3,7 +3,7 @@
 //! round trip each, atomic; never GET-then-SET).
 //!
 //! Keys for user `u` in bucket `b = fnv1a(u) mod buckets` (all share the hash tag
-//! `{bN}`, so every script touches one Redis Cluster slot):
+//! `{bN}`, so every script touches one Redis Cluster slot), named by [`KeyLayout`]:
 //!
 //! | key                        | type   | holds                                                  |
 //! |----------------------------|--------|--------------------------------------------------------|
@@ -122,6 +122,66 @@ pub struct UserKeys {
     pub stream: String,
 }
 
+/// The key layout of the module doc for one key prefix (`P`) and bucket count: the
+/// bucket of a user and the names of its keys. It needs no connection, so code that
+/// must name the ledger's keys outside a [`Ledger`] (the integration tests' harness)
+/// asks it instead of writing the layout again.
+#[derive(Debug, Clone)]
+pub struct KeyLayout {
+    prefix: String,
+    buckets: u32,
+}
+
+impl KeyLayout {
+    pub fn new(prefix: &str, buckets: u32) -> KeyLayout {
+        KeyLayout {
+            prefix: prefix.to_owned(),
+            buckets,
+        }
+    }
+
+    pub fn buckets(&self) -> u32 {
+        self.buckets
+    }
+
+    pub fn bucket_of(&self, user: &Uuid) -> u32 {
+        let mut h: u32 = 0x811c_9dc5;
+        for b in user.as_bytes() {
+            h ^= u32::from(*b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+        h % self.buckets
+    }
+
+    /// `P{bN}`: the prefix and hash tag every key of bucket `N` starts with.
+    fn tag(&self, bucket: u32) -> String {
+        format!("{}{{b{bucket}}}", self.prefix)
+    }
+
+    pub fn stream_key(&self, bucket: u32) -> String {
+        format!("{}{{b{bucket}}}:usage", self.prefix)
+    }
+
+    pub fn pend_key(&self, bucket: u32, user: &str) -> String {
+        format!("{}{{b{bucket}}}:pend:{user}", self.prefix)
+    }
+
+    /// The account hash of a user (balance and holds): all the hot path's reserve needs.
+    pub fn acct_key(&self, user: &Uuid) -> String {
+        format!("{}{{b{}}}:acct:{user}", self.prefix, self.bucket_of(user))
+    }
+
+    pub fn keys(&self, user: &Uuid) -> UserKeys {
+        let tag = self.tag(self.bucket_of(user));
+        UserKeys {
+            acct: format!("{tag}:acct:{user}"),
+            pend: format!("{tag}:pend:{user}"),
+            cred: format!("{tag}:cred:{user}"),
+            stream: format!("{tag}:usage"),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Ledger {
     client: redis::Client,
@@ -130,8 +190,7 @@ pub struct Ledger {
     ops: tokio::sync::mpsc::Sender<Op>,
     /// ...unless no call is in flight: then the caller runs its op itself.
     group: std::sync::Arc<GroupCommit>,
-    prefix: String,
-    buckets: u32,
+    layout: KeyLayout,
     load: Script,
     grant: Script,
     ack: Script,
@@ -153,8 +212,7 @@ impl Ledger {
             conn,
             ops,
             group,
-            prefix: prefix.to_owned(),
-            buckets,
+            layout: KeyLayout::new(prefix, buckets),
             load: Script::new(LOAD),
             grant: Script::new(GRANT),
             ack: Script::new(ACK),
@@ -201,40 +259,28 @@ impl Ledger {
     }
 
     pub fn buckets(&self) -> u32 {
-        self.buckets
+        self.layout.buckets()
     }
 
     pub fn bucket_of(&self, user: &Uuid) -> u32 {
-        let mut h: u32 = 0x811c_9dc5;
-        for b in user.as_bytes() {
-            h ^= u32::from(*b);
-            h = h.wrapping_mul(0x0100_0193);
-        }
-        h % self.buckets
+        self.layout.bucket_of(user)
     }
 
     pub fn stream_key(&self, bucket: u32) -> String {
-        format!("{}{{b{bucket}}}:usage", self.prefix)
+        self.layout.stream_key(bucket)
     }
 
     pub fn pend_key(&self, bucket: u32, user: &str) -> String {
-        format!("{}{{b{bucket}}}:pend:{user}", self.prefix)
+        self.layout.pend_key(bucket, user)
     }
 
     /// The account hash of a user (balance and holds): all the hot path's reserve needs.
     pub fn acct_key(&self, user: &Uuid) -> String {
-        format!("{}{{b{}}}:acct:{user}", self.prefix, self.bucket_of(user))
+        self.layout.acct_key(user)
     }
 
     pub fn keys(&self, user: &Uuid) -> UserKeys {
-        let b = self.bucket_of(user);
-        let tag = format!("{}{{b{b}}}", self.prefix);
-        UserKeys {
-            acct: format!("{tag}:acct:{user}"),
-            pend: format!("{tag}:pend:{user}"),
-            cred: format!("{tag}:cred:{user}"),
-            stream: format!("{tag}:usage"),
-        }
+        self.layout.keys(user)
     }
 
     /// Admits the request only if the balance covers `ceil((prompt + max_tokens) ×
@@ -326,7 +372,7 @@ impl Ledger {
         event: &str,
     ) -> Result<bool, redis::RedisError> {
         let b = self.bucket_of(user);
-        let tag = format!("{}{{b{b}}}", self.prefix);
+        let tag = self.layout.tag(b);
         let (reply, rx) = tokio::sync::oneshot::channel();
         let op = Op::Settle {
             bucket: b,
@@ -577,7 +623,7 @@ impl Ledger {
     /// Usage events waiting in the streams (all buckets), for `/metrics`.
     pub async fn backlog(&self) -> Result<i64, redis::RedisError> {
         let mut pipe = redis::pipe();
-        for b in 0..self.buckets {
+        for b in 0..self.buckets() {
             pipe.cmd("XLEN").arg(self.stream_key(b));
         }
         let lens: Vec<i64> = pipe.query_async(&mut self.conn.clone()).await?;
@@ -1235,5 +1281,35 @@ mod tests {
         let (keys, args) = ack_args("s".into(), |u| u.into(), "g", &[t("3-0", "", "")]);
         assert_eq!(keys, ["s"]);
         assert_eq!(args, ["g", "1", "3-0"]);
+    }
+
+    #[test]
+    fn the_key_layout_names_the_keys_of_the_module_doc() {
+        let layout = KeyLayout::new("t1:", 16);
+        let user = Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
+        let b = layout.bucket_of(&user);
+        assert!(b < 16);
+        let k = layout.keys(&user);
+        assert_eq!(k.acct, format!("t1:{{b{b}}}:acct:{user}"));
+        assert_eq!(k.pend, format!("t1:{{b{b}}}:pend:{user}"));
+        assert_eq!(k.cred, format!("t1:{{b{b}}}:cred:{user}"));
+        assert_eq!(k.stream, format!("t1:{{b{b}}}:usage"));
+        // The single-key names agree with the set.
+        assert_eq!(layout.acct_key(&user), k.acct);
+        assert_eq!(layout.pend_key(b, &user.to_string()), k.pend);
+        assert_eq!(layout.stream_key(b), k.stream);
+    }
+
+    #[test]
+    fn a_user_stays_in_one_bucket_and_users_spread_over_all() {
+        let layout = KeyLayout::new("", 4);
+        let mut seen = [0u32; 4];
+        for i in 0..64u128 {
+            let user = Uuid::from_u128(i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let b = layout.bucket_of(&user);
+            assert_eq!(b, layout.bucket_of(&user));
+            seen[b as usize] += 1;
+        }
+        assert!(seen.iter().all(|n| *n > 0), "{seen:?}");
     }
 }

@@ -1,16 +1,13 @@
 //! The schema, the seeds, the admin CLI, configuration errors and the ops endpoints,
 //! black-box: the real binary against real PostgreSQL and Redis.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
 
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::harness::*;
 use base64::Engine;
 use chrono::{Datelike, Utc};
-use common::*;
 use tokio_postgres::error::SqlState;
 use uuid::Uuid;
 

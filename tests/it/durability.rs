@@ -1,14 +1,11 @@
 //! Crash and shutdown behaviour under load: SIGTERM drains and records every success;
 //! kill -9 then a restart loses nothing and records nothing twice.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 use http_body_util::BodyExt;
 use uuid::Uuid;
 
@@ -243,26 +240,6 @@ async fn sigterm_fails_readiness_first_then_exits() {
     assert!(status.success());
 }
 
-/// Reads the first event of a stream, then drops the connection.
-async fn read_first_then_disconnect(gw: &Proc, token: &str) -> Uuid {
-    let body = serde_json::json!({"model": "gpt-5", "stream": true, "max_tokens": 500,
-                                  "messages": [{"role": "user", "content": "tell me a long story"}]});
-    let req = chat_request(&gw.url("/v1/chat/completions"), token, &body);
-    // A client of its own, so dropping the body closes the connection.
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_max_idle_per_host(0)
-        .build_http::<http_body_util::Full<bytes::Bytes>>();
-    let resp = client.request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let rid = Uuid::parse_str(resp.headers()["x-request-id"].to_str().unwrap()).unwrap();
-    let mut body = resp.into_body();
-    let first = body.frame().await.unwrap().unwrap();
-    assert!(first.is_data());
-    drop(body);
-    drop(client);
-    rid
-}
-
 #[tokio::test]
 async fn client_disconnect_mid_stream_is_still_billed() {
     let env = TestEnv::new().await;
@@ -290,7 +267,7 @@ async fn client_disconnect_mid_stream_is_still_billed() {
         .wait_for_count(
             &format!("SELECT count(*) FROM usage_history WHERE id = '{rid}'"),
             1,
-            Duration::from_secs(15),
+            FLUSH_WAIT,
         )
         .await;
     assert_eq!(n, 1);
@@ -313,7 +290,7 @@ async fn client_disconnect_mid_stream_is_still_billed() {
         .wait_for_count(
             &format!("SELECT count(*) FROM usage_history WHERE id = '{rid}'"),
             1,
-            Duration::from_secs(15),
+            FLUSH_WAIT,
         )
         .await;
     assert_eq!(n, 1);
@@ -391,12 +368,8 @@ async fn after_redis_loses_its_data_balances_are_rebuilt_from_postgres() {
         ok_chat(&env, &gw, &token).await;
     }
     assert_eq!(
-        env.wait_for_count(
-            "SELECT count(*) FROM usage_history",
-            3,
-            Duration::from_secs(15)
-        )
-        .await,
+        env.wait_for_count("SELECT count(*) FROM usage_history", 3, FLUSH_WAIT)
+            .await,
         3
     );
     // Redis loses everything of this gateway (a restart without persistence).
@@ -420,7 +393,7 @@ async fn after_redis_loses_its_data_balances_are_rebuilt_from_postgres() {
         .wait_for_count(
             &format!("SELECT count(*) FROM usage_history WHERE id = '{id}'"),
             1,
-            Duration::from_secs(15),
+            FLUSH_WAIT,
         )
         .await;
     assert_eq!(n, 1);

@@ -1,23 +1,13 @@
 //! Per-user rate limits by subscription tier, black-box: what a request over each
 //! limit gets, that it charges nothing and reaches no provider, and that the headers
 //! tell the client where it stands.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
-use common::*;
+use crate::harness::*;
 use serde_json::json;
 use uuid::Uuid;
 
-fn hello(max_tokens: i64) -> serde_json::Value {
-    json!({"model": "gpt-5", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": max_tokens})
-}
-
 async fn mock_requests(env: &TestEnv, mock: &Proc) -> i64 {
-    let (_, _, b) = env
-        .request("GET", &mock.url("/_mock/stats"), None, None)
-        .await;
-    json(&b)["requests"].as_i64().unwrap()
+    env.mock_stats(mock).await["requests"].as_i64().unwrap()
 }
 
 #[tokio::test]

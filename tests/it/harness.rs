@@ -1,7 +1,6 @@
 //! Black-box test harness: real PostgreSQL, real Redis, the real `tollgate` binary on
 //! port 0. Each test gets a fresh database cloned from a migrated and seeded template,
 //! its own Redis key prefix and its own signing key.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,11 +14,14 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tollgate::ledger::KeyLayout;
 use uuid::Uuid;
 
 pub const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 pub const REDIS: &str = "redis://127.0.0.1:6379";
 pub const PROVIDER_KEY: &str = "sk-test-provider-key";
+/// How long a test waits for usage to reach PostgreSQL.
+pub const FLUSH_WAIT: Duration = Duration::from_secs(15);
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_tollgate")
@@ -181,6 +183,9 @@ pub struct TestEnv {
     pub db_name: String,
     pub db_url: String,
     pub prefix: String,
+    /// Where this test's gateways keep a user's ledger keys: `prefix` and the bucket
+    /// count of the configuration they read (the library's layout, not a copy).
+    pub layout: KeyLayout,
     pub dir: tempfile::TempDir,
     pub http: Client<HttpConnector, Full<Bytes>>,
     pub extra_env: Vec<(String, String)>,
@@ -198,10 +203,15 @@ impl TestEnv {
             .unwrap();
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
+        let prefix = format!("t{}:", &id[..12]);
+        // The gateways read this file and inherit this process's environment; no test
+        // overrides `redis.buckets`.
+        let config = tollgate::config::load(&config_path(), true).expect("the test config loads");
         TestEnv {
             db_url: db_url(&db_name),
             db_name,
-            prefix: format!("t{}:", &id[..12]),
+            layout: KeyLayout::new(&prefix, config.redis.buckets),
+            prefix,
             dir: tempfile::tempdir().unwrap(),
             http: Client::builder(TokioExecutor::new()).build(http),
             extra_env: Vec::new(),
@@ -324,19 +334,24 @@ impl TestEnv {
             &Uuid::new_v4().simple().to_string()[..10]
         );
         let id = Uuid::parse_str(&self.cli(&["user", "create", "--email", &email]).await).unwrap();
+        self.grant(&email, credits).await;
+        let token = self.cli(&["token", "issue", "--email", &email]).await;
+        (id, token)
+    }
+
+    /// Grants `credits` to the user with `email` (nothing when not positive).
+    pub async fn grant(&self, email: &str, credits: i32) {
         if credits > 0 {
             self.cli(&[
                 "credits",
                 "grant",
                 "--email",
-                &email,
+                email,
                 "--amount",
                 &credits.to_string(),
             ])
             .await;
         }
-        let token = self.cli(&["token", "issue", "--email", &email]).await;
-        (id, token)
     }
 
     pub async fn db(&self) -> tokio_postgres::Client {
@@ -351,31 +366,18 @@ impl TestEnv {
             .unwrap()
     }
 
-    /// A connection and the user's account hash key(s) in Redis (none until loaded).
-    async fn acct_keys(&self, user: &Uuid) -> (redis::aio::MultiplexedConnection, Vec<String>) {
-        let mut r = self.redis().await;
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}*:acct:{user}", self.prefix))
-            .query_async(&mut r)
+    /// Credits held for the user's requests in flight (`h:` fields of the user's
+    /// account hash).
+    pub async fn redis_held(&self, user: &Uuid) -> i64 {
+        let all: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(self.layout.acct_key(user))
+            .query_async(&mut self.redis().await)
             .await
             .unwrap();
-        (r, keys)
-    }
-
-    /// Credits held for the user's requests in flight (Redis `h:` fields).
-    pub async fn redis_held(&self, user: &Uuid) -> i64 {
-        let (mut r, keys) = self.acct_keys(user).await;
         let mut held = 0;
-        for k in keys {
-            let all: Vec<(String, String)> = redis::cmd("HGETALL")
-                .arg(&k)
-                .query_async(&mut r)
-                .await
-                .unwrap();
-            for (f, v) in all {
-                if f.starts_with("h:") {
-                    held += v.split(':').next().unwrap().parse::<i64>().unwrap();
-                }
+        for (f, v) in all {
+            if f.starts_with("h:") {
+                held += v.split(':').next().unwrap().parse::<i64>().unwrap();
             }
         }
         held
@@ -384,36 +386,21 @@ impl TestEnv {
     /// The user's charges settled in Redis and not yet acknowledged as flushed to
     /// PostgreSQL (entries of the user's `pend` hash).
     pub async fn redis_unflushed(&self, user: &Uuid) -> i64 {
-        let mut r = self.redis().await;
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}*:pend:{user}", self.prefix))
-            .query_async(&mut r)
+        redis::cmd("HLEN")
+            .arg(self.layout.keys(user).pend)
+            .query_async(&mut self.redis().await)
             .await
-            .unwrap();
-        let mut n = 0;
-        for k in keys {
-            let len: i64 = redis::cmd("HLEN")
-                .arg(&k)
-                .query_async(&mut r)
-                .await
-                .unwrap();
-            n += len;
-        }
-        n
+            .unwrap()
     }
 
     /// The user's live balance in Redis (None if not loaded).
     pub async fn redis_balance(&self, user: &Uuid) -> Option<i64> {
-        let (mut r, keys) = self.acct_keys(user).await;
-        match keys.first() {
-            Some(k) => redis::cmd("HGET")
-                .arg(k)
-                .arg("bal")
-                .query_async(&mut r)
-                .await
-                .unwrap(),
-            None => None,
-        }
+        redis::cmd("HGET")
+            .arg(self.layout.acct_key(user))
+            .arg("bal")
+            .query_async(&mut self.redis().await)
+            .await
+            .unwrap()
     }
 
     pub async fn request(
@@ -464,11 +451,14 @@ impl TestEnv {
         .await
     }
 
-    /// `credits.used_credits` summed over every row.
+    /// `credits.used_credits` summed over every row (0 without rows).
     pub async fn used_credits_total(&self) -> i64 {
         self.db()
             .await
-            .query_one("SELECT sum(used_credits)::bigint FROM credits", &[])
+            .query_one(
+                "SELECT coalesce(sum(used_credits), 0)::bigint FROM credits",
+                &[],
+            )
             .await
             .unwrap()
             .get(0)
@@ -494,6 +484,23 @@ impl TestEnv {
                 .await
                 .unwrap();
         }
+    }
+
+    /// A JSON page that must answer 200.
+    pub async fn get_json(&self, url: &str) -> serde_json::Value {
+        let (s, _, b) = self.request("GET", url, None, None).await;
+        assert_eq!(s, 200, "GET {url}: {}", String::from_utf8_lossy(&b));
+        json(&b)
+    }
+
+    /// The mock provider's counters (`requests`, `served`, the last `authorization`).
+    pub async fn mock_stats(&self, mock: &Proc) -> serde_json::Value {
+        self.get_json(&mock.url("/_mock/stats")).await
+    }
+
+    /// The headers and body of the last request `mock` received, in any wire format.
+    pub async fn mock_last(&self, mock: &Proc) -> serde_json::Value {
+        self.get_json(&mock.url("/_mock/last")).await
     }
 
     /// The gateway's `/metrics` page.
@@ -524,6 +531,26 @@ impl TestEnv {
             .unwrap()
             .get(0)
     }
+}
+
+/// Starts a stream, reads its first frame and hangs up; returns the request id.
+pub async fn read_first_then_disconnect(gw: &Proc, token: &str) -> Uuid {
+    let body = serde_json::json!({"model": "gpt-5", "stream": true, "max_tokens": 500,
+                                  "messages": [{"role": "user", "content": "tell me a long story"}]});
+    let req = chat_request(&gw.url("/v1/chat/completions"), token, &body);
+    // A client of its own, so dropping the body closes the connection.
+    let client = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http::<Full<Bytes>>();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let rid = Uuid::parse_str(resp.headers()["x-request-id"].to_str().unwrap()).unwrap();
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.is_data());
+    drop(body);
+    drop(client);
+    rid
 }
 
 /// Runs `f` to completion on a runtime of its own, on another thread: cleanup code
@@ -635,6 +662,11 @@ pub fn chat_request(
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(serde_json::to_vec(body).unwrap())))
         .unwrap()
+}
+
+/// A short chat-completions body for the seeded `gpt-5`.
+pub fn hello(max_tokens: i64) -> serde_json::Value {
+    serde_json::json!({"model": "gpt-5", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": max_tokens})
 }
 
 pub fn json(b: &[u8]) -> serde_json::Value {

@@ -1,17 +1,12 @@
 //! Anthropic and Gemini behind the OpenAI API, and the completions and embeddings
 //! endpoints, black-box: the real binary against the bundled mock speaking each
 //! provider's wire format, real PostgreSQL and Redis.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 use serde_json::{json, Value};
 use uuid::Uuid;
-
-const FLUSH_WAIT: Duration = Duration::from_secs(15);
 
 /// (model id, credits per 1k tokens) of the seeded non-OpenAI models.
 const CLAUDE: (&str, i64) = ("claude-3.5-sonnet", 2);
@@ -69,15 +64,6 @@ impl Setup {
         let v = serde_json::from_slice(&b)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&b).into_owned()));
         (s, h, v)
-    }
-
-    async fn stats(&self) -> Value {
-        let (s, _, b) = self
-            .env
-            .request("GET", &self.mock.url("/_mock/stats"), None, None)
-            .await;
-        assert_eq!(s, 200);
-        json(&b)
     }
 
     /// The flushed usage row of request `rid`.
@@ -185,7 +171,7 @@ async fn chat_is_translated_and_billed_as_the_provider_reports() {
         assert_eq!((row.input, row.output, row.total), (prompt, 501, total));
         assert_eq!(row.credits, price(total, per_1k));
         // The provider got the gateway's key in its own header, never the caller's token.
-        let auth = s.stats().await["authorization"]
+        let auth = s.env.mock_stats(&s.mock).await["authorization"]
             .as_str()
             .unwrap()
             .to_owned();
@@ -472,7 +458,7 @@ async fn unsupported_parameters_are_400_naming_them_and_hold_nothing() {
         assert_eq!(e["type"], "invalid_request_error");
     }
     assert_eq!(
-        s.stats().await["requests"],
+        s.env.mock_stats(&s.mock).await["requests"],
         0,
         "nothing reached the provider"
     );

@@ -1,18 +1,11 @@
 //! The signed-in user's own account endpoints, against the real binary: profile,
 //! preferences (and what each bad preference gets), the live credit balance, and
 //! the paginated usage history.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 use serde_json::json;
-
-fn hello() -> serde_json::Value {
-    json!({"model": "gpt-5", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 50})
-}
 
 #[tokio::test]
 async fn every_account_endpoint_requires_a_token() {
@@ -176,7 +169,7 @@ async fn credits_show_the_live_balance_to_the_last_request() {
 
     let mut charged = 0;
     for _ in 0..3 {
-        let (status, _, body) = env.chat(&gw, &token, hello()).await;
+        let (status, _, body) = env.chat(&gw, &token, hello(50)).await;
         assert_eq!(status, 200);
         let total = json(&body)["usage"]["total_tokens"].as_i64().unwrap();
         charged += (total * 2 + 999) / 1000; // gpt-5: 2 credits per 1k tokens
@@ -211,11 +204,11 @@ async fn usage_pages_newest_first_filters_and_refuses_bad_queries() {
     let (_, other_token) = env.user(1000).await;
     let mut ids = Vec::new();
     for _ in 0..5 {
-        let (status, headers, _) = env.chat(&gw, &token, hello()).await;
+        let (status, headers, _) = env.chat(&gw, &token, hello(50)).await;
         assert_eq!(status, 200);
         ids.push(headers["x-request-id"].clone());
     }
-    let (status, headers, _) = env.chat(&gw, &other_token, hello()).await;
+    let (status, headers, _) = env.chat(&gw, &other_token, hello(50)).await;
     assert_eq!(status, 200);
     let others = headers["x-request-id"].clone();
     assert_eq!(
@@ -335,10 +328,7 @@ async fn saved_preferences_apply_to_the_next_request_at_once() {
     // The cached "no preferences" is dropped on save: no wait for the cache's TTL.
     let (status, _, body) = env.chat(&gw, &token, bare).await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    let (_, _, last) = env
-        .request("GET", &mock.url("/_mock/last"), None, None)
-        .await;
-    let sent = json(&last)["body"].clone();
+    let sent = env.mock_last(&mock).await["body"].clone();
     assert_eq!(sent["model"], "gpt-5");
     assert_eq!(sent["max_completion_tokens"], 64);
     assert_eq!(sent["temperature"], 0.4);
@@ -369,10 +359,7 @@ async fn preferences_apply_to_translated_providers_within_their_ranges() {
         .await;
     let (status, _, body) = env.chat(&gw, &token, bare.clone()).await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    let (_, _, last) = env
-        .request("GET", &mock.url("/_mock/last"), None, None)
-        .await;
-    let sent = json(&last)["body"].clone();
+    let sent = env.mock_last(&mock).await["body"].clone();
     assert_eq!(sent["max_tokens"], 90, "{sent}");
     assert_eq!(
         sent["temperature"], 1.0,
@@ -382,18 +369,12 @@ async fn preferences_apply_to_translated_providers_within_their_ranges() {
     let mut own = bare.clone();
     own["temperature"] = json!(0.2);
     assert_eq!(env.chat(&gw, &token, own).await.0, 200);
-    let (_, _, last) = env
-        .request("GET", &mock.url("/_mock/last"), None, None)
-        .await;
-    assert_eq!(json(&last)["body"]["temperature"], 0.2);
+    assert_eq!(env.mock_last(&mock).await["body"]["temperature"], 0.2);
 
     put(json!({"default_model_id": "gemini-2.0-pro"})).await;
     let (status, _, _) = env.chat(&gw, &token, bare).await;
     assert_eq!(status, 200);
-    let (_, _, last) = env
-        .request("GET", &mock.url("/_mock/last"), None, None)
-        .await;
-    let cfg = json(&last)["body"]["generationConfig"].clone();
+    let cfg = env.mock_last(&mock).await["body"]["generationConfig"].clone();
     assert_eq!(cfg["temperature"], 1.5, "{cfg}");
     assert_eq!(cfg["maxOutputTokens"], 90);
 }

@@ -1,26 +1,13 @@
 //! The metered request path, black-box: the real binary, real PostgreSQL and Redis,
 //! the bundled mock provider.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 use http_body_util::BodyExt;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
-
-const FLUSH_WAIT: Duration = Duration::from_secs(15);
-
-async fn mock_stats(env: &TestEnv, mock: &Proc) -> serde_json::Value {
-    let (s, _, b) = env
-        .request("GET", &mock.url("/_mock/stats"), None, None)
-        .await;
-    assert_eq!(s, 200);
-    json(&b)
-}
 
 #[tokio::test]
 async fn completion_is_forwarded_and_billed_exactly() {
@@ -42,7 +29,7 @@ async fn completion_is_forwarded_and_billed_exactly() {
     let rid = Uuid::parse_str(&headers["x-request-id"]).unwrap();
 
     // The provider got our key, never the user's token.
-    let stats = mock_stats(&env, &mock).await;
+    let stats = env.mock_stats(&mock).await;
     assert_eq!(stats["authorization"], format!("Bearer {PROVIDER_KEY}"));
 
     let n = env
@@ -218,7 +205,7 @@ async fn out_of_credits_is_refused_before_upstream() {
     assert!(headers.contains_key("x-request-id"));
     assert_eq!(openai_error(&body)["code"], "insufficient_quota");
     assert_eq!(
-        mock_stats(&env, &mock).await["requests"],
+        env.mock_stats(&mock).await["requests"],
         0,
         "upstream must not be called"
     );
@@ -259,7 +246,7 @@ async fn upstream_failure_charges_nothing() {
         assert!(headers.contains_key("x-request-id"));
         openai_error(&body);
     }
-    assert_eq!(mock_stats(&env, &mock).await["requests"], 2);
+    assert_eq!(env.mock_stats(&mock).await["requests"], 2);
     assert_eq!(
         env.redis_balance(&user).await,
         Some(100),
@@ -456,7 +443,7 @@ async fn bad_input_gets_clear_errors_and_charges_nothing() {
         .as_str()
         .unwrap()
         .contains("expired"));
-    assert_eq!(mock_stats(&env, &mock).await["requests"], 0);
+    assert_eq!(env.mock_stats(&mock).await["requests"], 0);
     // Refused before the ledger: the balance was never even loaded into Redis.
     assert_eq!(env.redis_balance(&user).await, None);
     assert_eq!(env.usage_rows().await, 0);
@@ -518,7 +505,7 @@ async fn every_choice_is_held_for() {
         .await;
     assert_eq!(status, 429, "{}", String::from_utf8_lossy(&body));
     assert_eq!(openai_error(&body)["code"], "insufficient_quota");
-    assert_eq!(mock_stats(&env, &mock).await["requests"], 0);
+    assert_eq!(env.mock_stats(&mock).await["requests"], 0);
     let (status, _, body) = env
         .chat(
             &gw,
@@ -577,7 +564,7 @@ async fn a_silent_provider_is_cut_off_and_charges_nothing() {
     let e = openai_error(&resp);
     assert_eq!(e["code"], "upstream_timeout");
     assert!(e["message"].as_str().unwrap().contains("timed out"));
-    assert_eq!(mock_stats(&env, &mock).await["requests"], 1);
+    assert_eq!(env.mock_stats(&mock).await["requests"], 1);
     assert_eq!(env.redis_balance(&user).await, Some(100));
 }
 
@@ -734,10 +721,7 @@ async fn a_client_limit_above_the_models_cap_is_capped_upstream_and_never_oversp
     ] {
         let (status, _, b) = env.chat(&gw, &token, body.clone()).await;
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&b));
-        let (_, _, last) = env
-            .request("GET", &mock.url("/_mock/last"), None, None)
-            .await;
-        let sent = json(&last)["body"].clone();
+        let sent = env.mock_last(&mock).await["body"].clone();
         let limit = sent["max_completion_tokens"]
             .as_i64()
             .or(sent["max_tokens"].as_i64())
@@ -946,14 +930,6 @@ async fn requests_are_served_by_the_configured_worker_threads() {
 
 // --- Hostile bodies: the provider must read what the gateway held for -------------
 
-async fn mock_last(env: &TestEnv, mock: &Proc) -> serde_json::Value {
-    let (s, _, b) = env
-        .request("GET", &mock.url("/_mock/last"), None, None)
-        .await;
-    assert_eq!(s, 200);
-    json(&b)["body"].clone()
-}
-
 async fn post_raw(
     env: &TestEnv,
     gw: &Proc,
@@ -988,7 +964,7 @@ async fn an_escaped_null_limit_cannot_lift_the_hold() {
     let (status, headers, resp) = post_raw(&env, &gw, "/v1/chat/completions", &token, body).await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&resp));
     // 10 credits at 2 per 1k tokens: 5,000 tokens for the prompt bound and the answer.
-    let sent = mock_last(&env, &mock).await;
+    let sent = env.mock_last(&mock).await["body"].clone();
     let limit = sent["max_completion_tokens"]
         .as_i64()
         .expect("a limit reached the provider");
@@ -1035,7 +1011,7 @@ async fn an_escaped_null_stream_options_still_gets_the_providers_usage() {
         let text = String::from_utf8_lossy(&resp);
         assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
         assert!(!text.contains("\"usage\":{"), "the client did not ask for the usage chunk: {text}");
-        assert_eq!(mock_last(&env, &mock).await["stream_options"]["include_usage"], true);
+        assert_eq!(env.mock_last(&mock).await["body"]["stream_options"]["include_usage"], true);
         flushed(&env, &user).await;
         let rid = Uuid::parse_str(&headers["x-request-id"]).unwrap();
         let row = env
@@ -1092,7 +1068,7 @@ async fn ambiguous_bodies_and_unpriced_parameters_are_refused_before_anything_is
         assert_eq!(e["param"], *param, "{body}: {e}");
         assert_eq!(e["type"], "invalid_request_error");
     }
-    let stats = mock_stats(&env, &mock).await;
+    let stats = env.mock_stats(&mock).await;
     assert_eq!(stats["requests"], 0, "{stats}");
     assert_eq!(
         env.redis_balance(&user).await,
@@ -1129,7 +1105,7 @@ async fn a_prompt_array_is_held_for_every_prompt_and_choice() {
 
 async fn mock_last_completion_limit(env: &TestEnv, mock: &Proc) -> i64 {
     // The mock keeps the last request of any format.
-    mock_last(env, mock).await["max_tokens"]
+    env.mock_last(mock).await["body"]["max_tokens"]
         .as_i64()
         .expect("max_tokens sent upstream")
 }
@@ -1366,7 +1342,7 @@ async fn a_token_without_llm_inference_is_refused_before_anything_is_read_or_hel
     // Refused before the balance is even loaded: nothing reaches Redis or the provider.
     let (s, h, b) = env.chat(&gw, &openid, hello.clone()).await;
     assert_insufficient_scope(s, &h, &b, "llm.inference", "openid-only chat");
-    assert_eq!(mock_stats(&env, &mock).await["requests"], 0);
+    assert_eq!(env.mock_stats(&mock).await["requests"], 0);
     assert_eq!(env.redis_balance(&user).await, None, "nothing was loaded");
 
     // Once the balance is live, a refused request moves nothing.
@@ -1374,7 +1350,7 @@ async fn a_token_without_llm_inference_is_refused_before_anything_is_read_or_hel
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
     let balance = env.redis_balance(&user).await;
     assert!(balance.is_some_and(|b| b < 1000), "{balance:?}");
-    let calls = mock_stats(&env, &mock).await["requests"].clone();
+    let calls = env.mock_stats(&mock).await["requests"].clone();
     for (what, body) in [
         ("a valid body", serde_json::to_vec(&hello).unwrap()),
         ("a streamed one", serde_json::to_vec(&json!({"model": "gpt-5", "stream": true, "messages": [{"role": "user", "content": "hi"}]})).unwrap()),
@@ -1391,7 +1367,7 @@ async fn a_token_without_llm_inference_is_refused_before_anything_is_read_or_hel
     let near = token_with_scope(&env, &email, "openid llm.inferencex llm").await;
     let (s, h, b) = env.chat(&gw, &near, hello.clone()).await;
     assert_insufficient_scope(s, &h, &b, "llm.inference", "llm.inferencex");
-    assert_eq!(mock_stats(&env, &mock).await["requests"], calls);
+    assert_eq!(env.mock_stats(&mock).await["requests"], calls);
     assert_eq!(env.redis_balance(&user).await, balance);
     assert_eq!(env.redis_held(&user).await, 0);
     let rows = env
@@ -1665,12 +1641,12 @@ async fn by_default_a_stale_replica_sends_nothing_its_hold_refuses() {
         Some(0),
         "all held by replica 1"
     );
-    let before = mock_stats(&env, &mock).await["requests"].as_u64().unwrap();
+    let before = env.mock_stats(&mock).await["requests"].as_u64().unwrap();
     let (s, _, b) = env.chat(&gw2, &token, big).await;
     assert_eq!(s, 429, "{}", String::from_utf8_lossy(&b));
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
-        mock_stats(&env, &mock).await["requests"].as_u64().unwrap(),
+        env.mock_stats(&mock).await["requests"].as_u64().unwrap(),
         before,
         "nothing went upstream"
     );

@@ -1,12 +1,9 @@
 //! The Redis ledger scripts against real Redis and PostgreSQL: a balance rebuilt from
 //! PostgreSQL never forgets settled-but-unflushed charges nor counts a flushed one
 //! twice; settle is idempotent; expired holds come back; grants apply once.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
+use crate::harness::*;
 use chrono::Utc;
-use common::*;
 use tollgate::config::DatabaseConfig;
 use tollgate::db::Db;
 use tollgate::ledger::{HoldRequest, Ledger, Reserve};
@@ -14,7 +11,9 @@ use tollgate::settle::UsageEvent;
 use uuid::Uuid;
 
 async fn setup(env: &TestEnv, credits: i32) -> (Ledger, Db, Uuid) {
-    let ledger = Ledger::connect(REDIS, &env.prefix, 16).await.unwrap();
+    let ledger = Ledger::connect(REDIS, &env.prefix, env.layout.buckets())
+        .await
+        .unwrap();
     let db = Db::new(&DatabaseConfig {
         url: env.db_url.clone(),
         pool_size: 4,
@@ -329,10 +328,22 @@ async fn concurrent_reserves_commit_in_groups_without_overspending() {
 
 #[tokio::test]
 async fn survives_redis_losing_its_script_cache() {
+    // A Redis of the test's own: a SCRIPT FLUSH on the shared one would pull the
+    // scripts from under every test running beside this one.
     let env = TestEnv::new().await;
-    let (ledger, db, user) = setup(&env, 10).await;
+    let port = free_port();
+    let _redis = private_redis(port).await;
+    let url = format!("redis://127.0.0.1:{port}");
+    let ledger = Ledger::connect(&url, &env.prefix, env.layout.buckets())
+        .await
+        .unwrap();
+    let (_, db, user) = setup(&env, 10).await;
     ledger.load(&db, &user).await.unwrap();
-    let mut r = env.redis().await;
+    let mut r = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
     let _: () = redis::cmd("SCRIPT")
         .arg("FLUSH")
         .query_async(&mut r)
@@ -411,7 +422,9 @@ async fn a_reserve_cancelled_while_redis_has_not_answered_leaves_no_hold() {
     let port = free_port();
     let _redis = private_redis(port).await;
     let url = format!("redis://127.0.0.1:{port}");
-    let ledger = Ledger::connect(&url, &env.prefix, 16).await.unwrap();
+    let ledger = Ledger::connect(&url, &env.prefix, env.layout.buckets())
+        .await
+        .unwrap();
     let (_, db, user) = setup(&env, 10).await;
     ledger.load(&db, &user).await.unwrap();
     let mut admin = redis::Client::open(url.as_str())

@@ -2,34 +2,14 @@
 //! retries, circuit breakers, timeouts, disconnects and cut streams, and the user's
 //! preferences — the real binary against real PostgreSQL and Redis and bundled mock
 //! providers.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
 
 use std::time::{Duration, Instant};
 
+use crate::harness::*;
 use bytes::Bytes;
-use common::*;
 use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 use uuid::Uuid;
-
-const FLUSH_WAIT: Duration = Duration::from_secs(15);
-
-async fn get_json(env: &TestEnv, url: &str) -> Value {
-    let (s, _, b) = env.request("GET", url, None, None).await;
-    assert_eq!(s, 200);
-    json(&b)
-}
-
-async fn stats(env: &TestEnv, mock: &Proc) -> Value {
-    get_json(env, &mock.url("/_mock/stats")).await
-}
-
-/// The headers and body of the last chat request `mock` received.
-async fn last(env: &TestEnv, mock: &Proc) -> Value {
-    get_json(env, &mock.url("/_mock/last")).await
-}
 
 /// `providers.openai.deployments` as an environment value: (base URL, key variable, weight).
 fn deployments(list: &[(&str, &str, u32)]) -> String {
@@ -98,18 +78,6 @@ async fn row(env: &TestEnv, rid: &Uuid) -> (i32, i32, i32, i32, Value) {
     (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))
 }
 
-async fn used_credits(env: &TestEnv) -> i64 {
-    env.db()
-        .await
-        .query_one(
-            "SELECT coalesce(sum(used_credits), 0)::bigint FROM credits",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
-
 /// A free port nobody listens on.
 async fn dead_url() -> String {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -146,8 +114,8 @@ async fn a_failing_deployment_falls_over_to_the_next_and_is_billed_once() {
     assert_eq!(status, 200);
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
 
-    assert_eq!(stats(&env, &broken).await["requests"], 2);
-    assert_eq!(stats(&env, &good).await["served"], 2);
+    assert_eq!(env.mock_stats(&broken).await["requests"], 2);
+    assert_eq!(env.mock_stats(&good).await["served"], 2);
     for id in [rid, rid2] {
         let (credits, input, output, total, meta) = row(&env, &id).await;
         assert_eq!((credits, input, output, total), (4, 1000, 501, 1501));
@@ -155,7 +123,7 @@ async fn a_failing_deployment_falls_over_to_the_next_and_is_billed_once() {
         assert_eq!(meta["deployment"], 1);
     }
     assert_eq!(env.redis_balance(&user).await, Some(100 - 8));
-    assert_eq!(used_credits(&env).await, 8);
+    assert_eq!(env.used_credits_total().await, 8);
 }
 
 #[tokio::test]
@@ -179,11 +147,11 @@ async fn a_provider_400_is_never_retried() {
         openai_error(&body);
     }
     assert_eq!(
-        stats(&env, &refusing).await["requests"],
+        env.mock_stats(&refusing).await["requests"],
         2,
         "one request each"
     );
-    assert_eq!(stats(&env, &good).await["requests"], 0);
+    assert_eq!(env.mock_stats(&good).await["requests"], 0);
     assert_eq!(env.redis_balance(&user).await, Some(100));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(env.usage_rows().await, 0);
@@ -218,7 +186,7 @@ async fn a_429_is_retried_after_its_retry_after_and_a_long_one_is_not_waited_for
         started.elapsed() >= Duration::from_secs(1),
         "the retry waited for retry-after"
     );
-    let s = stats(&env, &busy_once).await;
+    let s = env.mock_stats(&busy_once).await;
     assert_eq!(
         (s["requests"].as_i64(), s["served"].as_i64()),
         (Some(2), Some(1))
@@ -250,7 +218,7 @@ async fn a_429_is_retried_after_its_retry_after_and_a_long_one_is_not_waited_for
     assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
     assert_eq!(headers["retry-after"], "30");
     assert_eq!(openai_error(&body)["code"], "upstream_rate_limited");
-    assert_eq!(stats(&env, &busy).await["requests"], 1);
+    assert_eq!(env.mock_stats(&busy).await["requests"], 1);
     assert_eq!(env.redis_balance(&user).await, before);
 }
 
@@ -279,7 +247,7 @@ async fn retries_of_one_deployment_back_off_and_the_last_failure_charges_nothing
         started.elapsed()
     );
     openai_error(&body);
-    assert_eq!(stats(&env, &broken).await["requests"], 3);
+    assert_eq!(env.mock_stats(&broken).await["requests"], 3);
     assert_eq!(env.redis_balance(&user).await, Some(100));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(env.usage_rows().await, 0);
@@ -309,7 +277,7 @@ async fn the_circuit_opens_after_consecutive_failures_and_closes_after_a_good_pr
     .await;
     let (_, token) = env.user(1000).await;
     let ok = |(s, _, b): (u16, _, Bytes)| assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
-    let flaky_requests = || async { stats(&env, &flaky).await["requests"].as_i64().unwrap() };
+    let flaky_requests = || async { env.mock_stats(&flaky).await["requests"].as_i64().unwrap() };
 
     // Two failures open the circuit: the flaky deployment gets no more requests.
     for _ in 0..5 {
@@ -325,12 +293,12 @@ async fn the_circuit_opens_after_consecutive_failures_and_closes_after_a_good_pr
     tokio::time::sleep(Duration::from_millis(2200)).await;
     ok(env.chat(&gw, &token, small(false)).await);
     ok(env.chat(&gw, &token, small(false)).await);
-    let s = stats(&env, &flaky).await;
+    let s = env.mock_stats(&flaky).await;
     assert_eq!(
         (s["requests"].as_i64(), s["served"].as_i64()),
         (Some(5), Some(2))
     );
-    assert_eq!(stats(&env, &good).await["served"], 7);
+    assert_eq!(env.mock_stats(&good).await["served"], 7);
     assert_eq!(
         env.wait_for_count("SELECT count(*) FROM usage_history", 9, FLUSH_WAIT)
             .await,
@@ -359,7 +327,7 @@ async fn an_unreachable_deployment_falls_over() {
     let (status, rid, text) = stream_all(&env, &gw, &token, &small(true)).await;
     assert_eq!(status, 200);
     assert!(text.ends_with("data: [DONE]\n\n"));
-    assert_eq!(stats(&env, &good).await["served"], 2);
+    assert_eq!(env.mock_stats(&good).await["served"], 2);
     assert_eq!(row(&env, &rid).await.4["attempts"], 2);
 }
 
@@ -387,9 +355,13 @@ async fn a_request_not_answered_in_time_is_not_retried_unless_configured() {
         assert_eq!(status, 504, "{}", String::from_utf8_lossy(&body));
         assert_eq!(openai_error(&body)["code"], "upstream_timeout");
     }
-    assert_eq!(stats(&env, &slow).await["requests"], 2, "one attempt each");
     assert_eq!(
-        stats(&env, &good).await["requests"],
+        env.mock_stats(&slow).await["requests"],
+        2,
+        "one attempt each"
+    );
+    assert_eq!(
+        env.mock_stats(&good).await["requests"],
         0,
         "never retried elsewhere"
     );
@@ -427,8 +399,8 @@ async fn a_request_not_answered_in_time_is_not_retried_unless_configured() {
         assert_eq!(meta["timed_out_attempts"], 1, "{meta}");
         assert_eq!(meta["attempts"], 2, "{meta}");
     }
-    assert_eq!(stats(&env, &good).await["served"], 2);
-    assert_eq!(stats(&env, &slow).await["requests"], 4);
+    assert_eq!(env.mock_stats(&good).await["served"], 2);
+    assert_eq!(env.mock_stats(&slow).await["requests"], 4);
     let m = env.metrics(&gw).await;
     assert_eq!(
         counter(
@@ -502,7 +474,7 @@ async fn provider_work_after_a_2xx_is_charged_even_when_the_answer_fails() {
         }
         assert!(charged >= 3, "{marker}: repeating it is never free");
         assert_eq!(
-            stats(&env, &mock).await["requests"],
+            env.mock_stats(&mock).await["requests"],
             3,
             "{marker}: never retried after a 2xx"
         );
@@ -539,7 +511,7 @@ async fn client_credentials_are_never_forwarded_and_each_deployment_gets_its_key
     assert_eq!(resp.status(), 200);
     let _ = resp.into_body().collect().await;
     for (mock, key) in [(&a, "sk-deployment-a"), (&b, "sk-deployment-b")] {
-        let seen = last(&env, mock).await;
+        let seen = env.mock_last(mock).await;
         let headers = seen["headers"].as_object().unwrap();
         assert_eq!(headers["authorization"], format!("Bearer {key}"));
         assert!(!headers.contains_key("cookie"), "{headers:?}");
@@ -548,7 +520,7 @@ async fn client_credentials_are_never_forwarded_and_each_deployment_gets_its_key
         assert!(!all.contains(&token), "the client's token went upstream");
         assert!(!all.contains("client-secret-cookie"));
     }
-    assert_eq!(stats(&env, &b).await["served"], 1);
+    assert_eq!(env.mock_stats(&b).await["served"], 1);
 }
 
 #[tokio::test]
@@ -578,7 +550,7 @@ async fn an_upstream_cut_mid_stream_is_billed_from_an_estimate_and_marked() {
         "a cut stream does not end as complete"
     );
     // Bytes had reached the client: no retry.
-    assert_eq!(stats(&env, &mock).await["requests"], 1);
+    assert_eq!(env.mock_stats(&mock).await["requests"], 1);
     let (credits, input, output, total, meta) = row(&env, &rid).await;
     assert_eq!(meta["upstream_cut"], true);
     assert_eq!(meta["usage_estimated"], true);
@@ -604,7 +576,7 @@ async fn an_upstream_cut_mid_stream_is_billed_from_an_estimate_and_marked() {
         .await;
     let (status, headers, body) = env.chat(&gw0, &token, small(true)).await;
     assert_eq!(status, 502, "{}", String::from_utf8_lossy(&body));
-    assert_eq!(stats(&env, &mock0).await["requests"], 1);
+    assert_eq!(env.mock_stats(&mock0).await["requests"], 1);
     let rid = Uuid::parse_str(&headers["x-request-id"]).unwrap();
     let (credits, _, output, _, meta) = row(&env, &rid).await;
     assert_eq!((meta["upstream_cut"].clone(), output), (json!(true), 0));
@@ -612,24 +584,6 @@ async fn an_upstream_cut_mid_stream_is_billed_from_an_estimate_and_marked() {
         env.redis_balance(&user).await,
         Some(before - i64::from(credits))
     );
-}
-
-/// Starts a stream, reads its first frame, and hangs up.
-async fn read_first_then_disconnect(gw: &Proc, token: &str) -> Uuid {
-    let body = json!({"model": "gpt-5", "stream": true, "max_tokens": 500,
-                      "messages": [{"role": "user", "content": "tell me a long story"}]});
-    let req = chat_request(&gw.url("/v1/chat/completions"), token, &body);
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_max_idle_per_host(0)
-        .build_http::<Full<Bytes>>();
-    let resp = client.request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let rid = Uuid::parse_str(resp.headers()["x-request-id"].to_str().unwrap()).unwrap();
-    let mut body = resp.into_body();
-    assert!(body.frame().await.unwrap().unwrap().is_data());
-    drop(body);
-    drop(client);
-    rid
 }
 
 #[tokio::test]
@@ -692,7 +646,7 @@ async fn preferences_fill_in_the_model_max_tokens_and_temperature() {
 
     let (status, headers, body) = env.chat(&gw, &token, bare.clone()).await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    let sent = last(&env, &mock).await["body"].clone();
+    let sent = env.mock_last(&mock).await["body"].clone();
     assert_eq!(sent["model"], "gpt-5");
     assert_eq!(sent["max_completion_tokens"], 77);
     assert_eq!(sent["temperature"], 0.25);
@@ -718,7 +672,7 @@ async fn preferences_fill_in_the_model_max_tokens_and_temperature() {
         )
         .await;
     assert_eq!(status, 200);
-    let sent = last(&env, &mock).await["body"].clone();
+    let sent = env.mock_last(&mock).await["body"].clone();
     assert_eq!(sent["max_tokens"], 5);
     assert_eq!(sent["temperature"], 1);
     assert!(sent.get("max_completion_tokens").is_none(), "{sent}");
@@ -740,7 +694,7 @@ async fn preferences_fill_in_the_model_max_tokens_and_temperature() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let (status, _, _) = env.chat(&gw, &token, bare.clone()).await;
         assert_eq!(status, 200);
-        seen = last(&env, &mock).await["body"]["max_completion_tokens"].clone();
+        seen = env.mock_last(&mock).await["body"]["max_completion_tokens"].clone();
         if seen == 55 {
             break;
         }
@@ -768,7 +722,7 @@ async fn with_every_circuit_open_requests_fail_fast_and_charge_nothing() {
     assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
     assert_eq!(openai_error(&body)["code"], "service_unavailable");
     assert_eq!(
-        stats(&env, &broken).await["requests"],
+        env.mock_stats(&broken).await["requests"],
         1,
         "the open circuit sent nothing"
     );
@@ -793,8 +747,8 @@ async fn a_deployment_whose_key_is_refused_fails_over_and_is_not_tried_again() {
     let (_, token) = env.user(100).await;
     let (status, _, body) = env.chat(&gw, &token, small(false)).await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    assert_eq!(stats(&env, &refusing).await["requests"], 1);
-    assert_eq!(stats(&env, &good).await["served"], 1);
+    assert_eq!(env.mock_stats(&refusing).await["requests"], 1);
+    assert_eq!(env.mock_stats(&good).await["served"], 1);
 }
 
 /// A provider that never ends its stream is cut once the answer passes

@@ -1,19 +1,16 @@
 //! OAuth 2.0 sign-in as the desktop app does it, and the gateway's token check,
 //! black-box: the real binary, real PostgreSQL and Redis, the bundled mock provider,
 //! and (for the sign-in page) a real headless Chromium driven over WebDriver.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::harness::*;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use bytes::Bytes;
-use common::*;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -371,17 +368,7 @@ async fn password_user(env: &TestEnv, credits: i32) -> (Uuid, String) {
             .await,
     )
     .unwrap();
-    if credits > 0 {
-        env.cli(&[
-            "credits",
-            "grant",
-            "--email",
-            &email,
-            "--amount",
-            &credits.to_string(),
-        ])
-        .await;
-    }
+    env.grant(&email, credits).await;
     (id, email)
 }
 
