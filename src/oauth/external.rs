@@ -39,7 +39,7 @@ pub struct ExternalIssuer {
 const MAX_JWKS_BYTES: usize = 1024 * 1024;
 
 impl ExternalIssuer {
-    pub fn new(cfg: ExternalIssuerConfig) -> Result<ExternalIssuer, String> {
+    pub fn new(cfg: ExternalIssuerConfig) -> Result<ExternalIssuer, rustls::Error> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(cfg.fetch_timeout));

@@ -10,12 +10,11 @@ fn hasher(params: &Params) -> Argon2<'static> {
 }
 
 /// A PHC-format Argon2id hash of `password`.
-pub fn hash(password: &str, params: &Params) -> Result<String, String> {
+pub fn hash(password: &str, params: &Params) -> Result<String, argon2::password_hash::Error> {
     let salt = SaltString::generate(&mut OsRng);
     hasher(params)
         .hash_password(password.as_bytes(), &salt)
         .map(|h| h.to_string())
-        .map_err(|e| e.to_string())
 }
 
 /// Whether `password` matches the PHC hash `stored` (any Argon2 variant/parameters).
