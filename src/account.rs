@@ -13,10 +13,6 @@ use crate::authenticate::Principal;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-fn db_error(e: impl std::fmt::Display) -> ApiError {
-    ApiError::unavailable("database", e)
-}
-
 fn bad(param: &'static str, message: impl Into<String>) -> ApiError {
     ApiError::InvalidRequest {
         message: message.into(),
@@ -29,7 +25,7 @@ pub async fn me(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
 ) -> Result<Json<Value>, ApiError> {
-    let c = state.db.get().await.map_err(db_error)?;
+    let c = state.db.get().await?;
     let row = c
         .query_opt(
             "SELECT u.id, u.email, u.email_verified, u.username, u.first_name, u.last_name,
@@ -43,8 +39,7 @@ pub async fn me(
               WHERE u.id = $1 AND u.deleted_at IS NULL",
             &[&p.user_id],
         )
-        .await
-        .map_err(db_error)?
+        .await?
         .ok_or(ApiError::NotFound)?;
     let subscription = row.get::<_, Option<String>>(9).map(|tier| {
         json!({
@@ -86,15 +81,11 @@ pub async fn credits(
         if account.is_some() {
             break;
         }
-        state
-            .ledger
-            .load(&state.db, &p.user_id)
-            .await
-            .map_err(|e| ApiError::unavailable("credit ledger", e))?;
+        state.ledger.load(&state.db, &p.user_id).await?;
     }
     let account =
         account.ok_or_else(|| ApiError::unavailable("credit ledger", "balance did not load"))?;
-    let c = state.db.get().await.map_err(db_error)?;
+    let c = state.db.get().await?;
     let rows = c
         .query(
             "SELECT id, subscription_id, total_credits, used_credits, billing_period_start, billing_period_end
@@ -102,8 +93,7 @@ pub async fn credits(
               ORDER BY billing_period_end, created_at, id",
             &[&p.user_id],
         )
-        .await
-        .map_err(db_error)?;
+        .await?;
     let periods: Vec<Value> = rows
         .iter()
         .map(|r| {
@@ -190,7 +180,7 @@ pub async fn usage(
         .map(|v| parse_time("from", v))
         .transpose()?;
     let to = q.to.as_deref().map(|v| parse_time("to", v)).transpose()?;
-    let c = state.db.get().await.map_err(db_error)?;
+    let c = state.db.get().await?;
     let cursor: Option<(DateTime<Utc>, Uuid)> = match q.starting_after.as_deref() {
         None => None,
         Some(v) => {
@@ -205,8 +195,7 @@ pub async fn usage(
                     "SELECT created_at, id FROM usage_history WHERE id = $1 AND user_id = $2",
                     &[&id, &p.user_id],
                 )
-                .await
-                .map_err(db_error)?
+                .await?
                 .ok_or_else(|| {
                     bad(
                         "starting_after",
@@ -241,8 +230,7 @@ pub async fn usage(
                 &(limit + 1),
             ],
         )
-        .await
-        .map_err(db_error)?;
+        .await?;
     let has_more = rows.len() as i64 > limit;
     let data: Vec<Value> = rows
         .iter()
@@ -307,11 +295,8 @@ pub async fn get_preferences(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
 ) -> Result<Json<Value>, ApiError> {
-    let c = state.db.get().await.map_err(db_error)?;
-    let row = c
-        .query_opt(PREFERENCES_SQL, &[&p.user_id])
-        .await
-        .map_err(db_error)?;
+    let c = state.db.get().await?;
+    let row = c.query_opt(PREFERENCES_SQL, &[&p.user_id]).await?;
     Ok(Json(preferences_json(row.as_ref())))
 }
 
@@ -331,7 +316,7 @@ pub async fn put_preferences(
         return Err(ApiError::invalid("the body must be a JSON object"));
     };
     let update = PreferencesUpdate::parse(&fields, &state)?;
-    let c = state.db.get().await.map_err(db_error)?;
+    let c = state.db.get().await?;
     c.execute(
         "INSERT INTO user_preferences AS p
                 (user_id, default_model_id, enable_streaming, max_tokens, temperature, preferences_metadata)
@@ -353,15 +338,11 @@ pub async fn put_preferences(
             &update.metadata.clone().flatten(),
         ],
     )
-    .await
-    .map_err(db_error)?;
+    .await?;
     // This gateway applies the new values at once; other replicas within
     // `preferences.cache_ttl_ms`.
     state.preferences.invalidate(&p.user_id);
-    let row = c
-        .query_opt(PREFERENCES_SQL, &[&p.user_id])
-        .await
-        .map_err(db_error)?;
+    let row = c.query_opt(PREFERENCES_SQL, &[&p.user_id]).await?;
     Ok(Json(preferences_json(row.as_ref())))
 }
 

@@ -124,16 +124,9 @@ impl VerifiedCache {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("signing key: {0}")]
 pub struct KeyError(pub String);
-
-impl std::fmt::Display for KeyError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "signing key: {}", self.0)
-    }
-}
-
-impl std::error::Error for KeyError {}
 
 struct SigningKey {
     kid: String,

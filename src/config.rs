@@ -398,16 +398,9 @@ impl Default for RawProvider {
 }
 
 /// A configuration error: names the key at fault.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {0}")]
 pub struct ConfigError(pub String);
-
-impl std::fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "configuration error: {}", self.0)
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 fn bad(key: &str, why: impl std::fmt::Display) -> ConfigError {
     ConfigError(format!("`{key}`: {why}"))

@@ -47,27 +47,12 @@ pub struct Db {
     size: u32,
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum DbError {
+    #[error("database pool: {0}")]
     Pool(String),
-    Pg(tokio_postgres::Error),
-}
-
-impl std::fmt::Display for DbError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DbError::Pool(e) => write!(f, "database pool: {e}"),
-            DbError::Pg(e) => write!(f, "database: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for DbError {}
-
-impl From<tokio_postgres::Error> for DbError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        DbError::Pg(e)
-    }
+    #[error("database: {0}")]
+    Pg(#[from] tokio_postgres::Error),
 }
 
 pub struct PoolStats {

@@ -264,6 +264,30 @@ pub fn error_body(
     bytes::Bytes::from(v.to_string())
 }
 
+/// PostgreSQL failed while answering (pool or query): 503, "database is temporarily
+/// unavailable", the cause logged. (The OAuth endpoints answer in RFC 6749's shape
+/// instead and map their database errors themselves.)
+impl From<crate::db::DbError> for ApiError {
+    fn from(e: crate::db::DbError) -> Self {
+        ApiError::unavailable("database", e)
+    }
+}
+
+/// As for [`crate::db::DbError`]: a query on a connection already held.
+impl From<tokio_postgres::Error> for ApiError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        ApiError::unavailable("database", e)
+    }
+}
+
+/// A balance could not be loaded into the credit ledger: 503, "credit ledger is
+/// temporarily unavailable", the cause logged.
+impl From<crate::ledger::LedgerError> for ApiError {
+    fn from(e: crate::ledger::LedgerError) -> Self {
+        ApiError::unavailable("credit ledger", e)
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         metrics::counter!("tollgate_errors_total", "error" => self.label()).increment(1);

@@ -197,7 +197,7 @@ impl Flusher {
 
     /// Writes the entries to PostgreSQL, then acknowledges them. On a PostgreSQL error
     /// nothing is acknowledged: the entries stay pending and are retried (by claim).
-    async fn write_and_ack(&self, entries: Vec<Entry>) -> Result<usize, String> {
+    async fn write_and_ack(&self, entries: Vec<Entry>) -> Result<usize, FlushError> {
         if entries.is_empty() {
             return Ok(0);
         }
@@ -230,7 +230,7 @@ impl Flusher {
                     for chunk in events.chunks(self.cfg.batch_rows.max(1)) {
                         match write_batch(&self.db, chunk).await {
                             Ok(ids) => written += ids.len(),
-                            Err(e) => return (group, Err(e.to_string())),
+                            Err(e) => return (group, Err(FlushError::Write(e))),
                         }
                     }
                     (group, Ok(written))
@@ -264,8 +264,7 @@ impl Flusher {
         for (bucket, list) in by_bucket {
             self.ledger
                 .ack(bucket, &self.cfg.consumer_group, &list)
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
         }
         match failure {
             Some(e) => Err(e),
@@ -427,7 +426,19 @@ enum Written {
         source: Source,
     },
     /// Not committed (or not acknowledged): the entries stay pending.
-    Failed { entries: usize, error: String },
+    Failed { entries: usize, error: FlushError },
+}
+
+/// Why a batch was not written and acknowledged; its entries stay pending. Shown as
+/// the underlying error's own text.
+#[derive(Debug, thiserror::Error)]
+enum FlushError {
+    /// Writing the usage rows to PostgreSQL failed (nothing of that group is acked).
+    #[error(transparent)]
+    Write(#[from] DbError),
+    /// Acknowledging the written entries in Redis failed.
+    #[error(transparent)]
+    Ack(#[from] redis::RedisError),
 }
 
 /// How the read half of a pass ended.
@@ -686,7 +697,7 @@ mod tests {
     fn failed_write() -> Written {
         Written::Failed {
             entries: ROWS,
-            error: "down".into(),
+            error: FlushError::Write(DbError::Pool("down".into())),
         }
     }
 

@@ -45,7 +45,7 @@ impl Upstream {
     pub fn new(
         providers: &std::collections::BTreeMap<String, ProviderConfig>,
         workers: usize,
-    ) -> Result<Upstream, String> {
+    ) -> Result<Upstream, UpstreamError> {
         let mut out = HashMap::new();
         for (name, p) in providers {
             let mut http = HttpConnector::new();
@@ -75,7 +75,11 @@ impl Upstream {
                 .map(|(i, d)| {
                     format!("{}/chat/completions", d.base_url)
                         .parse::<Uri>()
-                        .map_err(|e| format!("providers.{name}.deployments[{i}].base_url: {e}"))
+                        .map_err(|source| UpstreamError::BaseUrl {
+                            provider: name.clone(),
+                            index: i,
+                            source,
+                        })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             out.insert(
@@ -103,13 +107,27 @@ impl Upstream {
     }
 }
 
-pub(crate) fn rustls_config() -> Result<rustls::ClientConfig, String> {
+/// Why the provider clients could not be built (at start-up).
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The TLS client configuration could not be built.
+    #[error(transparent)]
+    Tls(#[from] rustls::Error),
+    /// A deployment's `base_url` does not make a URI.
+    #[error("providers.{provider}.deployments[{index}].base_url: {source}")]
+    BaseUrl {
+        provider: String,
+        index: usize,
+        source: http::uri::InvalidUri,
+    },
+}
+
+pub(crate) fn rustls_config() -> Result<rustls::ClientConfig, rustls::Error> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth())
 }

@@ -38,36 +38,15 @@ const LOAD: &str = include_str!("lua/ledger_load.lua");
 const GRANT: &str = include_str!("lua/ledger_grant.lua");
 const ACK: &str = include_str!("lua/ledger_ack.lua");
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
-    Redis(redis::RedisError),
-    Db(crate::db::DbError),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("{0}")]
+    Db(#[from] crate::db::DbError),
     /// The balance could not be rebuilt consistently (flushes kept racing the load).
+    #[error("balance load kept racing the usage flush")]
     Contended,
-}
-
-impl std::fmt::Display for LedgerError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            LedgerError::Redis(e) => write!(f, "redis: {e}"),
-            LedgerError::Db(e) => write!(f, "{e}"),
-            LedgerError::Contended => write!(f, "balance load kept racing the usage flush"),
-        }
-    }
-}
-
-impl std::error::Error for LedgerError {}
-
-impl From<redis::RedisError> for LedgerError {
-    fn from(e: redis::RedisError) -> Self {
-        LedgerError::Redis(e)
-    }
-}
-
-impl From<crate::db::DbError> for LedgerError {
-    fn from(e: crate::db::DbError) -> Self {
-        LedgerError::Db(e)
-    }
 }
 
 impl From<tokio_postgres::Error> for LedgerError {

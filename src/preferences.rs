@@ -135,16 +135,26 @@ impl PreferenceCache {
     }
 }
 
-async fn load(db: &Db, user: Uuid) -> Result<Option<Preferences>, String> {
-    let conn = db.get().await.map_err(|e| e.to_string())?;
+/// Why a user's preferences were not read (logged; the request goes on without them).
+#[derive(Debug, thiserror::Error)]
+enum LoadError {
+    /// No connection.
+    #[error(transparent)]
+    Pool(#[from] crate::db::DbError),
+    /// The query failed.
+    #[error(transparent)]
+    Query(#[from] tokio_postgres::Error),
+}
+
+async fn load(db: &Db, user: Uuid) -> Result<Option<Preferences>, LoadError> {
+    let conn = db.get().await?;
     let row = conn
         .query_opt(
             "SELECT default_model_id, max_tokens::bigint, temperature::float8
                FROM user_preferences WHERE user_id = $1",
             &[&user],
         )
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     Ok(row.map(|r| Preferences {
         default_model: r.get(0),
         max_tokens: r.get(1),

@@ -696,11 +696,7 @@ pub(crate) async fn reserve(
             } => return Ok((hold, max_tokens / chat.choices.max(1))),
             Reserve::Insufficient { .. } => return Err(ApiError::InsufficientQuota),
             Reserve::NeedsLoad => {
-                state
-                    .ledger
-                    .load(&state.db, user)
-                    .await
-                    .map_err(|e| ApiError::unavailable("credit ledger", e))?;
+                state.ledger.load(&state.db, user).await?;
             }
         }
     }

@@ -388,14 +388,9 @@ pub async fn handle_orphan(state: &AppState, orphan: Orphan) {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("settle failed: {0}")]
 pub struct SettleError(pub String);
-
-impl std::fmt::Display for SettleError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "settle failed: {}", self.0)
-    }
-}
 
 /// Settles a completed request. A failed call is retried, but only after checking that
 /// it did not in fact run (a lost reply): the charge is applied once. If Redis stays

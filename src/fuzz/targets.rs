@@ -931,6 +931,7 @@ fn check_params(pairs: Vec<(String, String)>) -> Result<String, String> {
         (Ok(_), Some(k)) => Err(format!("`{k}` repeated, accepted")),
         (Err(e), None) => Err(format!("no parameter repeated, refused: {e}")),
         (Err(e), Some(k)) => {
+            let e = e.to_string();
             if !e.contains(&format!("`{k}`")) {
                 return Err(format!("`{k}` repeated, refused naming another: {e}"));
             }

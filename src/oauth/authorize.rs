@@ -496,11 +496,7 @@ async fn issue_code(
 ) -> Result<String, crate::error::ApiError> {
     let code = random_token(32)?;
     let ttl = f64::from(u32::try_from(state.cfg.oauth.code_ttl.as_secs()).unwrap_or(60));
-    let conn = state
-        .db
-        .get()
-        .await
-        .map_err(|e| crate::error::ApiError::unavailable("database", e))?;
+    let conn = state.db.get().await?;
     conn.execute(
         "INSERT INTO oauth_authorization_codes
             (code_hash, client_id, user_id, redirect_uri, code_challenge, scope, expires_at)
@@ -515,8 +511,7 @@ async fn issue_code(
             &ttl,
         ],
     )
-    .await
-    .map_err(|e| crate::error::ApiError::unavailable("database", e))?;
+    .await?;
     Ok(code)
 }
 

@@ -38,8 +38,31 @@ pub struct ExternalIssuer {
 
 const MAX_JWKS_BYTES: usize = 1024 * 1024;
 
+/// Why the JWKS was not fetched (logged; the keys already loaded stay in use).
+#[derive(Debug, thiserror::Error)]
+enum JwksError {
+    /// `jwks_url` does not make a request.
+    #[error(transparent)]
+    Request(#[from] http::Error),
+    /// No answer, or no whole body, within `fetch_timeout`.
+    #[error("timed out")]
+    TimedOut,
+    /// The connection or the request failed.
+    #[error(transparent)]
+    Client(#[from] hyper_util::client::legacy::Error),
+    /// A status other than 2xx.
+    #[error("status {0}")]
+    Status(http::StatusCode),
+    /// The body failed or was over `MAX_JWKS_BYTES`.
+    #[error("{0}")]
+    Body(Box<dyn std::error::Error + Send + Sync>),
+    /// Not a JWK set.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
+
 impl ExternalIssuer {
-    pub fn new(cfg: ExternalIssuerConfig) -> Result<ExternalIssuer, String> {
+    pub fn new(cfg: ExternalIssuerConfig) -> Result<ExternalIssuer, rustls::Error> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(cfg.fetch_timeout));
@@ -82,28 +105,26 @@ impl ExternalIssuer {
         }
     }
 
-    async fn fetch(&self, leeway_secs: u64) -> Result<HashMap<String, Arc<ExtKey>>, String> {
+    async fn fetch(&self, leeway_secs: u64) -> Result<HashMap<String, Arc<ExtKey>>, JwksError> {
         let req = http::Request::get(&self.cfg.jwks_url)
             .header(http::header::ACCEPT, "application/json")
-            .body(Empty::new())
-            .map_err(|e| e.to_string())?;
+            .body(Empty::new())?;
         let timeout = self.cfg.fetch_timeout;
         let resp = tokio::time::timeout(timeout, self.client.request(req))
             .await
-            .map_err(|_| "timed out".to_owned())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| JwksError::TimedOut)??;
         if !resp.status().is_success() {
-            return Err(format!("status {}", resp.status()));
+            return Err(JwksError::Status(resp.status()));
         }
         let body = tokio::time::timeout(
             timeout,
             http_body_util::Limited::new(resp.into_body(), MAX_JWKS_BYTES).collect(),
         )
         .await
-        .map_err(|_| "timed out".to_owned())?
-        .map_err(|e| e.to_string())?
+        .map_err(|_| JwksError::TimedOut)?
+        .map_err(JwksError::Body)?
         .to_bytes();
-        let set: JwkSet = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        let set: JwkSet = serde_json::from_slice(&body)?;
         Ok(self.keys_of(&set, leeway_secs))
     }
 

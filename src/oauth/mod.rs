@@ -145,12 +145,23 @@ pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 /// as absent.
 pub struct Params(Vec<(String, String)>);
 
+/// A parameter given more than once: refused as `invalid_request`.
+#[derive(Debug, thiserror::Error)]
+#[error("the parameter `{0}` is repeated")]
+pub struct RepeatedParameter(pub String);
+
+impl From<RepeatedParameter> for OAuthError {
+    fn from(e: RepeatedParameter) -> OAuthError {
+        OAuthError::invalid_request(e.to_string())
+    }
+}
+
 impl Params {
-    pub fn parse(pairs: Vec<(String, String)>) -> Result<Params, String> {
+    pub fn parse(pairs: Vec<(String, String)>) -> Result<Params, RepeatedParameter> {
         let mut seen = std::collections::HashSet::new();
         for (k, _) in &pairs {
             if !seen.insert(k.as_str()) {
-                return Err(format!("the parameter `{k}` is repeated"));
+                return Err(RepeatedParameter(k.clone()));
             }
         }
         Ok(Params(pairs))

@@ -10,12 +10,11 @@ fn hasher(params: &Params) -> Argon2<'static> {
 }
 
 /// A PHC-format Argon2id hash of `password`.
-pub fn hash(password: &str, params: &Params) -> Result<String, String> {
+pub fn hash(password: &str, params: &Params) -> Result<String, argon2::password_hash::Error> {
     let salt = SaltString::generate(&mut OsRng);
     hasher(params)
         .hash_password(password.as_bytes(), &salt)
         .map(|h| h.to_string())
-        .map_err(|e| e.to_string())
 }
 
 /// Whether `password` matches the PHC hash `stored` (any Argon2 variant/parameters).
@@ -68,22 +67,15 @@ impl Purpose {
 }
 
 /// Why [`Hashers::run`] did not run the hash.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum HashError {
     /// Every hasher is busy and `passwords.max_queued` callers already wait: retry
     /// shortly (503).
+    #[error("every password hasher is busy and the queue is full")]
     Busy,
     /// The blocking task failed.
+    #[error("password hashing failed: {0}")]
     Failed(String),
-}
-
-impl std::fmt::Display for HashError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            HashError::Busy => f.write_str("every password hasher is busy and the queue is full"),
-            HashError::Failed(e) => write!(f, "password hashing failed: {e}"),
-        }
-    }
 }
 
 /// The process's Argon2 capacity: at most `running` hashes at once, at most

@@ -38,7 +38,7 @@ fn form_params(
             "the body must be application/x-www-form-urlencoded ({e})"
         ))
     })?;
-    Ok(Params::parse(pairs).map_err(OAuthError::invalid_request)?)
+    Ok(Params::parse(pairs).map_err(OAuthError::from)?)
 }
 
 /// Client authentication (RFC 6749 §2.3): public clients send `client_id`; clients with

@@ -229,9 +229,9 @@ fn read_usage(u: &Value, into: &mut ProviderUsage) {
 }
 
 /// A Messages answer → (OpenAI message, finish reason, usage).
-pub fn response(v: &Value) -> Result<(Value, &'static str, Option<Usage>), String> {
+pub fn response(v: &Value) -> Result<(Value, &'static str, Option<Usage>), super::AnswerError> {
     if v["type"] != "message" {
-        return Err("not an Anthropic message".into());
+        return Err(super::AnswerError::NotAnthropic);
     }
     let mut text = String::new();
     let mut calls = Vec::new();

@@ -318,9 +318,9 @@ fn parts_of(c: &Value) -> (String, Vec<(String, String, String)>) {
 }
 
 /// A `GenerateContentResponse` → (OpenAI message, finish reason, usage).
-pub fn response(v: &Value) -> Result<(Value, &'static str, Option<Usage>), String> {
+pub fn response(v: &Value) -> Result<(Value, &'static str, Option<Usage>), super::AnswerError> {
     if !v.is_object() || v.get("error").is_some() {
-        return Err("not a Gemini response".into());
+        return Err(super::AnswerError::NotGemini);
     }
     let c = &v["candidates"][0];
     let (text, calls) = parts_of(c);
@@ -444,17 +444,21 @@ pub fn embed_request(
 
 /// A `batchEmbedContents` answer → an OpenAI embeddings list. The usage is the one
 /// the provider reports (`usageMetadata`), if any.
-pub fn embed_response(bytes: &[u8], model: &str, base64: bool) -> Result<super::Answer, String> {
+pub fn embed_response(
+    bytes: &[u8],
+    model: &str,
+    base64: bool,
+) -> Result<super::Answer, super::AnswerError> {
     use base64::Engine as _;
-    let v: Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let v: Value = serde_json::from_slice(bytes)?;
     let list = v["embeddings"]
         .as_array()
-        .ok_or("no `embeddings` in the answer")?;
+        .ok_or(super::AnswerError::NoEmbeddings)?;
     let mut data = Vec::with_capacity(list.len());
     for (i, e) in list.iter().enumerate() {
         let values = e["values"]
             .as_array()
-            .ok_or("an embedding has no `values`")?;
+            .ok_or(super::AnswerError::NoEmbeddingValues)?;
         let embedding = if base64 {
             let mut raw = Vec::with_capacity(values.len() * 4);
             for x in values {

@@ -148,13 +148,32 @@ pub struct Answer {
     pub tool_call: bool,
 }
 
+/// Why a provider's non-streamed answer could not be translated (logged; the client
+/// is answered 502).
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerError {
+    /// Not JSON.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error("not an Anthropic message")]
+    NotAnthropic,
+    #[error("not a Gemini response")]
+    NotGemini,
+    #[error("not a translated provider")]
+    NotTranslated,
+    #[error("no `embeddings` in the answer")]
+    NoEmbeddings,
+    #[error("an embedding has no `values`")]
+    NoEmbeddingValues,
+}
+
 /// Translates a provider's JSON answer into a `chat.completion`.
-pub fn response(kind: Kind, bytes: &[u8], id: &str, model: &str) -> Result<Answer, String> {
-    let v: Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+pub fn response(kind: Kind, bytes: &[u8], id: &str, model: &str) -> Result<Answer, AnswerError> {
+    let v: Value = serde_json::from_slice(bytes)?;
     let (message, finish, usage) = match kind {
         Kind::Anthropic => anthropic::response(&v)?,
         Kind::Gemini => gemini::response(&v)?,
-        Kind::OpenAi => return Err("not a translated provider".into()),
+        Kind::OpenAi => return Err(AnswerError::NotTranslated),
     };
     let tool_call = message.get("tool_calls").is_some();
     let mut out = json!({
