@@ -326,24 +326,38 @@ async fn concurrent_reserves_commit_in_groups_without_overspending() {
     assert_eq!(len, 50, "one usage event per settled request");
 }
 
+/// A ledger on a Redis of the test's own (killed when the child is dropped), a user
+/// with 10 credits loaded into it, and an admin connection to that Redis.
+async fn on_private_redis(
+    env: &TestEnv,
+) -> (
+    tokio::process::Child,
+    Ledger,
+    Uuid,
+    redis::aio::MultiplexedConnection,
+) {
+    let port = free_port();
+    let redis = private_redis(port).await;
+    let url = format!("redis://127.0.0.1:{port}");
+    let ledger = Ledger::connect(&url, &env.prefix, env.layout.buckets())
+        .await
+        .unwrap();
+    let (_, db, user) = setup(env, 10).await;
+    ledger.load(&db, &user).await.unwrap();
+    let admin = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    (redis, ledger, user, admin)
+}
+
 #[tokio::test]
 async fn survives_redis_losing_its_script_cache() {
     // A Redis of the test's own: a SCRIPT FLUSH on the shared one would pull the
     // scripts from under every test running beside this one.
     let env = TestEnv::new().await;
-    let port = free_port();
-    let _redis = private_redis(port).await;
-    let url = format!("redis://127.0.0.1:{port}");
-    let ledger = Ledger::connect(&url, &env.prefix, env.layout.buckets())
-        .await
-        .unwrap();
-    let (_, db, user) = setup(&env, 10).await;
-    ledger.load(&db, &user).await.unwrap();
-    let mut r = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let (_redis, ledger, user, mut r) = on_private_redis(&env).await;
     let _: () = redis::cmd("SCRIPT")
         .arg("FLUSH")
         .query_async(&mut r)
@@ -419,19 +433,7 @@ async fn a_reserve_cancelled_while_redis_has_not_answered_leaves_no_hold() {
     // every reserve is sent and unanswered when its caller gives up. Once Redis runs
     // them, each admitted hold must be given back by the cancelled reserve itself.
     let env = TestEnv::new().await;
-    let port = free_port();
-    let _redis = private_redis(port).await;
-    let url = format!("redis://127.0.0.1:{port}");
-    let ledger = Ledger::connect(&url, &env.prefix, env.layout.buckets())
-        .await
-        .unwrap();
-    let (_, db, user) = setup(&env, 10).await;
-    ledger.load(&db, &user).await.unwrap();
-    let mut admin = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let (_redis, ledger, user, mut admin) = on_private_redis(&env).await;
     let _: () = redis::cmd("CONFIG")
         .arg("RESETSTAT")
         .query_async(&mut admin)
