@@ -28,19 +28,6 @@ use uuid::Uuid;
 use crate::config::AuthConfig;
 use crate::error::ApiError;
 
-/// Routes reachable without a token; everything else requires one.
-pub const UNAUTHENTICATED_ROUTES: &[&str] = &[
-    "/health",
-    "/livez",
-    "/readyz",
-    "/metrics",
-    "/oauth/authorize",
-    "/oauth/token",
-    "/oauth/revoke",
-    "/.well-known/oauth-authorization-server",
-    "/.well-known/jwks.json",
-];
-
 /// The claims of an access token (RFC 9068).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {

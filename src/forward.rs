@@ -6,6 +6,8 @@
 //! forwarded; each deployment's key comes from the environment variable named in
 //! config, in the header its provider expects.
 
+pub mod task;
+
 use std::collections::HashMap;
 use std::time::Duration;
 

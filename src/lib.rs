@@ -1,7 +1,7 @@
 //! Tollgate: a metering gateway for LLM APIs.
 //!
-//! The modules named after stages of the request path are listed, in order, in the
-//! module doc of [`router`].
+//! The modules named after stages of the request path, and the functions a request
+//! runs through in order, are listed in ARCHITECTURE.md ("Follow one request").
 #![forbid(unsafe_code)]
 
 pub mod account;
@@ -18,14 +18,16 @@ pub mod forward;
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod fuzz;
+pub mod hold;
 pub mod ledger;
 pub mod oauth;
 pub mod ops;
 pub mod parse;
 pub mod preferences;
 pub mod rate_limit;
+pub mod reserve;
 pub mod route;
-pub mod router;
+pub mod routes;
 pub mod scope;
 pub mod server;
 pub mod settle;

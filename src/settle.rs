@@ -378,7 +378,7 @@ pub async fn handle_orphan(state: &AppState, orphan: Orphan) {
             }
         }
         Orphan::Settle(event) => {
-            let r = settle(state, &event).await;
+            let r = charge(state, &event).await;
             metrics::counter!("tollgate_orphaned_requests_total", "outcome" => "settled")
                 .increment(1);
             if let Err(e) = r {
@@ -397,7 +397,7 @@ pub struct SettleError(pub String);
 /// unreachable, the usage row is written straight to PostgreSQL so it is never lost,
 /// and a background task keeps applying the charge to the live balance until Redis
 /// takes it (the row's replay through the stream then inserts nothing).
-pub async fn settle(state: &AppState, event: &UsageEvent) -> Result<(), SettleError> {
+pub async fn charge(state: &AppState, event: &UsageEvent) -> Result<(), SettleError> {
     let encoded = event.encode();
     let attempts = state.cfg.metering.settle_retries.max(1);
     let mut last = String::new();

@@ -61,3 +61,39 @@ impl Deref for AppState {
         &self.0
     }
 }
+
+/// The shutdown cut (the end of the grace period) as one future for a whole loop of
+/// reads: it registers its waiter once, not once per read.
+pub struct Cut(std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>);
+
+impl Cut {
+    pub fn new(state: &AppState) -> Cut {
+        Cut(Box::pin(state.cut.clone().cancelled_owned()))
+    }
+
+    /// Runs `f` unless the cut comes first.
+    pub async fn or<F: std::future::Future>(&mut self, f: F) -> Option<F::Output> {
+        tokio::select! {
+            biased;
+            r = f => Some(r),
+            _ = self.0.as_mut() => None,
+        }
+    }
+}
+
+/// Runs `f` unless the shutdown cut comes first.
+pub async fn unless_cut<F: std::future::Future>(state: &AppState, f: F) -> Option<F::Output> {
+    Cut::new(state).or(f).await
+}
+
+/// What a request cut by shutdown answers.
+pub fn shutting_down() -> crate::error::ApiError {
+    crate::error::ApiError::Unavailable {
+        message: "the gateway is shutting down; retry".into(),
+    }
+}
+
+/// The request id (UUIDv7, assigned as a request comes in): the key of the hold, the
+/// settle and the `usage_history` row, returned as `x-request-id`.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestId(pub uuid::Uuid);

@@ -27,7 +27,7 @@ pub use revocation::Revocations;
 
 use crate::state::AppState;
 
-/// The routes of the authorization server (all in `UNAUTHENTICATED_ROUTES`).
+/// The routes of the authorization server (public: no token).
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route(
