@@ -1,4 +1,4 @@
-//! Stage 1, authenticate: verify the bearer JWT locally — no database or network call
+//! Stage 2, authenticate: verify the bearer JWT locally — no database or network call
 //! per request. The algorithm comes from our key, never from the token; `typ` must be
 //! `at+jwt` (RFC 9068); `iss`, `aud`, `exp` (and `nbf` when present) are checked with a
 //! bounded leeway; the `kid` selects the key.

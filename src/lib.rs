@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod account;
+pub mod app;
 pub mod authenticate;
 pub mod body;
 pub mod cli;
@@ -27,7 +28,6 @@ pub mod preferences;
 pub mod rate_limit;
 pub mod reserve;
 pub mod route;
-pub mod routes;
 pub mod scope;
 pub mod server;
 pub mod settle;

@@ -35,7 +35,7 @@ pub struct Admission {
     pub output_explicit: bool,
 }
 
-/// Stages 2b, 5 and 6 for every model endpoint: the rate-limit check, the hold for up
+/// Stages 5 and 6 for every model endpoint: the rate-limit check, the hold for up
 /// to `want` output tokens a choice, then the upstream call in a task of its own (a
 /// client that disconnects cannot cancel the settle of what the provider produced).
 /// `body_for(m)` makes the upstream body for `m` output tokens a choice: first for

@@ -192,7 +192,7 @@ pub async fn run(
     let flusher_handle = tokio::spawn(flusher.run(stop_rx.clone()));
 
     // The data plane: worker threads, each serving the connections handed to it.
-    let app = crate::routes::router(state.clone());
+    let app = crate::app::router(state.clone());
     let graceful = Arc::new(GracefulShutdown::new());
     let (done_tx, done_rx) = tokio::sync::watch::channel(false);
     let mut workers = Vec::new();

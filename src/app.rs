@@ -1,4 +1,5 @@
-//! The HTTP routes and their middleware; nothing else. Two routers, merged:
+//! The HTTP application: its routes and their middleware, nothing else. Two routers,
+//! merged:
 //!
 //! - **public**: ops (`/health`, `/livez`, `/readyz`, `/metrics`) and the OAuth
 //!   authorization server's routes — no token;
