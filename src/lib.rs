@@ -18,6 +18,9 @@ pub mod forward;
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod fuzz;
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod layers;
 pub mod ledger;
 pub mod oauth;
 pub mod ops;
