@@ -10,6 +10,9 @@
 //! `jku`, `x5u` and embedded `jwk` headers are never followed: the key is chosen by
 //! `kid` from our own set only.
 
+pub mod external;
+pub mod revocation;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -144,9 +147,9 @@ pub struct Authenticator {
     leeway_secs: u64,
     cache: VerifiedCache,
     /// Disabled users and revoked sign-ins (reloaded in the background).
-    revocations: crate::oauth::Revocations,
+    revocations: revocation::Revocations,
     /// Another issuer whose tokens are accepted too (`[external_issuer]`).
-    external: Option<crate::oauth::external::ExternalIssuer>,
+    external: Option<external::ExternalIssuer>,
 }
 
 fn pem_encode(der: &[u8]) -> String {
@@ -335,10 +338,10 @@ impl Authenticator {
             ttl_secs: cfg.access_token_ttl.as_secs(),
             leeway_secs: cfg.leeway_secs,
             cache: VerifiedCache::new(),
-            revocations: crate::oauth::Revocations::default(),
+            revocations: revocation::Revocations::default(),
             external: match &cfg.external {
                 Some(e) => Some(
-                    crate::oauth::external::ExternalIssuer::new(e.clone())
+                    external::ExternalIssuer::new(e.clone())
                         .map_err(|e| KeyError(format!("external issuer: {e}")))?,
                 ),
                 None => None,
@@ -372,7 +375,7 @@ impl Authenticator {
         &self.form_secret
     }
 
-    pub fn revocations(&self) -> &crate::oauth::Revocations {
+    pub fn revocations(&self) -> &revocation::Revocations {
         &self.revocations
     }
 
@@ -579,7 +582,7 @@ fn verify_external(
     token: &str,
     alg: Algorithm,
     cfg: &crate::config::ExternalIssuerConfig,
-    key: &crate::oauth::external::ExtKey,
+    key: &external::ExtKey,
 ) -> Result<(Principal, u64), ApiError> {
     if alg != key.alg {
         return Err(invalid("algorithm not allowed"));

@@ -23,7 +23,7 @@ use crate::parse::{
     ChatRequest, Edits, PromptSize, MAX_CHOICES, TOKENS_PER_REQUEST,
 };
 use crate::reserve::{admit, Admission};
-use crate::route::route_sized;
+use crate::route::Model;
 use crate::state::{AppState, RequestId};
 use crate::translate::{self, Kind};
 
@@ -417,6 +417,29 @@ pub async fn embeddings(
         &state, &principal, &model, &chat, 0, admission, &mut same, false,
     )
     .await
+}
+
+/// Prompt tokens Anthropic adds to a request with tools (its tool-use system prompt:
+/// 313–346 for the current models, per its pricing documentation), which are not in
+/// the body.
+const ANTHROPIC_TOOL_PROMPT_TOKENS: i64 = 400;
+
+/// Stage 4 for a parsed request: its model and provider's format, with the prompt's
+/// bound sized for them.
+fn route_sized(
+    state: &AppState,
+    chat: &mut ChatRequest,
+) -> Result<(std::sync::Arc<Model>, Kind), ApiError> {
+    let model = state.models.route(&chat.model)?;
+    let kind = state.upstream.provider(&model.provider)?.kind;
+    if kind == Kind::Anthropic && chat.tools {
+        chat.prompt.bytes = chat
+            .prompt
+            .bytes
+            .saturating_add(ANTHROPIC_TOOL_PROMPT_TOKENS);
+    }
+    chat.size_for(&model, i64::from(state.cfg.metering.image_tokens));
+    Ok((model, kind))
 }
 
 /// `POST /v1/chat/completions`.

@@ -20,10 +20,14 @@ pub mod forward;
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod fuzz;
 pub mod hold;
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod layers;
 pub mod ledger;
 pub mod oauth;
 pub mod ops;
 pub mod parse;
+pub mod password;
 pub mod preferences;
 pub mod rate_limit;
 pub mod reserve;
@@ -36,4 +40,6 @@ pub mod state;
 pub mod stream_back;
 pub mod telemetry;
 pub mod translate;
+pub mod upstream;
+pub mod usage;
 pub mod worker;

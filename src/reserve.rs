@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use crate::authenticate::Principal;
 use crate::error::ApiError;
-use crate::forward::task::{self, EarlySend, Go, Start};
+use crate::forward::{self, EarlySend, Go, Start};
 use crate::hold::{Admitted, Api, HoldKeeper, Request};
 use crate::ledger::{HoldRequest, Reserve};
 use crate::parse::ChatRequest;
@@ -82,7 +82,10 @@ pub async fn admit(
             stream: chat.stream,
             body: body.clone(),
         };
-        (go, state.tasks.spawn(task::run(Start::Early(early, wait))))
+        (
+            go,
+            state.tasks.spawn(forward::run(Start::Early(early, wait))),
+        )
     });
     // On a refusal or an error the `go` sender is dropped: the early call is cancelled.
     let (hold, max_tokens) = reserve(state, &principal.user_id, &a.rid, model, chat, want).await?;
@@ -139,7 +142,7 @@ pub async fn admit(
             });
             state
                 .tasks
-                .spawn(task::run(Start::Now(go, lowered.unwrap_or(body))))
+                .spawn(forward::run(Start::Now(go, lowered.unwrap_or(body))))
         }
     };
     let mut resp = handle.await.map_err(ApiError::internal)??;

@@ -9,9 +9,6 @@ use arc_swap::ArcSwap;
 
 use crate::db::{Db, DbError};
 use crate::error::ApiError;
-use crate::parse::ChatRequest;
-use crate::state::AppState;
-use crate::translate::Kind;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Model {
@@ -133,29 +130,6 @@ impl Models {
                 .collect(),
         ));
     }
-}
-
-/// Prompt tokens Anthropic adds to a request with tools (its tool-use system prompt:
-/// 313–346 for the current models, per its pricing documentation), which are not in
-/// the body.
-const ANTHROPIC_TOOL_PROMPT_TOKENS: i64 = 400;
-
-/// Stage 4 for a parsed request: its model and provider's format, with the prompt's
-/// bound sized for them.
-pub fn route_sized(
-    state: &AppState,
-    chat: &mut ChatRequest,
-) -> Result<(std::sync::Arc<Model>, Kind), ApiError> {
-    let model = state.models.route(&chat.model)?;
-    let kind = state.upstream.provider(&model.provider)?.kind;
-    if kind == Kind::Anthropic && chat.tools {
-        chat.prompt.bytes = chat
-            .prompt
-            .bytes
-            .saturating_add(ANTHROPIC_TOOL_PROMPT_TOKENS);
-    }
-    chat.size_for(&model, i64::from(state.cfg.metering.image_tokens));
-    Ok((model, kind))
 }
 
 #[cfg(test)]

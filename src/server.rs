@@ -24,10 +24,10 @@ use crate::authenticate::Authenticator;
 use crate::config::Config;
 use crate::db::Db;
 use crate::flush::Flusher;
-use crate::forward::Upstream;
 use crate::ledger::Ledger;
 use crate::route::Models;
 use crate::state::{AppState, Inner};
+use crate::upstream::Upstream;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -22,8 +22,8 @@ pub mod pump;
 use bytes::{Bytes, BytesMut};
 use memchr::memmem;
 
-use crate::settle::Usage;
 use crate::translate::{Kind, StreamTranslator};
+use crate::usage::Usage;
 
 /// The tap of one stream: OpenAI's passed through, or another provider's translated.
 pub enum Tap {

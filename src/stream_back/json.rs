@@ -87,7 +87,7 @@ pub async fn answer_json(mut adm: Answering, sent: Sent) -> Result<Response, Api
     }
     let bytes = buf.freeze();
     let (bytes, usage, tool_call) = if adm.kind == Kind::OpenAi {
-        let usage = crate::settle::Usage::from_openai_json(&bytes);
+        let usage = crate::usage::Usage::from_openai_json(&bytes);
         let tool_call = super::finished_with_tool_calls(&bytes);
         (bytes, usage, tool_call)
     } else {

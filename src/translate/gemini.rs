@@ -12,8 +12,8 @@ use super::{
 };
 use crate::error::ApiError;
 use crate::route::Model;
-use crate::settle::Usage;
 use crate::sse::SseEvent;
+use crate::usage::Usage;
 
 const KNOWN: &[&str] = &[
     "model",

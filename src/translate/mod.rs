@@ -19,8 +19,8 @@ use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
 use crate::route::Model;
-use crate::settle::Usage;
 use crate::sse::{SseEvent, SseParser};
+use crate::usage::Usage;
 
 /// The wire format a provider speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
