@@ -40,7 +40,7 @@ pub enum Api {
 }
 
 /// What an admitted request carries from reserve to settle, whichever its state.
-pub struct Request {
+pub struct Context {
     pub state: AppState,
     pub model: Arc<Model>,
     pub stream: bool,
@@ -54,7 +54,7 @@ pub struct Request {
     pub keeper: HoldKeeper,
 }
 
-impl Request {
+impl Context {
     /// The provider's idle timeout (longest wait between two chunks).
     pub fn idle_timeout(&self) -> std::time::Duration {
         self.state
@@ -67,42 +67,42 @@ impl Request {
 
 /// A request whose hold is taken and whose provider has not answered 2xx.
 #[must_use = "an admitted request ends in release() or answered()"]
-pub struct Admitted(Request);
+pub struct Admitted(Context);
 
 /// A request whose provider answered 2xx: it is charged, whatever happens next.
 #[must_use = "an answered request ends in settle() or charge_failure()"]
-pub struct Answering(Request);
+pub struct Answering(Context);
 
 impl Deref for Admitted {
-    type Target = Request;
-    fn deref(&self) -> &Request {
+    type Target = Context;
+    fn deref(&self) -> &Context {
         &self.0
     }
 }
 
 impl Deref for Answering {
-    type Target = Request;
-    fn deref(&self) -> &Request {
+    type Target = Context;
+    fn deref(&self) -> &Context {
         &self.0
     }
 }
 
 impl DerefMut for Answering {
-    fn deref_mut(&mut self) -> &mut Request {
+    fn deref_mut(&mut self) -> &mut Context {
         &mut self.0
     }
 }
 
 impl Admitted {
-    /// The hold the reserve took, as `request` describes it.
-    pub fn new(request: Request) -> Admitted {
-        Admitted(request)
+    /// The hold the reserve took, for the request `context` describes.
+    pub fn new(context: Context) -> Admitted {
+        Admitted(context)
     }
 
     /// Gives the hold back (no 2xx came). Awaited, so the balance is whole again
     /// before the client hears of the failure.
     pub async fn release(self) {
-        let Request {
+        let Context {
             state, mut ticket, ..
         } = self.0;
         let (user, rid) = (ticket.user, ticket.rid);
@@ -145,7 +145,7 @@ impl Answering {
         usage: Usage,
         extra: serde_json::Map<String, serde_json::Value>,
     ) -> Result<(), ApiError> {
-        let Request {
+        let Context {
             state,
             model,
             mut ticket,

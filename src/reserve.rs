@@ -16,7 +16,7 @@ use uuid::Uuid;
 use crate::authenticate::Principal;
 use crate::error::ApiError;
 use crate::forward::{self, EarlySend, Go, Start};
-use crate::hold::{Admitted, Api, HoldKeeper, Request};
+use crate::hold::{Admitted, Api, Context, HoldKeeper};
 use crate::ledger::{HoldRequest, Reserve};
 use crate::parse::ChatRequest;
 use crate::route::Model;
@@ -89,7 +89,7 @@ pub async fn admit(
     });
     // On a refusal or an error the `go` sender is dropped: the early call is cancelled.
     let (hold, max_tokens) = reserve(state, &principal.user_id, &a.rid, model, chat, want).await?;
-    let adm = Admitted::new(Request {
+    let adm = Admitted::new(Context {
         state: state.clone(),
         model: model.clone(),
         stream: chat.stream,
