@@ -21,10 +21,10 @@ use crate::parse::{
     MAX_CHOICES, TOKENS_PER_REQUEST,
 };
 use crate::router::{
-    admit_and_run, parse_off_thread, read_body, route_sized, Admission, Api, RequestId,
+    admit_and_run, parse_off_thread, read_body, route_sized, Admission, RequestId,
 };
 use crate::state::AppState;
-use crate::translate::{self, Kind};
+use crate::translate::Endpoint;
 
 /// OpenAI's default `max_tokens` of a text completion.
 const COMPLETION_DEFAULT_MAX_TOKENS: i64 = 16;
@@ -263,7 +263,8 @@ pub async fn completions(
     let body = read_body(req.into_body(), state.cfg.max_body_bytes).await?;
     let mut chat = parse_off_thread(&body, parse_completion).await?;
     let (model, kind) = route_sized(&state, &mut chat)?;
-    if kind != Kind::OpenAi {
+    // Only a provider that passes through may offer completions (none is translated).
+    if !(kind.passes_through() && kind.offers(Endpoint::Completions)) {
         return Err(not_offered(
             &model.id,
             &model.provider,
@@ -277,7 +278,7 @@ pub async fn completions(
         rid,
         started,
         kind,
-        endpoint: Api::Completions,
+        endpoint: Endpoint::Completions,
         operation: "completion",
         output_explicit: true,
     };
@@ -384,24 +385,22 @@ pub async fn embeddings(
     })
     .await?;
     let (model, kind) = route_sized(&state, &mut chat)?;
-    let translated = match kind {
-        Kind::OpenAi => None,
-        Kind::Gemini => {
-            let input: serde_json::Value =
-                serde_json::from_str(input.get()).map_err(|e| body::json_error(&e))?;
-            Some(translate::gemini::embed_request(
-                &input, &model, dimensions,
-            )?)
-        }
-        Kind::Anthropic => {
-            return Err(not_offered(&model.id, &model.provider, "embeddings"));
-        }
+    let endpoint = Endpoint::Embeddings { base64 };
+    if !kind.offers(endpoint) {
+        return Err(not_offered(&model.id, &model.provider, "embeddings"));
+    }
+    let translated = if kind.passes_through() {
+        None
+    } else {
+        let input: serde_json::Value =
+            serde_json::from_str(input.get()).map_err(|e| body::json_error(&e))?;
+        Some(kind.embeddings_request(&input, &model, dimensions)?)
     };
     let admission = Admission {
         rid,
         started,
         kind,
-        endpoint: Api::Embeddings { base64 },
+        endpoint,
         operation: "embedding",
         output_explicit: true,
     };

@@ -48,7 +48,7 @@ use crate::scope::Scope;
 use crate::settle::{cost, settle, PromptTokens, Received, Ticket, Usage};
 use crate::state::AppState;
 use crate::stream_back::{Stop, StreamEnd, Tap};
-use crate::translate::{self, Kind};
+use crate::translate::{self, ChatId, Endpoint, Kind};
 
 /// The request id: the key of the hold, the settle and the `usage_history` row.
 #[derive(Debug, Clone, Copy)]
@@ -148,11 +148,6 @@ async fn get_model(
     Ok(Json(state.models.route(&id)?.to_openai()))
 }
 
-/// Prompt tokens Anthropic adds to a request with tools (its tool-use system prompt:
-/// 313–346 for the current models, per its pricing documentation), which are not in
-/// the body.
-const ANTHROPIC_TOOL_PROMPT_TOKENS: i64 = 400;
-
 /// Stage 4 for a parsed request: its model and provider's format, with the prompt's
 /// bound sized for them.
 pub(crate) fn route_sized(
@@ -161,11 +156,9 @@ pub(crate) fn route_sized(
 ) -> Result<(std::sync::Arc<Model>, Kind), ApiError> {
     let model = state.models.route(&chat.model)?;
     let kind = state.upstream.provider(&model.provider)?.kind;
-    if kind == Kind::Anthropic && chat.tools {
-        chat.prompt.bytes = chat
-            .prompt
-            .bytes
-            .saturating_add(ANTHROPIC_TOOL_PROMPT_TOKENS);
+    if chat.tools {
+        // The tool-use prompt a provider adds (Anthropic's), not in the body.
+        chat.prompt.bytes = chat.prompt.bytes.saturating_add(kind.tool_prompt_tokens());
     }
     chat.size_for(&model, i64::from(state.cfg.metering.image_tokens));
     Ok((model, kind))
@@ -213,22 +206,11 @@ pub(crate) struct Admitted {
     /// The wire format of the model's provider (anything but OpenAI is translated).
     pub(crate) kind: Kind,
     /// Which provider endpoint the request goes to.
-    pub(crate) endpoint: Api,
+    pub(crate) endpoint: Endpoint,
     /// The money: settled or released exactly once, even if this is dropped.
     pub(crate) ticket: Ticket,
     /// Keeps the hold alive while the request runs.
     pub(crate) keeper: HoldKeeper,
-}
-
-/// The OpenAI endpoint a request came in on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Api {
-    Chat,
-    Completions,
-    /// `base64`: the client asked for `encoding_format: base64`.
-    Embeddings {
-        base64: bool,
-    },
 }
 
 /// How a request asks to be admitted (besides its model and parse).
@@ -236,7 +218,7 @@ pub(crate) struct Admission {
     pub(crate) rid: Uuid,
     pub(crate) started: Instant,
     pub(crate) kind: Kind,
-    pub(crate) endpoint: Api,
+    pub(crate) endpoint: Endpoint,
     pub(crate) operation: &'static str,
     /// Whether the output limit came from the client (or a preference), not the cap.
     pub(crate) output_explicit: bool,
@@ -373,7 +355,7 @@ fn hold_estimate(model: &Model, chat: &ChatRequest, want: i64) -> Option<i64> {
 struct EarlySend {
     state: AppState,
     model: std::sync::Arc<Model>,
-    endpoint: Api,
+    endpoint: Endpoint,
     stream: bool,
     body: Bytes,
 }
@@ -734,12 +716,11 @@ async fn chat_completions(
     let temperature = prefs.as_ref().and_then(|p| p.temperature);
     let (model, kind) = route_sized(&state, &mut chat)?;
     // Translation runs before anything is held: what the provider cannot honour is a 400.
-    let translated = match kind {
-        Kind::OpenAi => None,
-        _ => {
-            let m = model.clone();
-            Some(parse_off_thread(&body, move |b| translate::request(kind, b, &m)).await?)
-        }
+    let translated = if kind.passes_through() {
+        None
+    } else {
+        let m = model.clone();
+        Some(parse_off_thread(&body, move |b| translate::request(kind, b, &m)).await?)
     };
     let want = chat
         .max_tokens
@@ -749,7 +730,7 @@ async fn chat_completions(
         rid,
         started,
         kind,
-        endpoint: Api::Chat,
+        endpoint: Endpoint::Chat,
         operation: "chat",
         output_explicit: chat.max_tokens.is_some() || pref_max_tokens.is_some(),
     };
@@ -794,18 +775,12 @@ async fn chat_completions(
 async fn send_upstream(
     state: &AppState,
     model: &Model,
-    endpoint: Api,
+    endpoint: Endpoint,
     stream: bool,
     body: Bytes,
 ) -> Result<Sent, ApiError> {
     let provider = state.upstream.provider(&model.provider)?;
-    let name = model.name.as_str();
-    let endpoint = match endpoint {
-        Api::Chat => crate::forward::Endpoint::Chat { model: name },
-        Api::Completions => crate::forward::Endpoint::Completions,
-        Api::Embeddings { .. } => crate::forward::Endpoint::Embeddings { model: name },
-    };
-    provider.send(endpoint, body, stream).await
+    provider.send(endpoint, &model.name, body, stream).await
 }
 
 /// Metadata of a request that needed more than one upstream attempt.
@@ -831,7 +806,7 @@ async fn forward_json(mut adm: Admitted, sent: Sent) -> Result<Response, ApiErro
     let extra = attempts_meta(&sent);
     let max = adm.state.cfg.max_response_bytes;
     let idle = adm.idle_timeout();
-    let embeddings = matches!(adm.endpoint, Api::Embeddings { .. });
+    let embeddings = matches!(adm.endpoint, Endpoint::Embeddings { .. });
     let Sent {
         status,
         content_type,
@@ -895,27 +870,16 @@ async fn forward_json(mut adm: Admitted, sent: Sent) -> Result<Response, ApiErro
         return Err(adm.charge_failure(reason, extra, error).await);
     }
     let bytes = buf.freeze();
-    let (bytes, usage, tool_call) = if adm.kind == Kind::OpenAi {
-        let usage = Usage::from_openai_json(&bytes);
-        let tool_call = crate::stream_back::finished_with_tool_calls(&bytes);
-        (bytes, usage, tool_call)
-    } else {
-        let id = format!("chatcmpl-{}", adm.ticket.rid.simple());
-        let answer = match adm.endpoint {
-            Api::Embeddings { base64 } => {
-                translate::gemini::embed_response(&bytes, &adm.model.id, base64)
-            }
-            _ => translate::response(adm.kind, &bytes, &id, &adm.model.id),
-        };
-        match answer {
-            Ok(a) => (a.body, a.usage, a.tool_call),
-            Err(e) => {
-                tracing::warn!(request_id = %adm.ticket.rid, error = %e, "upstream answer not understood");
-                let error = ApiError::BadGateway {
-                    message: "the upstream provider's answer could not be read".into(),
-                };
-                return Err(adm.charge_failure("unreadable_answer", extra, error).await);
-            }
+    let id = ChatId(adm.ticket.rid);
+    let answer = adm.kind.answer(adm.endpoint, bytes, &id, &adm.model.id);
+    let (bytes, usage, tool_call) = match answer {
+        Ok(a) => (a.body, a.usage, a.tool_call),
+        Err(e) => {
+            tracing::warn!(request_id = %adm.ticket.rid, error = %e, "upstream answer not understood");
+            let error = ApiError::BadGateway {
+                message: "the upstream provider's answer could not be read".into(),
+            };
+            return Err(adm.charge_failure("unreadable_answer", extra, error).await);
         }
     };
     if tool_call && adm.ticket.operation == "chat" {
