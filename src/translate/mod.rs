@@ -20,6 +20,8 @@
 pub mod anthropic;
 pub mod gemini;
 pub mod openai;
+#[cfg(test)]
+mod toy;
 mod wire;
 
 pub use wire::{for_name, path_segment, secret, ChatId, Endpoint, Kind, Wire, PROVIDERS};

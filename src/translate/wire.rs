@@ -163,6 +163,8 @@ pub static PROVIDERS: &[Kind] = &[
     &super::openai::OpenAi,
     &super::anthropic::Anthropic,
     &super::gemini::Gemini,
+    #[cfg(test)]
+    &super::toy::Toy,
 ];
 
 /// The provider named `name`; a name not registered speaks OpenAI's format (an
