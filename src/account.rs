@@ -309,7 +309,7 @@ pub async fn put_preferences(
     req: axum::extract::Request,
 ) -> Result<Json<Value>, ApiError> {
     // Preferences are small: more than this is refused with an OpenAI-shaped 413.
-    let body = crate::router::read_body(req.into_body(), PREFERENCES_MAX_BYTES).await?;
+    let body = crate::body::read_body(req.into_body(), PREFERENCES_MAX_BYTES).await?;
     let v: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid(format!("the body is not valid JSON ({e})")))?;
     let Value::Object(fields) = v else {

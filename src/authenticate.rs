@@ -1,4 +1,4 @@
-//! Stage 1, authenticate: verify the bearer JWT locally — no database or network call
+//! Stage 2, authenticate: verify the bearer JWT locally — no database or network call
 //! per request. The algorithm comes from our key, never from the token; `typ` must be
 //! `at+jwt` (RFC 9068); `iss`, `aud`, `exp` (and `nbf` when present) are checked with a
 //! bounded leeway; the `kid` selects the key.
@@ -9,6 +9,9 @@
 //! JWKS until they are removed from the list (rotation without a flag day).
 //! `jku`, `x5u` and embedded `jwk` headers are never followed: the key is chosen by
 //! `kid` from our own set only.
+
+pub mod external;
+pub mod revocation;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -27,19 +30,6 @@ use uuid::Uuid;
 
 use crate::config::AuthConfig;
 use crate::error::ApiError;
-
-/// Routes reachable without a token; everything else requires one.
-pub const UNAUTHENTICATED_ROUTES: &[&str] = &[
-    "/health",
-    "/livez",
-    "/readyz",
-    "/metrics",
-    "/oauth/authorize",
-    "/oauth/token",
-    "/oauth/revoke",
-    "/.well-known/oauth-authorization-server",
-    "/.well-known/jwks.json",
-];
 
 /// The claims of an access token (RFC 9068).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -157,9 +147,9 @@ pub struct Authenticator {
     leeway_secs: u64,
     cache: VerifiedCache,
     /// Disabled users and revoked sign-ins (reloaded in the background).
-    revocations: crate::oauth::Revocations,
+    revocations: revocation::Revocations,
     /// Another issuer whose tokens are accepted too (`[external_issuer]`).
-    external: Option<crate::oauth::external::ExternalIssuer>,
+    external: Option<external::ExternalIssuer>,
 }
 
 fn pem_encode(der: &[u8]) -> String {
@@ -348,10 +338,10 @@ impl Authenticator {
             ttl_secs: cfg.access_token_ttl.as_secs(),
             leeway_secs: cfg.leeway_secs,
             cache: VerifiedCache::new(),
-            revocations: crate::oauth::Revocations::default(),
+            revocations: revocation::Revocations::default(),
             external: match &cfg.external {
                 Some(e) => Some(
-                    crate::oauth::external::ExternalIssuer::new(e.clone())
+                    external::ExternalIssuer::new(e.clone())
                         .map_err(|e| KeyError(format!("external issuer: {e}")))?,
                 ),
                 None => None,
@@ -385,7 +375,7 @@ impl Authenticator {
         &self.form_secret
     }
 
-    pub fn revocations(&self) -> &crate::oauth::Revocations {
+    pub fn revocations(&self) -> &revocation::Revocations {
         &self.revocations
     }
 
@@ -592,7 +582,7 @@ fn verify_external(
     token: &str,
     alg: Algorithm,
     cfg: &crate::config::ExternalIssuerConfig,
-    key: &crate::oauth::external::ExtKey,
+    key: &external::ExtKey,
 ) -> Result<(Principal, u64), ApiError> {
     if alg != key.alg {
         return Err(invalid("algorithm not allowed"));

@@ -26,6 +26,9 @@
 //! no such key ([`Present`]); otherwise the top level is rebuilt from its entries, each
 //! value's bytes kept as they came ([`rebuild`]).
 
+use axum::body::Body;
+use bytes::Bytes;
+use http_body_util::BodyExt;
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -456,6 +459,40 @@ pub fn rebuild(body: &[u8], set: &[(&str, Vec<u8>)]) -> Result<Vec<u8>, ApiError
     }
     out.push(b'}');
     Ok(out)
+}
+
+/// Bodies larger than this are checked and parsed on the blocking pool: a large body
+/// costs its own CPU without holding up the other requests of this worker thread.
+const INLINE_PARSE_BYTES: usize = 64 * 1024;
+
+/// Runs `parse` on `body`, on the blocking pool when the body is large.
+pub async fn parse_off_thread<T: Send + 'static>(
+    body: &Bytes,
+    parse: impl FnOnce(&[u8]) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    if body.len() <= INLINE_PARSE_BYTES {
+        return parse(body);
+    }
+    let body = body.clone();
+    tokio::task::spawn_blocking(move || parse(&body))
+        .await
+        .map_err(ApiError::internal)?
+}
+
+/// Reads the body, refusing more than `limit` bytes with 413.
+pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(ApiError::BodyTooLarge { limit })
+        }
+        Err(e) => Err(ApiError::invalid(format!(
+            "could not read the request body ({e})"
+        ))),
+    }
 }
 
 #[cfg(test)]

@@ -559,7 +559,7 @@ pub struct MeteringConfig {
     pub image_tokens: u32,
     pub settle_retries: u32,
     /// Send upstream while the hold is taken when the user's last known balance is far
-    /// above the hold (see `router::admit_and_run`).
+    /// above the hold (see `reserve::admit`).
     pub speculative_send: bool,
 }
 

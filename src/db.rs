@@ -55,6 +55,22 @@ pub enum DbError {
     Pg(#[from] tokio_postgres::Error),
 }
 
+/// PostgreSQL failed while answering (pool or query): 503, "database is temporarily
+/// unavailable", the cause logged. (The OAuth endpoints answer in RFC 6749's shape
+/// instead and map their database errors themselves.)
+impl From<DbError> for crate::error::ApiError {
+    fn from(e: DbError) -> Self {
+        crate::error::ApiError::unavailable("database", e)
+    }
+}
+
+/// As for [`DbError`]: a query on a connection already held.
+impl From<tokio_postgres::Error> for crate::error::ApiError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        crate::error::ApiError::unavailable("database", e)
+    }
+}
+
 pub struct PoolStats {
     pub total: u32,
     pub idle: u32,

@@ -191,6 +191,23 @@ pub struct Sent {
     pub first_byte_due: tokio::time::Instant,
 }
 
+impl Sent {
+    /// What the usage row records of the attempts: how many and which deployment
+    /// answered, when more than one was made, and how many timed out.
+    pub fn attempts_meta(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut extra = serde_json::Map::new();
+        if self.attempts > 1 {
+            extra.insert("attempts".into(), self.attempts.into());
+            extra.insert("deployment".into(), self.deployment.into());
+        }
+        if self.timed_out > 0 {
+            // Sent earlier and not answered in time: the provider may have run those too.
+            extra.insert("timed_out_attempts".into(), self.timed_out.into());
+        }
+        extra
+    }
+}
+
 enum Outcome {
     /// Worth another attempt; the error is what the client gets if none is left.
     Retry {

@@ -5,9 +5,9 @@
 
 use std::time::Instant;
 
-use axum::extract::{Request, State};
+use axum::extract::{Path, Request, State};
 use axum::response::Response;
-use axum::Extension;
+use axum::{Extension, Json};
 use bytes::Bytes;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
@@ -15,16 +15,16 @@ use serde_json::value::RawValue;
 
 use crate::authenticate::Principal;
 use crate::body::{self, Params, Present};
+use crate::body::{parse_off_thread, read_body};
 use crate::error::ApiError;
 use crate::parse::{
-    include_usage, len, positive, positive_raw, upstream_body, ChatRequest, Edits, PromptSize,
-    MAX_CHOICES, TOKENS_PER_REQUEST,
+    include_usage, len, missing_model, parse_chat_lenient, positive, positive_raw, upstream_body,
+    ChatRequest, Edits, PromptSize, MAX_CHOICES, TOKENS_PER_REQUEST,
 };
-use crate::router::{
-    admit_and_run, parse_off_thread, read_body, route_sized, Admission, RequestId,
-};
-use crate::state::AppState;
-use crate::translate::Endpoint;
+use crate::reserve::{admit, Admission};
+use crate::route::Model;
+use crate::state::{AppState, RequestId};
+use crate::translate::{self, Endpoint, Kind};
 
 /// OpenAI's default `max_tokens` of a text completion.
 const COMPLETION_DEFAULT_MAX_TOKENS: i64 = 16;
@@ -290,7 +290,7 @@ pub async fn completions(
         Ok(upstream_body(&body, &chat, &model.name, edits)?
             .map_or_else(|| body.clone(), Bytes::from))
     };
-    admit_and_run(
+    admit(
         &state,
         &principal,
         &model,
@@ -411,10 +411,133 @@ pub async fn embeddings(
     };
     // Nothing to lower: an embedding holds for its input only.
     let mut same = |_: i64| Ok(to_send.clone());
-    admit_and_run(
+    admit(
         &state, &principal, &model, &chat, 0, admission, &mut same, false,
     )
     .await
+}
+
+/// Stage 4 for a parsed request: its model and provider's format, with the prompt's
+/// bound sized for them.
+fn route_sized(
+    state: &AppState,
+    chat: &mut ChatRequest,
+) -> Result<(std::sync::Arc<Model>, Kind), ApiError> {
+    let model = state.models.route(&chat.model)?;
+    let kind = state.upstream.provider(&model.provider)?.kind;
+    if chat.tools {
+        // The tool-use prompt a provider adds (Anthropic's), not in the body.
+        chat.prompt.bytes = chat.prompt.bytes.saturating_add(kind.tool_prompt_tokens());
+    }
+    chat.size_for(&model, i64::from(state.cfg.metering.image_tokens));
+    Ok((model, kind))
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Extension(RequestId(rid)): Extension<RequestId>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let body = read_body(req.into_body(), state.cfg.max_body_bytes).await?;
+    let mut chat = parse_off_thread(&body, parse_chat_lenient).await?;
+    // The user's preferences fill in what the request leaves out (from memory).
+    let prefs = if chat.model.is_empty() || chat.max_tokens.is_none() || !chat.has_temperature {
+        state.preferences.get(&state, principal.user_id).await
+    } else {
+        None
+    };
+    if chat.model.is_empty() {
+        chat.model = prefs
+            .as_ref()
+            .and_then(|p| p.default_model.clone())
+            .ok_or_else(missing_model)?;
+    }
+    let pref_max_tokens = prefs
+        .as_ref()
+        .and_then(|p| p.max_tokens)
+        .filter(|m| *m > 0 && chat.max_tokens.is_none());
+    let temperature = prefs.as_ref().and_then(|p| p.temperature);
+    let (model, kind) = route_sized(&state, &mut chat)?;
+    // Translation runs before anything is held: what the provider cannot honour is a 400.
+    let translated = if kind.passes_through() {
+        None
+    } else {
+        let m = model.clone();
+        Some(parse_off_thread(&body, move |b| translate::request(kind, b, &m)).await?)
+    };
+    let want = chat
+        .max_tokens
+        .or(pref_max_tokens)
+        .map_or(model.output_cap(), |m| m.min(model.output_cap()));
+    let admission = Admission {
+        rid,
+        started,
+        kind,
+        endpoint: Endpoint::Chat,
+        operation: "chat",
+        output_explicit: chat.max_tokens.is_some() || pref_max_tokens.is_some(),
+    };
+    // The upstream body for `m` output tokens. The provider's limit is always what was
+    // held for: whenever a limit field of the body is not exactly that (absent, above
+    // the model's cap, or lowered to the balance), the body carries the held limit, so
+    // the provider can never produce more than the hold covers.
+    let mut translated = translated;
+    let mut build = |m: i64| -> Result<Bytes, ApiError> {
+        match translated.as_mut() {
+            Some(t) => {
+                t.set_max_tokens(m);
+                if let Some(temp) = temperature {
+                    t.default_temperature(temp);
+                }
+                t.to_bytes()
+            }
+            None => {
+                let edits = Edits {
+                    limit: Some(m),
+                    temperature,
+                };
+                Ok(upstream_body(&body, &chat, &model.name, edits)?
+                    .map_or_else(|| body.clone(), Bytes::from))
+            }
+        }
+    };
+    admit(
+        &state,
+        &principal,
+        &model,
+        &chat,
+        want,
+        admission,
+        &mut build,
+        chat.include_usage,
+    )
+    .await
+}
+
+/// `GET /v1/models`.
+pub async fn list_models(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let data: Vec<_> = state
+        .models
+        .listed()
+        .iter()
+        .map(|m| m.to_openai())
+        .collect();
+    Json(serde_json::json!({"object": "list", "data": data}))
+}
+
+pub async fn get_model(
+    State(state): State<AppState>,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    // A path that is not UTF-8 gets an OpenAI-shaped error too.
+    let Path(id) = id.map_err(|e| ApiError::InvalidRequest {
+        message: format!("invalid model id in the URL ({})", e.body_text()),
+        param: Some("model"),
+    })?;
+    Ok(Json(state.models.route(&id)?.to_openai()))
 }
 
 #[cfg(test)]

@@ -1,5 +1,8 @@
 //! The one error type of the request path, and the one place that turns it into an
-//! OpenAI-shaped response: `{"error":{"message","type","param","code"}}`.
+//! OpenAI-shaped response: `{"error":{"message","type","param","code"}}` (or, for the
+//! OAuth endpoints' [`OAuthError`], RFC 6749's shape). It sits at the bottom of the
+//! module layers: the modules whose errors answer 503 (`db`, `ledger`) hold their own
+//! `From` conversions into [`ApiError`].
 
 use axum::response::{IntoResponse, Response};
 use http::{header, HeaderValue, StatusCode};
@@ -68,7 +71,7 @@ pub enum ApiError {
         message: String,
     },
     /// An OAuth token or revocation endpoint error, rendered per RFC 6749 §5.2.
-    OAuth(crate::oauth::OAuthError),
+    OAuth(OAuthError),
 }
 
 impl ApiError {
@@ -264,28 +267,79 @@ pub fn error_body(
     bytes::Bytes::from(v.to_string())
 }
 
-/// PostgreSQL failed while answering (pool or query): 503, "database is temporarily
-/// unavailable", the cause logged. (The OAuth endpoints answer in RFC 6749's shape
-/// instead and map their database errors themselves.)
-impl From<crate::db::DbError> for ApiError {
-    fn from(e: crate::db::DbError) -> Self {
-        ApiError::unavailable("database", e)
+/// An error of the token or revocation endpoint, rendered per RFC 6749 §5.2:
+/// `{"error": code, "error_description": text}`.
+#[derive(Debug)]
+pub struct OAuthError {
+    pub error: &'static str,
+    pub description: String,
+}
+
+impl OAuthError {
+    pub fn new(error: &'static str, description: impl Into<String>) -> OAuthError {
+        OAuthError {
+            error,
+            description: description.into(),
+        }
+    }
+
+    pub fn invalid_request(d: impl Into<String>) -> OAuthError {
+        Self::new("invalid_request", d)
+    }
+
+    pub fn invalid_grant(d: impl Into<String>) -> OAuthError {
+        Self::new("invalid_grant", d)
+    }
+
+    pub fn invalid_client(d: impl Into<String>) -> OAuthError {
+        Self::new("invalid_client", d)
+    }
+
+    pub fn status_code(&self) -> StatusCode {
+        match self.error {
+            "invalid_client" => StatusCode::UNAUTHORIZED,
+            "server_error" => StatusCode::INTERNAL_SERVER_ERROR,
+            "temporarily_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    pub fn body(&self) -> bytes::Bytes {
+        bytes::Bytes::from(
+            serde_json::json!({"error": self.error, "error_description": self.description})
+                .to_string(),
+        )
+    }
+
+    /// Headers every §5.2 answer carries (and `WWW-Authenticate` for a failed client,
+    /// `Retry-After` for a temporarily unavailable server).
+    pub fn add_headers(&self, h: &mut http::HeaderMap) {
+        no_store(h);
+        match self.error {
+            "invalid_client" => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Basic realm=\"tollgate\""),
+                );
+            }
+            "temporarily_unavailable" => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
     }
 }
 
-/// As for [`crate::db::DbError`]: a query on a connection already held.
-impl From<tokio_postgres::Error> for ApiError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        ApiError::unavailable("database", e)
+impl From<OAuthError> for ApiError {
+    fn from(e: OAuthError) -> Self {
+        ApiError::OAuth(e)
     }
 }
 
-/// A balance could not be loaded into the credit ledger: 503, "credit ledger is
-/// temporarily unavailable", the cause logged.
-impl From<crate::ledger::LedgerError> for ApiError {
-    fn from(e: crate::ledger::LedgerError) -> Self {
-        ApiError::unavailable("credit ledger", e)
-    }
+/// `Cache-Control: no-store` and `Pragma: no-cache` (tokens, codes, sign-in pages).
+pub fn no_store(h: &mut http::HeaderMap) {
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
 }
 
 impl IntoResponse for ApiError {

@@ -22,7 +22,7 @@ use uuid::Uuid;
 use crate::config::FlushConfig;
 use crate::db::{Db, DbError};
 use crate::ledger::{Ledger, STREAM_SLICE};
-use crate::settle::UsageEvent;
+use crate::usage::UsageEvent;
 
 mod allocation;
 use allocation::{allocate, CreditRow};

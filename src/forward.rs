@@ -1,213 +1,130 @@
-//! Stage 6, forward: send the request to one of the model's provider's deployments
-//! (chosen, retried and failed over in [`crate::deploy`]) over pooled keep-alive
-//! connections (TCP_NODELAY, rustls for https), in the provider's own wire format
-//! ([`crate::translate`] turns OpenAI requests into it). The upstream request is built
-//! afresh: the client's own `Authorization`, cookies and other headers are never
-//! forwarded; each deployment's key comes from the environment variable named in
-//! config, in the header its provider expects.
+//! Stage 6, the forwarding task of one request: it sends the body upstream (through
+//! the provider's [deployments](crate::deploy), with retries and failover), and — once
+//! the provider answered 2xx — hands the answer to stage 7
+//! ([`stream_back`](crate::stream_back)). It runs in a task of its own, so a client that
+//! disconnects cannot cancel the settle of what the provider produced.
 
-use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::Arc;
 
+use axum::response::Response;
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Uri};
-use http_body_util::Full;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 
-use crate::config::ProviderConfig;
-use crate::deploy::{Deployment, HttpClient, Pool, Sent};
+use crate::deploy::Sent;
 use crate::error::ApiError;
-use crate::translate::{Endpoint, Kind};
+use crate::hold::{holding, Admitted};
+use crate::route::Model;
+use crate::state::{shutting_down, unless_cut, AppState};
+use crate::stream_back;
+use crate::translate::Endpoint;
 
-pub struct Provider {
-    pub name: String,
-    /// The wire format it speaks.
-    pub kind: Kind,
-    /// A connection pool per worker thread: a pooled connection's task runs on the
-    /// thread that opened it, which is the thread that uses it.
-    clients: crate::worker::PerWorker<HttpClient>,
-    /// The deployments, their breakers and the retry policy.
-    pub pool: Pool,
-    /// The chat URL of each deployment, by index, parsed once at start-up when it
-    /// depends on the deployment alone ([`crate::translate::Wire::fixed_chat_url`]:
-    /// OpenAI's hot path); empty otherwise.
-    chat_uris: Vec<Uri>,
-    /// Longest wait between two frames of an answer.
-    pub idle_timeout: Duration,
+/// An upstream call started before its hold was taken.
+pub struct EarlySend {
+    pub state: AppState,
+    pub model: Arc<Model>,
+    pub endpoint: Endpoint,
+    pub stream: bool,
+    pub body: Bytes,
 }
 
-pub struct Upstream {
-    providers: HashMap<String, Provider>,
+/// The admitted request handed to its forwarding task. `resend` is for an early call
+/// whose hold lowered the limit: the body to send instead of using its answer.
+pub struct Go {
+    pub adm: Admitted,
+    pub resend: Option<Bytes>,
+    pub include_usage: bool,
 }
 
-impl Upstream {
-    /// `workers`: data-plane threads, each of which gets its own connection pools.
-    pub fn new(
-        providers: &std::collections::BTreeMap<String, ProviderConfig>,
-        workers: usize,
-    ) -> Result<Upstream, UpstreamError> {
-        let mut out = HashMap::new();
-        for (name, p) in providers {
-            let mut http = HttpConnector::new();
-            http.set_nodelay(true);
-            http.enforce_http(false);
-            http.set_connect_timeout(Some(p.connect_timeout));
-            http.set_keepalive(Some(Duration::from_secs(60)));
-            let tls = rustls_config()?;
-            let https = hyper_rustls::HttpsConnectorBuilder::new()
-                .with_tls_config(tls)
-                .https_or_http()
-                .enable_http1()
-                .enable_http2()
-                .wrap_connector(http);
-            let clients = crate::worker::PerWorker::new(workers, || {
-                Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(Duration::from_secs(90))
-                    // Per worker thread. Past a burst, connections beyond this are closed
-                    // as they come back rather than kept (and their buffers with them).
-                    .pool_max_idle_per_host(32)
-                    .build(https.clone())
-            });
-            let kind = crate::translate::for_name(name);
-            let chat_uris = p
-                .deployments
-                .iter()
-                .enumerate()
-                .filter(|_| kind.fixed_chat_url())
-                .filter_map(|(i, d)| {
-                    let url = kind.url(&d.base_url, Endpoint::Chat, "", false)?;
-                    Some(url.parse::<Uri>().map_err(|source| UpstreamError::BaseUrl {
-                        provider: name.clone(),
-                        index: i,
-                        source,
-                    }))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            out.insert(
-                name.clone(),
-                Provider {
-                    name: name.clone(),
-                    kind,
-                    clients,
-                    pool: Pool::new(p),
-                    chat_uris,
-                    idle_timeout: p.idle_timeout,
-                },
-            );
+/// How the forwarding task starts.
+pub enum Start {
+    /// Admitted: send this body now.
+    Now(Box<Go>, Bytes),
+    /// Send at once, and answer only once the hold is taken (or stop if it is refused).
+    Early(EarlySend, tokio::sync::oneshot::Receiver<Go>),
+}
+
+/// The forwarding task: the upstream call, then stages 7 and 8.
+pub async fn run(start: Start) -> Result<Response, ApiError> {
+    let (go, sent) = match start {
+        Start::Now(go, body) => {
+            let go = *go;
+            let a = &go.adm;
+            // Boxed here (and below) so the nested wrappers move a pointer, not the
+            // whole future (the moves of large futures showed in profiles as memmove).
+            let call = Box::pin(send(&a.state, &a.model, a.endpoint, a.stream, body));
+            let sent = holding(&a.state, &a.keeper, unless_cut(&a.state, call))
+                .await
+                .unwrap_or_else(|| Err(shutting_down()));
+            (go, sent)
         }
-        Ok(Upstream { providers: out })
-    }
-
-    /// The provider serving `name`, if it is configured.
-    pub fn provider(&self, name: &str) -> Result<&Provider, ApiError> {
-        self.providers
-            .get(name)
-            .ok_or_else(|| ApiError::ProviderNotImplemented {
-                provider: name.to_owned(),
-            })
-    }
-}
-
-/// Why the provider clients could not be built (at start-up).
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    /// The TLS client configuration could not be built.
-    #[error(transparent)]
-    Tls(#[from] rustls::Error),
-    /// A deployment's `base_url` does not make a URI.
-    #[error("providers.{provider}.deployments[{index}].base_url: {source}")]
-    BaseUrl {
-        provider: String,
-        index: usize,
-        source: http::uri::InvalidUri,
-    },
-}
-
-pub(crate) fn rustls_config() -> Result<rustls::ClientConfig, rustls::Error> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
-}
-
-impl Provider {
-    /// The URL of `endpoint` for the upstream model `model` at deployment `d` of this
-    /// provider ([`crate::translate::Wire::url`]).
-    pub fn uri(
-        &self,
-        d: &Deployment,
-        endpoint: Endpoint,
-        model: &str,
-        stream: bool,
-    ) -> Result<Uri, ApiError> {
-        if endpoint == Endpoint::Chat {
-            if let Some(u) = self.chat_uris.get(d.index) {
-                return Ok(u.clone());
-            }
-        }
-        let Some(url) = self.kind.url(&d.base_url, endpoint, model, stream) else {
-            return Err(ApiError::internal(format!(
-                "no {endpoint:?} endpoint for model {model} at provider {}",
-                self.name
+        Start::Early(e, mut wait) => {
+            let mut call = Some(Box::pin(send(
+                &e.state, &e.model, e.endpoint, e.stream, e.body,
             )));
-        };
-        url.parse().map_err(ApiError::internal)
-    }
-
-    /// The request of one attempt at deployment `d`: `body` (already in the provider's
-    /// format) POSTed to `endpoint`, with the deployment's key in the provider's
-    /// headers ([`crate::translate::Wire::auth_headers`]) and nothing of the client's
-    /// request but the body.
-    pub fn request(
-        &self,
-        d: &Deployment,
-        endpoint: Endpoint,
-        model: &str,
-        body: Bytes,
-        stream: bool,
-    ) -> Result<Request<Full<Bytes>>, ApiError> {
-        let accept = HeaderValue::from_static(if stream {
-            "text/event-stream"
-        } else {
-            "application/json"
-        });
-        let mut req = Request::builder()
-            .method(Method::POST)
-            .uri(self.uri(d, endpoint, model, stream)?)
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::ACCEPT, accept)
-            .header(
-                header::USER_AGENT,
-                concat!("tollgate/", env!("CARGO_PKG_VERSION")),
-            )
-            .body(Full::new(body))
-            .map_err(ApiError::internal)?;
-        let h = req.headers_mut();
-        for (name, value) in &d.auth {
-            h.insert(name.clone(), value.clone());
+            let mut answer = None;
+            let go = loop {
+                tokio::select! {
+                    go = &mut wait => break go,
+                    a = async { match call.as_mut() { Some(c) => c.await, None => std::future::pending().await } },
+                        if answer.is_none() => answer = Some(a),
+                }
+            };
+            let Ok(go) = go else {
+                // Refused (or the client left before its hold): the call is dropped here.
+                metrics::counter!("tollgate_speculative_sends_total", "outcome" => "cancelled")
+                    .increment(1);
+                return Err(ApiError::internal("not admitted"));
+            };
+            let sent = match (&go.resend, answer, call.take()) {
+                (None, Some(a), _) => a,
+                (None, None, Some(c)) => {
+                    let st = &go.adm.state;
+                    holding(st, &go.adm.keeper, unless_cut(st, c))
+                        .await
+                        .unwrap_or_else(|| Err(shutting_down()))
+                }
+                (None, None, None) => Err(ApiError::internal("no upstream call")),
+                // Sent with a limit the hold does not cover: drop that call (and its
+                // answer, if it came: a stream would stay open upstream) and send again.
+                (Some(b), a, c) => {
+                    drop(a);
+                    drop(c);
+                    let g = &go.adm;
+                    let call = Box::pin(send(&g.state, &g.model, g.endpoint, g.stream, b.clone()));
+                    holding(&g.state, &g.keeper, unless_cut(&g.state, call))
+                        .await
+                        .unwrap_or_else(|| Err(shutting_down()))
+                }
+            };
+            (go, sent)
         }
-        Ok(req)
+    };
+    let Go {
+        adm, include_usage, ..
+    } = go;
+    if let Err(e) = &sent {
+        tracing::info!(request_id = %adm.ticket.rid, error = e.label(), "upstream failed");
     }
+    let (adm, sent) = adm.or_release(sent).await?;
+    // The provider answered 2xx: from here on the request is charged.
+    let adm = adm.answered();
+    let (state, keeper) = (adm.state.clone(), adm.keeper.clone());
+    if adm.stream {
+        let pump = stream_back::pump::answer_stream(adm, sent, include_usage);
+        holding(&state, &keeper, Box::pin(pump)).await
+    } else {
+        let read = stream_back::json::answer_json(adm, sent);
+        holding(&state, &keeper, Box::pin(read)).await
+    }
+}
 
-    /// POSTs `body` (already in the provider's format) to `endpoint` for the upstream
-    /// model `model` at the provider's deployments (retries and failover in
-    /// [`Pool::send`]).
-    pub async fn send(
-        &self,
-        endpoint: Endpoint,
-        model: &str,
-        body: Bytes,
-        stream: bool,
-    ) -> Result<Sent, ApiError> {
-        self.pool
-            .send(self.clients.get(), |d| {
-                self.request(d, endpoint, model, body.clone(), stream)
-            })
-            .await
-    }
+/// Sends a request upstream (retries and failover inside).
+async fn send(
+    state: &AppState,
+    model: &Model,
+    endpoint: Endpoint,
+    stream: bool,
+    body: Bytes,
+) -> Result<Sent, ApiError> {
+    let provider = state.upstream.provider(&model.provider)?;
+    provider.send(endpoint, &model.name, body, stream).await
 }

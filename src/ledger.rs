@@ -55,6 +55,14 @@ impl From<tokio_postgres::Error> for LedgerError {
     }
 }
 
+/// A balance could not be loaded into the credit ledger: 503, "credit ledger is
+/// temporarily unavailable", the cause logged.
+impl From<LedgerError> for crate::error::ApiError {
+    fn from(e: LedgerError) -> Self {
+        crate::error::ApiError::unavailable("credit ledger", e)
+    }
+}
+
 /// The outcome of a reserve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reserve {

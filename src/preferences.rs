@@ -16,7 +16,16 @@ use uuid::Uuid;
 
 use crate::config::PreferencesConfig;
 use crate::db::Db;
-use crate::state::AppState;
+
+/// What the cache needs from the running gateway to reload an entry in the background:
+/// the database, the tracker of the tasks shutdown waits for, and the cache itself
+/// (reached again from that task). The gateway's `AppState` is one; this module sits
+/// below it, so it names only this.
+pub trait Host: Clone + Send + Sync + 'static {
+    fn db(&self) -> &Db;
+    fn tasks(&self) -> &tokio_util::task::TaskTracker;
+    fn preferences(&self) -> &PreferenceCache;
+}
 
 /// What a user's `user_preferences` row says.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,7 +63,7 @@ impl PreferenceCache {
 
     /// The user's preferences. Fresh: from memory. Stale: from memory, and one
     /// background reload starts. Unknown: loaded now (bounded by the load timeout).
-    pub async fn get(&self, state: &AppState, user: Uuid) -> Option<Arc<Preferences>> {
+    pub async fn get(&self, state: &impl Host, user: Uuid) -> Option<Arc<Preferences>> {
         let now = Instant::now();
         let shard = self.shard(&user);
         let stale = {
@@ -80,13 +89,13 @@ impl PreferenceCache {
                 };
                 if claimed {
                     let st = state.clone();
-                    state.tasks.spawn(async move {
-                        st.preferences.load_and_store(&st.db, user).await;
+                    state.tasks().spawn(async move {
+                        st.preferences().load_and_store(st.db(), user).await;
                     });
                 }
                 prefs
             }
-            None => self.load_and_store(&state.db, user).await,
+            None => self.load_and_store(state.db(), user).await,
         }
     }
 

@@ -1,5 +1,5 @@
-//! Stage 2b, rate-limit: requests and tokens per minute, per user, with the limits of
-//! the user's subscription tier (`rate_limits.<free|pro|enterprise>`; users without an
+//! Stage 5, first: the rate limit — requests and tokens per minute, per user, with the
+//! limits of the user's subscription tier (`rate_limits.<free|pro|enterprise>`; users without an
 //! active subscription get `free`). GCRA buckets in memory (governor), so the check is
 //! local to each gateway: with N replicas behind a load balancer a user gets up to N
 //! times the limit in the worst case. Credits, not these limits, are what bound spend.

@@ -1,4 +1,4 @@
-//! OAuth scopes, checked per route: each group of routes in [`router`](crate::router::router)
+//! OAuth scopes, checked per route: each group of routes in [`app`](crate::app)
 //! carries a [`require`] layer naming the one scope it needs. The check runs after
 //! authentication and before the handler — before the body is read, a limit counted or
 //! anything held — so a refused request costs nothing. Refusal: 403 `insufficient_scope`

@@ -1,5 +1,13 @@
-//! Stage 7, stream back: pass the provider's server-sent events to the client as they
-//! arrive, while tapping them for the usage the provider reports in its last chunk.
+//! Stage 7, stream back: the provider's answer to the client, then stage 8 (settle).
+//!
+//! - [`json::answer_json`]: a JSON answer, read whole (bounded), translated when the
+//!   provider is not OpenAI, charged, then sent.
+//! - [`pump::answer_stream`]: a stream, passed on as it arrives by a pump task; the
+//!   settle runs before the client sees the end.
+//!
+//! This module is the stream's tap: pass the provider's server-sent events to the
+//! client as they arrive, while tapping them for the usage the provider reports in
+//! its last chunk.
 //!
 //! The tap forwards each complete event as soon as its terminating blank line arrives
 //! (a frame that is exactly whole events is passed on without a copy). It withholds
@@ -8,12 +16,15 @@
 //! closing `data: [DONE]`, which is sent only after the request is settled, so a
 //! client that saw the end of the stream knows its usage is recorded.
 
+pub mod json;
+pub mod pump;
+
 use bytes::{Bytes, BytesMut};
 use memchr::memmem;
 
-use crate::settle::Usage;
 pub use crate::translate::openai::finished_with_tool_calls;
 use crate::translate::{ChatId, Kind, StreamTranslator};
+use crate::usage::Usage;
 
 /// The tap of one stream: OpenAI's passed through, or another provider's translated.
 pub enum Tap {

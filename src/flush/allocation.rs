@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use uuid::Uuid;
 
-use crate::settle::UsageEvent;
+use crate::usage::UsageEvent;
 
 /// One of a user's current credit rows, as the allocation sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

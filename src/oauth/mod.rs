@@ -10,8 +10,6 @@
 
 pub mod authorize;
 pub mod clients;
-pub mod external;
-pub mod password;
 pub mod revocation;
 pub mod throttle;
 pub mod token;
@@ -21,13 +19,17 @@ use axum::routing::{get, post};
 use axum::Router;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use http::{header, HeaderValue, StatusCode};
+use http::{header, StatusCode};
 
 pub use revocation::Revocations;
 
+pub use crate::authenticate::external;
+pub use crate::error::{no_store, OAuthError};
+pub use crate::password;
+
 use crate::state::AppState;
 
-/// The routes of the authorization server (all in `UNAUTHENTICATED_ROUTES`).
+/// The routes of the authorization server (public: no token).
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route(
@@ -46,81 +48,6 @@ pub fn routes() -> Router<AppState> {
 /// The peer address of the connection a request came on (set by the accept loop).
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub std::net::SocketAddr);
-
-/// An error of the token or revocation endpoint, rendered per RFC 6749 §5.2:
-/// `{"error": code, "error_description": text}`.
-#[derive(Debug)]
-pub struct OAuthError {
-    pub error: &'static str,
-    pub description: String,
-}
-
-impl OAuthError {
-    pub fn new(error: &'static str, description: impl Into<String>) -> OAuthError {
-        OAuthError {
-            error,
-            description: description.into(),
-        }
-    }
-
-    pub fn invalid_request(d: impl Into<String>) -> OAuthError {
-        Self::new("invalid_request", d)
-    }
-
-    pub fn invalid_grant(d: impl Into<String>) -> OAuthError {
-        Self::new("invalid_grant", d)
-    }
-
-    pub fn invalid_client(d: impl Into<String>) -> OAuthError {
-        Self::new("invalid_client", d)
-    }
-
-    pub fn status_code(&self) -> StatusCode {
-        match self.error {
-            "invalid_client" => StatusCode::UNAUTHORIZED,
-            "server_error" => StatusCode::INTERNAL_SERVER_ERROR,
-            "temporarily_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
-            _ => StatusCode::BAD_REQUEST,
-        }
-    }
-
-    pub fn body(&self) -> bytes::Bytes {
-        bytes::Bytes::from(
-            serde_json::json!({"error": self.error, "error_description": self.description})
-                .to_string(),
-        )
-    }
-
-    /// Headers every §5.2 answer carries (and `WWW-Authenticate` for a failed client,
-    /// `Retry-After` for a temporarily unavailable server).
-    pub fn add_headers(&self, h: &mut http::HeaderMap) {
-        no_store(h);
-        match self.error {
-            "invalid_client" => {
-                h.insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Basic realm=\"tollgate\""),
-                );
-            }
-            "temporarily_unavailable" => {
-                h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            }
-            _ => {}
-        }
-    }
-}
-
-impl From<OAuthError> for crate::error::ApiError {
-    fn from(e: OAuthError) -> Self {
-        crate::error::ApiError::OAuth(e)
-    }
-}
-
-/// `Cache-Control: no-store` and `Pragma: no-cache` (tokens, codes, sign-in pages).
-pub fn no_store(h: &mut http::HeaderMap) {
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
-}
 
 /// `n` random bytes, base64url without padding.
 pub fn random_token(n: usize) -> Result<String, crate::error::ApiError> {

@@ -13,8 +13,8 @@ use super::{
 };
 use crate::error::ApiError;
 use crate::route::Model;
-use crate::settle::Usage;
 use crate::sse::SseEvent;
+use crate::usage::Usage;
 
 /// The API version the gateway speaks (sent as `anthropic-version`).
 pub const VERSION: &str = "2023-06-01";

@@ -14,8 +14,8 @@ use super::{
 };
 use crate::error::ApiError;
 use crate::route::Model;
-use crate::settle::Usage;
 use crate::sse::SseEvent;
+use crate::usage::Usage;
 
 /// Google's Gemini API (`providers.google`, `models.provider = 'google'`): chat and
 /// embeddings, key in `x-goog-api-key`.

@@ -31,8 +31,8 @@ use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
 use crate::route::Model;
-use crate::settle::Usage;
 use crate::sse::{SseEvent, SseParser};
+use crate::usage::Usage;
 
 /// A translated request: the provider body, with the output limit still to be set
 /// (the reserve may lower it).

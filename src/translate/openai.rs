@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 use super::{secret, Answer, AnswerError, Endpoint, StreamState, Wire};
 use crate::error::ApiError;
 use crate::route::Model;
-use crate::settle::Usage;
+use crate::usage::Usage;
 
 /// OpenAI's API (`providers.openai`, and every provider name not registered).
 pub struct OpenAi;

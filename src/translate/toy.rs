@@ -1,7 +1,7 @@
 //! A provider that exists only in the tests: the "Adding a provider" recipe of
 //! ARCHITECTURE.md followed (one file implementing [`Wire`], one line in
 //! [`super::PROVIDERS`]), and its tests, which reach it by name through the generic
-//! code — the URL and headers of an upstream request (`forward`), the request
+//! code — the URL and headers of an upstream request (`upstream`), the request
 //! translation with the held limit and the default temperature, the JSON answer with
 //! its usage, the stream tap (`stream_back::Tap`), the error mapping — as a new
 //! provider's tests should.
@@ -25,7 +25,7 @@ use super::{
 };
 use crate::error::ApiError;
 use crate::route::Model;
-use crate::settle::Usage;
+use crate::usage::Usage;
 use crate::sse::SseEvent;
 
 pub struct Toy;
@@ -200,8 +200,8 @@ mod tests {
     use crate::config::{DeploymentConfig, ProviderConfig};
     use crate::deploy::{Breaker, Deployment};
     use crate::error::ApiError;
-    use crate::forward::Upstream;
-    use crate::settle::Usage;
+    use crate::upstream::Upstream;
+    use crate::usage::Usage;
     use crate::stream_back::Tap;
     use bytes::Bytes;
     use http::StatusCode;

@@ -1659,3 +1659,48 @@ async fn by_default_a_stale_replica_sends_nothing_its_hold_refuses() {
         0
     );
 }
+
+/// What the route table answers outside its routes, pinned so the split into public and
+/// authenticated routers keeps it: every path but the public ones asks for a token
+/// first (so unknown paths say nothing without one), and both 404 and 405 come in
+/// OpenAI's shape.
+#[tokio::test]
+async fn paths_outside_the_routes_get_openai_shaped_errors_after_authentication() {
+    let env = TestEnv::new().await;
+    let mock = env.mock(&[]).await;
+    let gw = env.gateway(&mock).await;
+    let (_, token) = env.user(0).await;
+    let cases: &[(&str, &str, Option<&str>, u16, &str)] = &[
+        // Unknown paths and wrong methods on authenticated routes: 401 without a token.
+        ("GET", "/nope", None, 401, "missing_api_key"),
+        ("GET", "/v1/chat/completions", None, 401, "missing_api_key"),
+        ("DELETE", "/v1/credits", None, 401, "missing_api_key"),
+        // With one: 404 and 405.
+        ("GET", "/nope", Some(&token), 404, "unknown_url"),
+        (
+            "GET",
+            "/v1/chat/completions",
+            Some(&token),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            "DELETE",
+            "/v1/credits",
+            Some(&token),
+            405,
+            "method_not_allowed",
+        ),
+        // Public routes need no token, for their methods or any other.
+        ("POST", "/health", None, 405, "method_not_allowed"),
+        ("GET", "/oauth/token", None, 405, "method_not_allowed"),
+        ("GET", "/livez", None, 200, ""),
+    ];
+    for (method, path, tok, want, code) in cases {
+        let (status, _, body) = env.request(method, &gw.url(path), *tok, None).await;
+        assert_eq!(status, *want, "{method} {path} (token: {})", tok.is_some());
+        if !code.is_empty() {
+            assert_eq!(openai_error(&body)["code"], *code, "{method} {path}");
+        }
+    }
+}

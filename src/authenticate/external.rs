@@ -66,7 +66,7 @@ impl ExternalIssuer {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(cfg.fetch_timeout));
-        let tls = crate::forward::rustls_config()?;
+        let tls = crate::upstream::rustls_config()?;
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
