@@ -25,8 +25,8 @@ use super::{
 };
 use crate::error::ApiError;
 use crate::route::Model;
-use crate::usage::Usage;
 use crate::sse::SseEvent;
+use crate::usage::Usage;
 
 pub struct Toy;
 
@@ -200,9 +200,9 @@ mod tests {
     use crate::config::{DeploymentConfig, ProviderConfig};
     use crate::deploy::{Breaker, Deployment};
     use crate::error::ApiError;
+    use crate::stream_back::Tap;
     use crate::upstream::Upstream;
     use crate::usage::Usage;
-    use crate::stream_back::Tap;
     use bytes::Bytes;
     use http::StatusCode;
     use serde_json::{json, Value};
