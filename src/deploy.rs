@@ -28,7 +28,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Request, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -167,18 +167,12 @@ pub struct Deployment {
     pub index: usize,
     /// Base URL without a trailing slash.
     pub base_url: String,
-    /// The key from the environment variable named in config (sensitive).
-    pub key: Option<HeaderValue>,
-    /// `Bearer <key>` (sensitive), for providers that take it so.
-    pub bearer: Option<HeaderValue>,
+    /// The headers that carry the key from the environment variable named in config,
+    /// as the provider takes them ([`crate::translate::Wire::auth_headers`]; the key's
+    /// values sensitive).
+    pub auth: Vec<(HeaderName, HeaderValue)>,
     pub weight: u32,
     pub breaker: Breaker,
-}
-
-fn secret(s: &str) -> Option<HeaderValue> {
-    let mut v = HeaderValue::from_str(s).ok()?;
-    v.set_sensitive(true);
-    Some(v)
 }
 
 /// A 2xx answer (its body still to read), and how it was reached.
@@ -246,6 +240,7 @@ pub struct Pool {
 impl Pool {
     /// Reads each deployment's key from its environment variable (unset: no key sent).
     pub fn new(cfg: &ProviderConfig) -> Pool {
+        let kind = crate::translate::for_name(&cfg.name);
         let deployments: Vec<Deployment> = cfg
             .deployments
             .iter()
@@ -255,8 +250,7 @@ impl Pool {
                 Deployment {
                     index,
                     base_url: d.base_url.clone(),
-                    bearer: key.as_deref().and_then(|k| secret(&format!("Bearer {k}"))),
-                    key: key.as_deref().and_then(secret),
+                    auth: kind.auth_headers(key.as_deref()),
                     weight: d.weight,
                     breaker: Breaker::new(cfg.breaker_failures, cfg.breaker_open),
                 }
@@ -264,7 +258,7 @@ impl Pool {
             .collect();
         Pool {
             provider: cfg.name.clone(),
-            kind: Kind::of(&cfg.name),
+            kind,
             total_weight: deployments.iter().map(|d| u64::from(d.weight)).sum(),
             deployments,
             max_attempts: cfg.max_attempts.max(1),
@@ -460,9 +454,9 @@ impl Pool {
         .map(|c| c.to_bytes())
         .unwrap_or_default();
         tracing::info!(provider = %name, deployment = d.index, %status, "upstream answered with an error");
-        // Gemini refuses a bad key with 400 API_KEY_INVALID.
-        let key_refused =
-            self.kind == Kind::Gemini && memchr::memmem::find(&body, b"API_KEY_INVALID").is_some();
+        // A provider may refuse a bad key otherwise than with 401/403 (Gemini: 400
+        // API_KEY_INVALID).
+        let key_refused = self.kind.key_refused(status, &body);
         match status.as_u16() {
             // The provider refused this deployment's key (Gemini says so with a 400
             // API_KEY_INVALID): not the caller's fault, and the message (which may quote
@@ -495,10 +489,7 @@ impl Pool {
             _ => {
                 // The deployment is healthy; the request is at fault.
                 d.breaker.success();
-                let body = match self.kind {
-                    Kind::OpenAi => body,
-                    kind => crate::translate::error(kind, status, &body),
-                };
+                let body = self.kind.error(status, body);
                 Err(Outcome::Fatal(ApiError::Upstream { status, body }))
             }
         }
@@ -637,9 +628,9 @@ mod tests {
     #[test]
     fn keys_come_from_the_named_variable_and_are_sensitive() {
         let p = pool(&[1]);
-        assert!(p.deployments()[0].key.is_none());
-        assert!(p.deployments()[0].bearer.is_none());
-        let v = secret("Bearer x").unwrap();
+        // No key: no header carries one.
+        assert!(p.deployments()[0].auth.is_empty());
+        let v = crate::translate::secret("Bearer x").unwrap();
         assert!(v.is_sensitive());
     }
 

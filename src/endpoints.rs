@@ -17,7 +17,6 @@ use crate::authenticate::Principal;
 use crate::body::{self, Params, Present};
 use crate::body::{parse_off_thread, read_body};
 use crate::error::ApiError;
-use crate::hold::Api;
 use crate::parse::{
     include_usage, len, missing_model, parse_chat_lenient, positive, positive_raw, upstream_body,
     ChatRequest, Edits, PromptSize, MAX_CHOICES, TOKENS_PER_REQUEST,
@@ -25,7 +24,7 @@ use crate::parse::{
 use crate::reserve::{admit, Admission};
 use crate::route::Model;
 use crate::state::{AppState, RequestId};
-use crate::translate::{self, Kind};
+use crate::translate::{self, Endpoint, Kind};
 
 /// OpenAI's default `max_tokens` of a text completion.
 const COMPLETION_DEFAULT_MAX_TOKENS: i64 = 16;
@@ -264,7 +263,8 @@ pub async fn completions(
     let body = read_body(req.into_body(), state.cfg.max_body_bytes).await?;
     let mut chat = parse_off_thread(&body, parse_completion).await?;
     let (model, kind) = route_sized(&state, &mut chat)?;
-    if kind != Kind::OpenAi {
+    // Only a provider that passes through may offer completions (none is translated).
+    if !(kind.passes_through() && kind.offers(Endpoint::Completions)) {
         return Err(not_offered(
             &model.id,
             &model.provider,
@@ -278,7 +278,7 @@ pub async fn completions(
         rid,
         started,
         kind,
-        endpoint: Api::Completions,
+        endpoint: Endpoint::Completions,
         operation: "completion",
         output_explicit: true,
     };
@@ -385,24 +385,22 @@ pub async fn embeddings(
     })
     .await?;
     let (model, kind) = route_sized(&state, &mut chat)?;
-    let translated = match kind {
-        Kind::OpenAi => None,
-        Kind::Gemini => {
-            let input: serde_json::Value =
-                serde_json::from_str(input.get()).map_err(|e| body::json_error(&e))?;
-            Some(translate::gemini::embed_request(
-                &input, &model, dimensions,
-            )?)
-        }
-        Kind::Anthropic => {
-            return Err(not_offered(&model.id, &model.provider, "embeddings"));
-        }
+    let endpoint = Endpoint::Embeddings { base64 };
+    if !kind.offers(endpoint) {
+        return Err(not_offered(&model.id, &model.provider, "embeddings"));
+    }
+    let translated = if kind.passes_through() {
+        None
+    } else {
+        let input: serde_json::Value =
+            serde_json::from_str(input.get()).map_err(|e| body::json_error(&e))?;
+        Some(kind.embeddings_request(&input, &model, dimensions)?)
     };
     let admission = Admission {
         rid,
         started,
         kind,
-        endpoint: Api::Embeddings { base64 },
+        endpoint,
         operation: "embedding",
         output_explicit: true,
     };
@@ -419,11 +417,6 @@ pub async fn embeddings(
     .await
 }
 
-/// Prompt tokens Anthropic adds to a request with tools (its tool-use system prompt:
-/// 313–346 for the current models, per its pricing documentation), which are not in
-/// the body.
-const ANTHROPIC_TOOL_PROMPT_TOKENS: i64 = 400;
-
 /// Stage 4 for a parsed request: its model and provider's format, with the prompt's
 /// bound sized for them.
 fn route_sized(
@@ -432,11 +425,9 @@ fn route_sized(
 ) -> Result<(std::sync::Arc<Model>, Kind), ApiError> {
     let model = state.models.route(&chat.model)?;
     let kind = state.upstream.provider(&model.provider)?.kind;
-    if kind == Kind::Anthropic && chat.tools {
-        chat.prompt.bytes = chat
-            .prompt
-            .bytes
-            .saturating_add(ANTHROPIC_TOOL_PROMPT_TOKENS);
+    if chat.tools {
+        // The tool-use prompt a provider adds (Anthropic's), not in the body.
+        chat.prompt.bytes = chat.prompt.bytes.saturating_add(kind.tool_prompt_tokens());
     }
     chat.size_for(&model, i64::from(state.cfg.metering.image_tokens));
     Ok((model, kind))
@@ -471,12 +462,11 @@ pub async fn chat_completions(
     let temperature = prefs.as_ref().and_then(|p| p.temperature);
     let (model, kind) = route_sized(&state, &mut chat)?;
     // Translation runs before anything is held: what the provider cannot honour is a 400.
-    let translated = match kind {
-        Kind::OpenAi => None,
-        _ => {
-            let m = model.clone();
-            Some(parse_off_thread(&body, move |b| translate::request(kind, b, &m)).await?)
-        }
+    let translated = if kind.passes_through() {
+        None
+    } else {
+        let m = model.clone();
+        Some(parse_off_thread(&body, move |b| translate::request(kind, b, &m)).await?)
     };
     let want = chat
         .max_tokens
@@ -486,7 +476,7 @@ pub async fn chat_completions(
         rid,
         started,
         kind,
-        endpoint: Api::Chat,
+        endpoint: Endpoint::Chat,
         operation: "chat",
         output_explicit: chat.max_tokens.is_some() || pref_max_tokens.is_some(),
     };

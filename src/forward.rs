@@ -11,16 +11,17 @@ use bytes::Bytes;
 
 use crate::deploy::Sent;
 use crate::error::ApiError;
-use crate::hold::{holding, Admitted, Api};
+use crate::hold::{holding, Admitted};
 use crate::route::Model;
 use crate::state::{shutting_down, unless_cut, AppState};
 use crate::stream_back;
+use crate::translate::Endpoint;
 
 /// An upstream call started before its hold was taken.
 pub struct EarlySend {
     pub state: AppState,
     pub model: Arc<Model>,
-    pub endpoint: Api,
+    pub endpoint: Endpoint,
     pub stream: bool,
     pub body: Bytes,
 }
@@ -120,16 +121,10 @@ pub async fn run(start: Start) -> Result<Response, ApiError> {
 async fn send(
     state: &AppState,
     model: &Model,
-    endpoint: Api,
+    endpoint: Endpoint,
     stream: bool,
     body: Bytes,
 ) -> Result<Sent, ApiError> {
     let provider = state.upstream.provider(&model.provider)?;
-    let name = model.name.as_str();
-    let endpoint = match endpoint {
-        Api::Chat => crate::upstream::Endpoint::Chat { model: name },
-        Api::Completions => crate::upstream::Endpoint::Completions,
-        Api::Embeddings { .. } => crate::upstream::Endpoint::Embeddings { model: name },
-    };
-    provider.send(endpoint, body, stream).await
+    provider.send(endpoint, &model.name, body, stream).await
 }

@@ -26,18 +26,7 @@ use crate::error::ApiError;
 use crate::route::Model;
 use crate::settle::{charge, Ticket, Usage};
 use crate::state::AppState;
-use crate::translate::Kind;
-
-/// The OpenAI endpoint a request came in on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Api {
-    Chat,
-    Completions,
-    /// `base64`: the client asked for `encoding_format: base64`.
-    Embeddings {
-        base64: bool,
-    },
-}
+use crate::translate::{Endpoint, Kind};
 
 /// What an admitted request carries from reserve to settle, whichever its state.
 pub struct Context {
@@ -47,7 +36,7 @@ pub struct Context {
     /// The wire format of the model's provider (anything but OpenAI is translated).
     pub kind: Kind,
     /// Which provider endpoint the request goes to.
-    pub endpoint: Api,
+    pub endpoint: Endpoint,
     /// The money: settled or released exactly once, even if this is dropped.
     pub ticket: Ticket,
     /// Keeps the hold alive while the request runs.

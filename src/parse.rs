@@ -1290,16 +1290,14 @@ mod tests {
                 prop_assert_eq!(v["stream_options"]["include_usage"].as_bool(), Some(true));
             }
             // The translated providers get the held limit in their own field.
-            for kind in [crate::translate::Kind::Anthropic, crate::translate::Kind::Gemini] {
+            for (provider, field) in [("anthropic", "/max_tokens"), ("google", "/generationConfig/maxOutputTokens")] {
+                let kind = crate::translate::for_name(provider);
                 let mut mm = m.clone();
-                mm.provider = if kind == crate::translate::Kind::Anthropic { "anthropic".into() } else { "google".into() };
+                mm.provider = provider.into();
                 if let Ok(mut t) = crate::translate::request(kind, &body, &mm) {
                     t.set_max_tokens(held);
                     let tv: serde_json::Value = serde_json::from_slice(&t.to_bytes().unwrap()).unwrap();
-                    let out = match kind {
-                        crate::translate::Kind::Anthropic => tv["max_tokens"].as_i64(),
-                        _ => tv["generationConfig"]["maxOutputTokens"].as_i64(),
-                    };
+                    let out = tv.pointer(field).and_then(serde_json::Value::as_i64);
                     prop_assert_eq!(out, Some(held));
                 }
             }

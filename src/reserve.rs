@@ -16,20 +16,20 @@ use uuid::Uuid;
 use crate::authenticate::Principal;
 use crate::error::ApiError;
 use crate::forward::{self, EarlySend, Go, Start};
-use crate::hold::{Admitted, Api, Context, HoldKeeper};
+use crate::hold::{Admitted, Context, HoldKeeper};
 use crate::ledger::{HoldRequest, Reserve};
 use crate::parse::ChatRequest;
 use crate::route::Model;
 use crate::settle::{cost, PromptTokens, Ticket};
 use crate::state::AppState;
-use crate::translate::Kind;
+use crate::translate::{Endpoint, Kind};
 
 /// How a request asks to be admitted (besides its model and parse).
 pub struct Admission {
     pub rid: Uuid,
     pub started: Instant,
     pub kind: Kind,
-    pub endpoint: Api,
+    pub endpoint: Endpoint,
     pub operation: &'static str,
     /// Whether the output limit came from the client (or a preference), not the cap.
     pub output_explicit: bool,

@@ -22,7 +22,8 @@ pub mod pump;
 use bytes::{Bytes, BytesMut};
 use memchr::memmem;
 
-use crate::translate::{Kind, StreamTranslator};
+pub use crate::translate::openai::finished_with_tool_calls;
+use crate::translate::{ChatId, Kind, StreamTranslator};
 use crate::usage::Usage;
 
 /// The tap of one stream: OpenAI's passed through, or another provider's translated.
@@ -32,12 +33,14 @@ pub enum Tap {
 }
 
 impl Tap {
+    /// The tap of a stream from `kind`'s provider: its own stream translator
+    /// ([`crate::translate::Wire::stream_state`]), or OpenAI's passed through.
     pub fn new(kind: Kind, client_wants_usage: bool, rid: uuid::Uuid, model: &str) -> Tap {
-        match kind {
-            Kind::OpenAi => Tap::OpenAi(SseTap::new(client_wants_usage)),
-            kind => Tap::Translated(Box::new(StreamTranslator::new(
-                kind,
-                &format!("chatcmpl-{}", rid.simple()),
+        match kind.stream_state() {
+            None => Tap::OpenAi(SseTap::new(client_wants_usage)),
+            Some(state) => Tap::Translated(Box::new(StreamTranslator::with_state(
+                state,
+                &ChatId(rid).to_string(),
                 model,
                 client_wants_usage,
             ))),
@@ -180,20 +183,6 @@ pub struct SseTap {
     bytes: usize,
     events: usize,
     tool_call: bool,
-}
-
-/// Whether `b` holds a `"finish_reason"` of `"tool_calls"` (or the legacy
-/// `"function_call"`): the answer called a tool.
-pub fn finished_with_tool_calls(b: &[u8]) -> bool {
-    let ws = |r: &[u8]| r.iter().take_while(|c| c.is_ascii_whitespace()).count();
-    memmem::find_iter(b, b"\"finish_reason\"").any(|i| {
-        let rest = &b[i + 15..];
-        let Some(rest) = rest[ws(rest)..].strip_prefix(b":") else {
-            return false;
-        };
-        let rest = &rest[ws(rest)..];
-        rest.starts_with(b"\"tool_calls\"") || rest.starts_with(b"\"function_call\"")
-    })
 }
 
 /// Whether `b` holds a `"usage"` key whose value is an object (whitespace allowed),

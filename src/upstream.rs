@@ -20,7 +20,7 @@ use hyper_util::rt::TokioExecutor;
 use crate::config::ProviderConfig;
 use crate::deploy::{Deployment, HttpClient, Pool, Sent};
 use crate::error::ApiError;
-use crate::translate::Kind;
+use crate::translate::{Endpoint, Kind};
 
 pub struct Provider {
     pub name: String,
@@ -31,7 +31,9 @@ pub struct Provider {
     clients: crate::worker::PerWorker<HttpClient>,
     /// The deployments, their breakers and the retry policy.
     pub pool: Pool,
-    /// `<base_url>/chat/completions` of each deployment (OpenAI's hot path), by index.
+    /// The chat URL of each deployment, by index, parsed once at start-up when it
+    /// depends on the deployment alone ([`crate::translate::Wire::fixed_chat_url`]:
+    /// OpenAI's hot path); empty otherwise.
     chat_uris: Vec<Uri>,
     /// Longest wait between two frames of an answer.
     pub idle_timeout: Duration,
@@ -69,25 +71,26 @@ impl Upstream {
                     .pool_max_idle_per_host(32)
                     .build(https.clone())
             });
+            let kind = crate::translate::for_name(name);
             let chat_uris = p
                 .deployments
                 .iter()
                 .enumerate()
-                .map(|(i, d)| {
-                    format!("{}/chat/completions", d.base_url)
-                        .parse::<Uri>()
-                        .map_err(|source| UpstreamError::BaseUrl {
-                            provider: name.clone(),
-                            index: i,
-                            source,
-                        })
+                .filter(|_| kind.fixed_chat_url())
+                .filter_map(|(i, d)| {
+                    let url = kind.url(&d.base_url, Endpoint::Chat, "", false)?;
+                    Some(url.parse::<Uri>().map_err(|source| UpstreamError::BaseUrl {
+                        provider: name.clone(),
+                        index: i,
+                        source,
+                    }))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             out.insert(
                 name.clone(),
                 Provider {
                     name: name.clone(),
-                    kind: Kind::of(name),
+                    kind,
                     clients,
                     pool: Pool::new(p),
                     chat_uris,
@@ -133,113 +136,78 @@ pub(crate) fn rustls_config() -> Result<rustls::ClientConfig, rustls::Error> {
         .with_no_client_auth())
 }
 
-/// What a request asks of a provider; each provider knows its URL for it.
-#[derive(Debug, Clone, Copy)]
-pub enum Endpoint<'a> {
-    /// Chat: OpenAI `/chat/completions`, Anthropic `/v1/messages`, Gemini
-    /// `models/{model}:generateContent` (`:streamGenerateContent?alt=sse` for streams).
-    Chat { model: &'a str },
-    /// OpenAI `/completions`.
-    Completions,
-    /// OpenAI `/embeddings`, Gemini `models/{model}:batchEmbedContents`.
-    Embeddings { model: &'a str },
-}
-
 impl Provider {
-    /// The URL of `endpoint` at deployment `d` of this provider.
+    /// The URL of `endpoint` for the upstream model `model` at deployment `d` of this
+    /// provider ([`crate::translate::Wire::url`]).
     pub fn uri(
         &self,
         d: &Deployment,
-        endpoint: Endpoint<'_>,
+        endpoint: Endpoint,
+        model: &str,
         stream: bool,
     ) -> Result<Uri, ApiError> {
-        let model_ok = |m: &str| {
-            !m.is_empty()
-                && m.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
-        };
-        let base = &d.base_url;
-        let url = match (self.kind, endpoint) {
-            (Kind::OpenAi, Endpoint::Chat { .. }) => {
-                return self
-                    .chat_uris
-                    .get(d.index)
-                    .cloned()
-                    .ok_or_else(|| ApiError::internal("deployment without a URL"))
+        if endpoint == Endpoint::Chat {
+            if let Some(u) = self.chat_uris.get(d.index) {
+                return Ok(u.clone());
             }
-            (Kind::OpenAi, Endpoint::Completions) => format!("{base}/completions"),
-            (Kind::OpenAi, Endpoint::Embeddings { .. }) => format!("{base}/embeddings"),
-            (Kind::Anthropic, Endpoint::Chat { .. }) => format!("{base}/v1/messages"),
-            (Kind::Gemini, Endpoint::Chat { model }) if model_ok(model) => {
-                if stream {
-                    format!("{base}/v1beta/models/{model}:streamGenerateContent?alt=sse")
-                } else {
-                    format!("{base}/v1beta/models/{model}:generateContent")
-                }
-            }
-            (Kind::Gemini, Endpoint::Embeddings { model }) if model_ok(model) => {
-                format!("{base}/v1beta/models/{model}:batchEmbedContents")
-            }
-            _ => {
-                return Err(ApiError::internal(format!(
-                    "no {endpoint:?} endpoint at provider {}",
-                    self.name
-                )))
-            }
+        }
+        let Some(url) = self.kind.url(&d.base_url, endpoint, model, stream) else {
+            return Err(ApiError::internal(format!(
+                "no {endpoint:?} endpoint for model {model} at provider {}",
+                self.name
+            )));
         };
         url.parse().map_err(ApiError::internal)
     }
 
-    /// POSTs `body` (already in the provider's format) to `endpoint` at the provider's
-    /// deployments (retries and failover in [`Pool::send`]). Nothing of the client's
-    /// request but the body goes upstream.
-    pub async fn send(
+    /// The request of one attempt at deployment `d`: `body` (already in the provider's
+    /// format) POSTed to `endpoint`, with the deployment's key in the provider's
+    /// headers ([`crate::translate::Wire::auth_headers`]) and nothing of the client's
+    /// request but the body.
+    pub fn request(
         &self,
-        endpoint: Endpoint<'_>,
+        d: &Deployment,
+        endpoint: Endpoint,
+        model: &str,
         body: Bytes,
         stream: bool,
-    ) -> Result<Sent, ApiError> {
+    ) -> Result<Request<Full<Bytes>>, ApiError> {
         let accept = HeaderValue::from_static(if stream {
             "text/event-stream"
         } else {
             "application/json"
         });
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(self.uri(d, endpoint, model, stream)?)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, accept)
+            .header(
+                header::USER_AGENT,
+                concat!("tollgate/", env!("CARGO_PKG_VERSION")),
+            )
+            .body(Full::new(body))
+            .map_err(ApiError::internal)?;
+        let h = req.headers_mut();
+        for (name, value) in &d.auth {
+            h.insert(name.clone(), value.clone());
+        }
+        Ok(req)
+    }
+
+    /// POSTs `body` (already in the provider's format) to `endpoint` for the upstream
+    /// model `model` at the provider's deployments (retries and failover in
+    /// [`Pool::send`]).
+    pub async fn send(
+        &self,
+        endpoint: Endpoint,
+        model: &str,
+        body: Bytes,
+        stream: bool,
+    ) -> Result<Sent, ApiError> {
         self.pool
             .send(self.clients.get(), |d| {
-                let mut req = Request::builder()
-                    .method(Method::POST)
-                    .uri(self.uri(d, endpoint, stream)?)
-                    .header(header::CONTENT_TYPE, "application/json")
-                    .header(header::ACCEPT, accept.clone())
-                    .header(
-                        header::USER_AGENT,
-                        concat!("tollgate/", env!("CARGO_PKG_VERSION")),
-                    )
-                    .body(Full::new(body.clone()))
-                    .map_err(ApiError::internal)?;
-                let h = req.headers_mut();
-                match self.kind {
-                    Kind::OpenAi => {
-                        if let Some(k) = &d.bearer {
-                            h.insert(header::AUTHORIZATION, k.clone());
-                        }
-                    }
-                    Kind::Anthropic => {
-                        if let Some(k) = &d.key {
-                            h.insert("x-api-key", k.clone());
-                        }
-                        h.insert(
-                            "anthropic-version",
-                            HeaderValue::from_static(crate::translate::anthropic::VERSION),
-                        );
-                    }
-                    Kind::Gemini => {
-                        if let Some(k) = &d.key {
-                            h.insert("x-goog-api-key", k.clone());
-                        }
-                    }
-                }
-                Ok(req)
+                self.request(d, endpoint, model, body.clone(), stream)
             })
             .await
     }

@@ -12,7 +12,7 @@ use crate::parse::{self, ChatRequest, Edits};
 use crate::route::Model;
 use crate::settle::Usage;
 use crate::stream_back::Tap;
-use crate::translate::Kind;
+use crate::translate::{for_name, Kind};
 
 fn err_label(e: &ApiError) -> String {
     match e {
@@ -262,10 +262,11 @@ pub(crate) fn chat(body: &[u8]) -> Result<Outcome, String> {
         return Err(format!("n sent {n}, held for {} choices", r.choices));
     }
     let mut translated = String::new();
-    for (kind, provider, field) in [
-        (Kind::Anthropic, "anthropic", "/max_tokens"),
-        (Kind::Gemini, "google", "/generationConfig/maxOutputTokens"),
+    for (provider, field) in [
+        ("anthropic", "/max_tokens"),
+        ("google", "/generationConfig/maxOutputTokens"),
     ] {
+        let kind = for_name(provider);
         let mm = model(&r.model, provider, h);
         match crate::translate::request(kind, body, &mm) {
             Ok(mut t) => {
@@ -600,14 +601,14 @@ fn openai_fast_path_is_exact(b: &[u8]) -> bool {
 /// Targets `sse_*`: a provider's stream through the tap, whole and split every way.
 pub(crate) fn sse(kind: Kind, b: &[u8]) -> Result<Outcome, String> {
     let mut label = String::new();
-    let invariant = kind != Kind::OpenAi || openai_fast_path_is_exact(b);
+    let invariant = !kind.passes_through() || openai_fast_path_is_exact(b);
     for wants in [false, true] {
         let whole = tap(kind, wants, &[b]);
         check_usage(&whole.usage)?;
         if whole.bytes != b.len() {
             return Err(format!("{} bytes seen of {}", whole.bytes, b.len()));
         }
-        if kind != Kind::OpenAi {
+        if !kind.passes_through() {
             check_chunks(&whole)?;
         }
         for (how, pieces) in framings(b) {
@@ -1145,7 +1146,7 @@ fn sse_openai() {
         dict: SSE_OPENAI_DICT,
         seeds: Vec::new(),
         max_len: SSE_MAX,
-        check: &|b| sse(Kind::OpenAi, b),
+        check: &|b| sse(for_name("openai"), b),
     });
 }
 
@@ -1157,7 +1158,7 @@ fn sse_anthropic() {
         dict: SSE_ANTHROPIC_DICT,
         seeds: Vec::new(),
         max_len: SSE_MAX,
-        check: &|b| sse(Kind::Anthropic, b),
+        check: &|b| sse(for_name("anthropic"), b),
     });
 }
 
@@ -1169,7 +1170,7 @@ fn sse_gemini() {
         dict: SSE_GEMINI_DICT,
         seeds: Vec::new(),
         max_len: SSE_MAX,
-        check: &|b| sse(Kind::Gemini, b),
+        check: &|b| sse(for_name("google"), b),
     });
 }
 

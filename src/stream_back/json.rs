@@ -9,10 +9,10 @@ use http_body_util::BodyExt;
 
 use crate::deploy::Sent;
 use crate::error::ApiError;
-use crate::hold::{Answering, Api};
+use crate::hold::Answering;
 use crate::settle::Received;
 use crate::state::{shutting_down, Cut};
-use crate::translate::{self, Kind};
+use crate::translate::{ChatId, Endpoint};
 
 /// Reads a 2xx JSON answer, then charges what the provider reported. Once the
 /// provider answered 2xx it did the work: an answer that fails to arrive whole (cut,
@@ -22,7 +22,7 @@ pub async fn answer_json(mut adm: Answering, sent: Sent) -> Result<Response, Api
     let extra = sent.attempts_meta();
     let max = adm.state.cfg.max_response_bytes;
     let idle = adm.idle_timeout();
-    let embeddings = matches!(adm.endpoint, Api::Embeddings { .. });
+    let embeddings = matches!(adm.endpoint, Endpoint::Embeddings { .. });
     let Sent {
         status,
         content_type,
@@ -86,27 +86,17 @@ pub async fn answer_json(mut adm: Answering, sent: Sent) -> Result<Response, Api
         return Err(adm.charge_failure(reason, extra, error).await);
     }
     let bytes = buf.freeze();
-    let (bytes, usage, tool_call) = if adm.kind == Kind::OpenAi {
-        let usage = crate::usage::Usage::from_openai_json(&bytes);
-        let tool_call = super::finished_with_tool_calls(&bytes);
-        (bytes, usage, tool_call)
-    } else {
-        let id = format!("chatcmpl-{}", adm.ticket.rid.simple());
-        let answer = match adm.endpoint {
-            Api::Embeddings { base64 } => {
-                translate::gemini::embed_response(&bytes, &adm.model.id, base64)
-            }
-            _ => translate::response(adm.kind, &bytes, &id, &adm.model.id),
-        };
-        match answer {
-            Ok(a) => (a.body, a.usage, a.tool_call),
-            Err(e) => {
-                tracing::warn!(request_id = %adm.ticket.rid, error = %e, "upstream answer not understood");
-                let error = ApiError::BadGateway {
-                    message: "the upstream provider's answer could not be read".into(),
-                };
-                return Err(adm.charge_failure("unreadable_answer", extra, error).await);
-            }
+    // The provider's answer in OpenAI's shape, with its usage (Wire::answer).
+    let id = ChatId(adm.ticket.rid);
+    let answer = adm.kind.answer(adm.endpoint, bytes, &id, &adm.model.id);
+    let (bytes, usage, tool_call) = match answer {
+        Ok(a) => (a.body, a.usage, a.tool_call),
+        Err(e) => {
+            tracing::warn!(request_id = %adm.ticket.rid, error = %e, "upstream answer not understood");
+            let error = ApiError::BadGateway {
+                message: "the upstream provider's answer could not be read".into(),
+            };
+            return Err(adm.charge_failure("unreadable_answer", extra, error).await);
         }
     };
     if tool_call && adm.ticket.operation == "chat" {

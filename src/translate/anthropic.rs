@@ -2,12 +2,14 @@
 
 use std::collections::HashMap;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+use http::{HeaderName, HeaderValue, StatusCode};
 use serde_json::{json, Map, Value};
 
 use super::{
-    arguments, bad, check_keys, function_tools, number_in, stop_list, text_of, tool_choice,
-    user_parts, ChunkWriter, Part, ProviderUsage, Step, StreamState, ToolChoice,
+    arguments, bad, chat_completion, check_keys, function_tools, number_in, secret, stop_list,
+    text_of, tool_choice, user_parts, Answer, AnswerError, ChunkWriter, Endpoint, Part,
+    ProviderUsage, Step, StreamState, ToolChoice, Wire,
 };
 use crate::error::ApiError;
 use crate::route::Model;
@@ -16,6 +18,89 @@ use crate::usage::Usage;
 
 /// The API version the gateway speaks (sent as `anthropic-version`).
 pub const VERSION: &str = "2023-06-01";
+
+/// Prompt tokens Anthropic adds to a request with tools (its tool-use system prompt:
+/// 313–346 for the current models, per its pricing documentation), which are not in
+/// the body.
+const TOOL_PROMPT_TOKENS: i64 = 400;
+
+/// Anthropic's Messages API (`providers.anthropic`, `models.provider = 'anthropic'`):
+/// chat only, key in `x-api-key`.
+pub struct Anthropic;
+
+impl Wire for Anthropic {
+    fn name(&self) -> &'static str {
+        "anthropic"
+    }
+
+    fn offers(&self, endpoint: Endpoint) -> bool {
+        endpoint == Endpoint::Chat
+    }
+
+    fn url(&self, base: &str, endpoint: Endpoint, _model: &str, _stream: bool) -> Option<String> {
+        (endpoint == Endpoint::Chat).then(|| format!("{base}/v1/messages"))
+    }
+
+    fn auth_headers(&self, key: Option<&str>) -> Vec<(HeaderName, HeaderValue)> {
+        let mut h = Vec::with_capacity(2);
+        if let Some(k) = key.and_then(secret) {
+            h.push((HeaderName::from_static("x-api-key"), k));
+        }
+        h.push((
+            HeaderName::from_static("anthropic-version"),
+            HeaderValue::from_static(VERSION),
+        ));
+        h
+    }
+
+    fn tool_prompt_tokens(&self) -> i64 {
+        TOOL_PROMPT_TOKENS
+    }
+
+    fn chat_request(&self, req: Map<String, Value>, model: &Model) -> Result<Value, ApiError> {
+        request(&req, model)
+    }
+
+    fn set_max_tokens(&self, body: &mut Value, n: i64) {
+        body["max_tokens"] = Value::from(n);
+    }
+
+    fn default_temperature(&self, body: &mut Value, t: f64) {
+        if let Some(o) = body.as_object_mut() {
+            o.entry("temperature")
+                .or_insert_with(|| Value::from(t.clamp(0.0, 1.0)));
+        }
+    }
+
+    fn answer(
+        &self,
+        endpoint: Endpoint,
+        body: Bytes,
+        id: &dyn std::fmt::Display,
+        model: &str,
+    ) -> Result<Answer, AnswerError> {
+        if endpoint != Endpoint::Chat {
+            return Err(AnswerError::NotAnthropic);
+        }
+        let v: Value = serde_json::from_slice(&body)?;
+        let (message, finish, usage) = response(&v)?;
+        Ok(chat_completion(message, finish, usage, id, model))
+    }
+
+    fn stream_state(&self) -> Option<Box<dyn StreamState + Send>> {
+        Some(Box::<Stream>::default())
+    }
+
+    fn error(&self, status: StatusCode, body: Bytes) -> Bytes {
+        // {"type":"error","error":{"type":"invalid_request_error","message":"..."}}
+        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        super::error_body(
+            status,
+            v["error"]["message"].as_str(),
+            v["error"]["type"].as_str(),
+        )
+    }
+}
 
 const KNOWN: &[&str] = &[
     "model",
@@ -358,8 +443,9 @@ impl StreamState for Stream {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
+    use super::super::tests::response as translate_response;
     use super::super::tests::{chunks, model, run};
-    use super::super::{response as translate_response, Kind, StreamTranslator};
+    use super::super::StreamTranslator;
     use super::*;
 
     fn req(v: Value) -> Result<Value, ApiError> {
@@ -499,8 +585,7 @@ mod tests {
           "stop_sequence": null,
           "usage": {"input_tokens": 2095, "output_tokens": 503, "cache_creation_input_tokens": 10, "cache_read_input_tokens": 100}
         }"#;
-        let a =
-            translate_response(Kind::Anthropic, body, "chatcmpl-1", "claude-3.5-sonnet").unwrap();
+        let a = translate_response(&Anthropic, body, "chatcmpl-1", "claude-3.5-sonnet").unwrap();
         let v: Value = serde_json::from_slice(&a.body).unwrap();
         assert_eq!(v["object"], "chat.completion");
         assert_eq!(v["id"], "chatcmpl-1");
@@ -520,7 +605,7 @@ mod tests {
         let tool = br#"{"id":"msg_01Aq9w938a90dw8q","type":"message","role":"assistant","model":"claude-3-5-sonnet-20241022",
           "content":[{"type":"text","text":"I'll check the weather."},{"type":"tool_use","id":"toolu_01A09q90qw90lq917835lq9","name":"get_weather","input":{"location":"San Francisco, CA","unit":"celsius"}}],
           "stop_reason":"tool_use","stop_sequence":null,"usage":{"input_tokens":472,"output_tokens":91}}"#;
-        let a = translate_response(Kind::Anthropic, tool, "c", "m").unwrap();
+        let a = translate_response(&Anthropic, tool, "c", "m").unwrap();
         let v: Value = serde_json::from_slice(&a.body).unwrap();
         assert!(a.tool_call);
         assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
@@ -534,7 +619,7 @@ mod tests {
             json!({"location": "San Francisco, CA", "unit": "celsius"})
         );
         assert_eq!(a.usage.unwrap().total_tokens, 563);
-        assert!(translate_response(Kind::Anthropic, b"{}", "c", "m").is_err());
+        assert!(translate_response(&Anthropic, b"{}", "c", "m").is_err());
     }
 
     /// The basic streaming example of Anthropic's streaming documentation.
@@ -546,7 +631,7 @@ mod tests {
     #[test]
     fn documented_text_stream_becomes_chunks() {
         for step in [TEXT_STREAM.len(), 7, 1] {
-            let mut t = StreamTranslator::new(Kind::Anthropic, "chatcmpl-x", "claude", true);
+            let mut t = StreamTranslator::new(&Anthropic, "chatcmpl-x", "claude", true).unwrap();
             let out = run(&mut t, TEXT_STREAM.as_bytes(), step);
             let c = chunks(&out);
             assert_eq!(
@@ -574,7 +659,7 @@ mod tests {
             assert_eq!(c[n - 1], Value::String("[DONE]".into()));
             assert_eq!(t.usage().unwrap().total_tokens, 40);
         }
-        let mut t = StreamTranslator::new(Kind::Anthropic, "c", "m", false);
+        let mut t = StreamTranslator::new(&Anthropic, "c", "m", false).unwrap();
         let out = run(&mut t, TEXT_STREAM.as_bytes(), 3);
         let c = chunks(&out);
         assert!(c.iter().all(|x| x.get("usage").is_none() || x.is_string()));
@@ -583,7 +668,7 @@ mod tests {
 
     #[test]
     fn documented_tool_stream_becomes_tool_call_deltas() {
-        let mut t = StreamTranslator::new(Kind::Anthropic, "c", "m", false);
+        let mut t = StreamTranslator::new(&Anthropic, "c", "m", false).unwrap();
         let out = run(&mut t, TOOL_STREAM.as_bytes(), 5);
         let c = chunks(&out);
         let calls: Vec<&Value> = c
@@ -614,7 +699,7 @@ mod tests {
     #[test]
     fn a_cut_or_failed_stream_has_no_done_and_no_final_usage() {
         let cut = &TEXT_STREAM[..TEXT_STREAM.find("event: message_delta").unwrap()];
-        let mut t = StreamTranslator::new(Kind::Anthropic, "c", "m", true);
+        let mut t = StreamTranslator::new(&Anthropic, "c", "m", true).unwrap();
         let out = run(&mut t, cut.as_bytes(), 9);
         assert!(!String::from_utf8(out).unwrap().contains("[DONE]"));
         assert!(t.usage().is_none());
@@ -622,7 +707,7 @@ mod tests {
             "{}event: error\ndata: {{\"type\": \"error\", \"error\": {{\"type\": \"overloaded_error\", \"message\": \"Overloaded\"}}}}\n\n",
             &TEXT_STREAM[..TEXT_STREAM.find("event: content_block_stop").unwrap()]
         );
-        let mut t = StreamTranslator::new(Kind::Anthropic, "c", "m", true);
+        let mut t = StreamTranslator::new(&Anthropic, "c", "m", true).unwrap();
         let out = run(&mut t, failed.as_bytes(), 4);
         assert!(t.failed());
         assert!(!String::from_utf8(out).unwrap().contains("[DONE]"));

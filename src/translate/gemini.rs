@@ -3,17 +3,125 @@
 
 use std::collections::HashMap;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+use http::{HeaderName, HeaderValue, StatusCode};
 use serde_json::{json, Map, Value};
 
 use super::{
-    arguments, bad, check_keys, function_tools, number_in, stop_list, text_of, tool_choice,
-    user_parts, ChunkWriter, Part, ProviderUsage, Step, StreamState, ToolChoice,
+    arguments, bad, chat_completion, check_keys, function_tools, number_in, path_segment, secret,
+    stop_list, text_of, tool_choice, user_parts, Answer, AnswerError, ChunkWriter, Endpoint, Part,
+    ProviderUsage, Step, StreamState, ToolChoice, Wire,
 };
 use crate::error::ApiError;
 use crate::route::Model;
 use crate::sse::SseEvent;
 use crate::usage::Usage;
+
+/// Google's Gemini API (`providers.google`, `models.provider = 'google'`): chat and
+/// embeddings, key in `x-goog-api-key`.
+pub struct Gemini;
+
+impl Wire for Gemini {
+    fn name(&self) -> &'static str {
+        "google"
+    }
+
+    fn offers(&self, endpoint: Endpoint) -> bool {
+        matches!(endpoint, Endpoint::Chat | Endpoint::Embeddings { .. })
+    }
+
+    fn url(&self, base: &str, endpoint: Endpoint, model: &str, stream: bool) -> Option<String> {
+        if !path_segment(model) {
+            return None;
+        }
+        match endpoint {
+            Endpoint::Chat if stream => Some(format!(
+                "{base}/v1beta/models/{model}:streamGenerateContent?alt=sse"
+            )),
+            Endpoint::Chat => Some(format!("{base}/v1beta/models/{model}:generateContent")),
+            Endpoint::Embeddings { .. } => {
+                Some(format!("{base}/v1beta/models/{model}:batchEmbedContents"))
+            }
+            Endpoint::Completions => None,
+        }
+    }
+
+    fn auth_headers(&self, key: Option<&str>) -> Vec<(HeaderName, HeaderValue)> {
+        key.and_then(secret)
+            .map(|k| (HeaderName::from_static("x-goog-api-key"), k))
+            .into_iter()
+            .collect()
+    }
+
+    fn chat_request(&self, req: Map<String, Value>, model: &Model) -> Result<Value, ApiError> {
+        request(&req, model)
+    }
+
+    fn set_max_tokens(&self, body: &mut Value, n: i64) {
+        if let Some(o) = body.as_object_mut() {
+            let gc = o
+                .entry("generationConfig")
+                .or_insert_with(|| Value::Object(Map::new()));
+            gc["maxOutputTokens"] = Value::from(n);
+        }
+    }
+
+    fn default_temperature(&self, body: &mut Value, t: f64) {
+        if let Some(gc) = body.as_object_mut().and_then(|o| {
+            o.entry("generationConfig")
+                .or_insert_with(|| Value::Object(Map::new()))
+                .as_object_mut()
+        }) {
+            gc.entry("temperature")
+                .or_insert_with(|| Value::from(t.clamp(0.0, 2.0)));
+        }
+    }
+
+    fn embeddings_request(
+        &self,
+        input: &Value,
+        model: &Model,
+        dimensions: Option<i64>,
+    ) -> Result<Value, ApiError> {
+        embed_request(input, model, dimensions)
+    }
+
+    fn answer(
+        &self,
+        endpoint: Endpoint,
+        body: Bytes,
+        id: &dyn std::fmt::Display,
+        model: &str,
+    ) -> Result<Answer, AnswerError> {
+        match endpoint {
+            Endpoint::Embeddings { base64 } => embed_response(&body, model, base64),
+            _ => {
+                let v: Value = serde_json::from_slice(&body)?;
+                let (message, finish, usage) = response(&v)?;
+                Ok(chat_completion(message, finish, usage, id, model))
+            }
+        }
+    }
+
+    fn stream_state(&self) -> Option<Box<dyn StreamState + Send>> {
+        Some(Box::<Stream>::default())
+    }
+
+    fn error(&self, status: StatusCode, body: Bytes) -> Bytes {
+        // {"error":{"code":400,"message":"...","status":"INVALID_ARGUMENT"}}
+        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        super::error_body(
+            status,
+            v["error"]["message"].as_str(),
+            v["error"]["status"].as_str(),
+        )
+    }
+
+    /// Gemini refuses a bad key with 400 `API_KEY_INVALID`.
+    fn key_refused(&self, _status: StatusCode, body: &[u8]) -> bool {
+        memchr::memmem::find(body, b"API_KEY_INVALID").is_some()
+    }
+}
 
 const KNOWN: &[&str] = &[
     "model",
@@ -487,10 +595,9 @@ pub fn embed_response(
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
+    use super::super::tests::response as translate_response;
     use super::super::tests::{chunks, model, run};
-    use super::super::{
-        request as translate, response as translate_response, Kind, StreamTranslator,
-    };
+    use super::super::{request as translate, StreamTranslator};
     use super::*;
 
     fn req(v: Value) -> Result<Value, ApiError> {
@@ -538,7 +645,7 @@ mod tests {
             })
         );
         let mut t = translate(
-            Kind::Gemini,
+            &Gemini,
             br#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#,
             &model("google", &[]),
         )
@@ -637,7 +744,7 @@ mod tests {
           "usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": 524, "totalTokenCount": 532},
           "modelVersion": "gemini-2.0-flash"
         }"#;
-        let a = translate_response(Kind::Gemini, body, "chatcmpl-g", "gemini-2.0-pro").unwrap();
+        let a = translate_response(&Gemini, body, "chatcmpl-g", "gemini-2.0-pro").unwrap();
         let v: Value = serde_json::from_slice(&a.body).unwrap();
         assert_eq!(v["object"], "chat.completion");
         assert_eq!(
@@ -652,7 +759,7 @@ mod tests {
 
         let call = br#"{"candidates":[{"content":{"role":"model","parts":[{"functionCall":{"name":"find_theaters","args":{"location":"Mountain View, CA","movie":"Barbie"}}}]},"finishReason":"STOP","index":0}],
           "usageMetadata":{"promptTokenCount":9,"candidatesTokenCount":5,"thoughtsTokenCount":3,"totalTokenCount":17}}"#;
-        let a = translate_response(Kind::Gemini, call, "c", "m").unwrap();
+        let a = translate_response(&Gemini, call, "c", "m").unwrap();
         let v: Value = serde_json::from_slice(&a.body).unwrap();
         assert!(a.tool_call);
         assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
@@ -663,7 +770,7 @@ mod tests {
         assert_eq!(a.usage.unwrap().total_tokens, 17);
         let limited =
             br#"{"candidates":[{"content":{"parts":[{"text":"a"}]},"finishReason":"MAX_TOKENS"}]}"#;
-        let a = translate_response(Kind::Gemini, limited, "c", "m").unwrap();
+        let a = translate_response(&Gemini, limited, "c", "m").unwrap();
         assert!(a.usage.is_none());
         assert!(String::from_utf8_lossy(&a.body).contains("\"length\""));
     }
@@ -675,7 +782,7 @@ mod tests {
     #[test]
     fn documented_stream_becomes_chunks_and_the_last_usage_wins() {
         for step in [STREAM.len(), 13, 1] {
-            let mut t = StreamTranslator::new(Kind::Gemini, "chatcmpl-g", "gemini", true);
+            let mut t = StreamTranslator::new(&Gemini, "chatcmpl-g", "gemini", true).unwrap();
             let out = run(&mut t, STREAM.as_bytes(), step);
             let c = chunks(&out);
             assert_eq!(c[0]["choices"][0]["delta"]["role"], "assistant");
@@ -695,7 +802,7 @@ mod tests {
         }
         // Cut after the first frame: no final usage, no [DONE].
         let first = &STREAM[..STREAM.find("\r\n\r\n").unwrap() + 4];
-        let mut t = StreamTranslator::new(Kind::Gemini, "c", "m", true);
+        let mut t = StreamTranslator::new(&Gemini, "c", "m", true).unwrap();
         let out = run(&mut t, first.as_bytes(), 1);
         assert!(t.usage().is_none());
         assert!(!String::from_utf8(out).unwrap().contains("[DONE]"));
@@ -704,7 +811,7 @@ mod tests {
     #[test]
     fn streamed_function_calls_become_tool_call_deltas() {
         let s = "data: {\"candidates\":[{\"content\":{\"role\":\"model\",\"parts\":[{\"functionCall\":{\"name\":\"get_weather\",\"args\":{\"city\":\"Paris\"}}}]},\"finishReason\":\"STOP\"}],\"usageMetadata\":{\"promptTokenCount\":20,\"candidatesTokenCount\":4,\"totalTokenCount\":24}}\n\n";
-        let mut t = StreamTranslator::new(Kind::Gemini, "c", "m", false);
+        let mut t = StreamTranslator::new(&Gemini, "c", "m", false).unwrap();
         let c = chunks(&run(&mut t, s.as_bytes(), 2));
         let tc = c
             .iter()

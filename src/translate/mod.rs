@@ -1,18 +1,30 @@
 //! Translation between OpenAI's chat-completions wire format (what clients speak) and
-//! the providers that speak another: Anthropic's Messages API and Gemini's
-//! `generateContent`. Runs only for those providers; OpenAI requests are passed
-//! through untouched by [`crate::parse::rewrite_body`].
+//! the providers' own, behind one seam per provider: the [`Wire`] trait
+//! (`wire.rs`, with the registry [`PROVIDERS`]), implemented once per provider in its
+//! own file — `openai.rs` (passed through untouched, see
+//! [`crate::parse::upstream_body`]), `anthropic.rs` (Messages API), `gemini.rs`
+//! (`generateContent`), and `toy.rs` (tests only: the recipe followed).
 //!
-//! - [`request`]: an OpenAI chat body → the provider's body (400 naming the parameter
-//!   for anything the provider cannot honour).
-//! - [`response`]: the provider's JSON answer → `chat.completion` plus the usage it
-//!   reported.
-//! - [`StreamTranslator`]: the provider's SSE → `chat.completion.chunk` events, the
-//!   usage chunk when the client asked for it, and `[DONE]` withheld until settled.
-//! - [`error`]: the provider's error body → an OpenAI-shaped one.
+//! What is shared by the providers that translate lives here:
+//! - [`request`]: an OpenAI chat body → the provider's body ([`Translated`]), its limit
+//!   and temperature set by the provider's [`Wire::set_max_tokens`] and
+//!   [`Wire::default_temperature`].
+//! - [`chat_completion`]: a provider's reading of its answer → `chat.completion`.
+//! - [`StreamTranslator`]: the provider's SSE → `chat.completion.chunk` events (each
+//!   event handed to the provider's [`StreamState`]), the usage chunk when the client
+//!   asked for it, and `[DONE]` withheld until settled.
+//! - [`error_body`]: an error a provider reported → an OpenAI-shaped body.
+//! - the pieces of a request the translations read alike (text, image parts, tools,
+//!   `stop`, `tool_choice`, parameter checks).
 
 pub mod anthropic;
 pub mod gemini;
+pub mod openai;
+#[cfg(test)]
+mod toy;
+mod wire;
+
+pub use wire::{for_name, path_segment, secret, ChatId, Endpoint, Kind, Wire, PROVIDERS};
 
 use bytes::{Bytes, BytesMut};
 use serde_json::{json, Map, Value};
@@ -21,24 +33,6 @@ use crate::error::ApiError;
 use crate::route::Model;
 use crate::sse::{SseEvent, SseParser};
 use crate::usage::Usage;
-
-/// The wire format a provider speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    OpenAi,
-    Anthropic,
-    Gemini,
-}
-
-impl Kind {
-    pub fn of(provider: &str) -> Kind {
-        match provider {
-            "anthropic" => Kind::Anthropic,
-            "google" => Kind::Gemini,
-            _ => Kind::OpenAi,
-        }
-    }
-}
 
 /// A translated request: the provider body, with the output limit still to be set
 /// (the reserve may lower it).
@@ -49,47 +43,15 @@ pub struct Translated {
 }
 
 impl Translated {
-    /// Sets the provider's output-token limit.
+    /// Sets the provider's output-token limit ([`Wire::set_max_tokens`]).
     pub fn set_max_tokens(&mut self, n: i64) {
-        match self.kind {
-            Kind::Anthropic => {
-                self.body["max_tokens"] = Value::from(n);
-            }
-            Kind::Gemini => {
-                if let Some(o) = self.body.as_object_mut() {
-                    let gc = o
-                        .entry("generationConfig")
-                        .or_insert_with(|| Value::Object(Map::new()));
-                    gc["maxOutputTokens"] = Value::from(n);
-                }
-            }
-            Kind::OpenAi => {}
-        }
+        self.kind.set_max_tokens(&mut self.body, n);
     }
 
     /// Sets the sampling temperature unless the request has one (a user preference),
-    /// within the provider's range (Anthropic 0–1, Gemini 0–2).
+    /// within the provider's range ([`Wire::default_temperature`]).
     pub fn default_temperature(&mut self, t: f64) {
-        let Some(o) = self.body.as_object_mut() else {
-            return;
-        };
-        match self.kind {
-            Kind::Anthropic => {
-                o.entry("temperature")
-                    .or_insert_with(|| Value::from(t.clamp(0.0, 1.0)));
-            }
-            Kind::Gemini => {
-                if let Some(gc) = o
-                    .entry("generationConfig")
-                    .or_insert_with(|| Value::Object(Map::new()))
-                    .as_object_mut()
-                {
-                    gc.entry("temperature")
-                        .or_insert_with(|| Value::from(t.clamp(0.0, 2.0)));
-                }
-            }
-            Kind::OpenAi => {}
-        }
+        self.kind.default_temperature(&mut self.body, t);
     }
 
     pub fn to_bytes(&self) -> Result<Bytes, ApiError> {
@@ -131,11 +93,7 @@ pub fn request(kind: Kind, body: &[u8], model: &Model) -> Result<Translated, Api
     let Value::Object(req) = v else {
         return Err(ApiError::invalid("the request body must be a JSON object"));
     };
-    let body = match kind {
-        Kind::Anthropic => anthropic::request(&req, model)?,
-        Kind::Gemini => gemini::request(&req, model)?,
-        Kind::OpenAi => Value::Object(req),
-    };
+    let body = kind.chat_request(req, model)?;
     Ok(Translated { kind, body })
 }
 
@@ -159,25 +117,27 @@ pub enum AnswerError {
     NotAnthropic,
     #[error("not a Gemini response")]
     NotGemini,
-    #[error("not a translated provider")]
-    NotTranslated,
+    /// Not an answer of the provider named.
+    #[error("not a {0} answer")]
+    NotAnswer(&'static str),
     #[error("no `embeddings` in the answer")]
     NoEmbeddings,
     #[error("an embedding has no `values`")]
     NoEmbeddingValues,
 }
 
-/// Translates a provider's JSON answer into a `chat.completion`.
-pub fn response(kind: Kind, bytes: &[u8], id: &str, model: &str) -> Result<Answer, AnswerError> {
-    let v: Value = serde_json::from_slice(bytes)?;
-    let (message, finish, usage) = match kind {
-        Kind::Anthropic => anthropic::response(&v)?,
-        Kind::Gemini => gemini::response(&v)?,
-        Kind::OpenAi => return Err(AnswerError::NotTranslated),
-    };
+/// A provider's chat answer, read as an OpenAI `message`, its finish reason and the
+/// usage reported → the `chat.completion` for the client (id `id`, model `model`).
+pub fn chat_completion(
+    message: Value,
+    finish: &str,
+    usage: Option<Usage>,
+    id: &dyn std::fmt::Display,
+    model: &str,
+) -> Answer {
     let tool_call = message.get("tool_calls").is_some();
     let mut out = json!({
-        "id": id,
+        "id": id.to_string(),
         "object": "chat.completion",
         "created": now(),
         "model": model,
@@ -186,11 +146,11 @@ pub fn response(kind: Kind, bytes: &[u8], id: &str, model: &str) -> Result<Answe
     if let Some(u) = usage {
         out["usage"] = usage_json(&u);
     }
-    Ok(Answer {
+    Answer {
         body: Bytes::from(out.to_string()),
         usage,
         tool_call,
-    })
+    }
 }
 
 /// Provider usage, with the cache-read share shown as OpenAI's `cached_tokens`.
@@ -226,30 +186,20 @@ pub(crate) fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-/// Translates a provider's error body into an OpenAI-shaped one (same status).
-pub fn error(kind: Kind, status: http::StatusCode, body: &[u8]) -> Bytes {
-    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-    let (message, code) = match kind {
-        // {"type":"error","error":{"type":"invalid_request_error","message":"..."}}
-        Kind::Anthropic => (
-            v["error"]["message"].as_str().map(str::to_owned),
-            v["error"]["type"].as_str().map(str::to_owned),
-        ),
-        // {"error":{"code":400,"message":"...","status":"INVALID_ARGUMENT"}}
-        Kind::Gemini => (
-            v["error"]["message"].as_str().map(str::to_owned),
-            v["error"]["status"].as_str().map(str::to_owned),
-        ),
-        Kind::OpenAi => return Bytes::copy_from_slice(body),
-    };
+/// The OpenAI-shaped error body for a provider's error answer of `status`: the
+/// provider's `message` (else one naming the status) and its error code, if any.
+pub fn error_body(status: http::StatusCode, message: Option<&str>, code: Option<&str>) -> Bytes {
     let kind = match status.as_u16() {
         404 => "not_found_error",
         429 => "rate_limit_error",
         s if s >= 500 => "server_error",
         _ => "invalid_request_error",
     };
-    let message = message.unwrap_or_else(|| format!("upstream provider answered {status}"));
-    crate::error::error_body(&format!("upstream: {message}"), kind, None, code.as_deref())
+    let message = match message {
+        Some(m) => format!("upstream: {m}"),
+        None => format!("upstream: upstream provider answered {status}"),
+    };
+    crate::error::error_body(&message, kind, None, code)
 }
 
 /// Renders OpenAI `chat.completion.chunk` events.
@@ -332,8 +282,9 @@ impl ChunkWriter {
     }
 }
 
-/// Per-provider stream state: turns one provider event into OpenAI chunks.
-trait StreamState {
+/// Per-provider stream state: turns one provider event into OpenAI chunks
+/// ([`Wire::stream_state`] hands one out per stream).
+pub trait StreamState {
     fn event(&mut self, ev: &SseEvent, w: &mut ChunkWriter, out: &mut BytesMut) -> Step;
     /// The usage reported so far (None until the provider's final count is known).
     fn usage(&self) -> Option<Usage>;
@@ -344,7 +295,7 @@ trait StreamState {
 
 /// What an event meant for the stream.
 #[derive(Debug, PartialEq, Eq)]
-enum Step {
+pub enum Step {
     Continue,
     /// The provider reported an error inside the stream.
     Failed,
@@ -363,11 +314,23 @@ pub struct StreamTranslator {
 }
 
 impl StreamTranslator {
-    pub fn new(kind: Kind, id: &str, model: &str, include_usage: bool) -> StreamTranslator {
-        let state: Box<dyn StreamState + Send> = match kind {
-            Kind::Anthropic => Box::<anthropic::Stream>::default(),
-            _ => Box::<gemini::Stream>::default(),
-        };
+    /// The translator of `kind`'s streams (`None` for a provider that passes through).
+    pub fn new(kind: Kind, id: &str, model: &str, include_usage: bool) -> Option<StreamTranslator> {
+        Some(StreamTranslator::with_state(
+            kind.stream_state()?,
+            id,
+            model,
+            include_usage,
+        ))
+    }
+
+    /// A translator around a provider's stream state.
+    pub fn with_state(
+        state: Box<dyn StreamState + Send>,
+        id: &str,
+        model: &str,
+        include_usage: bool,
+    ) -> StreamTranslator {
         StreamTranslator {
             parser: SseParser::new(),
             state,
@@ -749,6 +712,21 @@ pub(crate) mod tests {
             .collect()
     }
 
+    /// A provider's chat answer `bytes`, through its [`Wire::answer`].
+    pub fn response(
+        kind: Kind,
+        bytes: &[u8],
+        id: &str,
+        model: &str,
+    ) -> Result<Answer, AnswerError> {
+        kind.answer(Endpoint::Chat, Bytes::copy_from_slice(bytes), &id, model)
+    }
+
+    /// A provider's error answer, through its [`Wire::error`].
+    pub fn error(kind: Kind, status: http::StatusCode, body: &[u8]) -> Bytes {
+        kind.error(status, Bytes::copy_from_slice(body))
+    }
+
     pub fn run(t: &mut StreamTranslator, body: &[u8], step: usize) -> Vec<u8> {
         let mut out = Vec::new();
         for piece in body.chunks(step.max(1)) {
@@ -763,7 +741,7 @@ pub(crate) mod tests {
     #[test]
     fn provider_errors_become_openai_shaped() {
         let a = error(
-            Kind::Anthropic,
+            for_name("anthropic"),
             http::StatusCode::BAD_REQUEST,
             br#"{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens: Field required"}}"#,
         );
@@ -776,14 +754,14 @@ pub(crate) mod tests {
             .contains("max_tokens: Field required"));
         assert!(v["error"]["param"].is_null());
         let g = error(
-            Kind::Gemini,
+            for_name("google"),
             http::StatusCode::NOT_FOUND,
             br#"{"error":{"code":404,"message":"models/x is not found","status":"NOT_FOUND"}}"#,
         );
         let v: Value = serde_json::from_slice(&g).unwrap();
         assert_eq!(v["error"]["type"], "not_found_error");
         assert_eq!(v["error"]["code"], "NOT_FOUND");
-        let junk = error(Kind::Gemini, http::StatusCode::BAD_REQUEST, b"<html>");
+        let junk = error(for_name("google"), http::StatusCode::BAD_REQUEST, b"<html>");
         let v: Value = serde_json::from_slice(&junk).unwrap();
         assert!(v["error"]["message"].as_str().unwrap().contains("400"));
     }
