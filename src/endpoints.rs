@@ -287,8 +287,7 @@ pub async fn completions(
             limit: Some(m),
             temperature: None,
         };
-        Ok(upstream_body(&body, &chat, &model.name, edits)?
-            .map_or_else(|| body.clone(), Bytes::from))
+        passed_on(&body, &chat, &model, edits)
     };
     admit(
         &state,
@@ -406,8 +405,7 @@ pub async fn embeddings(
     };
     let to_send = match translated {
         Some(v) => Bytes::from(serde_json::to_vec(&v).map_err(ApiError::internal)?),
-        None => upstream_body(&body, &chat, &model.name, Edits::default())?
-            .map_or_else(|| body.clone(), Bytes::from),
+        None => passed_on(&body, &chat, &model, Edits::default())?,
     };
     // Nothing to lower: an embedding holds for its input only.
     let mut same = |_: i64| Ok(to_send.clone());
@@ -431,6 +429,17 @@ fn route_sized(
     }
     chat.size_for(&model, i64::from(state.cfg.metering.image_tokens));
     Ok((model, kind))
+}
+
+/// The body for an OpenAI-format provider: the client's, with `edits` (the client's
+/// very bytes when they change nothing).
+fn passed_on(
+    body: &Bytes,
+    chat: &ChatRequest,
+    model: &Model,
+    edits: Edits,
+) -> Result<Bytes, ApiError> {
+    Ok(upstream_body(body, chat, &model.name, edits)?.map_or_else(|| body.clone(), Bytes::from))
 }
 
 /// `POST /v1/chat/completions`.
@@ -499,8 +508,7 @@ pub async fn chat_completions(
                     limit: Some(m),
                     temperature,
                 };
-                Ok(upstream_body(&body, &chat, &model.name, edits)?
-                    .map_or_else(|| body.clone(), Bytes::from))
+                passed_on(&body, &chat, &model, edits)
             }
         }
     };
