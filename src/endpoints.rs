@@ -388,12 +388,13 @@ pub async fn embeddings(
     if !kind.offers(endpoint) {
         return Err(not_offered(&model.id, &model.provider, "embeddings"));
     }
-    let translated = if kind.passes_through() {
-        None
-    } else {
-        let input: serde_json::Value =
-            serde_json::from_str(input.get()).map_err(|e| body::json_error(&e))?;
-        Some(kind.embeddings_request(&input, &model, dimensions)?)
+    let translated = match kind.translation() {
+        None => None,
+        Some(t) => {
+            let input: serde_json::Value =
+                serde_json::from_str(input.get()).map_err(|e| body::json_error(&e))?;
+            Some(t.embeddings_request(&input, &model, dimensions)?)
+        }
     };
     let admission = Admission {
         rid,
@@ -471,11 +472,12 @@ pub async fn chat_completions(
     let temperature = prefs.as_ref().and_then(|p| p.temperature);
     let (model, kind) = route_sized(&state, &mut chat)?;
     // Translation runs before anything is held: what the provider cannot honour is a 400.
-    let translated = if kind.passes_through() {
-        None
-    } else {
-        let m = model.clone();
-        Some(parse_off_thread(&body, move |b| translate::request(kind, b, &m)).await?)
+    let translated = match kind.translation() {
+        None => None,
+        Some(t) => {
+            let m = model.clone();
+            Some(parse_off_thread(&body, move |b| translate::request(t, b, &m)).await?)
+        }
     };
     let want = chat
         .max_tokens

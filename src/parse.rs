@@ -1294,7 +1294,7 @@ mod tests {
                 let kind = crate::translate::for_name(provider);
                 let mut mm = m.clone();
                 mm.provider = provider.into();
-                if let Ok(mut t) = crate::translate::request(kind, &body, &mm) {
+                if let Ok(mut t) = crate::translate::request(kind.translation().unwrap(), &body, &mm) {
                     t.set_max_tokens(held);
                     let tv: serde_json::Value = serde_json::from_slice(&t.to_bytes().unwrap()).unwrap();
                     let out = tv.pointer(field).and_then(serde_json::Value::as_i64);

@@ -36,7 +36,7 @@ impl Tap {
     /// The tap of a stream from `kind`'s provider: its own stream translator
     /// ([`crate::translate::Wire::stream_state`]), or OpenAI's passed through.
     pub fn new(kind: Kind, client_wants_usage: bool, rid: uuid::Uuid, model: &str) -> Tap {
-        match kind.stream_state() {
+        match kind.translation().map(|t| t.stream_state()) {
             None => Tap::OpenAi(SseTap::new(client_wants_usage)),
             Some(state) => Tap::Translated(Box::new(StreamTranslator::with_state(
                 state,

@@ -268,7 +268,7 @@ pub(crate) fn chat(body: &[u8]) -> Result<Outcome, String> {
     ] {
         let kind = for_name(provider);
         let mm = model(&r.model, provider, h);
-        match crate::translate::request(kind, body, &mm) {
+        match crate::translate::request(kind.translation().unwrap(), body, &mm) {
             Ok(mut t) => {
                 t.set_max_tokens(held);
                 if let Some(tp) = temperature {

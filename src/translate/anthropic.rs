@@ -9,7 +9,7 @@ use serde_json::{json, Map, Value};
 use super::{
     arguments, bad, chat_completion, check_keys, function_tools, number_in, secret, stop_list,
     text_of, tool_choice, user_parts, Answer, AnswerError, ChunkWriter, Endpoint, Part,
-    ProviderUsage, Step, StreamState, ToolChoice, Wire,
+    ProviderUsage, Step, StreamState, ToolChoice, Translation, Wire,
 };
 use crate::error::ApiError;
 use crate::route::Model;
@@ -29,6 +29,10 @@ const TOOL_PROMPT_TOKENS: i64 = 400;
 pub struct Anthropic;
 
 impl Wire for Anthropic {
+    fn translation(&self) -> Option<&dyn Translation> {
+        Some(self)
+    }
+
     fn name(&self) -> &'static str {
         "anthropic"
     }
@@ -57,21 +61,6 @@ impl Wire for Anthropic {
         TOOL_PROMPT_TOKENS
     }
 
-    fn chat_request(&self, req: Map<String, Value>, model: &Model) -> Result<Value, ApiError> {
-        request(&req, model)
-    }
-
-    fn set_max_tokens(&self, body: &mut Value, n: i64) {
-        body["max_tokens"] = Value::from(n);
-    }
-
-    fn default_temperature(&self, body: &mut Value, t: f64) {
-        if let Some(o) = body.as_object_mut() {
-            o.entry("temperature")
-                .or_insert_with(|| Value::from(t.clamp(0.0, 1.0)));
-        }
-    }
-
     fn answer(
         &self,
         endpoint: Endpoint,
@@ -87,10 +76,6 @@ impl Wire for Anthropic {
         Ok(chat_completion(message, finish, usage, id, model))
     }
 
-    fn stream_state(&self) -> Option<Box<dyn StreamState + Send>> {
-        Some(Box::<Stream>::default())
-    }
-
     fn error(&self, status: StatusCode, body: Bytes) -> Bytes {
         // {"type":"error","error":{"type":"invalid_request_error","message":"..."}}
         let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
@@ -99,6 +84,24 @@ impl Wire for Anthropic {
             v["error"]["message"].as_str(),
             v["error"]["type"].as_str(),
         )
+    }
+}
+
+impl Translation for Anthropic {
+    fn chat_request(&self, req: Map<String, Value>, model: &Model) -> Result<Value, ApiError> {
+        request(&req, model)
+    }
+    fn set_max_tokens(&self, body: &mut Value, n: i64) {
+        body["max_tokens"] = Value::from(n);
+    }
+    fn default_temperature(&self, body: &mut Value, t: f64) {
+        if let Some(o) = body.as_object_mut() {
+            o.entry("temperature")
+                .or_insert_with(|| Value::from(t.clamp(0.0, 1.0)));
+        }
+    }
+    fn stream_state(&self) -> Box<dyn StreamState + Send> {
+        Box::<Stream>::default()
     }
 }
 

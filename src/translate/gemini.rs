@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 use super::{
     arguments, bad, chat_completion, check_keys, function_tools, number_in, path_segment, secret,
     stop_list, text_of, tool_choice, user_parts, Answer, AnswerError, ChunkWriter, Endpoint, Part,
-    ProviderUsage, Step, StreamState, ToolChoice, Wire,
+    ProviderUsage, Step, StreamState, ToolChoice, Translation, Wire,
 };
 use crate::error::ApiError;
 use crate::route::Model;
@@ -22,6 +22,10 @@ use crate::usage::Usage;
 pub struct Gemini;
 
 impl Wire for Gemini {
+    fn translation(&self) -> Option<&dyn Translation> {
+        Some(self)
+    }
+
     fn name(&self) -> &'static str {
         "google"
     }
@@ -53,39 +57,6 @@ impl Wire for Gemini {
             .collect()
     }
 
-    fn chat_request(&self, req: Map<String, Value>, model: &Model) -> Result<Value, ApiError> {
-        request(&req, model)
-    }
-
-    fn set_max_tokens(&self, body: &mut Value, n: i64) {
-        if let Some(o) = body.as_object_mut() {
-            let gc = o
-                .entry("generationConfig")
-                .or_insert_with(|| Value::Object(Map::new()));
-            gc["maxOutputTokens"] = Value::from(n);
-        }
-    }
-
-    fn default_temperature(&self, body: &mut Value, t: f64) {
-        if let Some(gc) = body.as_object_mut().and_then(|o| {
-            o.entry("generationConfig")
-                .or_insert_with(|| Value::Object(Map::new()))
-                .as_object_mut()
-        }) {
-            gc.entry("temperature")
-                .or_insert_with(|| Value::from(t.clamp(0.0, 2.0)));
-        }
-    }
-
-    fn embeddings_request(
-        &self,
-        input: &Value,
-        model: &Model,
-        dimensions: Option<i64>,
-    ) -> Result<Value, ApiError> {
-        embed_request(input, model, dimensions)
-    }
-
     fn answer(
         &self,
         endpoint: Endpoint,
@@ -103,10 +74,6 @@ impl Wire for Gemini {
         }
     }
 
-    fn stream_state(&self) -> Option<Box<dyn StreamState + Send>> {
-        Some(Box::<Stream>::default())
-    }
-
     fn error(&self, status: StatusCode, body: Bytes) -> Bytes {
         // {"error":{"code":400,"message":"...","status":"INVALID_ARGUMENT"}}
         let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
@@ -120,6 +87,41 @@ impl Wire for Gemini {
     /// Gemini refuses a bad key with 400 `API_KEY_INVALID`.
     fn key_refused(&self, _status: StatusCode, body: &[u8]) -> bool {
         memchr::memmem::find(body, b"API_KEY_INVALID").is_some()
+    }
+}
+
+impl Translation for Gemini {
+    fn chat_request(&self, req: Map<String, Value>, model: &Model) -> Result<Value, ApiError> {
+        request(&req, model)
+    }
+    fn set_max_tokens(&self, body: &mut Value, n: i64) {
+        if let Some(o) = body.as_object_mut() {
+            let gc = o
+                .entry("generationConfig")
+                .or_insert_with(|| Value::Object(Map::new()));
+            gc["maxOutputTokens"] = Value::from(n);
+        }
+    }
+    fn default_temperature(&self, body: &mut Value, t: f64) {
+        if let Some(gc) = body.as_object_mut().and_then(|o| {
+            o.entry("generationConfig")
+                .or_insert_with(|| Value::Object(Map::new()))
+                .as_object_mut()
+        }) {
+            gc.entry("temperature")
+                .or_insert_with(|| Value::from(t.clamp(0.0, 2.0)));
+        }
+    }
+    fn embeddings_request(
+        &self,
+        input: &Value,
+        model: &Model,
+        dimensions: Option<i64>,
+    ) -> Result<Value, ApiError> {
+        embed_request(input, model, dimensions)
+    }
+    fn stream_state(&self) -> Box<dyn StreamState + Send> {
+        Box::<Stream>::default()
     }
 }
 

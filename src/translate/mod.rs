@@ -7,8 +7,8 @@
 //!
 //! What is shared by the providers that translate lives here:
 //! - [`request`]: an OpenAI chat body → the provider's body ([`Translated`]), its limit
-//!   and temperature set by the provider's [`Wire::set_max_tokens`] and
-//!   [`Wire::default_temperature`].
+//!   and temperature set by the provider's [`Translation::set_max_tokens`] and
+//!   [`Translation::default_temperature`].
 //! - [`chat_completion`]: a provider's reading of its answer → `chat.completion`.
 //! - [`StreamTranslator`]: the provider's SSE → `chat.completion.chunk` events (each
 //!   event handed to the provider's [`StreamState`]), the usage chunk when the client
@@ -24,7 +24,9 @@ pub mod openai;
 mod toy;
 mod wire;
 
-pub use wire::{for_name, path_segment, secret, ChatId, Endpoint, Kind, Wire, PROVIDERS};
+pub use wire::{
+    for_name, path_segment, secret, ChatId, Endpoint, Kind, Translation, Wire, PROVIDERS,
+};
 
 use bytes::{Bytes, BytesMut};
 use serde_json::{json, Map, Value};
@@ -36,22 +38,30 @@ use crate::usage::Usage;
 
 /// A translated request: the provider body, with the output limit still to be set
 /// (the reserve may lower it).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Translated {
-    pub kind: Kind,
+    pub via: &'static dyn Translation,
     pub body: Value,
 }
 
+impl std::fmt::Debug for Translated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Translated")
+            .field("body", &self.body)
+            .finish()
+    }
+}
+
 impl Translated {
-    /// Sets the provider's output-token limit ([`Wire::set_max_tokens`]).
+    /// Sets the provider's output-token limit ([`Translation::set_max_tokens`]).
     pub fn set_max_tokens(&mut self, n: i64) {
-        self.kind.set_max_tokens(&mut self.body, n);
+        self.via.set_max_tokens(&mut self.body, n);
     }
 
     /// Sets the sampling temperature unless the request has one (a user preference),
-    /// within the provider's range ([`Wire::default_temperature`]).
+    /// within the provider's range ([`Translation::default_temperature`]).
     pub fn default_temperature(&mut self, t: f64) {
-        self.kind.default_temperature(&mut self.body, t);
+        self.via.default_temperature(&mut self.body, t);
     }
 
     pub fn to_bytes(&self) -> Result<Bytes, ApiError> {
@@ -86,15 +96,19 @@ pub(crate) fn bad(param: &'static str, message: impl Into<String>) -> ApiError {
     }
 }
 
-/// Translates an OpenAI chat body for `model`'s provider.
-pub fn request(kind: Kind, body: &[u8], model: &Model) -> Result<Translated, ApiError> {
+/// Translates an OpenAI chat body for `model`'s provider (`via`: its translation).
+pub fn request(
+    via: &'static dyn Translation,
+    body: &[u8],
+    model: &Model,
+) -> Result<Translated, ApiError> {
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid(format!("invalid JSON body ({e})")))?;
     let Value::Object(req) = v else {
         return Err(ApiError::invalid("the request body must be a JSON object"));
     };
-    let body = kind.chat_request(req, model)?;
-    Ok(Translated { kind, body })
+    let body = via.chat_request(req, model)?;
+    Ok(Translated { via, body })
 }
 
 /// What a translated JSON answer gives the gateway.
@@ -283,7 +297,7 @@ impl ChunkWriter {
 }
 
 /// Per-provider stream state: turns one provider event into OpenAI chunks
-/// ([`Wire::stream_state`] hands one out per stream).
+/// ([`Translation::stream_state`] hands one out per stream).
 pub trait StreamState {
     fn event(&mut self, ev: &SseEvent, w: &mut ChunkWriter, out: &mut BytesMut) -> Step;
     /// The usage reported so far (None until the provider's final count is known).
@@ -317,7 +331,7 @@ impl StreamTranslator {
     /// The translator of `kind`'s streams (`None` for a provider that passes through).
     pub fn new(kind: Kind, id: &str, model: &str, include_usage: bool) -> Option<StreamTranslator> {
         Some(StreamTranslator::with_state(
-            kind.stream_state()?,
+            kind.translation()?.stream_state(),
             id,
             model,
             include_usage,

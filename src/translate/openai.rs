@@ -7,26 +7,22 @@
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, StatusCode};
 use memchr::memmem;
-use serde_json::{Map, Value};
 
-use super::{secret, Answer, AnswerError, Endpoint, StreamState, Wire};
-use crate::error::ApiError;
-use crate::route::Model;
+use super::{secret, Answer, AnswerError, Endpoint, Translation, Wire};
 use crate::usage::Usage;
 
 /// OpenAI's API (`providers.openai`, and every provider name not registered).
 pub struct OpenAi;
 
-/// The limit fields of an OpenAI chat body.
-const LIMITS: [&str; 2] = ["max_tokens", "max_completion_tokens"];
-
 impl Wire for OpenAi {
-    fn name(&self) -> &'static str {
-        "openai"
+    /// Passes through: the gateway splices the client's body (`parse::upstream_body`)
+    /// and taps the stream as it comes.
+    fn translation(&self) -> Option<&dyn Translation> {
+        None
     }
 
-    fn passes_through(&self) -> bool {
-        true
+    fn name(&self) -> &'static str {
+        "openai"
     }
 
     fn offers(&self, _endpoint: Endpoint) -> bool {
@@ -52,35 +48,6 @@ impl Wire for OpenAi {
             .collect()
     }
 
-    /// Unused by the gateway (the body is spliced, see the module doc): the body as is.
-    fn chat_request(&self, req: Map<String, Value>, _model: &Model) -> Result<Value, ApiError> {
-        Ok(Value::Object(req))
-    }
-
-    /// The held limit in every limit field the body sets, or in `max_tokens` (what
-    /// `parse::upstream_body` does to the bytes).
-    fn set_max_tokens(&self, body: &mut Value, n: i64) {
-        let Some(o) = body.as_object_mut() else {
-            return;
-        };
-        let mut set = false;
-        for k in LIMITS {
-            if let Some(v) = o.get_mut(k).filter(|v| !v.is_null()) {
-                *v = Value::from(n);
-                set = true;
-            }
-        }
-        if !set {
-            o.insert("max_tokens".into(), Value::from(n));
-        }
-    }
-
-    fn default_temperature(&self, body: &mut Value, t: f64) {
-        if let Some(o) = body.as_object_mut() {
-            o.entry("temperature").or_insert_with(|| Value::from(t));
-        }
-    }
-
     /// The answer as it came, with the usage it reports.
     fn answer(
         &self,
@@ -96,10 +63,6 @@ impl Wire for OpenAi {
             usage,
             tool_call,
         })
-    }
-
-    fn stream_state(&self) -> Option<Box<dyn StreamState + Send>> {
-        None
     }
 
     fn error(&self, _status: StatusCode, body: Bytes) -> Bytes {

@@ -21,7 +21,7 @@ use serde_json::{json, Map, Value};
 
 use super::{
     chat_completion, check_keys, error_body, number_in, path_segment, secret, text_of, Answer,
-    AnswerError, ChunkWriter, Endpoint, ProviderUsage, Step, StreamState, Wire,
+    AnswerError, ChunkWriter, Endpoint, ProviderUsage, Step, StreamState, Translation, Wire,
 };
 use crate::error::ApiError;
 use crate::route::Model;
@@ -41,6 +41,10 @@ const KNOWN: &[&str] = &[
 ];
 
 impl Wire for Toy {
+    fn translation(&self) -> Option<&dyn Translation> {
+        Some(self)
+    }
+
     fn name(&self) -> &'static str {
         "toy"
     }
@@ -74,6 +78,34 @@ impl Wire for Toy {
         7
     }
 
+    fn answer(
+        &self,
+        endpoint: Endpoint,
+        body: Bytes,
+        id: &dyn std::fmt::Display,
+        model: &str,
+    ) -> Result<Answer, AnswerError> {
+        let v: Value = serde_json::from_slice(&body)?;
+        let (Endpoint::Chat, Some(text)) = (endpoint, v["output"].as_str()) else {
+            return Err(AnswerError::NotAnswer("toy"));
+        };
+        let message = json!({"role": "assistant", "content": text, "refusal": null});
+        let finish = if v["cut"] == true { "length" } else { "stop" };
+        let usage = v.get("used").map(|u| usage_of(u, 0));
+        Ok(chat_completion(message, finish, usage, id, model))
+    }
+
+    fn error(&self, status: StatusCode, body: Bytes) -> Bytes {
+        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        error_body(status, v["problem"].as_str(), v["code"].as_str())
+    }
+
+    fn key_refused(&self, _status: StatusCode, body: &[u8]) -> bool {
+        memchr::memmem::find(body, b"TOY_BAD_KEY").is_some()
+    }
+}
+
+impl Translation for Toy {
     fn chat_request(&self, req: Map<String, Value>, _model: &Model) -> Result<Value, ApiError> {
         check_keys(&req, KNOWN, "Toy")?;
         let mut input = Vec::new();
@@ -94,46 +126,17 @@ impl Wire for Toy {
         }
         Ok(out)
     }
-
     fn set_max_tokens(&self, body: &mut Value, n: i64) {
         body["limit"] = Value::from(n);
     }
-
     fn default_temperature(&self, body: &mut Value, t: f64) {
         if let Some(o) = body.as_object_mut() {
             o.entry("temp")
                 .or_insert_with(|| Value::from(t.clamp(0.0, 1.0)));
         }
     }
-
-    fn answer(
-        &self,
-        endpoint: Endpoint,
-        body: Bytes,
-        id: &dyn std::fmt::Display,
-        model: &str,
-    ) -> Result<Answer, AnswerError> {
-        let v: Value = serde_json::from_slice(&body)?;
-        let (Endpoint::Chat, Some(text)) = (endpoint, v["output"].as_str()) else {
-            return Err(AnswerError::NotAnswer("toy"));
-        };
-        let message = json!({"role": "assistant", "content": text, "refusal": null});
-        let finish = if v["cut"] == true { "length" } else { "stop" };
-        let usage = v.get("used").map(|u| usage_of(u, 0));
-        Ok(chat_completion(message, finish, usage, id, model))
-    }
-
-    fn stream_state(&self) -> Option<Box<dyn StreamState + Send>> {
-        Some(Box::<Stream>::default())
-    }
-
-    fn error(&self, status: StatusCode, body: Bytes) -> Bytes {
-        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        error_body(status, v["problem"].as_str(), v["code"].as_str())
-    }
-
-    fn key_refused(&self, _status: StatusCode, body: &[u8]) -> bool {
-        memchr::memmem::find(body, b"TOY_BAD_KEY").is_some()
+    fn stream_state(&self) -> Box<dyn StreamState + Send> {
+        Box::<Stream>::default()
     }
 }
 
@@ -295,7 +298,7 @@ mod tests {
         let kind = for_name("toy");
         let m = model("toy", &[]);
         let body = br#"{"model":"toy-model","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":[{"type":"text","text":"Hi"}]}],"max_tokens":4000}"#;
-        let mut t = request(kind, body, &m).unwrap();
+        let mut t = request(kind.translation().unwrap(), body, &m).unwrap();
         assert_eq!(t.body["input"], "Be brief.\nHi");
         // The client's 4000 is not what goes: the held limit does, lowered if need be.
         t.set_max_tokens(100);
@@ -308,7 +311,7 @@ mod tests {
 
         // The client's own temperature stays.
         let mut t = request(
-            kind,
+            kind.translation().unwrap(),
             br#"{"model":"m","messages":[],"temperature":0.25}"#,
             &m,
         )
@@ -327,7 +330,7 @@ mod tests {
                 "temperature",
             ),
         ] {
-            match request(kind, b, &m) {
+            match request(kind.translation().unwrap(), b, &m) {
                 Err(ApiError::InvalidRequest { param: p, .. }) => assert_eq!(p, Some(param)),
                 other => panic!("{other:?}"),
             }

@@ -40,19 +40,22 @@ pub enum Endpoint {
 /// A provider's wire format: one implementation per provider, registered in
 /// [`PROVIDERS`]. The gateway's request path is generic over it.
 ///
-/// A provider that speaks OpenAI's format says so with [`Wire::passes_through`]: its
-/// request bodies are spliced, not rebuilt (`parse::upstream_body`), and its streams
-/// are tapped as they come (`stream_back::SseTap`); every other method still applies.
+/// A provider that speaks OpenAI's format has no [`Translation`]: its request bodies
+/// are spliced, not rebuilt (`parse::upstream_body`), and its streams are tapped as
+/// they come (`stream_back::SseTap`); every other method still applies.
 pub trait Wire: Send + Sync + 'static {
     /// The provider's name in `models.provider` and `providers.<name>`.
     fn name(&self) -> &'static str;
 
-    /// Speaks OpenAI's wire format: bodies, streams and error bodies pass through
-    /// untouched (the fast path). [`Wire::stream_state`] is then `None`, and the
-    /// gateway never calls [`Wire::chat_request`] and the two body edits (it splices
-    /// the client's bytes instead, with the same edits).
+    /// How the provider's bodies and streams are translated; `None` for a provider
+    /// that speaks OpenAI's wire format: its bodies are spliced, not rebuilt
+    /// (`parse::upstream_body`), and its streams tapped as they come
+    /// (`stream_back::SseTap`) — the fast path.
+    fn translation(&self) -> Option<&dyn Translation>;
+
+    /// Speaks OpenAI's wire format (no [`Wire::translation`]).
     fn passes_through(&self) -> bool {
-        false
+        self.translation().is_none()
     }
 
     /// Whether the provider offers `endpoint` (checked before anything is held; the
@@ -84,36 +87,6 @@ pub trait Wire: Send + Sync + 'static {
         0
     }
 
-    /// An OpenAI chat body (one object) → the provider's body, without the output
-    /// limit (see [`Wire::set_max_tokens`]). Anything the provider cannot honour is a
-    /// 400 naming the parameter ([`super::check_keys`]); nothing is held yet.
-    fn chat_request(&self, req: Map<String, Value>, model: &Model) -> Result<Value, ApiError>;
-
-    /// Sets the output-token limit of a body made by [`Wire::chat_request`] to `n`,
-    /// replacing whatever the client asked: the provider must never be able to
-    /// produce more than the hold was sized for. Called again with a lower `n` when
-    /// the balance lowered the limit.
-    fn set_max_tokens(&self, body: &mut Value, n: i64);
-
-    /// Sets the sampling temperature of such a body unless it has one (a user
-    /// preference), clamped to the provider's range.
-    fn default_temperature(&self, body: &mut Value, t: f64);
-
-    /// An OpenAI embeddings `input` → the provider's body (only called when it
-    /// [offers](Wire::offers) embeddings and does not pass through).
-    fn embeddings_request(
-        &self,
-        input: &Value,
-        model: &Model,
-        dimensions: Option<i64>,
-    ) -> Result<Value, ApiError> {
-        let _ = (input, dimensions);
-        Err(super::bad(
-            "model",
-            format!("the model `{}` does not offer embeddings", model.id),
-        ))
-    }
-
     /// A 2xx JSON answer of `endpoint` → the body for the client in OpenAI's shape
     /// (a translated chat answer gets the id `id` and the model `model`), the usage
     /// the provider reported (`None` if it reported none: the gateway then bills an
@@ -128,13 +101,6 @@ pub trait Wire: Send + Sync + 'static {
         model: &str,
     ) -> Result<Answer, AnswerError>;
 
-    /// The translator of one streamed answer: provider SSE events →
-    /// `chat.completion.chunk`s, the usage (cumulative, never less than the provider
-    /// reported; `None` until its final count), whether the provider's end of the
-    /// answer was seen (else the stream was cut) and whether it called a tool.
-    /// `None` for a provider that [passes through](Wire::passes_through).
-    fn stream_state(&self) -> Option<Box<dyn StreamState + Send>>;
-
     /// A non-2xx answer's body → an OpenAI-shaped error body (same status); see
     /// [`super::error_body`].
     fn error(&self, status: StatusCode, body: Bytes) -> Bytes;
@@ -146,6 +112,46 @@ pub trait Wire: Send + Sync + 'static {
         let _ = (status, body);
         false
     }
+}
+
+/// The request and stream translation of a provider that does not speak OpenAI's
+/// format ([`Wire::translation`]).
+pub trait Translation: Send + Sync {
+    /// An OpenAI chat body (one object) → the provider's body, without the output
+    /// limit (see [`Translation::set_max_tokens`]). Anything the provider cannot honour is a
+    /// 400 naming the parameter ([`super::check_keys`]); nothing is held yet.
+    fn chat_request(&self, req: Map<String, Value>, model: &Model) -> Result<Value, ApiError>;
+
+    /// Sets the output-token limit of a body made by [`Translation::chat_request`] to `n`,
+    /// replacing whatever the client asked: the provider must never be able to
+    /// produce more than the hold was sized for. Called again with a lower `n` when
+    /// the balance lowered the limit.
+    fn set_max_tokens(&self, body: &mut Value, n: i64);
+
+    /// Sets the sampling temperature of such a body unless it has one (a user
+    /// preference), clamped to the provider's range.
+    fn default_temperature(&self, body: &mut Value, t: f64);
+
+    /// An OpenAI embeddings `input` → the provider's body (only called when it
+    /// [offers](Wire::offers) embeddings).
+    fn embeddings_request(
+        &self,
+        input: &Value,
+        model: &Model,
+        dimensions: Option<i64>,
+    ) -> Result<Value, ApiError> {
+        let _ = (input, dimensions);
+        Err(super::bad(
+            "model",
+            format!("the model `{}` does not offer embeddings", model.id),
+        ))
+    }
+
+    /// The translator of one streamed answer: provider SSE events →
+    /// `chat.completion.chunk`s, the usage (cumulative, never less than the provider
+    /// reported; `None` until its final count), whether the provider's end of the
+    /// answer was seen (else the stream was cut) and whether it called a tool.
+    fn stream_state(&self) -> Box<dyn StreamState + Send>;
 }
 
 /// A provider's wire format, as a cheap `Copy` handle (what a `Provider` and an
@@ -249,7 +255,6 @@ mod tests {
             if w.offers(Endpoint::Completions) {
                 assert!(w.passes_through(), "{name}: completions are not translated");
             }
-            assert_eq!(w.passes_through(), w.stream_state().is_none(), "{name}");
             if w.fixed_chat_url() {
                 assert_eq!(
                     w.url("http://h.invalid", Endpoint::Chat, "a", false),
@@ -271,13 +276,14 @@ mod tests {
                 "{name}"
             );
             // The held limit replaces the client's, however often it is lowered.
+            let Some(t) = w.translation() else { continue };
             let req: Map<String, Value> = serde_json::from_str(
                 r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":4321}"#,
             )
             .unwrap();
-            let mut body = w.chat_request(req, &model(name, &[])).unwrap();
-            w.set_max_tokens(&mut body, 200);
-            w.set_max_tokens(&mut body, 17);
+            let mut body = t.chat_request(req, &model(name, &[])).unwrap();
+            t.set_max_tokens(&mut body, 200);
+            t.set_max_tokens(&mut body, 17);
             let sent = body.to_string();
             assert!(sent.contains(":17"), "{name}: {sent}");
             assert!(
