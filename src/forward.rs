@@ -50,7 +50,7 @@ pub async fn run(start: Start) -> Result<Response, ApiError> {
             let a = &go.adm;
             // Boxed here (and below) so the nested wrappers move a pointer, not the
             // whole future (the moves of large futures showed in profiles as memmove).
-            let call = Box::pin(send(&a.state, &a.model, a.endpoint, a.stream, body));
+            let call = Box::pin(send(&a.state, &a.model, a.endpoint, a.ticket.stream, body));
             let sent = holding(&a.state, &a.keeper, unless_cut(&a.state, call))
                 .await
                 .unwrap_or_else(|| Err(shutting_down()));
@@ -89,7 +89,13 @@ pub async fn run(start: Start) -> Result<Response, ApiError> {
                     drop(a);
                     drop(c);
                     let g = &go.adm;
-                    let call = Box::pin(send(&g.state, &g.model, g.endpoint, g.stream, b.clone()));
+                    let call = Box::pin(send(
+                        &g.state,
+                        &g.model,
+                        g.endpoint,
+                        g.ticket.stream,
+                        b.clone(),
+                    ));
                     holding(&g.state, &g.keeper, unless_cut(&g.state, call))
                         .await
                         .unwrap_or_else(|| Err(shutting_down()))
@@ -108,7 +114,7 @@ pub async fn run(start: Start) -> Result<Response, ApiError> {
     // The provider answered 2xx: from here on the request is charged.
     let adm = adm.answered();
     let (state, keeper) = (adm.state.clone(), adm.keeper.clone());
-    if adm.stream {
+    if adm.ticket.stream {
         let pump = stream_back::pump::answer_stream(adm, sent, include_usage);
         holding(&state, &keeper, Box::pin(pump)).await
     } else {

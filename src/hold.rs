@@ -32,7 +32,6 @@ use crate::translate::{Endpoint, Kind};
 pub struct Context {
     pub state: AppState,
     pub model: Arc<Model>,
-    pub stream: bool,
     /// The wire format of the model's provider (anything but OpenAI is translated).
     pub kind: Kind,
     /// Which provider endpoint the request goes to.

@@ -92,7 +92,6 @@ pub async fn admit(
     let adm = Admitted::new(Context {
         state: state.clone(),
         model: model.clone(),
-        stream: chat.stream,
         kind: a.kind,
         endpoint: a.endpoint,
         ticket: Ticket::new(
