@@ -14,9 +14,7 @@
 //! every file of a module declared `#[cfg(test)] mod x;` (the fuzz harness). Test code
 //! may use any module.
 //!
-//! [`KNOWN_UPWARD`] may list edges that break the order while a module is being split
-//! (none today); the test prints them, and fails when one of them is gone (so the
-//! list only shrinks).
+//! There is no list of tolerated exceptions.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -60,10 +58,6 @@ const LAYERS: &[&[&str]] = &[
     &["server"],
     &["cli"],
 ];
-
-/// Edges `(from, to)` that break [`LAYERS`], allowed for a time while a module is
-/// being split. None today; the test fails when one listed here no longer exists.
-const KNOWN_UPWARD: &[(&str, &str)] = &[];
 
 /// One reference from a file to another top-level module.
 #[derive(Debug, Clone)]
@@ -514,7 +508,6 @@ fn modules_use_only_modules_below_them() {
         edges.len()
     );
     let mut violations = Vec::new();
-    let mut known_seen = BTreeSet::new();
     for e in &edges {
         let (Some(from), Some(to)) = (layer_of(&e.from), layer_of(&e.to)) else {
             violations.push(format!(
@@ -527,18 +520,11 @@ fn modules_use_only_modules_below_them() {
             continue;
         }
         let what = if to == from { "same layer" } else { "upward" };
-        let line = format!("{}:{}: {} -> {} ({what})", e.file, e.line, e.from, e.to);
-        if KNOWN_UPWARD.contains(&(e.from.as_str(), e.to.as_str())) {
-            known_seen.insert((e.from.as_str(), e.to.as_str()));
-            eprintln!("known, to be removed: {line}");
-        } else {
-            violations.push(line);
-        }
+        violations.push(format!(
+            "{}:{}: {} -> {} ({what})",
+            e.file, e.line, e.from, e.to
+        ));
     }
-    let stale: Vec<_> = KNOWN_UPWARD
-        .iter()
-        .filter(|k| !known_seen.contains(k))
-        .collect();
     for v in &violations {
         eprintln!("layering violation: {v}");
     }
@@ -546,10 +532,6 @@ fn modules_use_only_modules_below_them() {
         violations.is_empty(),
         "{} reference(s) break the layering of src/layers.rs (listed above)",
         violations.len()
-    );
-    assert!(
-        stale.is_empty(),
-        "KNOWN_UPWARD lists edges that no longer exist; remove them: {stale:?}"
     );
 }
 
