@@ -26,6 +26,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "partition_upkeep",
         include_str!("../migrations/0004_partition_upkeep.sql"),
     ),
+    (
+        6,
+        "lifecycle",
+        include_str!("../migrations/0006_lifecycle.sql"),
+    ),
 ];
 
 /// Seeds, applied by `tollgate seed` (idempotent upserts).

@@ -77,6 +77,8 @@ pub enum Reserve {
     },
     /// The balance is not in Redis yet: load it, then reserve again.
     NeedsLoad,
+    /// The user's subscription is expired or suspended: nothing is admitted.
+    Inactive,
 }
 
 /// What a reserve asks to hold: `ceil((prompt_tokens + max_tokens) × price_per_1k / 1000)`.
@@ -313,13 +315,14 @@ impl Ledger {
             0 => Reserve::Insufficient {
                 balance: r.get(3).copied().unwrap_or(0),
             },
+            -2 => Reserve::Inactive,
             _ => Reserve::NeedsLoad,
         };
         match outcome {
             Reserve::Admitted { balance, .. } | Reserve::Insufficient { balance } => {
                 self.known.note(user, balance)
             }
-            Reserve::NeedsLoad => self.known.forget(user),
+            Reserve::NeedsLoad | Reserve::Inactive => self.known.forget(user),
         }
         Ok(outcome)
     }
@@ -485,6 +488,26 @@ impl Ledger {
     /// Loads the balance from PostgreSQL (current credit rows: total − used) minus the
     /// charges settled in Redis but not yet flushed, unless it is already loaded.
     pub async fn load(&self, db: &Db, user: &Uuid) -> Result<i64, LedgerError> {
+        match self.from_snapshot(db, user, Snapshot::Load).await? {
+            Some(bal) => Ok(bal),
+            None => Err(LedgerError::Contended),
+        }
+    }
+
+    /// Brings a loaded balance in line with PostgreSQL after a change of the user's
+    /// credits rows (a new period, an expiry, a grant, a correction) or subscription
+    /// status, keeping the holds of requests in flight. Returns the new balance, or
+    /// `None` when the balance is not loaded (it will read PostgreSQL when it is).
+    pub async fn rebase(&self, db: &Db, user: &Uuid) -> Result<Option<i64>, LedgerError> {
+        self.from_snapshot(db, user, Snapshot::Rebase).await
+    }
+
+    async fn from_snapshot(
+        &self,
+        db: &Db,
+        user: &Uuid,
+        mode: Snapshot,
+    ) -> Result<Option<i64>, LedgerError> {
         let k = self.keys(user);
         let mut conn = self.conn.clone();
         for _ in 0..16 {
@@ -496,18 +519,21 @@ impl Ledger {
                 .iter()
                 .filter_map(|(id, _)| Uuid::parse_str(id).ok())
                 .collect();
-            let cred: Vec<String> = redis::cmd("HKEYS")
+            let cred: Vec<(String, String)> = redis::cmd("HGETALL")
                 .arg(&k.cred)
                 .query_async(&mut conn)
                 .await?;
+            // Retired rows (tombstones) are settled for good: not asked about again.
             let cred_ids: Vec<Uuid> = cred
                 .iter()
-                .filter_map(|id| Uuid::parse_str(id).ok())
+                .filter(|(_, v)| v != TOMBSTONE)
+                .filter_map(|(id, _)| Uuid::parse_str(id).ok())
                 .collect();
             let client = db.get().await?;
             // One statement, one snapshot: the current credit rows, which pending
-            // charges are already flushed, and which rows `cred` knows that are no longer
-            // current (they must not be counted as new grants).
+            // charges are already flushed, which rows `cred` knows that are no longer
+            // current (they must not be counted as new grants), and whether the
+            // user's latest subscription admits requests.
             let row = client
                 .query_one(
                     "SELECT
@@ -515,7 +541,9 @@ impl Ledger {
                           FROM credits WHERE user_id = $1 AND is_current),
                        (SELECT coalesce(array_agg(id), '{}') FROM usage_history WHERE user_id = $1 AND id = ANY($2)),
                        (SELECT coalesce(array_agg(id::text), '{}') FROM credits
-                         WHERE user_id = $1 AND id = ANY($3) AND NOT is_current)",
+                         WHERE user_id = $1 AND id = ANY($3) AND NOT is_current),
+                       coalesce((SELECT status::text IN ('expired', 'suspended') FROM subscriptions
+                                  WHERE user_id = $1 ORDER BY created_at DESC, id DESC LIMIT 1), false)",
                     &[user, &ids, &cred_ids],
                 )
                 .await?;
@@ -523,6 +551,7 @@ impl Ledger {
             let credits: serde_json::Value = row.get(0);
             let flushed: Vec<Uuid> = row.get(1);
             let stale: Vec<String> = row.get(2);
+            let inactive: bool = row.get(3);
             let mut available: i64 = 0;
             let mut inv = self.load.prepare_invoke();
             inv.key(&k.acct).key(&k.pend).key(&k.cred);
@@ -539,7 +568,10 @@ impl Ledger {
                 available = available.saturating_add(total - used);
                 pairs.push((id, total));
             }
-            inv.arg(available).arg(pairs.len());
+            inv.arg(mode.as_arg())
+                .arg(if inactive { 1 } else { 0 })
+                .arg(available)
+                .arg(pairs.len());
             for (id, total) in &pairs {
                 inv.arg(id.as_str()).arg(*total);
             }
@@ -554,11 +586,15 @@ impl Ledger {
             for id in &stale {
                 inv.arg(id.as_str());
             }
-            let (ok, bal): (i64, i64) = inv.invoke_async(&mut conn).await?;
-            if ok == 1 {
-                return Ok(bal);
+            let (status, bal): (i64, i64) = inv.invoke_async(&mut conn).await?;
+            match status {
+                1 => {
+                    self.known.forget(user);
+                    return Ok(Some(bal));
+                }
+                2 => return Ok(None),
+                _ => tokio::task::yield_now().await,
             }
-            tokio::task::yield_now().await;
         }
         Err(LedgerError::Contended)
     }
@@ -622,6 +658,28 @@ impl Ledger {
             .query_async(&mut self.conn.clone())
             .await?;
         Ok(())
+    }
+}
+
+/// What `cred` holds for a credits row that is no longer current (see
+/// `lua/ledger_load.lua`).
+pub const TOMBSTONE: &str = "x";
+
+/// What [`Ledger::from_snapshot`] does with a balance.
+#[derive(Debug, Clone, Copy)]
+enum Snapshot {
+    /// Load it unless it is loaded.
+    Load,
+    /// Rebase it if it is loaded.
+    Rebase,
+}
+
+impl Snapshot {
+    fn as_arg(self) -> &'static str {
+        match self {
+            Snapshot::Load => "load",
+            Snapshot::Rebase => "rebase",
+        }
     }
 }
 

@@ -24,6 +24,7 @@ pub mod hold;
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod layers;
 pub mod ledger;
+pub mod lifecycle;
 pub mod oauth;
 pub mod ops;
 pub mod parse;

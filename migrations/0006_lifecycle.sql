@@ -1,0 +1,17 @@
+-- The credit lifecycle (periods that turn, grants that expire, subscription statuses).
+
+-- A subscription whose payment is overdue: still served until its grace ends, then
+-- suspended by the billing run.
+ALTER TYPE subscription_status ADD VALUE IF NOT EXISTS 'past_due';
+
+-- Users whose credits rows or subscription status changed in PostgreSQL and whose live
+-- balance in Redis has not yet been brought in line. A row is written in the same
+-- transaction as the change and deleted once Redis has it (lifecycle::apply_queued),
+-- so a crash between the commit and the Redis step leaves the work queued, not lost.
+CREATE TABLE ledger_rebase_queue (
+    user_id   uuid        PRIMARY KEY REFERENCES users (id) ON DELETE CASCADE,
+    queued_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- The billing run's scan: current rows whose period has ended.
+CREATE INDEX credits_current_period_end_idx ON credits (billing_period_end) WHERE is_current;
