@@ -488,7 +488,7 @@ impl Ledger {
     /// Loads the balance from PostgreSQL (current credit rows: total − used) minus the
     /// charges settled in Redis but not yet flushed, unless it is already loaded.
     pub async fn load(&self, db: &Db, user: &Uuid) -> Result<i64, LedgerError> {
-        match self.from_snapshot(db, user, Snapshot::Load).await? {
+        match self.set_from_snapshot(db, user, Snapshot::Load).await? {
             Some(bal) => Ok(bal),
             None => Err(LedgerError::Contended),
         }
@@ -499,10 +499,10 @@ impl Ledger {
     /// status, keeping the holds of requests in flight. Returns the new balance, or
     /// `None` when the balance is not loaded (it will read PostgreSQL when it is).
     pub async fn rebase(&self, db: &Db, user: &Uuid) -> Result<Option<i64>, LedgerError> {
-        self.from_snapshot(db, user, Snapshot::Rebase).await
+        self.set_from_snapshot(db, user, Snapshot::Rebase).await
     }
 
-    async fn from_snapshot(
+    async fn set_from_snapshot(
         &self,
         db: &Db,
         user: &Uuid,
@@ -665,7 +665,7 @@ impl Ledger {
 /// `lua/ledger_load.lua`).
 pub const TOMBSTONE: &str = "x";
 
-/// What [`Ledger::from_snapshot`] does with a balance.
+/// What [`Ledger::set_from_snapshot`] does with a balance.
 #[derive(Debug, Clone, Copy)]
 enum Snapshot {
     /// Load it unless it is loaded.
