@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
 use uuid::Uuid;
 
-use crate::config::{self, Config};
+use crate::config::{self, Config, Plan};
 use crate::db;
 use crate::server::BoxError;
 
@@ -58,9 +58,14 @@ pub enum UserCommand {
         /// Hashed with Argon2id; omit for an account without a password.
         #[arg(long)]
         password: Option<String>,
-        /// Start a subscription of this tier, with its monthly credits.
-        #[arg(long, value_enum)]
+        /// Start a subscription of this tier: its plan from `[tiers.<tier>]` (credits,
+        /// price, billing interval) and its first period's credits. Default:
+        /// `tiers.default`.
+        #[arg(long, value_enum, conflicts_with = "no_subscription")]
         tier: Option<Tier>,
+        /// Create the user without a subscription (no credits until granted).
+        #[arg(long)]
+        no_subscription: bool,
     },
 }
 
@@ -140,15 +145,6 @@ impl Tier {
             Tier::Free => "free",
             Tier::Pro => "pro",
             Tier::Enterprise => "enterprise",
-        }
-    }
-
-    /// (credits per month, price in cents per month)
-    fn plan(self) -> (i32, i32) {
-        match self {
-            Tier::Free => (1_000, 0),
-            Tier::Pro => (100_000, 1_999),
-            Tier::Enterprise => (1_000_000, 9_999),
         }
     }
 }
@@ -237,8 +233,14 @@ async fn dispatch(cli: Cli) -> Result<(), BoxError> {
             email,
             password,
             tier,
+            no_subscription,
         }) => {
-            let id = create_user(&cfg, email, password.as_deref(), *tier).await?;
+            let tier = match (tier, no_subscription) {
+                (_, true) => None,
+                (Some(t), false) => Some(t.name()),
+                (None, false) => Some(cfg.tiers.default.as_str()),
+            };
+            let id = create_user(&cfg, email, password.as_deref(), tier).await?;
             println!("{id}");
             Ok(())
         }
@@ -316,9 +318,10 @@ async fn create_user(
     cfg: &Config,
     email: &str,
     password: Option<&str>,
-    tier: Option<Tier>,
+    tier: Option<&str>,
 ) -> Result<Uuid, BoxError> {
     validate_email(email)?;
+    let plan = tier.map(|t| plan_of(cfg, t)).transpose()?;
     let hash = match password {
         Some(p) if p.len() < 8 => return Err("passwords must be at least 8 characters".into()),
         Some(p) => Some(hash_password(p, cfg)?),
@@ -336,22 +339,69 @@ async fn create_user(
         return Err(format!("a user with email {email} already exists").into());
     };
     let id: Uuid = row.get(0);
-    if let Some(t) = tier {
-        let (credits, price) = t.plan();
-        tx.execute(
-            "WITH s AS (
-                INSERT INTO subscriptions (user_id, tier, status, credits_per_month, price_cents, billing_interval,
-                                           current_period_start, current_period_end)
-                VALUES ($1, $2::text::subscription_tier, 'active', $3, $4, 'monthly', now(), now() + interval '1 month')
-                RETURNING id, current_period_start, current_period_end)
-             INSERT INTO credits (user_id, subscription_id, total_credits, billing_period_start, billing_period_end)
-             SELECT $1, s.id, $3, s.current_period_start, s.current_period_end FROM s",
-            &[&id, &t.name(), &credits, &price],
-        )
-        .await?;
+    if let Some((tier, plan)) = plan {
+        start_subscription(&tx, &id, tier, plan).await?;
     }
     tx.commit().await?;
     Ok(id)
+}
+
+/// The configured plan of `tier`, or an error naming the tiers there are.
+fn plan_of<'a>(cfg: &'a Config, tier: &'a str) -> Result<(&'a str, &'a Plan), BoxError> {
+    match cfg.tiers.plan(tier) {
+        Some(p) => Ok((tier, p)),
+        None => Err(format!(
+            "unknown tier `{tier}` (tiers: {})",
+            cfg.tiers
+                .plans
+                .keys()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+        .into()),
+    }
+}
+
+/// Starts an active subscription of `tier` for `user`, its period beginning now and
+/// lasting the plan's interval, with its current credits row holding the period's
+/// credits (`Plan::period_credits`). In the caller's transaction.
+async fn start_subscription(
+    tx: &tokio_postgres::Transaction<'_>,
+    user: &Uuid,
+    tier: &str,
+    plan: &Plan,
+) -> Result<Uuid, BoxError> {
+    let per_month = i32::try_from(plan.credits_per_month)?;
+    let price = i32::try_from(plan.price_cents)?;
+    let credits = i32::try_from(
+        plan.period_credits()
+            .ok_or("the period's credits overflow")?,
+    )?;
+    let row = tx
+        .query_one(
+            "WITH s AS (
+                INSERT INTO subscriptions (user_id, tier, status, credits_per_month, credits_rollover, price_cents,
+                                           billing_interval, current_period_start, current_period_end)
+                VALUES ($1, $2::text::subscription_tier, 'active', $3, $4, $5, $6, now(),
+                        now() + make_interval(months => $7))
+                RETURNING id, current_period_start, current_period_end)
+             INSERT INTO credits (user_id, subscription_id, total_credits, billing_period_start, billing_period_end)
+             SELECT $1, s.id, $8, s.current_period_start, s.current_period_end FROM s
+             RETURNING subscription_id",
+            &[
+                user,
+                &tier,
+                &per_month,
+                &(plan.rollover_cap > 0),
+                &price,
+                &plan.interval.as_str(),
+                &plan.interval.months(),
+                &credits,
+            ],
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 /// Commits a credits row, then applies it to the live balance in Redis (if loaded).
