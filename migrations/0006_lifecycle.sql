@@ -1,8 +1,9 @@
 -- The credit lifecycle (periods that turn, grants that expire, subscription statuses).
 
--- A subscription whose payment is overdue: still served until its grace ends, then
--- suspended by the billing run.
-ALTER TYPE subscription_status ADD VALUE IF NOT EXISTS 'past_due';
+-- Past due: an active subscription whose payment is overdue since this time; still
+-- served until billing.past_due_grace_hours after it, then suspended by the billing run.
+-- A column, not a label of subscription_status: the data model's enums are fixed.
+ALTER TABLE subscriptions ADD COLUMN past_due_since timestamptz;
 
 -- Users whose credits rows or subscription status changed in PostgreSQL and whose live
 -- balance in Redis has not yet been brought in line. A row is written in the same

@@ -39,6 +39,9 @@ pub enum Command {
     /// Issue access tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The credit lifecycle: periods that turn, grants that expire.
+    #[command(subcommand)]
+    Billing(BillingCommand),
     /// Run the bundled mock provider (OpenAI wire format).
     MockProvider {
         /// host:port to bind (port 0 picks a free port).
@@ -71,22 +74,46 @@ pub enum UserCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum CreditsCommand {
-    /// Apply the user's current credits rows to the live balance (after a grant whose
-    /// Redis step failed). Idempotent.
+    /// Apply the user's current credits rows, and any change queued for the user, to
+    /// the live balance (after a grant whose Redis step failed). Idempotent.
     Sync {
         #[arg(long)]
         email: String,
     },
-    /// A one-time credit allocation (no subscription); effective at once.
+    /// A one-time credit allocation (no subscription); effective at once. Charges are
+    /// taken from the row that expires soonest; at its expiry (the next billing run
+    /// after it) what is left of it leaves the balance.
     Grant {
         #[arg(long)]
         email: String,
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         amount: i32,
-        /// Days until these credits expire.
-        #[arg(long, default_value_t = 3650)]
-        expires_days: i64,
+        /// When these credits expire (RFC 3339, e.g. 2027-01-31T00:00:00Z; in the future).
+        #[arg(long, value_parser = parse_time, conflicts_with = "expires_days")]
+        expires_at: Option<chrono::DateTime<chrono::Utc>>,
+        /// Days until these credits expire (default 3650, when --expires-at is not given).
+        #[arg(long, allow_hyphen_values = true)]
+        expires_days: Option<i64>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BillingCommand {
+    /// Turn every period that has ended: renew subscriptions (the tier's credits plus
+    /// the capped rollover), expire cancelled ones and ended grants, suspend past-due
+    /// ones past their grace; then carry the changes to the live balances. Idempotent;
+    /// concurrent runs wait for each other. `serve` runs the same job periodically.
+    Run {
+        /// The time to run as of (RFC 3339); default now.
+        #[arg(long, value_parser = parse_time)]
+        now: Option<chrono::DateTime<chrono::Utc>>,
+    },
+}
+
+fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("`{s}` is not an RFC 3339 time ({e}), e.g. 2027-01-31T00:00:00Z"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -256,9 +283,24 @@ async fn dispatch(cli: Cli) -> Result<(), BoxError> {
         Command::Credits(CreditsCommand::Grant {
             email,
             amount,
+            expires_at,
             expires_days,
         }) => {
-            let (credit, balance) = grant(&cfg, email, *amount, *expires_days).await?;
+            let now = chrono::Utc::now();
+            let expires = match (expires_at, expires_days) {
+                (Some(t), _) if *t <= now => {
+                    return Err(format!("--expires-at {t} is not in the future").into())
+                }
+                (Some(t), _) => *t,
+                (None, Some(d)) if *d <= 0 => return Err("--expires-days must be positive".into()),
+                (None, d) => d
+                    .unwrap_or(3650)
+                    .checked_mul(86_400)
+                    .and_then(chrono::TimeDelta::try_seconds)
+                    .and_then(|d| now.checked_add_signed(d))
+                    .ok_or("--expires-days is out of range")?,
+            };
+            let (credit, balance) = grant(&cfg, email, *amount, expires).await?;
             match balance {
                 Some(b) => {
                     println!("granted {amount} credits to {email} (credit {credit}); balance {b}")
@@ -273,6 +315,38 @@ async fn dispatch(cli: Cli) -> Result<(), BoxError> {
             let user = active_user(&client, email).await?;
             let auth = crate::authenticate::Authenticator::from_config(&cfg.auth)?;
             println!("{}", auth.issue(&user, "tollgate-cli", &scope, *ttl)?);
+            Ok(())
+        }
+        Command::Billing(BillingCommand::Run { now }) => {
+            let db = db::Db::new(&cfg.database)?;
+            let ledger = crate::ledger::Ledger::connect(
+                &cfg.redis.url,
+                &cfg.redis.key_prefix,
+                cfg.redis.buckets,
+            )
+            .await?;
+            let now = now.unwrap_or_else(chrono::Utc::now);
+            let r =
+                crate::lifecycle::billing_run(&db, &ledger, &cfg.tiers, &cfg.billing, now, true)
+                    .await?
+                    .ok_or("the billing lock was not taken")?;
+            println!(
+                "billing run as of {}: {} renewed, {} expired, {} suspended, {} credits rows expired; \
+                 {} live balances rebased, {} not loaded, {} left queued",
+                now.to_rfc3339(),
+                r.renewed,
+                r.expired_subscriptions,
+                r.suspended,
+                r.expired_rows,
+                r.applied.rebased,
+                r.applied.not_loaded,
+                r.applied.failed
+            );
+            if r.applied.failed > 0 {
+                return Err("some live balances were not rebased (Redis unreachable?); \
+                            they stay queued for the next run"
+                    .into());
+            }
             Ok(())
         }
         Command::MockProvider { .. } => Ok(()),
@@ -409,28 +483,45 @@ async fn grant(
     cfg: &Config,
     email: &str,
     amount: i32,
-    expires_days: i64,
+    expires: chrono::DateTime<chrono::Utc>,
 ) -> Result<(Uuid, Option<i64>), BoxError> {
     if amount <= 0 {
         return Err("--amount must be a positive number of credits".into());
     }
-    if expires_days <= 0 {
-        return Err("--expires-days must be positive".into());
-    }
-    let client = db::connect(&cfg.database).await?;
+    let db = db::Db::new(&cfg.database)?;
+    let mut client = db.get().await?;
     let user = active_user(&client, email).await?;
-    let row = client
+    let tx = client.transaction().await?;
+    let row = tx
         .query_one(
             "INSERT INTO credits (user_id, total_credits, billing_period_start, billing_period_end)
-             VALUES ($1, $2, now(), now() + make_interval(days => $3::int)) RETURNING id",
-            &[&user, &amount, &i32::try_from(expires_days)?],
+             VALUES ($1, $2, now(), $3) RETURNING id",
+            &[&user, &amount, &expires],
         )
         .await?;
+    crate::lifecycle::queue_rebase(&tx, &user).await?;
+    tx.commit().await?;
+    drop(client);
     let credit: Uuid = row.get(0);
-    let balance = sync_credits(cfg, &client, &user).await.map_err(|e| {
+    let applied = async {
+        let ledger = crate::ledger::Ledger::connect(
+            &cfg.redis.url,
+            &cfg.redis.key_prefix,
+            cfg.redis.buckets,
+        )
+        .await?;
+        let a = crate::lifecycle::apply_queued(&db, &ledger, Some(user)).await?;
+        if a.failed > 0 {
+            return Err::<_, BoxError>("the live balance could not be rebased".into());
+        }
+        Ok(ledger.balance(&user).await?)
+    }
+    .await;
+    let balance = applied.map_err(|e| {
         format!(
             "credits row {credit} is committed, but the live balance was not updated ({e}); \
-             run `tollgate credits sync --email {email}` once Redis is reachable"
+             run `tollgate credits sync --email {email}` once Redis is reachable (the next \
+             billing run applies it too)"
         )
     })?;
     Ok((credit, balance))
@@ -454,6 +545,12 @@ async fn sync_credits(
             .await?;
     for r in rows {
         ledger.grant(user, &r.get(0), r.get(1)).await?;
+    }
+    // And any change queued for the user's live balance (a grant whose Redis step failed).
+    let db = db::Db::new(&cfg.database)?;
+    let applied = crate::lifecycle::apply_queued(&db, &ledger, Some(*user)).await?;
+    if applied.failed > 0 {
+        return Err("the live balance could not be rebased; try again".into());
     }
     Ok(ledger.balance(user).await?)
 }

@@ -247,6 +247,9 @@ impl Background {
         // Present (at zero) from the start, so an alert on its increase has a series.
         metrics::counter!("tollgate_partition_upkeep_failures_total").increment(0);
         periodic.spawn(models_and_partitions_upkeep(state.clone(), stop_rx.clone()));
+        if state.cfg.billing.enabled {
+            periodic.spawn(billing_job(state.clone(), stop_rx.clone()));
+        }
         // Disabled users and revoked sign-ins, reloaded into memory for the request path.
         periodic.spawn(crate::oauth::revocation::run(
             state.clone(),
@@ -326,6 +329,47 @@ async fn models_and_partitions_upkeep(state: AppState, mut stop: watch::Receiver
         {
             partitions_at = tokio::time::Instant::now() + Duration::from_secs(3600);
         }
+    }
+}
+
+/// The billing run (`lifecycle::billing_run`) every `billing.interval_ms`, on one
+/// replica at a time (the run's advisory lock; a replica that finds it taken skips
+/// that turn), until `stop` changes.
+async fn billing_job(state: AppState, mut stop: watch::Receiver<bool>) {
+    metrics::counter!("tollgate_billing_runs_total", "outcome" => "failed").increment(0);
+    let mut tick = tokio::time::interval(state.cfg.billing.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => break,
+        }
+        let run = crate::lifecycle::billing_run(
+            &state.db,
+            &state.ledger,
+            &state.cfg.tiers,
+            &state.cfg.billing,
+            chrono::Utc::now(),
+            false,
+        );
+        let outcome = tokio::select! {
+            r = run => r,
+            _ = stop.changed() => break,
+        };
+        let label = match outcome {
+            Ok(Some(r)) => {
+                if r != crate::lifecycle::BillingReport::default() {
+                    tracing::info!(?r, "billing run");
+                }
+                "ran"
+            }
+            Ok(None) => "skipped",
+            Err(e) => {
+                tracing::warn!(error = %e, "billing run failed");
+                "failed"
+            }
+        };
+        metrics::counter!("tollgate_billing_runs_total", "outcome" => label).increment(1);
     }
 }
 

@@ -217,3 +217,398 @@ async fn a_charge_settled_after_the_last_row_expired_lands_on_a_carry_row() {
     crate::ledger::forget_balance(&env, &ledger, &user).await;
     assert_eq!(ledger.load(&db, &user).await.unwrap(), -30);
 }
+
+// ---------------------------------------------------------------------------------
+// The billing run through the real binary.
+
+/// A test environment whose `pro` plan is small and rolls over at most 100 credits;
+/// the gateways' own billing job is off, so `billing run --now` alone moves time.
+async fn billing_env() -> TestEnv {
+    let mut env = TestEnv::new().await;
+    env.env("TOLLGATE__TIERS__PRO__CREDITS_PER_MONTH", "1000");
+    env.env("TOLLGATE__TIERS__PRO__ROLLOVER_CAP", "100");
+    env.env("TOLLGATE__BILLING__ENABLED", "false");
+    env
+}
+
+/// A `pro` user (first period's credits from the plan); returns (id, email, token).
+async fn pro_user(env: &TestEnv) -> (Uuid, String, String) {
+    let email = format!(
+        "p{}@example.com",
+        &Uuid::new_v4().simple().to_string()[..10]
+    );
+    let id = Uuid::parse_str(
+        &env.cli(&["user", "create", "--email", &email, "--tier", "pro"])
+            .await,
+    )
+    .unwrap();
+    let token = env.cli(&["token", "issue", "--email", &email]).await;
+    (id, email, token)
+}
+
+/// The end of the user's current subscription period.
+async fn period_end(env: &TestEnv, user: &Uuid) -> chrono::DateTime<chrono::Utc> {
+    env.db()
+        .await
+        .query_one(
+            "SELECT current_period_end FROM subscriptions WHERE user_id = $1",
+            &[user],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// (total, used, is_current) of each of the user's rows, oldest first.
+async fn rows_of(env: &TestEnv, user: &Uuid) -> Vec<(i32, i32, bool)> {
+    env.db()
+        .await
+        .query(
+            "SELECT total_credits, used_credits, is_current FROM credits WHERE user_id = $1
+              ORDER BY created_at, billing_period_end",
+            &[user],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+async fn billing_run(env: &TestEnv, now: chrono::DateTime<chrono::Utc>) -> String {
+    env.cli(&["billing", "run", "--now", &now.to_rfc3339()])
+        .await
+}
+
+/// Waits until every usage event is in PostgreSQL (nothing pending in Redis).
+async fn drained(env: &TestEnv, user: &Uuid) {
+    for _ in 0..500 {
+        if env.redis_unflushed(user).await == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("usage of {user} not flushed");
+}
+
+#[tokio::test]
+async fn a_period_turns_once_with_its_capped_rollover_and_the_rest_leaves_the_live_balance() {
+    let env = billing_env().await;
+    let mock = env.mock(&[]).await;
+    let gw = env.gateway(&mock).await;
+    let (user, _, token) = pro_user(&env).await;
+    let (s, _, _) = env.chat(&gw, &token, hello(16)).await;
+    assert_eq!(s, 200);
+    drained(&env, &user).await;
+    let spent = rows_of(&env, &user).await[0].1;
+    assert!(spent > 0);
+    let before = env.redis_balance(&user).await.unwrap();
+    assert_eq!(before, 1000 - i64::from(spent));
+
+    // Not yet: a run before the period's end changes nothing.
+    let end = period_end(&env, &user).await;
+    let out = billing_run(&env, end - chrono::Duration::seconds(1)).await;
+    assert!(out.contains("0 renewed"), "{out}");
+    assert_eq!(rows_of(&env, &user).await.len(), 1);
+
+    // Two runs at once, just past the end: exactly one new period.
+    let at = end + chrono::Duration::seconds(1);
+    let (a, b) = tokio::join!(billing_run(&env, at), billing_run(&env, at));
+    let renewed: usize = [a.as_str(), b.as_str()]
+        .iter()
+        .filter(|o| o.contains(" 1 renewed"))
+        .count();
+    assert_eq!(renewed, 1, "{a}\n{b}");
+    let rows = rows_of(&env, &user).await;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(
+        rows[0],
+        (1000, spent, false),
+        "the old period is retired as it was"
+    );
+    assert_eq!(
+        rows[1],
+        (1000 + 100, 0, true),
+        "the plan's credits + the capped rollover"
+    );
+    let sub = env
+        .db()
+        .await
+        .query_one(
+            "SELECT current_period_start, current_period_end FROM subscriptions WHERE user_id = $1",
+            &[&user],
+        )
+        .await
+        .unwrap();
+    assert_eq!(sub.get::<_, chrono::DateTime<chrono::Utc>>(0), end);
+    assert!(sub.get::<_, chrono::DateTime<chrono::Utc>>(1) > end + chrono::Duration::days(27));
+    // The live balance: the old remainder left, the new period arrived.
+    assert_eq!(env.redis_balance(&user).await, Some(1100));
+    // And a third run finds nothing to do.
+    let out = billing_run(&env, at).await;
+    assert!(out.contains("0 renewed"), "{out}");
+    assert_eq!(rows_of(&env, &user).await.len(), 2);
+    let (s, _, _) = env.chat(&gw, &token, hello(16)).await;
+    assert_eq!(s, 200);
+    drained(&env, &user).await;
+    let rows = rows_of(&env, &user).await;
+    assert_eq!(
+        env.redis_balance(&user).await.unwrap(),
+        i64::from(rows[1].0 - rows[1].1),
+        "the live balance and PostgreSQL agree: {rows:?}"
+    );
+}
+
+#[tokio::test]
+async fn grants_are_spent_soonest_expiring_first_split_exactly_and_expire() {
+    let env = billing_env().await;
+    let mock = env.mock(&["--completion-tokens", "4000"]).await;
+    let gw = env.gateway(&mock).await;
+    let (user, email, token) = pro_user(&env).await;
+    let soon = chrono::Utc::now() + chrono::Duration::days(3);
+    let later = chrono::Utc::now() + chrono::Duration::days(10);
+    env.cli(&[
+        "credits",
+        "grant",
+        "--email",
+        &email,
+        "--amount",
+        "5",
+        "--expires-at",
+        &soon.to_rfc3339(),
+    ])
+    .await;
+    env.cli(&[
+        "credits",
+        "grant",
+        "--email",
+        &email,
+        "--amount",
+        "40",
+        "--expires-at",
+        &later.to_rfc3339(),
+    ])
+    .await;
+    let (s, _, _) = env.chat(&gw, &token, hello(4000)).await;
+    assert_eq!(s, 200);
+    drained(&env, &user).await;
+    let charged: i64 = env
+        .db()
+        .await
+        .query_one("SELECT sum(credits_used)::bigint FROM usage_history", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        charged > 5,
+        "the charge must be larger than the first grant: {charged}"
+    );
+    // Soonest first: the 5 of the grant ending in 3 days, the rest from the one ending in
+    // 10 days, nothing from the period (ending in a month).
+    let c = env.db().await;
+    let used = |end: chrono::DateTime<chrono::Utc>| {
+        let c = &c;
+        async move {
+            c.query_one(
+                "SELECT used_credits FROM credits WHERE user_id = $1
+                  ORDER BY abs(extract(epoch FROM billing_period_end - $2::timestamptz)) LIMIT 1",
+                &[&user, &end],
+            )
+            .await
+            .unwrap()
+            .get::<_, i32>(0)
+        }
+    };
+    assert_eq!(used(soon).await, 5);
+    assert_eq!(i64::from(used(later).await), charged - 5);
+    assert_eq!(used(period_end(&env, &user).await).await, 0);
+    let before = env.redis_balance(&user).await.unwrap();
+    assert_eq!(before, 1000 + 45 - charged);
+
+    // The first grant has nothing left; the second expires with 45 − charged left.
+    let out = billing_run(&env, later + chrono::Duration::seconds(1)).await;
+    assert!(out.contains("2 credits rows expired"), "{out}");
+    assert_eq!(env.redis_balance(&user).await, Some(1000));
+    let current: i64 = c
+        .query_one(
+            "SELECT count(*) FROM credits WHERE user_id = $1 AND is_current",
+            &[&user],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(current, 1, "only the period is left");
+}
+
+#[tokio::test]
+async fn inactive_subscriptions_get_403_subscription_inactive() {
+    let env = billing_env().await;
+    let mock = env.mock(&[]).await;
+    let gw = env.gateway(&mock).await;
+    let (user, _, token) = pro_user(&env).await;
+    let (s, _, _) = env.chat(&gw, &token, hello(16)).await;
+    assert_eq!(s, 200, "loaded and active");
+    let c = env.db().await;
+    // Past due: served through the grace (72 hours by default)...
+    c.execute(
+        "UPDATE subscriptions SET past_due_since = now() WHERE user_id = $1",
+        &[&user],
+    )
+    .await
+    .unwrap();
+    let out = billing_run(&env, chrono::Utc::now() + chrono::Duration::hours(71)).await;
+    assert!(out.contains("0 suspended"), "{out}");
+    let (s, _, _) = env.chat(&gw, &token, hello(16)).await;
+    assert_eq!(s, 200);
+    // ...then suspended, and refused at once, before any hold or upstream call.
+    let calls = env.mock_stats(&mock).await;
+    let out = billing_run(&env, chrono::Utc::now() + chrono::Duration::hours(73)).await;
+    assert!(out.contains("1 suspended"), "{out}");
+    let before = env.redis_balance(&user).await;
+    let (s, h, b) = env.chat(&gw, &token, hello(16)).await;
+    assert_eq!(s, 403, "{}", String::from_utf8_lossy(&b));
+    let e = openai_error(&b);
+    assert_eq!(e["code"], "subscription_inactive");
+    assert_eq!(h.get("x-should-retry").map(String::as_str), Some("false"));
+    assert_eq!(
+        env.redis_balance(&user).await,
+        before,
+        "nothing held or charged"
+    );
+    assert_eq!(env.mock_stats(&mock).await, calls, "nothing sent upstream");
+}
+
+#[tokio::test]
+async fn a_cancelled_subscription_is_served_to_its_period_end_then_expires() {
+    let env = billing_env().await;
+    let mock = env.mock(&[]).await;
+    let gw = env.gateway(&mock).await;
+    let (user, _, token) = pro_user(&env).await;
+    env.db()
+        .await
+        .execute(
+            "UPDATE subscriptions SET status = 'cancelled', cancelled_at = now() WHERE user_id = $1",
+            &[&user],
+        )
+        .await
+        .unwrap();
+    let (s, _, _) = env.chat(&gw, &token, hello(16)).await;
+    assert_eq!(s, 200, "still served in its last period");
+    let end = period_end(&env, &user).await;
+    let out = billing_run(&env, end + chrono::Duration::seconds(1)).await;
+    assert!(out.contains("1 expired"), "{out}");
+    let status: String = env
+        .db()
+        .await
+        .query_one(
+            "SELECT status::text FROM subscriptions WHERE user_id = $1",
+            &[&user],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "expired");
+    let (s, _, b) = env.chat(&gw, &token, hello(16)).await;
+    assert_eq!(s, 403);
+    assert_eq!(openai_error(&b)["code"], "subscription_inactive");
+    assert!(
+        rows_of(&env, &user).await.iter().all(|r| !r.2),
+        "no current row left"
+    );
+}
+
+/// (credits rows, queued rebases): what a refused command must leave as it was.
+async fn credits_and_queue(env: &TestEnv) -> (i64, i64) {
+    let c = env.db().await;
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM credits", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let q: i64 = c
+        .query_one("SELECT count(*) FROM ledger_rebase_queue", &[])
+        .await
+        .unwrap()
+        .get(0);
+    (n, q)
+}
+
+#[tokio::test]
+async fn bad_grant_and_billing_arguments_are_refused_and_change_nothing() {
+    let env = billing_env().await;
+    let (user, email, _) = pro_user(&env).await;
+    let before = credits_and_queue(&env).await;
+    let past = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "credits",
+                "grant",
+                "--email",
+                "nobody@example.com",
+                "--amount",
+                "5",
+            ],
+            "no user",
+        ),
+        (
+            vec!["credits", "grant", "--email", &email, "--amount", "-5"],
+            "positive",
+        ),
+        (
+            vec!["credits", "grant", "--email", &email, "--amount", "0"],
+            "positive",
+        ),
+        (
+            vec![
+                "credits",
+                "grant",
+                "--email",
+                &email,
+                "--amount",
+                "5",
+                "--expires-at",
+                &past,
+            ],
+            "not in the future",
+        ),
+        (
+            vec![
+                "credits",
+                "grant",
+                "--email",
+                &email,
+                "--amount",
+                "5",
+                "--expires-at",
+                "tomorrow",
+            ],
+            "RFC 3339",
+        ),
+        (
+            vec![
+                "credits",
+                "grant",
+                "--email",
+                &email,
+                "--amount",
+                "5",
+                "--expires-days",
+                "0",
+            ],
+            "positive",
+        ),
+        (vec!["billing", "run", "--now", "yesterday"], "RFC 3339"),
+    ];
+    for (args, says) in cases {
+        let (ok, _, err) = env.cli_raw(&args, &[]).await;
+        assert!(!ok, "{args:?} must fail");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert_eq!(
+            credits_and_queue(&env).await,
+            before,
+            "{args:?} changed something"
+        );
+    }
+    assert_eq!(rows_of(&env, &user).await.len(), 1);
+}
