@@ -42,6 +42,9 @@ pub enum Command {
     /// The credit lifecycle: periods that turn, grants that expire.
     #[command(subcommand)]
     Billing(BillingCommand),
+    /// The live ledger in Redis.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
     /// Run the bundled mock provider (OpenAI wire format).
     MockProvider {
         /// host:port to bind (port 0 picks a free port).
@@ -107,6 +110,21 @@ pub enum BillingCommand {
         /// The time to run as of (RFC 3339); default now.
         #[arg(long, value_parser = parse_time)]
         now: Option<chrono::DateTime<chrono::Utc>>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LedgerCommand {
+    /// Compare, per loaded user, Redis (balance + holds + unflushed charges) with
+    /// PostgreSQL (Σ total − used of the current credits rows); print each drifting
+    /// user. Exits with an error while drift remains.
+    Reconcile {
+        /// Rebuild each drifting user from PostgreSQL, as after a Redis loss.
+        #[arg(long)]
+        fix: bool,
+        /// Only this user.
+        #[arg(long)]
+        email: Option<String>,
     },
 }
 
@@ -346,6 +364,46 @@ async fn dispatch(cli: Cli) -> Result<(), BoxError> {
                 return Err("some live balances were not rebased (Redis unreachable?); \
                             they stay queued for the next run"
                     .into());
+            }
+            Ok(())
+        }
+        Command::Ledger(LedgerCommand::Reconcile { fix, email }) => {
+            let db = db::Db::new(&cfg.database)?;
+            let only = match email {
+                Some(e) => Some(active_user(&*db.get().await?, e).await?),
+                None => None,
+            };
+            let ledger = crate::ledger::Ledger::connect(
+                &cfg.redis.url,
+                &cfg.redis.key_prefix,
+                cfg.redis.buckets,
+            )
+            .await?;
+            let r = crate::reconcile::reconcile(&db, &ledger, only, *fix).await?;
+            for d in &r.drifting {
+                println!(
+                    "drift {:+} user {}: redis {} (balance + holds + unflushed), postgresql {}{}",
+                    d.credits(),
+                    d.user,
+                    d.live,
+                    d.recorded,
+                    if *fix {
+                        "; rebuilt from postgresql"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            println!(
+                "reconciled {} loaded users ({} with a change queued, skipped): {} drifting by {} credits in all{}",
+                r.users,
+                r.queued,
+                r.drifting.len(),
+                r.drift_credits(),
+                if *fix { format!(", {} rebuilt", r.fixed) } else { String::new() }
+            );
+            if !r.drifting.is_empty() && !*fix {
+                return Err("the live ledger drifts from PostgreSQL (rerun with --fix to rebuild those users)".into());
             }
             Ok(())
         }

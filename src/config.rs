@@ -233,6 +233,7 @@ pub struct RawBilling {
     pub enabled: bool,
     pub interval_ms: u64,
     pub past_due_grace_hours: u64,
+    pub reconcile_interval_ms: u64,
 }
 
 impl Default for RawBilling {
@@ -241,6 +242,7 @@ impl Default for RawBilling {
             enabled: true,
             interval_ms: 60_000,
             past_due_grace_hours: 72,
+            reconcile_interval_ms: 300_000,
         }
     }
 }
@@ -653,6 +655,8 @@ pub struct BillingConfig {
     pub interval: Duration,
     /// How long a past-due subscription keeps being served.
     pub past_due_grace: Duration,
+    /// How often `serve` compares the live balances with PostgreSQL (`None`: never).
+    pub reconcile_interval: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -1170,6 +1174,8 @@ fn validate_billing(b: &RawBilling) -> Result<BillingConfig, ConfigError> {
         enabled: b.enabled,
         interval: Duration::from_millis(b.interval_ms),
         past_due_grace: Duration::from_secs(grace),
+        reconcile_interval: (b.reconcile_interval_ms > 0)
+            .then(|| Duration::from_millis(b.reconcile_interval_ms)),
     })
 }
 

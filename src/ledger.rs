@@ -103,6 +103,29 @@ pub struct Account {
     pub granted: i64,
 }
 
+/// A user's live account with its unflushed charges (see [`Ledger::live`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Live {
+    /// Spendable now.
+    pub balance: i64,
+    /// Held by requests in flight.
+    pub held: i64,
+    /// Settled and not yet acknowledged as flushed: request id → cost.
+    pub pending: Vec<(Uuid, i64)>,
+}
+
+/// `s` with Redis glob characters escaped, for a SCAN pattern.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Redis keys of one user.
 pub struct UserKeys {
     pub acct: String,
@@ -597,6 +620,83 @@ impl Ledger {
             }
         }
         Err(LedgerError::Contended)
+    }
+
+    /// The users whose balance is loaded (a SCAN of the account keys).
+    pub async fn loaded_users(&self) -> Result<Vec<Uuid>, redis::RedisError> {
+        let pattern = format!("{}{{b*}}:acct:*", glob_escape(&self.layout.prefix));
+        let mut conn = self.conn.clone();
+        let mut cursor: u64 = 0;
+        let mut users = Vec::new();
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            users.extend(
+                keys.iter()
+                    .filter_map(|k| k.rsplit_once(":acct:"))
+                    .filter_map(|(_, u)| Uuid::parse_str(u).ok()),
+            );
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        users.sort_unstable();
+        users.dedup();
+        Ok(users)
+    }
+
+    /// A user's live account and unflushed charges, read atomically: `None` when the
+    /// balance is not loaded.
+    pub async fn live(&self, user: &Uuid) -> Result<Option<Live>, redis::RedisError> {
+        let k = self.keys(user);
+        type Fields = Vec<(String, String)>;
+        let (acct, pend): (Fields, Fields) = redis::pipe()
+            .atomic()
+            .cmd("HGETALL")
+            .arg(&k.acct)
+            .cmd("HGETALL")
+            .arg(&k.pend)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        let mut balance = None;
+        let mut held = 0i64;
+        for (f, v) in &acct {
+            if f == "bal" {
+                balance = v.parse::<i64>().ok();
+            } else if let Some(amount) = f
+                .strip_prefix("h:")
+                .and_then(|_| v.split(':').next())
+                .and_then(|a| a.parse::<i64>().ok())
+            {
+                held = held.saturating_add(amount);
+            }
+        }
+        Ok(balance.map(|balance| Live {
+            balance,
+            held,
+            pending: pend
+                .iter()
+                .filter_map(|(id, cost)| Some((Uuid::parse_str(id).ok()?, cost.parse().ok()?)))
+                .collect(),
+        }))
+    }
+
+    /// Forgets a user's live balance (as a Redis loss does): the next use loads it from
+    /// PostgreSQL. Unflushed charges (`pend`) are kept, so the load counts them.
+    pub async fn forget(&self, user: &Uuid) -> Result<(), redis::RedisError> {
+        let k = self.keys(user);
+        redis::cmd("DEL")
+            .arg(&k.acct)
+            .arg(&k.cred)
+            .query_async(&mut self.conn.clone())
+            .await
     }
 
     /// Acknowledges and deletes flushed stream entries of one bucket and forgets their

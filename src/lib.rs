@@ -31,6 +31,7 @@ pub mod parse;
 pub mod password;
 pub mod preferences;
 pub mod rate_limit;
+pub mod reconcile;
 pub mod reserve;
 pub mod route;
 pub mod scope;

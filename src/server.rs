@@ -250,6 +250,9 @@ impl Background {
         if state.cfg.billing.enabled {
             periodic.spawn(billing_job(state.clone(), stop_rx.clone()));
         }
+        if let Some(every) = state.cfg.billing.reconcile_interval {
+            periodic.spawn(reconcile_job(state.clone(), every, stop_rx.clone()));
+        }
         // Disabled users and revoked sign-ins, reloaded into memory for the request path.
         periodic.spawn(crate::oauth::revocation::run(
             state.clone(),
@@ -370,6 +373,48 @@ async fn billing_job(state: AppState, mut stop: watch::Receiver<bool>) {
             }
         };
         metrics::counter!("tollgate_billing_runs_total", "outcome" => label).increment(1);
+    }
+}
+
+/// Reconciliation (`reconcile::reconcile`, report only) every `every`, on one replica
+/// at a time (an advisory lock; a replica that finds it taken skips that turn). Sets
+/// `tollgate_ledger_drift_credits` (Σ |drift|) and `tollgate_ledger_drift_users` on the
+/// replica that ran; alert on their maximum across replicas.
+async fn reconcile_job(state: AppState, every: Duration, mut stop: watch::Receiver<bool>) {
+    const RECONCILE_LOCK: i64 = 0x7467_7265_636f; // "tgreco"
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => break,
+        }
+        let run = async {
+            let mut conn = state.db.get().await?;
+            let lock = conn.transaction().await?;
+            let got: bool = lock
+                .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&RECONCILE_LOCK])
+                .await?
+                .get(0);
+            if !got {
+                return Ok(None);
+            }
+            let r = crate::reconcile::reconcile(&state.db, &state.ledger, None, false).await?;
+            lock.commit().await?;
+            Ok::<_, BoxError>(Some(r))
+        };
+        let outcome = tokio::select! {
+            r = run => r,
+            _ = stop.changed() => break,
+        };
+        match outcome {
+            Ok(Some(r)) => {
+                metrics::gauge!("tollgate_ledger_drift_credits").set(r.drift_credits() as f64);
+                metrics::gauge!("tollgate_ledger_drift_users").set(r.drifting.len() as f64);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "reconciliation failed"),
+        }
     }
 }
 
