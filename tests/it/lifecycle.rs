@@ -725,3 +725,105 @@ async fn serve_exports_the_drift_and_the_cli_reports_and_fixes_it() {
     assert!(!ok);
     assert!(err.contains("no user with email"), "{err}");
 }
+
+#[tokio::test]
+async fn periods_turn_under_load_from_two_gateways_and_the_ledger_stays_exact() {
+    const USERS: usize = 6;
+    const PER_USER: usize = 24;
+    let env = billing_env().await;
+    let mock = env
+        .mock(&["--completion-tokens", "4000", "--latency-ms", "5"])
+        .await;
+    let gws = [env.gateway(&mock).await, env.gateway(&mock).await];
+    let mut users = Vec::new();
+    for _ in 0..USERS {
+        users.push(pro_user(&env).await);
+    }
+    let mut end = period_end(&env, &users[0].0).await;
+    for (u, _, _) in &users {
+        end = end.max(period_end(&env, u).await);
+    }
+    let at = end + chrono::Duration::seconds(1);
+
+    // Every user's requests through both gateways, spread over about a second and a
+    // half; once a third of them are answered, two billing runs race the turn of every
+    // period while the rest go on.
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let load = futures_util::future::join_all((0..USERS * PER_USER).map(|i| {
+        let (_, _, token) = &users[i % USERS];
+        let gw = &gws[i % 2];
+        let (env, done) = (&env, &done);
+        async move {
+            tokio::time::sleep(std::time::Duration::from_millis((i / USERS) as u64 * 60)).await;
+            let s = env.chat(gw, token, hello(4000)).await.0;
+            done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            s
+        }
+    }));
+    let billing = async {
+        while done.load(std::sync::atomic::Ordering::SeqCst) < USERS * PER_USER / 3 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        tokio::join!(billing_run(&env, at), billing_run(&env, at))
+    };
+    let (statuses, (a, b)) = tokio::join!(load, billing);
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(ok, USERS * PER_USER, "every request served: {statuses:?}");
+    let renewed: usize = [&a, &b]
+        .iter()
+        .map(|o| {
+            o.split(" renewed")
+                .next()
+                .and_then(|p| p.rsplit(' ').next())
+                .and_then(|n| n.parse::<usize>().ok())
+                .unwrap_or(0)
+        })
+        .sum();
+    assert_eq!(renewed, USERS, "each period turned once:\n{a}\n{b}");
+
+    for (u, _, _) in &users {
+        drained(&env, u).await;
+    }
+    let c = env.db().await;
+    let rows: i64 = c
+        .query_one("SELECT count(*) FROM usage_history", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, (USERS * PER_USER) as i64, "one row per success");
+    let (charged, used): (i64, i64) = {
+        let r = c
+            .query_one(
+                "SELECT (SELECT sum(credits_used)::bigint FROM usage_history),
+                        (SELECT sum(used_credits)::bigint FROM credits)",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(charged, used, "every charge is on exactly one row");
+    for (u, _, _) in &users {
+        let rows = rows_of(&env, u).await;
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        let (old, new) = (rows[0], rows[1]);
+        assert!(!old.2 && new.2, "{rows:?}");
+        assert!(
+            old.1 > 0 && new.1 > 0,
+            "the turn fell inside the load: charges on both periods {rows:?}"
+        );
+        assert_eq!(
+            new.0,
+            1000 + (old.0 - old.1).clamp(0, 100),
+            "rollover from what the old period had left when it was retired: {rows:?}"
+        );
+        assert_eq!(env.redis_held(u).await, 0);
+        let live = env.redis_balance(u).await.unwrap();
+        assert!(live >= 0);
+        assert_eq!(
+            live,
+            i64::from(new.0 - new.1),
+            "the live balance is PostgreSQL's current row: {rows:?}"
+        );
+    }
+}
