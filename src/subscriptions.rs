@@ -194,7 +194,7 @@ impl fmt::Display for Change {
         match self {
             Change::Started { tier, credits, until } => write!(
                 f,
-                "started a {tier} subscription: {credits} credits until {until}"
+                "started a subscription to {tier}: {credits} credits until {until}"
             ),
             Change::Upgraded {
                 from,

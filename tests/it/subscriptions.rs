@@ -357,7 +357,10 @@ async fn set_starts_a_subscription_for_a_user_without_one() {
             "enterprise",
         ])
         .await;
-    assert!(out.contains("started a enterprise subscription"), "{out}");
+    assert!(
+        out.contains("started a subscription to enterprise"),
+        "{out}"
+    );
     let (tier, status, per_month, price, ..) = subscription(&env, &user).await;
     assert_eq!(
         (tier.as_str(), status.as_str(), per_month, price),
@@ -379,7 +382,7 @@ async fn set_starts_a_subscription_for_a_user_without_one() {
     let out = env
         .cli(&["subscriptions", "set", "--email", &email, "--tier", "pro"])
         .await;
-    assert!(out.contains("started a pro subscription"), "{out}");
+    assert!(out.contains("started a subscription to pro"), "{out}");
     let n: i64 = env
         .db()
         .await
