@@ -8,9 +8,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
 use uuid::Uuid;
 
-use crate::config::{self, Config, Plan};
+use crate::config::{self, Config};
 use crate::db;
 use crate::server::BoxError;
+use crate::subscriptions;
 
 #[derive(Parser, Debug)]
 #[command(name = "tollgate", version, about = "A metering gateway for LLM APIs")]
@@ -36,6 +37,9 @@ pub enum Command {
     /// Manage credits.
     #[command(subcommand)]
     Credits(CreditsCommand),
+    /// Manage subscriptions: change a user's tier, cancel.
+    #[command(subcommand)]
+    Subscriptions(SubscriptionsCommand),
     /// Issue access tokens.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -110,6 +114,32 @@ pub enum BillingCommand {
         /// The time to run as of (RFC 3339); default now.
         #[arg(long, value_parser = parse_time)]
         now: Option<chrono::DateTime<chrono::Utc>>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SubscriptionsCommand {
+    /// Change a user's tier (its plan from `[tiers.<tier>]`).
+    ///
+    /// An upgrade (a higher credits_per_month) takes effect now: the subscription takes
+    /// the new plan, and the current period's credits row gets
+    /// floor((new - old) x remaining_seconds / period_seconds) more credits, where new
+    /// and old are the two plans' credits for a period as long as the current one. A
+    /// downgrade (not higher) takes effect when the current period ends. The same tier
+    /// changes nothing (a scheduled downgrade is withdrawn). A cancelled subscription
+    /// still running is resumed; a user without a subscription (or whose latest one
+    /// expired) gets one, as `user create` would.
+    Set {
+        #[arg(long)]
+        email: String,
+        #[arg(long, value_enum)]
+        tier: Tier,
+    },
+    /// Cancel a user's active subscription at the end of its current period: it is
+    /// served until then, and not renewed.
+    Cancel {
+        #[arg(long)]
+        email: String,
     },
 }
 
@@ -327,6 +357,26 @@ async fn dispatch(cli: Cli) -> Result<(), BoxError> {
             }
             Ok(())
         }
+        Command::Subscriptions(cmd) => {
+            let db = db::Db::new(&cfg.database)?;
+            let ledger = crate::ledger::Ledger::connect(
+                &cfg.redis.url,
+                &cfg.redis.key_prefix,
+                cfg.redis.buckets,
+            )
+            .await?;
+            let (email, change) = match cmd {
+                SubscriptionsCommand::Set { email, tier } => (
+                    email,
+                    subscriptions::set_tier(&db, &ledger, &cfg.tiers, email, tier.name()).await?,
+                ),
+                SubscriptionsCommand::Cancel { email } => {
+                    (email, subscriptions::cancel(&db, &ledger, email).await?)
+                }
+            };
+            println!("{email}: {change}");
+            Ok(())
+        }
         Command::Token(TokenCommand::Issue { email, ttl, scope }) => {
             let scope = token_scope(scope)?;
             let client = db::connect(&cfg.database).await?;
@@ -453,7 +503,9 @@ async fn create_user(
     tier: Option<&str>,
 ) -> Result<Uuid, BoxError> {
     validate_email(email)?;
-    let plan = tier.map(|t| plan_of(cfg, t)).transpose()?;
+    let plan = tier
+        .map(|t| subscriptions::plan_of(&cfg.tiers, t).map(|p| (t, p)))
+        .transpose()?;
     let hash = match password {
         Some(p) if p.len() < 8 => return Err("passwords must be at least 8 characters".into()),
         Some(p) => Some(hash_password(p, cfg)?),
@@ -472,68 +524,10 @@ async fn create_user(
     };
     let id: Uuid = row.get(0);
     if let Some((tier, plan)) = plan {
-        start_subscription(&tx, &id, tier, plan).await?;
+        subscriptions::start(&tx, &id, tier, plan).await?;
     }
     tx.commit().await?;
     Ok(id)
-}
-
-/// The configured plan of `tier`, or an error naming the tiers there are.
-fn plan_of<'a>(cfg: &'a Config, tier: &'a str) -> Result<(&'a str, &'a Plan), BoxError> {
-    match cfg.tiers.plan(tier) {
-        Some(p) => Ok((tier, p)),
-        None => Err(format!(
-            "unknown tier `{tier}` (tiers: {})",
-            cfg.tiers
-                .plans
-                .keys()
-                .map(String::as_str)
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-        .into()),
-    }
-}
-
-/// Starts an active subscription of `tier` for `user`, its period beginning now and
-/// lasting the plan's interval, with its current credits row holding the period's
-/// credits (`Plan::period_credits`). In the caller's transaction.
-async fn start_subscription(
-    tx: &tokio_postgres::Transaction<'_>,
-    user: &Uuid,
-    tier: &str,
-    plan: &Plan,
-) -> Result<Uuid, BoxError> {
-    let per_month = i32::try_from(plan.credits_per_month)?;
-    let price = i32::try_from(plan.price_cents)?;
-    let credits = i32::try_from(
-        plan.period_credits()
-            .ok_or("the period's credits overflow")?,
-    )?;
-    let row = tx
-        .query_one(
-            "WITH s AS (
-                INSERT INTO subscriptions (user_id, tier, status, credits_per_month, credits_rollover, price_cents,
-                                           billing_interval, current_period_start, current_period_end)
-                VALUES ($1, $2::text::subscription_tier, 'active', $3, $4, $5, $6, now(),
-                        now() + make_interval(months => $7))
-                RETURNING id, current_period_start, current_period_end)
-             INSERT INTO credits (user_id, subscription_id, total_credits, billing_period_start, billing_period_end)
-             SELECT $1, s.id, $8, s.current_period_start, s.current_period_end FROM s
-             RETURNING subscription_id",
-            &[
-                user,
-                &tier,
-                &per_month,
-                &(plan.rollover_cap > 0),
-                &price,
-                &plan.interval.as_str(),
-                &plan.interval.months(),
-                &credits,
-            ],
-        )
-        .await?;
-    Ok(row.get(0))
 }
 
 /// Commits a credits row, then applies it to the live balance in Redis (if loaded).

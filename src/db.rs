@@ -31,6 +31,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "lifecycle",
         include_str!("../migrations/0006_lifecycle.sql"),
     ),
+    (
+        7,
+        "scheduled_tier",
+        include_str!("../migrations/0007_scheduled_tier.sql"),
+    ),
 ];
 
 /// Seeds, applied by `tollgate seed` (idempotent upserts).

@@ -34,8 +34,9 @@ const LAYERS: &[&[&str]] = &[
     // Parse; the provider formats; off the request path, the flusher, the credit
     // lifecycle (changes made in PostgreSQL carried to the ledger) and reconciliation.
     &["parse", "translate", "flush", "lifecycle", "reconcile"],
-    // A provider's deployments, retries and breaker.
-    &["deploy"],
+    // A provider's deployments, retries and breaker; subscriptions (tier changes,
+    // carried to the ledger by the lifecycle).
+    &["deploy", "subscriptions"],
     // The provider clients (pooled connections, a request per deployment).
     &["upstream"],
     // Authenticate (its external issuer fetches keys with the upstream TLS settings).

@@ -40,6 +40,7 @@ pub mod settle;
 pub mod sse;
 pub mod state;
 pub mod stream_back;
+pub mod subscriptions;
 pub mod telemetry;
 pub mod translate;
 pub mod upstream;

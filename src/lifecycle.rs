@@ -227,7 +227,8 @@ async fn turn_period(
     let tx = conn.transaction().await?;
     let Some(s) = tx
         .query_opt(
-            "SELECT user_id, tier::text, status::text, past_due_since, current_period_end
+            "SELECT user_id, coalesce(scheduled_tier, tier)::text, status::text, past_due_since,
+                    current_period_end
                FROM subscriptions WHERE id = $1 FOR UPDATE",
             &[id],
         )
@@ -236,6 +237,7 @@ async fn turn_period(
         return Ok(Turned::NotDue);
     };
     let user: Uuid = s.get(0);
+    // A downgrade scheduled for the period's end (`subscriptions set`) starts here.
     let tier: String = s.get(1);
     let status: String = s.get(2);
     let past_due_since: Option<DateTime<Utc>> = s.get(3);
@@ -300,7 +302,7 @@ async fn turn_period(
         tx.execute(
             "UPDATE subscriptions SET current_period_start = $2, current_period_end = $3,
                     credits_per_month = $4, price_cents = $5, billing_interval = $6,
-                    credits_rollover = $7
+                    credits_rollover = $7, tier = $8::text::subscription_tier, scheduled_tier = NULL
               WHERE id = $1",
             &[
                 id,
@@ -310,6 +312,7 @@ async fn turn_period(
                 &price,
                 &plan.interval.as_str(),
                 &(plan.rollover_cap > 0),
+                &tier,
             ],
         )
         .await?;

@@ -1,10 +1,11 @@
 //! Stage 5, first: the rate limit — requests and tokens per minute, per user, with the
 //! limits of the user's subscription tier (`tiers.<free|pro|enterprise>.requests_per_minute`
 //! and `.tokens_per_minute`, or their old place `rate_limits.<tier>`, resolved by
-//! `config`; users without an active subscription get `free`'s). GCRA buckets in
-//! memory (governor), so the check is local to each gateway: with N replicas behind a
-//! load balancer a user gets up to N times the limit in the worst case. Credits, not
-//! these limits, are what bound spend.
+//! `config`). The tier is that of a subscription still served (active, cancelled or past
+//! due, within its period); a user without one gets `free`'s. GCRA buckets in memory
+//! (governor), so the check is local to each gateway: with N replicas behind a load
+//! balancer a user gets up to N times the limit in the worst case. Credits, not these
+//! limits, are what bound spend.
 //!
 //! The tier comes from PostgreSQL once per user per `rate_limits.tier_cache_ms`; if
 //! PostgreSQL is unreachable the last known tier (or `free`) applies, so the hot path
@@ -180,7 +181,8 @@ impl RateLimits {
             let row = c
                 .query_opt(
                     "SELECT tier::text FROM subscriptions
-                      WHERE user_id = $1 AND status = 'active' AND current_period_end > now()
+                      WHERE user_id = $1 AND status NOT IN ('expired', 'suspended')
+                        AND current_period_end > now()
                       ORDER BY CASE tier WHEN 'enterprise' THEN 0 WHEN 'pro' THEN 1 ELSE 2 END
                       LIMIT 1",
                     &[user],

@@ -827,3 +827,47 @@ async fn periods_turn_under_load_from_two_gateways_and_the_ledger_stays_exact() 
         );
     }
 }
+
+#[tokio::test]
+async fn a_scheduled_downgrade_starts_with_the_next_period_and_its_plan() {
+    let mut env = billing_env().await;
+    env.env("TOLLGATE__TIERS__FREE__CREDITS_PER_MONTH", "300");
+    let mock = env.mock(&[]).await;
+    let gw = env.gateway(&mock).await;
+    let (user, email, token) = pro_user(&env).await;
+    env.cli(&["subscriptions", "set", "--email", &email, "--tier", "free"])
+        .await;
+    let end = period_end(&env, &user).await;
+    let out = billing_run(&env, end + chrono::Duration::seconds(1)).await;
+    assert!(out.contains("1 renewed"), "{out}");
+    let s = env
+        .db()
+        .await
+        .query_one(
+            "SELECT tier::text, scheduled_tier IS NULL, credits_per_month, price_cents
+               FROM subscriptions WHERE user_id = $1",
+            &[&user],
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.get::<_, String>(0), "free");
+    assert!(s.get::<_, bool>(1), "the schedule is used up");
+    assert_eq!(s.get::<_, i32>(2), 300);
+    assert_eq!(s.get::<_, i32>(3), 0);
+    let rows = rows_of(&env, &user).await;
+    // The free plan's credits; its rollover cap (0) applies, not pro's.
+    assert_eq!(rows[1], (300, 0, true), "{rows:?}");
+    assert_eq!(
+        env.redis_balance(&user).await,
+        None,
+        "never loaded: reads PostgreSQL"
+    );
+    let (s, _, _) = env.chat(&gw, &token, hello(16)).await;
+    assert_eq!(s, 200);
+    drained(&env, &user).await;
+    let rows = rows_of(&env, &user).await;
+    assert_eq!(
+        env.redis_balance(&user).await,
+        Some(i64::from(rows[1].0 - rows[1].1))
+    );
+}

@@ -19,3 +19,4 @@ mod rate_limit;
 mod request_path;
 mod resilience;
 mod schema_and_cli;
+mod subscriptions;
