@@ -26,6 +26,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "partition_upkeep",
         include_str!("../migrations/0004_partition_upkeep.sql"),
     ),
+    (
+        5,
+        "prices_per_token_kind",
+        include_str!("../migrations/0005_prices_per_token_kind.sql"),
+    ),
 ];
 
 /// Seeds, applied by `tollgate seed` (idempotent upserts).

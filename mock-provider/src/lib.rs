@@ -78,9 +78,15 @@ pub struct MockOptions {
     /// declared length). (header x-mock-cut-after)
     #[arg(long)]
     pub cut_after: Option<usize>,
-    /// Cache-read input tokens Anthropic answers report (header x-mock-cache-read-tokens)
+    /// Input tokens read from the prompt cache (header x-mock-cache-read-tokens):
+    /// Anthropic's `cache_read_input_tokens` (besides `input_tokens`); OpenAI chat's
+    /// `prompt_tokens_details.cached_tokens` and Gemini's `cachedContentTokenCount`
+    /// (part of the prompt, at most all of it)
     #[arg(long, default_value_t = 0)]
     pub cache_read_tokens: u64,
+    /// Anthropic's `cache_creation_input_tokens` (header x-mock-cache-creation-tokens)
+    #[arg(long, default_value_t = 0)]
+    pub cache_creation_tokens: u64,
     /// Gemini embedding answers without `usageMetadata`, as the public API sends them
     #[arg(long)]
     pub embed_without_usage: bool,
@@ -203,6 +209,14 @@ struct Usage {
     prompt_tokens: u64,
     completion_tokens: u64,
     total_tokens: u64,
+    /// Only with cached tokens (`--cache-read-tokens`), as OpenAI's older models.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+struct PromptTokensDetails {
+    cached_tokens: u64,
 }
 
 #[derive(Serialize)]
@@ -327,6 +341,7 @@ struct Overrides {
     completion_tokens: Option<u32>,
     latency_ms: Option<u64>,
     cut_after: Option<usize>,
+    cache_read: Option<u64>,
 }
 
 impl Overrides {
@@ -342,6 +357,7 @@ impl Overrides {
             completion_tokens: parse(headers, "x-mock-completion-tokens"),
             latency_ms: parse(headers, "x-mock-latency-ms"),
             cut_after: parse(headers, "x-mock-cut-after"),
+            cache_read: parse(headers, "x-mock-cache-read-tokens"),
         }
     }
 }
@@ -524,10 +540,17 @@ impl MockProvider {
             Some(cap) if cap < wanted => (cap, "length"),
             _ => (wanted, "stop"),
         };
+        let cached = overrides
+            .cache_read
+            .unwrap_or(self.opts.cache_read_tokens)
+            .min(prompt_tokens);
         let usage = Usage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: (cached > 0).then_some(PromptTokensDetails {
+                cached_tokens: cached,
+            }),
         };
         let answer = Answer {
             id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
@@ -847,6 +870,7 @@ mod tests {
             retry_after: None,
             cut_after: None,
             cache_read_tokens: 0,
+            cache_creation_tokens: 0,
             embed_without_usage: false,
         }
     }

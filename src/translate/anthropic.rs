@@ -301,12 +301,18 @@ pub fn finish_reason(stop: &str) -> &'static str {
     }
 }
 
+/// Anthropic's `input_tokens` excludes both cache counts: the prompt is all three,
+/// cache writes (`cache_creation_input_tokens`) charged as input, cache reads
+/// (`cache_read_input_tokens`) at the cached-input rate. A later event's counts are
+/// cumulative: the prompt never shrinks.
 fn read_usage(u: &Value, into: &mut ProviderUsage) {
     let n = |k: &str| u[k].as_i64().map(|x| x.max(0));
     if let Some(i) = n("input_tokens") {
         let create = n("cache_creation_input_tokens").unwrap_or(0);
         let read = n("cache_read_input_tokens").unwrap_or(0);
-        into.prompt = i.saturating_add(create).saturating_add(read);
+        into.prompt = into
+            .prompt
+            .max(i.saturating_add(create).saturating_add(read));
         into.cached = read;
     }
     // Output tokens are cumulative in every event that carries them: the last wins.
@@ -600,7 +606,7 @@ mod tests {
         assert_eq!(v["choices"][0]["finish_reason"], "stop");
         assert_eq!(
             v["usage"],
-            json!({"prompt_tokens": 2205, "completion_tokens": 503, "total_tokens": 2708})
+            json!({"prompt_tokens": 2205, "completion_tokens": 503, "total_tokens": 2708, "prompt_tokens_details": {"cached_tokens": 100}})
         );
         assert_eq!(a.usage.unwrap().total_tokens, 2708);
         assert!(!a.tool_call);
@@ -656,7 +662,7 @@ mod tests {
             // Output tokens are cumulative: 15, not 1 + 15.
             assert_eq!(
                 c[n - 2]["usage"],
-                json!({"prompt_tokens": 25, "completion_tokens": 15, "total_tokens": 40})
+                json!({"prompt_tokens": 25, "completion_tokens": 15, "total_tokens": 40, "prompt_tokens_details": {"cached_tokens": 0}})
             );
             assert_eq!(c[n - 2]["choices"], json!([]));
             assert_eq!(c[n - 1], Value::String("[DONE]".into()));

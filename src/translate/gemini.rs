@@ -756,7 +756,7 @@ mod tests {
         assert_eq!(v["choices"][0]["finish_reason"], "stop");
         assert_eq!(
             v["usage"],
-            json!({"prompt_tokens": 8, "completion_tokens": 524, "total_tokens": 532})
+            json!({"prompt_tokens": 8, "completion_tokens": 524, "total_tokens": 532, "prompt_tokens_details": {"cached_tokens": 0}})
         );
 
         let call = br#"{"candidates":[{"content":{"role":"model","parts":[{"functionCall":{"name":"find_theaters","args":{"location":"Mountain View, CA","movie":"Barbie"}}}]},"finishReason":"STOP","index":0}],
@@ -797,7 +797,7 @@ mod tests {
             assert_eq!(c[n - 3]["choices"][0]["finish_reason"], "stop");
             assert_eq!(
                 c[n - 2]["usage"],
-                json!({"prompt_tokens": 11, "completion_tokens": 6, "total_tokens": 17})
+                json!({"prompt_tokens": 11, "completion_tokens": 6, "total_tokens": 17, "prompt_tokens_details": {"cached_tokens": 0}})
             );
             assert_eq!(c[n - 1], "[DONE]");
             assert_eq!(t.usage().unwrap().total_tokens, 17);

@@ -13,6 +13,7 @@ mod account;
 mod durability;
 mod ledger;
 mod oauth;
+mod prices;
 mod providers;
 mod rate_limit;
 mod request_path;
