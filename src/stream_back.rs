@@ -196,7 +196,7 @@ pub struct SseTap {
     withheld: Option<Vec<u8>>,
     /// The stream's id, object, created and model (from its first event, only when the
     /// client asked for usage): for a usage chunk the provider did not send.
-    meta: Option<ChunkMeta>,
+    meta: Option<Box<ChunkMeta>>,
 }
 
 /// What a usage chunk the gateway adds repeats of the stream's chunks.
@@ -301,7 +301,7 @@ impl SseTap {
     /// when the client asked for usage: a usage chunk may have to be made).
     fn note_meta(&mut self, data: &[u8]) {
         if self.client_wants_usage && self.meta.is_none() && data != b"[DONE]" {
-            self.meta = Some(serde_json::from_slice(data).unwrap_or_default());
+            self.meta = Some(Box::new(serde_json::from_slice(data).unwrap_or_default()));
         }
     }
 
@@ -416,7 +416,7 @@ impl SseTap {
     /// A usage-only chunk for a stream whose provider sent none: the stream's id,
     /// object, created and model, the usage charged and the charge's figures.
     fn made_usage_chunk(&self, b: &Billed) -> Vec<u8> {
-        let meta = self.meta.as_ref();
+        let meta = self.meta.as_deref();
         let field = |f: fn(&ChunkMeta) -> &Option<serde_json::Value>| {
             meta.and_then(|m| f(m).clone())
                 .unwrap_or(serde_json::Value::Null)

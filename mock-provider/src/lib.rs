@@ -17,7 +17,9 @@
 //!   provider route (any format).
 //!
 //! Per-request overrides (headers): `x-mock-fail: <status>`,
-//! `x-mock-completion-tokens: N`, `x-mock-latency-ms: N`, `x-mock-cut-after: N`.
+//! `x-mock-completion-tokens: N`, `x-mock-latency-ms: N`, `x-mock-cut-after: N`,
+//! `x-mock-cache-read-tokens: N` (chat's `usage.prompt_tokens_details.cached_tokens`,
+//! at most the prompt; absent when 0).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -1041,6 +1043,29 @@ mod tests {
             json!({"prompt_tokens": 100, "completion_tokens": 3, "total_tokens": 103})
         );
         assert_eq!(v["choices"][0]["message"]["content"], "tok tok tok ");
+        srv.stop().await;
+    }
+
+    #[tokio::test]
+    async fn cached_tokens_are_reported_as_part_of_the_prompt() {
+        let srv = Server::start(MockOptions {
+            prompt_tokens: Some(100),
+            cache_read_tokens: 40,
+            ..opts()
+        })
+        .await;
+        let v = body_json(srv.post_chat(&[], &chat_body(false, None)).await).await;
+        assert_eq!(v["usage"]["prompt_tokens"], 100);
+        assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 40);
+        // The header wins, and the cached part is never more than the prompt.
+        let resp = srv
+            .post_chat(
+                &[("x-mock-cache-read-tokens", "500")],
+                &chat_body(false, None),
+            )
+            .await;
+        let v = body_json(resp).await;
+        assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 100);
         srv.stop().await;
     }
 

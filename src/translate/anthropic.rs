@@ -721,4 +721,58 @@ mod tests {
         assert!(t.failed());
         assert!(!String::from_utf8(out).unwrap().contains("[DONE]"));
     }
+
+    /// `input_tokens` excludes cache reads and writes: the prompt is all three, the
+    /// cached part the reads. A later event's cumulative counts never shrink the prompt,
+    /// and its cache reads are the ones charged (none reported: none cached — a higher
+    /// charge, never a lower one). The usage chunk after the settle carries the charge.
+    #[test]
+    fn cache_reads_and_writes_are_prompt_tokens_and_reads_are_cached() {
+        let stream = TEXT_STREAM
+            .replace(
+                "\"usage\": {\"input_tokens\": 25, \"output_tokens\": 1}",
+                "\"usage\": {\"input_tokens\": 25, \"cache_creation_input_tokens\": 7, \"cache_read_input_tokens\": 300, \"output_tokens\": 1}",
+            )
+            .replace(
+                "\"usage\": {\"output_tokens\": 15}",
+                "\"usage\": {\"input_tokens\": 20, \"output_tokens\": 15}",
+            );
+        assert_ne!(stream, TEXT_STREAM);
+        let mut t = StreamTranslator::new(&Anthropic, "c", "m", true).unwrap();
+        t.feed(stream.as_bytes());
+        let u = t.usage().unwrap();
+        assert_eq!(
+            (u.prompt_tokens, u.cached_tokens, u.completion_tokens),
+            (332, 0, 15)
+        );
+        let billed = crate::usage::Billed {
+            usage: u,
+            credits: 4,
+            remaining: Some(6),
+        };
+        let c = chunks(&t.finish_billed(Some(&billed)));
+        assert_eq!(c[0]["usage"]["prompt_tokens"], 332);
+        assert_eq!(
+            (
+                c[0]["x_credits_charged"].as_i64(),
+                c[0]["x_credits_remaining"].as_i64()
+            ),
+            (Some(4), Some(6))
+        );
+        assert_eq!(c[1], "[DONE]");
+        // Without a later input count, the reads are the cached part.
+        let stream = TEXT_STREAM.replace(
+            "\"usage\": {\"input_tokens\": 25, \"output_tokens\": 1}",
+            "\"usage\": {\"input_tokens\": 25, \"cache_creation_input_tokens\": 7, \"cache_read_input_tokens\": 300, \"output_tokens\": 1}",
+        );
+        let mut t = StreamTranslator::new(&Anthropic, "c", "m", true).unwrap();
+        t.feed(stream.as_bytes());
+        let u = t.usage().unwrap();
+        assert_eq!(
+            (u.prompt_tokens, u.cached_tokens, u.total_tokens),
+            (332, 300, 347)
+        );
+        let c = chunks(&t.finish());
+        assert_eq!(c[0]["usage"]["prompt_tokens_details"]["cached_tokens"], 300);
+    }
 }

@@ -777,6 +777,24 @@ mod tests {
         assert!(String::from_utf8_lossy(&a.body).contains("\"length\""));
     }
 
+    #[test]
+    fn cached_content_is_the_cached_part_of_the_prompt_and_never_more() {
+        let answer = |cached: i64| {
+            let b = format!(
+                r#"{{"candidates":[{{"content":{{"parts":[{{"text":"a"}}]}},"finishReason":"STOP"}}],
+                   "usageMetadata":{{"promptTokenCount":100,"cachedContentTokenCount":{cached},"candidatesTokenCount":5,"totalTokenCount":105}}}}"#
+            );
+            translate_response(&Gemini, b.as_bytes(), "c", "m").unwrap()
+        };
+        let a = answer(60);
+        let u = a.usage.unwrap();
+        assert_eq!((u.prompt_tokens, u.cached_tokens), (100, 60));
+        let v: Value = serde_json::from_slice(&a.body).unwrap();
+        assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 60);
+        assert_eq!(answer(500).usage.unwrap().cached_tokens, 100);
+        assert_eq!(answer(-5).usage.unwrap().cached_tokens, 0);
+    }
+
     /// A `streamGenerateContent?alt=sse` stream as documented: each frame a whole
     /// response, usage growing, the last frame's usage the final one.
     const STREAM: &str = "data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \"Paris\"}],\"role\": \"model\"},\"index\": 0}],\"usageMetadata\": {\"promptTokenCount\": 11,\"totalTokenCount\": 11},\"modelVersion\": \"gemini-2.0-flash\"}\r\n\r\ndata: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \" is the capital.\"}],\"role\": \"model\"},\"finishReason\": \"STOP\",\"index\": 0}],\"usageMetadata\": {\"promptTokenCount\": 11,\"candidatesTokenCount\": 6,\"totalTokenCount\": 17},\"modelVersion\": \"gemini-2.0-flash\"}\r\n\r\n";
