@@ -628,11 +628,18 @@ mod tests {
         assert_eq!(UsageEvent::decode(&bare.encode()).unwrap(), bare);
         assert!(UsageEvent::decode("garbage").is_none());
         assert!(UsageEvent::decode("").is_none());
-        // An entry of a gateway before prices per token kind (no price fields) still
-        // decodes, unpriced; and an unpriced event encodes that way.
+        // The price rides in the metadata: a reader of eleven fields with JSON last (a
+        // gateway before prices per token kind) still reads the entry whole.
+        let text = e.encode();
+        let old: Vec<&str> = text.splitn(11, '\x1f').collect();
+        assert_eq!(old.len(), 11);
+        let meta: serde_json::Value = serde_json::from_str(old[10]).unwrap();
+        assert_eq!(meta["stream"], true);
+        assert_eq!(meta["priced"], serde_json::json!([4, 3, 12, 1, 12_345_678]));
+        // An entry such a gateway wrote (no price) decodes, unpriced.
         let legacy = UsageEvent { priced: None, ..e };
         let text = legacy.encode();
-        assert_eq!(text.split('\x1f').count(), 11);
+        assert!(!text.contains("priced"));
         assert_eq!(UsageEvent::decode(&text).unwrap(), legacy);
     }
 
@@ -698,7 +705,7 @@ mod tests {
     fn a_malformed_stream_entry_decodes_to_nothing() {
         let good = sample_event("chat").encode();
         let fields: Vec<&str> = good.split('\x1f').collect();
-        assert_eq!(fields.len(), 16);
+        assert_eq!(fields.len(), 11);
         // One field spoiled at a time.
         for (i, bad) in [
             (0, "not-a-uuid"),
@@ -712,12 +719,14 @@ mod tests {
             (7, "1e3"),
             (8, "99999999999999999999"),
             (9, " 1"),
-            (10, ""),
-            (11, "2.5"),
-            (13, "-"),
-            (14, "1e3"),
-            (15, "{\"a\":"),
-            (15, "{} trailing"),
+            (10, "{\"a\":"),
+            (10, "{} trailing"),
+            // A price that is not five whole numbers (the last may be null).
+            (10, "{\"priced\":[1,2,3,4]}"),
+            (10, "{\"priced\":[1,2,3,4,5,6]}"),
+            (10, "{\"priced\":[1,2,3,\"4\",5]}"),
+            (10, "{\"priced\":[1,2,3,4,5.5]}"),
+            (10, "{\"priced\":null}"),
         ] {
             let mut f = fields.clone();
             f[i] = bad;
@@ -729,13 +738,19 @@ mod tests {
         }
         // Too few fields (the metadata's separator missing too), or one more.
         assert!(UsageEvent::decode(&fields[..10].join("\x1f")).is_none());
-        assert!(UsageEvent::decode(&fields[..15].join("\x1f")).is_none());
         assert!(UsageEvent::decode(&fields[..5].join("\x1f")).is_none());
         assert!(UsageEvent::decode(&format!("{good}\x1fmore")).is_none());
         // What is accepted as it stands: any JSON value as metadata, and an empty
         // model id (the flusher's insert then drops the row: no such model).
         let mut f = fields.clone();
-        f[15] = "5";
+        f[10] = "{\"priced\":[0,1,2,3,null]}";
+        let e = UsageEvent::decode(&f.join("\x1f")).unwrap();
+        assert_eq!(
+            (e.priced.unwrap().rates.cached_input, e.metadata),
+            (3, None)
+        );
+        let mut f = fields.clone();
+        f[10] = "5";
         assert_eq!(
             UsageEvent::decode(&f.join("\x1f")).unwrap().metadata,
             Some(serde_json::json!(5))

@@ -211,16 +211,19 @@ pub struct UsageEvent {
 
 pub const OPERATIONS: [&str; 4] = ["completion", "chat", "embedding", "function_call"];
 
-/// Fields of an encoded event without its price (a gateway before prices per token
-/// kind wrote these), and with it.
-const FIELDS_UNPRICED: usize = 11;
-const FIELDS_PRICED: usize = 16;
+/// The key of the encoded metadata that carries the price (see [`UsageEvent::encode`]).
+const PRICED_KEY: &str = "priced";
 
 impl UsageEvent {
     /// The stream entry's one field: the values joined by U+001F (unit separator),
-    /// the price's five values (cached input tokens, the three rates, the provider's
-    /// cost, empty when unknown) before the JSON metadata, which is last (JSON text
-    /// never holds a raw U+001F). One field keeps the settle script's XADD cheap.
+    /// the JSON metadata last. One field keeps the settle script's XADD cheap.
+    ///
+    /// The price travels inside the metadata object, as `"priced": [cached input
+    /// tokens, input rate, output rate, cached-input rate, provider cost in millionths
+    /// of a cent or null]`, which [`UsageEvent::decode`] takes out again: the entry keeps
+    /// the eleven fields a gateway before prices per token kind reads, so during a
+    /// rolling upgrade an older flusher still writes the row (its metadata then shows
+    /// the price, its price columns NULL) instead of dropping an entry it cannot read.
     pub fn encode(&self) -> String {
         use std::fmt::Write;
         let mut s = String::with_capacity(224);
@@ -238,31 +241,42 @@ impl UsageEvent {
             self.total_tokens,
             self.duration_ms,
         );
-        if let Some(p) = &self.priced {
-            let _ = write!(
-                s,
-                "{}\x1f{}\x1f{}\x1f{}\x1f",
-                p.cached_input_tokens, p.rates.input, p.rates.output, p.rates.cached_input,
-            );
-            if let Some(c) = p.provider_cost_micro_cents {
-                let _ = write!(s, "{c}");
+        let price = self.priced.map(|p| {
+            let cost = p
+                .provider_cost_micro_cents
+                .map_or_else(|| "null".to_owned(), |c| c.to_string());
+            format!(
+                "\"{PRICED_KEY}\":[{},{},{},{},{cost}]",
+                p.cached_input_tokens, p.rates.input, p.rates.output, p.rates.cached_input
+            )
+        });
+        match (&self.metadata, price) {
+            (Some(serde_json::Value::Object(m)), Some(price)) => {
+                s.push_str(&serde_json::to_string(m).unwrap_or_else(|_| "{}".into()));
+                s.pop(); // the closing brace
+                if !m.is_empty() {
+                    s.push(',');
+                }
+                s.push_str(&price);
+                s.push('}');
             }
-            s.push('\x1f');
-        }
-        if let Some(m) = &self.metadata {
-            let _ = write!(s, "{m}");
+            (None, Some(price)) => {
+                let _ = write!(s, "{{{price}}}");
+            }
+            // Metadata that is not an object (the gateway never makes one) has no room
+            // for the price.
+            (Some(m), _) => {
+                let _ = write!(s, "{m}");
+            }
+            (None, None) => {}
         }
         s
     }
 
-    /// Parses what [`UsageEvent::encode`] wrote (this version's or the one before
-    /// prices per token kind); `None` for anything else.
+    /// Parses what [`UsageEvent::encode`] wrote (this version's or one without the
+    /// price); `None` for anything else.
     pub fn decode(s: &str) -> Option<UsageEvent> {
-        let fields: Vec<&str> = s.split('\x1f').collect();
-        if fields.len() != FIELDS_UNPRICED && fields.len() != FIELDS_PRICED {
-            return None;
-        }
-        let mut it = fields.into_iter();
+        let mut it = s.splitn(11, '\x1f');
         let mut next = || it.next();
         let id = Uuid::parse_str(next()?).ok()?;
         let ts: i64 = next()?.parse().ok()?;
@@ -270,33 +284,24 @@ impl UsageEvent {
         let model_id = next()?.to_owned();
         let op = next()?;
         let operation = OPERATIONS.into_iter().find(|o| *o == op)?;
-        let num = |v: Option<&str>| v.and_then(|v| v.parse::<i64>().ok());
-        let (credits_used, input_tokens, output_tokens, total_tokens, duration_ms) = (
-            num(next())?,
-            num(next())?,
-            num(next())?,
-            num(next())?,
-            num(next())?,
-        );
-        let mut rest: Vec<&str> = std::iter::from_fn(next).collect();
-        let meta = rest.pop()?;
-        let priced = match rest[..] {
-            [] => None,
-            [cached, input, output, cached_input, provider] => Some(Priced {
-                cached_input_tokens: num(Some(cached))?,
-                rates: Rates {
-                    input: num(Some(input))?,
-                    output: num(Some(output))?,
-                    cached_input: num(Some(cached_input))?,
-                },
-                provider_cost_micro_cents: if provider.is_empty() {
-                    None
-                } else {
-                    Some(num(Some(provider))?)
-                },
-            }),
-            _ => return None,
+        let mut num = || next().and_then(|v| v.parse::<i64>().ok());
+        let (credits_used, input_tokens, output_tokens, total_tokens, duration_ms) =
+            (num()?, num()?, num()?, num()?, num()?);
+        let meta = it.next()?;
+        let mut metadata: Option<serde_json::Value> = if meta.is_empty() {
+            None
+        } else {
+            Some(serde_json::from_str(meta).ok()?)
         };
+        let mut priced = None;
+        if let Some(serde_json::Value::Object(m)) = &mut metadata {
+            if let Some(p) = m.remove(PRICED_KEY) {
+                priced = Some(priced_from(&p)?);
+                if m.is_empty() {
+                    metadata = None;
+                }
+            }
+        }
         Some(UsageEvent {
             id,
             created_at: Utc.timestamp_micros(ts).single()?,
@@ -309,13 +314,28 @@ impl UsageEvent {
             total_tokens,
             duration_ms,
             priced,
-            metadata: if meta.is_empty() {
-                None
-            } else {
-                Some(serde_json::from_str(meta).ok()?)
-            },
+            metadata,
         })
     }
+}
+
+/// The `"priced"` array of an encoded event's metadata.
+fn priced_from(v: &serde_json::Value) -> Option<Priced> {
+    let [cached, input, output, cached_input, cost] = v.as_array()?.as_slice() else {
+        return None;
+    };
+    Some(Priced {
+        cached_input_tokens: cached.as_i64()?,
+        rates: Rates {
+            input: input.as_i64()?,
+            output: output.as_i64()?,
+            cached_input: cached_input.as_i64()?,
+        },
+        provider_cost_micro_cents: match cost {
+            serde_json::Value::Null => None,
+            c => Some(c.as_i64()?),
+        },
+    })
 }
 
 /// What an admitted request leaves the gateway to do when its ticket is dropped
