@@ -957,7 +957,8 @@ async fn run(env: &BenchEnv, smoke: bool, procs: &mut Vec<Proc>) -> Res<bool> {
     // Database and user.
     env.cli(&["migrate"]).await?;
     env.cli(&["seed"]).await?;
-    env.cli(&["user", "create", "--email", EMAIL]).await?;
+    env.cli(&["user", "create", "--email", EMAIL, "--no-subscription"])
+        .await?;
     env.cli(&[
         "credits",
         "grant",

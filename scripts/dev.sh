@@ -28,7 +28,7 @@ export TOLLGATE__PROVIDERS__GOOGLE__BASE_URL=${TOLLGATE__PROVIDERS__GOOGLE__BASE
 export TOLLGATE__SERVER__LISTEN=${TOLLGATE__SERVER__LISTEN:-127.0.0.1:$gw_port}
 
 email=dev@tollgate.local
-if $bin user create --email "$email" --password dev-password >/dev/null 2>&1; then
+if $bin user create --email "$email" --password dev-password --no-subscription >/dev/null 2>&1; then
   $bin credits grant --email "$email" --amount 10000
 fi
 token=$($bin token issue --email "$email" --ttl 86400)

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
 use uuid::Uuid;
 
-use crate::config::{self, Config};
+use crate::config::{self, Config, Plan};
 use crate::db;
 use crate::server::BoxError;
 
@@ -39,6 +39,12 @@ pub enum Command {
     /// Issue access tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The credit lifecycle: periods that turn, grants that expire.
+    #[command(subcommand)]
+    Billing(BillingCommand),
+    /// The live ledger in Redis.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
     /// Run the bundled mock provider (OpenAI wire format).
     MockProvider {
         /// host:port to bind (port 0 picks a free port).
@@ -58,30 +64,74 @@ pub enum UserCommand {
         /// Hashed with Argon2id; omit for an account without a password.
         #[arg(long)]
         password: Option<String>,
-        /// Start a subscription of this tier, with its monthly credits.
-        #[arg(long, value_enum)]
+        /// Start a subscription of this tier: its plan from `[tiers.<tier>]` (credits,
+        /// price, billing interval) and its first period's credits. Default:
+        /// `tiers.default`.
+        #[arg(long, value_enum, conflicts_with = "no_subscription")]
         tier: Option<Tier>,
+        /// Create the user without a subscription (no credits until granted).
+        #[arg(long)]
+        no_subscription: bool,
     },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum CreditsCommand {
-    /// Apply the user's current credits rows to the live balance (after a grant whose
-    /// Redis step failed). Idempotent.
+    /// Apply the user's current credits rows, and any change queued for the user, to
+    /// the live balance (after a grant whose Redis step failed). Idempotent.
     Sync {
         #[arg(long)]
         email: String,
     },
-    /// A one-time credit allocation (no subscription); effective at once.
+    /// A one-time credit allocation (no subscription); effective at once. Charges are
+    /// taken from the row that expires soonest; at its expiry (the next billing run
+    /// after it) what is left of it leaves the balance.
     Grant {
         #[arg(long)]
         email: String,
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         amount: i32,
-        /// Days until these credits expire.
-        #[arg(long, default_value_t = 3650)]
-        expires_days: i64,
+        /// When these credits expire (RFC 3339, e.g. 2027-01-31T00:00:00Z; in the future).
+        #[arg(long, value_parser = parse_time, conflicts_with = "expires_days")]
+        expires_at: Option<chrono::DateTime<chrono::Utc>>,
+        /// Days until these credits expire (default 3650, when --expires-at is not given).
+        #[arg(long, allow_hyphen_values = true)]
+        expires_days: Option<i64>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BillingCommand {
+    /// Turn every period that has ended: renew subscriptions (the tier's credits plus
+    /// the capped rollover), expire cancelled ones and ended grants, suspend past-due
+    /// ones past their grace; then carry the changes to the live balances. Idempotent;
+    /// concurrent runs wait for each other. `serve` runs the same job periodically.
+    Run {
+        /// The time to run as of (RFC 3339); default now.
+        #[arg(long, value_parser = parse_time)]
+        now: Option<chrono::DateTime<chrono::Utc>>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LedgerCommand {
+    /// Compare, per loaded user, Redis (balance + holds + unflushed charges) with
+    /// PostgreSQL (Σ total − used of the current credits rows); print each drifting
+    /// user. Exits with an error while drift remains.
+    Reconcile {
+        /// Rebuild each drifting user from PostgreSQL, as after a Redis loss.
+        #[arg(long)]
+        fix: bool,
+        /// Only this user.
+        #[arg(long)]
+        email: Option<String>,
+    },
+}
+
+fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("`{s}` is not an RFC 3339 time ({e}), e.g. 2027-01-31T00:00:00Z"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -140,15 +190,6 @@ impl Tier {
             Tier::Free => "free",
             Tier::Pro => "pro",
             Tier::Enterprise => "enterprise",
-        }
-    }
-
-    /// (credits per month, price in cents per month)
-    fn plan(self) -> (i32, i32) {
-        match self {
-            Tier::Free => (1_000, 0),
-            Tier::Pro => (100_000, 1_999),
-            Tier::Enterprise => (1_000_000, 9_999),
         }
     }
 }
@@ -237,8 +278,14 @@ async fn dispatch(cli: Cli) -> Result<(), BoxError> {
             email,
             password,
             tier,
+            no_subscription,
         }) => {
-            let id = create_user(&cfg, email, password.as_deref(), *tier).await?;
+            let tier = match (tier, no_subscription) {
+                (_, true) => None,
+                (Some(t), false) => Some(t.name()),
+                (None, false) => Some(cfg.tiers.default.as_str()),
+            };
+            let id = create_user(&cfg, email, password.as_deref(), tier).await?;
             println!("{id}");
             Ok(())
         }
@@ -254,9 +301,24 @@ async fn dispatch(cli: Cli) -> Result<(), BoxError> {
         Command::Credits(CreditsCommand::Grant {
             email,
             amount,
+            expires_at,
             expires_days,
         }) => {
-            let (credit, balance) = grant(&cfg, email, *amount, *expires_days).await?;
+            let now = chrono::Utc::now();
+            let expires = match (expires_at, expires_days) {
+                (Some(t), _) if *t <= now => {
+                    return Err(format!("--expires-at {t} is not in the future").into())
+                }
+                (Some(t), _) => *t,
+                (None, Some(d)) if *d <= 0 => return Err("--expires-days must be positive".into()),
+                (None, d) => d
+                    .unwrap_or(3650)
+                    .checked_mul(86_400)
+                    .and_then(chrono::TimeDelta::try_seconds)
+                    .and_then(|d| now.checked_add_signed(d))
+                    .ok_or("--expires-days is out of range")?,
+            };
+            let (credit, balance) = grant(&cfg, email, *amount, expires).await?;
             match balance {
                 Some(b) => {
                     println!("granted {amount} credits to {email} (credit {credit}); balance {b}")
@@ -271,6 +333,78 @@ async fn dispatch(cli: Cli) -> Result<(), BoxError> {
             let user = active_user(&client, email).await?;
             let auth = crate::authenticate::Authenticator::from_config(&cfg.auth)?;
             println!("{}", auth.issue(&user, "tollgate-cli", &scope, *ttl)?);
+            Ok(())
+        }
+        Command::Billing(BillingCommand::Run { now }) => {
+            let db = db::Db::new(&cfg.database)?;
+            let ledger = crate::ledger::Ledger::connect(
+                &cfg.redis.url,
+                &cfg.redis.key_prefix,
+                cfg.redis.buckets,
+            )
+            .await?;
+            let now = now.unwrap_or_else(chrono::Utc::now);
+            let r =
+                crate::lifecycle::billing_run(&db, &ledger, &cfg.tiers, &cfg.billing, now, true)
+                    .await?
+                    .ok_or("the billing lock was not taken")?;
+            println!(
+                "billing run as of {}: {} renewed, {} expired, {} suspended, {} credits rows expired; \
+                 {} live balances rebased, {} not loaded, {} left queued",
+                now.to_rfc3339(),
+                r.renewed,
+                r.expired_subscriptions,
+                r.suspended,
+                r.expired_rows,
+                r.applied.rebased,
+                r.applied.not_loaded,
+                r.applied.failed
+            );
+            if r.applied.failed > 0 {
+                return Err("some live balances were not rebased (Redis unreachable?); \
+                            they stay queued for the next run"
+                    .into());
+            }
+            Ok(())
+        }
+        Command::Ledger(LedgerCommand::Reconcile { fix, email }) => {
+            let db = db::Db::new(&cfg.database)?;
+            let only = match email {
+                Some(e) => Some(active_user(&*db.get().await?, e).await?),
+                None => None,
+            };
+            let ledger = crate::ledger::Ledger::connect(
+                &cfg.redis.url,
+                &cfg.redis.key_prefix,
+                cfg.redis.buckets,
+            )
+            .await?;
+            let r = crate::reconcile::reconcile(&db, &ledger, only, *fix).await?;
+            for d in &r.drifting {
+                println!(
+                    "drift {:+} user {}: redis {} (balance + holds + unflushed), postgresql {}{}",
+                    d.credits(),
+                    d.user,
+                    d.live,
+                    d.recorded,
+                    if *fix {
+                        "; rebuilt from postgresql"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            println!(
+                "reconciled {} loaded users ({} with a change queued, skipped): {} drifting by {} credits in all{}",
+                r.users,
+                r.queued,
+                r.drifting.len(),
+                r.drift_credits(),
+                if *fix { format!(", {} rebuilt", r.fixed) } else { String::new() }
+            );
+            if !r.drifting.is_empty() && !*fix {
+                return Err("the live ledger drifts from PostgreSQL (rerun with --fix to rebuild those users)".into());
+            }
             Ok(())
         }
         Command::MockProvider { .. } => Ok(()),
@@ -316,9 +450,10 @@ async fn create_user(
     cfg: &Config,
     email: &str,
     password: Option<&str>,
-    tier: Option<Tier>,
+    tier: Option<&str>,
 ) -> Result<Uuid, BoxError> {
     validate_email(email)?;
+    let plan = tier.map(|t| plan_of(cfg, t)).transpose()?;
     let hash = match password {
         Some(p) if p.len() < 8 => return Err("passwords must be at least 8 characters".into()),
         Some(p) => Some(hash_password(p, cfg)?),
@@ -336,22 +471,69 @@ async fn create_user(
         return Err(format!("a user with email {email} already exists").into());
     };
     let id: Uuid = row.get(0);
-    if let Some(t) = tier {
-        let (credits, price) = t.plan();
-        tx.execute(
-            "WITH s AS (
-                INSERT INTO subscriptions (user_id, tier, status, credits_per_month, price_cents, billing_interval,
-                                           current_period_start, current_period_end)
-                VALUES ($1, $2::text::subscription_tier, 'active', $3, $4, 'monthly', now(), now() + interval '1 month')
-                RETURNING id, current_period_start, current_period_end)
-             INSERT INTO credits (user_id, subscription_id, total_credits, billing_period_start, billing_period_end)
-             SELECT $1, s.id, $3, s.current_period_start, s.current_period_end FROM s",
-            &[&id, &t.name(), &credits, &price],
-        )
-        .await?;
+    if let Some((tier, plan)) = plan {
+        start_subscription(&tx, &id, tier, plan).await?;
     }
     tx.commit().await?;
     Ok(id)
+}
+
+/// The configured plan of `tier`, or an error naming the tiers there are.
+fn plan_of<'a>(cfg: &'a Config, tier: &'a str) -> Result<(&'a str, &'a Plan), BoxError> {
+    match cfg.tiers.plan(tier) {
+        Some(p) => Ok((tier, p)),
+        None => Err(format!(
+            "unknown tier `{tier}` (tiers: {})",
+            cfg.tiers
+                .plans
+                .keys()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+        .into()),
+    }
+}
+
+/// Starts an active subscription of `tier` for `user`, its period beginning now and
+/// lasting the plan's interval, with its current credits row holding the period's
+/// credits (`Plan::period_credits`). In the caller's transaction.
+async fn start_subscription(
+    tx: &tokio_postgres::Transaction<'_>,
+    user: &Uuid,
+    tier: &str,
+    plan: &Plan,
+) -> Result<Uuid, BoxError> {
+    let per_month = i32::try_from(plan.credits_per_month)?;
+    let price = i32::try_from(plan.price_cents)?;
+    let credits = i32::try_from(
+        plan.period_credits()
+            .ok_or("the period's credits overflow")?,
+    )?;
+    let row = tx
+        .query_one(
+            "WITH s AS (
+                INSERT INTO subscriptions (user_id, tier, status, credits_per_month, credits_rollover, price_cents,
+                                           billing_interval, current_period_start, current_period_end)
+                VALUES ($1, $2::text::subscription_tier, 'active', $3, $4, $5, $6, now(),
+                        now() + make_interval(months => $7))
+                RETURNING id, current_period_start, current_period_end)
+             INSERT INTO credits (user_id, subscription_id, total_credits, billing_period_start, billing_period_end)
+             SELECT $1, s.id, $8, s.current_period_start, s.current_period_end FROM s
+             RETURNING subscription_id",
+            &[
+                user,
+                &tier,
+                &per_month,
+                &(plan.rollover_cap > 0),
+                &price,
+                &plan.interval.as_str(),
+                &plan.interval.months(),
+                &credits,
+            ],
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 /// Commits a credits row, then applies it to the live balance in Redis (if loaded).
@@ -359,28 +541,45 @@ async fn grant(
     cfg: &Config,
     email: &str,
     amount: i32,
-    expires_days: i64,
+    expires: chrono::DateTime<chrono::Utc>,
 ) -> Result<(Uuid, Option<i64>), BoxError> {
     if amount <= 0 {
         return Err("--amount must be a positive number of credits".into());
     }
-    if expires_days <= 0 {
-        return Err("--expires-days must be positive".into());
-    }
-    let client = db::connect(&cfg.database).await?;
+    let db = db::Db::new(&cfg.database)?;
+    let mut client = db.get().await?;
     let user = active_user(&client, email).await?;
-    let row = client
+    let tx = client.transaction().await?;
+    let row = tx
         .query_one(
             "INSERT INTO credits (user_id, total_credits, billing_period_start, billing_period_end)
-             VALUES ($1, $2, now(), now() + make_interval(days => $3::int)) RETURNING id",
-            &[&user, &amount, &i32::try_from(expires_days)?],
+             VALUES ($1, $2, now(), $3) RETURNING id",
+            &[&user, &amount, &expires],
         )
         .await?;
+    crate::lifecycle::queue_rebase(&tx, &user).await?;
+    tx.commit().await?;
+    drop(client);
     let credit: Uuid = row.get(0);
-    let balance = sync_credits(cfg, &client, &user).await.map_err(|e| {
+    let applied = async {
+        let ledger = crate::ledger::Ledger::connect(
+            &cfg.redis.url,
+            &cfg.redis.key_prefix,
+            cfg.redis.buckets,
+        )
+        .await?;
+        let a = crate::lifecycle::apply_queued(&db, &ledger, Some(user)).await?;
+        if a.failed > 0 {
+            return Err::<_, BoxError>("the live balance could not be rebased".into());
+        }
+        Ok(ledger.balance(&user).await?)
+    }
+    .await;
+    let balance = applied.map_err(|e| {
         format!(
             "credits row {credit} is committed, but the live balance was not updated ({e}); \
-             run `tollgate credits sync --email {email}` once Redis is reachable"
+             run `tollgate credits sync --email {email}` once Redis is reachable (the next \
+             billing run applies it too)"
         )
     })?;
     Ok((credit, balance))
@@ -404,6 +603,12 @@ async fn sync_credits(
             .await?;
     for r in rows {
         ledger.grant(user, &r.get(0), r.get(1)).await?;
+    }
+    // And any change queued for the user's live balance (a grant whose Redis step failed).
+    let db = db::Db::new(&cfg.database)?;
+    let applied = crate::lifecycle::apply_queued(&db, &ledger, Some(*user)).await?;
+    if applied.failed > 0 {
+        return Err("the live balance could not be rebased; try again".into());
     }
     Ok(ledger.balance(user).await?)
 }

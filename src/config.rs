@@ -32,6 +32,8 @@ pub struct RawConfig {
     pub flush: RawFlush,
     pub models: RawModels,
     pub rate_limits: RawRateLimits,
+    pub tiers: RawTiers,
+    pub billing: RawBilling,
     pub preferences: RawPreferences,
     pub providers: BTreeMap<String, RawProvider>,
 }
@@ -146,12 +148,16 @@ pub struct RawRateLimits {
     pub enterprise: RawTierLimit,
 }
 
-/// Per-minute limits of one subscription tier; 0 means no limit.
+/// The old place of a tier's per-minute limits (`rate_limits.<tier>`), still honoured;
+/// `tiers.<tier>` is the new one. Unset (`None`) is told apart from 0 so that setting
+/// both places to different values can be refused.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawTierLimit {
-    pub requests_per_minute: u32,
-    pub tokens_per_minute: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u32>,
 }
 
 impl Default for RawRateLimits {
@@ -161,6 +167,82 @@ impl Default for RawRateLimits {
             free: RawTierLimit::default(),
             pro: RawTierLimit::default(),
             enterprise: RawTierLimit::default(),
+        }
+    }
+}
+
+/// The subscription tiers (`[tiers]`): which one a new user gets, and each one's plan.
+/// The tiers are the schema's `subscription_tier` values, so the set is fixed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTiers {
+    pub default: String,
+    pub free: RawTier,
+    pub pro: RawTier,
+    pub enterprise: RawTier,
+}
+
+/// One tier's plan (`[tiers.<tier>]`) and its per-minute rate limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTier {
+    pub credits_per_month: i64,
+    pub price_cents: i64,
+    pub billing_interval: String,
+    pub rollover_cap: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u32>,
+}
+
+impl RawTier {
+    fn monthly(credits_per_month: i64, price_cents: i64) -> RawTier {
+        RawTier {
+            credits_per_month,
+            price_cents,
+            billing_interval: "monthly".into(),
+            rollover_cap: 0,
+            requests_per_minute: None,
+            tokens_per_minute: None,
+        }
+    }
+}
+
+impl Default for RawTier {
+    fn default() -> Self {
+        RawTier::monthly(0, 0)
+    }
+}
+
+impl Default for RawTiers {
+    fn default() -> Self {
+        RawTiers {
+            default: "free".into(),
+            free: RawTier::monthly(1_000, 0),
+            pro: RawTier::monthly(100_000, 1_999),
+            enterprise: RawTier::monthly(1_000_000, 9_999),
+        }
+    }
+}
+
+/// The billing run (`[billing]`): renewals, expiries, past-due grace.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawBilling {
+    pub enabled: bool,
+    pub interval_ms: u64,
+    pub past_due_grace_hours: u64,
+    pub reconcile_interval_ms: u64,
+}
+
+impl Default for RawBilling {
+    fn default() -> Self {
+        RawBilling {
+            enabled: true,
+            interval_ms: 60_000,
+            past_due_grace_hours: 72,
+            reconcile_interval_ms: 300_000,
         }
     }
 }
@@ -241,6 +323,8 @@ impl Default for RawConfig {
             flush: RawFlush::default(),
             models: RawModels::default(),
             rate_limits: RawRateLimits::default(),
+            tiers: RawTiers::default(),
+            billing: RawBilling::default(),
             preferences: RawPreferences::default(),
             providers,
         }
@@ -470,6 +554,8 @@ pub struct Config {
     pub flush: FlushConfig,
     pub models_refresh: Duration,
     pub rate_limits: RateLimitConfig,
+    pub tiers: TiersConfig,
+    pub billing: BillingConfig,
     pub preferences: PreferencesConfig,
     pub providers: BTreeMap<String, ProviderConfig>,
 }
@@ -478,8 +564,99 @@ pub struct Config {
 pub struct RateLimitConfig {
     /// How long a user's subscription tier is remembered.
     pub tier_cache: Duration,
-    /// Tier name → its per-minute limits (0 = none).
-    pub tiers: BTreeMap<String, RawTierLimit>,
+    /// Tier name → its per-minute limits (0 = none), from `tiers.<tier>` or the old
+    /// `rate_limits.<tier>`.
+    pub tiers: BTreeMap<String, TierLimit>,
+}
+
+/// Per-minute limits of one subscription tier; 0 means no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TierLimit {
+    pub requests_per_minute: u32,
+    pub tokens_per_minute: u32,
+}
+
+/// The tiers a subscription may have (the schema's `subscription_tier`).
+pub const TIERS: [&str; 3] = ["free", "pro", "enterprise"];
+
+/// How often a subscription is billed, and how long its period is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BillingInterval {
+    Monthly,
+    Yearly,
+}
+
+impl BillingInterval {
+    /// As stored in `subscriptions.billing_interval`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BillingInterval::Monthly => "monthly",
+            BillingInterval::Yearly => "yearly",
+        }
+    }
+
+    /// The length of one period in months.
+    pub fn months(self) -> i32 {
+        match self {
+            BillingInterval::Monthly => 1,
+            BillingInterval::Yearly => 12,
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<BillingInterval> {
+        match s {
+            "monthly" => Some(BillingInterval::Monthly),
+            "yearly" => Some(BillingInterval::Yearly),
+            _ => None,
+        }
+    }
+}
+
+/// One tier's plan. Validated: every figure is non-negative, and a period's
+/// allocation plus the rollover cap fits a credits row (`integer`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub credits_per_month: i64,
+    /// The price of one billing period.
+    pub price_cents: i64,
+    pub interval: BillingInterval,
+    /// Credits carried into the next period at most (0 = none).
+    pub rollover_cap: i64,
+}
+
+impl Plan {
+    /// The credits of one period: `credits_per_month × interval.months()` (a yearly
+    /// plan's period holds twelve months' credits). Validation keeps it within `i32`.
+    pub fn period_credits(&self) -> Option<i64> {
+        self.credits_per_month
+            .checked_mul(i64::from(self.interval.months()))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TiersConfig {
+    /// The tier of a user created without `--tier`; always a key of `plans`.
+    pub default: String,
+    /// Every tier of [`TIERS`] → its plan.
+    pub plans: BTreeMap<String, Plan>,
+}
+
+impl TiersConfig {
+    pub fn plan(&self, tier: &str) -> Option<&Plan> {
+        self.plans.get(tier)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BillingConfig {
+    /// Whether `serve` runs the billing job.
+    pub enabled: bool,
+    /// How often it runs.
+    pub interval: Duration,
+    /// How long a past-due subscription keeps being served.
+    pub past_due_grace: Duration,
+    /// How often `serve` compares the live balances with PostgreSQL (`None`: never).
+    pub reconcile_interval: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -664,6 +841,8 @@ impl RawConfig {
             return Err(bad("auth.leeway_secs", "must be at most 60"));
         }
         let oauth = validate_oauth(&self.oauth)?;
+        let (tiers, tier_limits) = validate_tiers(&self.tiers, &self.rate_limits)?;
+        let billing = validate_billing(&self.billing)?;
         let external = validate_external(&self.external_issuer)?;
         let argon2 = argon2::Params::new(
             self.passwords.argon2_memory_kib,
@@ -847,15 +1026,10 @@ impl RawConfig {
                     "rate_limits.tier_cache_ms",
                     self.rate_limits.tier_cache_ms,
                 )?),
-                tiers: [
-                    ("free", self.rate_limits.free),
-                    ("pro", self.rate_limits.pro),
-                    ("enterprise", self.rate_limits.enterprise),
-                ]
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v))
-                .collect(),
+                tiers: tier_limits,
             },
+            tiers,
+            billing,
             preferences: PreferencesConfig {
                 cache_ttl: Duration::from_millis(self.preferences.cache_ttl_ms),
                 cache_entries: self.preferences.cache_entries,
@@ -864,6 +1038,145 @@ impl RawConfig {
             providers,
         })
     }
+}
+
+/// A tier's limit from its new key (`tiers.<tier>.<which>`) or its old one
+/// (`rate_limits.<tier>.<which>`); both set to different values is an error naming both.
+fn tier_limit(
+    tier: &str,
+    which: &str,
+    new: Option<u32>,
+    old: Option<u32>,
+) -> Result<u32, ConfigError> {
+    match (new, old) {
+        (Some(n), Some(o)) if n != o => Err(ConfigError(format!(
+            "`tiers.{tier}.{which}` = {n} and `rate_limits.{tier}.{which}` = {o} disagree; \
+             set only `tiers.{tier}.{which}` (`rate_limits.{tier}` is its old place)"
+        ))),
+        (n, o) => Ok(n.or(o).unwrap_or(0)),
+    }
+}
+
+fn validate_tiers(
+    t: &RawTiers,
+    old: &RawRateLimits,
+) -> Result<(TiersConfig, BTreeMap<String, TierLimit>), ConfigError> {
+    let mut plans = BTreeMap::new();
+    let mut limits = BTreeMap::new();
+    for (name, raw, old) in [
+        ("free", &t.free, &old.free),
+        ("pro", &t.pro, &old.pro),
+        ("enterprise", &t.enterprise, &old.enterprise),
+    ] {
+        let key = |field: &str| format!("tiers.{name}.{field}");
+        let int = |field: &str, v: i64| {
+            if v < 0 {
+                Err(bad(&key(field), format!("must not be negative (got {v})")))
+            } else if v > i64::from(i32::MAX) {
+                Err(bad(&key(field), format!("must be at most {}", i32::MAX)))
+            } else {
+                Ok(v)
+            }
+        };
+        let interval = BillingInterval::parse(&raw.billing_interval).ok_or_else(|| {
+            bad(
+                &key("billing_interval"),
+                format!(
+                    "unknown interval `{}`, expected `monthly` or `yearly`",
+                    raw.billing_interval
+                ),
+            )
+        })?;
+        let plan = Plan {
+            credits_per_month: int("credits_per_month", raw.credits_per_month)?,
+            price_cents: int("price_cents", raw.price_cents)?,
+            interval,
+            rollover_cap: int("rollover_cap", raw.rollover_cap)?,
+        };
+        let period = plan
+            .period_credits()
+            .filter(|c| *c <= i64::from(i32::MAX))
+            .ok_or_else(|| {
+                bad(
+                    &key("credits_per_month"),
+                    format!(
+                        "a {} period's credits must be at most {}",
+                        interval.as_str(),
+                        i32::MAX
+                    ),
+                )
+            })?;
+        if period
+            .checked_add(plan.rollover_cap)
+            .is_none_or(|c| c > i64::from(i32::MAX))
+        {
+            return Err(bad(
+                &key("rollover_cap"),
+                format!(
+                    "a period's credits plus the rollover cap must be at most {}",
+                    i32::MAX
+                ),
+            ));
+        }
+        plans.insert(name.to_owned(), plan);
+        limits.insert(
+            name.to_owned(),
+            TierLimit {
+                requests_per_minute: tier_limit(
+                    name,
+                    "requests_per_minute",
+                    raw.requests_per_minute,
+                    old.requests_per_minute,
+                )?,
+                tokens_per_minute: tier_limit(
+                    name,
+                    "tokens_per_minute",
+                    raw.tokens_per_minute,
+                    old.tokens_per_minute,
+                )?,
+            },
+        );
+    }
+    if !plans.contains_key(&t.default) {
+        return Err(bad(
+            "tiers.default",
+            format!(
+                "`{}` is not a tier (one of {})",
+                t.default,
+                TIERS.join(", ")
+            ),
+        ));
+    }
+    Ok((
+        TiersConfig {
+            default: t.default.clone(),
+            plans,
+        },
+        limits,
+    ))
+}
+
+fn validate_billing(b: &RawBilling) -> Result<BillingConfig, ConfigError> {
+    if b.interval_ms == 0 {
+        return Err(bad("billing.interval_ms", "must be greater than zero"));
+    }
+    let grace = b
+        .past_due_grace_hours
+        .checked_mul(3600)
+        .filter(|_| b.past_due_grace_hours <= 100 * 365 * 24)
+        .ok_or_else(|| {
+            bad(
+                "billing.past_due_grace_hours",
+                "must be at most 876000 (100 years)",
+            )
+        })?;
+    Ok(BillingConfig {
+        enabled: b.enabled,
+        interval: Duration::from_millis(b.interval_ms),
+        past_due_grace: Duration::from_secs(grace),
+        reconcile_interval: (b.reconcile_interval_ms > 0)
+            .then(|| Duration::from_millis(b.reconcile_interval_ms)),
+    })
 }
 
 fn validate_external(e: &RawExternalIssuer) -> Result<Option<ExternalIssuerConfig>, ConfigError> {
@@ -1042,6 +1355,143 @@ mod tests {
         let c = load_str("[rate_limits.pro]\ntokens_per_minute = 90000\n").unwrap();
         assert_eq!(c.rate_limits.tiers["pro"].tokens_per_minute, 90000);
         assert_eq!(c.rate_limits.tiers["free"].tokens_per_minute, 0);
+    }
+
+    #[test]
+    fn tier_plans_default_to_the_old_hard_coded_plans() {
+        let c = load_str("").unwrap();
+        assert_eq!(c.tiers.default, "free");
+        let plan = |t: &str| c.tiers.plan(t).unwrap().clone();
+        for (tier, credits, price) in [
+            ("free", 1_000, 0),
+            ("pro", 100_000, 1_999),
+            ("enterprise", 1_000_000, 9_999),
+        ] {
+            assert_eq!(
+                plan(tier),
+                Plan {
+                    credits_per_month: credits,
+                    price_cents: price,
+                    interval: BillingInterval::Monthly,
+                    rollover_cap: 0,
+                },
+                "{tier}"
+            );
+            assert_eq!(c.rate_limits.tiers[tier], TierLimit::default());
+        }
+        assert_eq!(c.tiers.plans.len(), 3);
+        assert!(c.tiers.plan("gold").is_none());
+        assert!(c.billing.enabled);
+        assert_eq!(c.billing.interval, Duration::from_secs(60));
+        assert_eq!(c.billing.past_due_grace, Duration::from_secs(72 * 3600));
+    }
+
+    #[test]
+    fn tiers_are_configurable() {
+        let c = load_str(
+            "[tiers]\ndefault = \"pro\"\n[tiers.pro]\ncredits_per_month = 5000\nprice_cents = 0\nbilling_interval = \"yearly\"\nrollover_cap = 700\nrequests_per_minute = 9\n[billing]\nenabled = false\ninterval_ms = 5\npast_due_grace_hours = 0\n",
+        )
+        .unwrap();
+        assert_eq!(c.tiers.default, "pro");
+        let pro = c.tiers.plan("pro").unwrap();
+        assert_eq!(pro.credits_per_month, 5000);
+        assert_eq!(pro.price_cents, 0);
+        assert_eq!(pro.interval, BillingInterval::Yearly);
+        assert_eq!(pro.interval.as_str(), "yearly");
+        assert_eq!(pro.interval.months(), 12);
+        assert_eq!(pro.period_credits(), Some(60_000));
+        assert_eq!(pro.rollover_cap, 700);
+        assert_eq!(BillingInterval::Monthly.as_str(), "monthly");
+        assert_eq!(BillingInterval::Monthly.months(), 1);
+        // Keys left out keep their defaults.
+        assert_eq!(c.tiers.plan("free").unwrap().credits_per_month, 1_000);
+        assert_eq!(c.rate_limits.tiers["pro"].requests_per_minute, 9);
+        assert_eq!(c.rate_limits.tiers["pro"].tokens_per_minute, 0);
+        assert!(!c.billing.enabled);
+        assert_eq!(c.billing.interval, Duration::from_millis(5));
+        assert_eq!(c.billing.past_due_grace, Duration::ZERO);
+    }
+
+    #[test]
+    fn old_rate_limit_keys_keep_working_and_may_not_contradict_the_new_ones() {
+        let c = load_str("[rate_limits.pro]\nrequests_per_minute = 4\n").unwrap();
+        assert_eq!(c.rate_limits.tiers["pro"].requests_per_minute, 4);
+        // The same value in both places is no contradiction; 0 counts as set.
+        let c = load_str(
+            "[rate_limits.pro]\nrequests_per_minute = 4\n[tiers.pro]\nrequests_per_minute = 4\n",
+        )
+        .unwrap();
+        assert_eq!(c.rate_limits.tiers["pro"].requests_per_minute, 4);
+        for toml in [
+            "[rate_limits.pro]\nrequests_per_minute = 4\n[tiers.pro]\nrequests_per_minute = 5\n",
+            "[rate_limits.pro]\nrequests_per_minute = 4\n[tiers.pro]\nrequests_per_minute = 0\n",
+        ] {
+            let e = load_str(toml).unwrap_err().to_string();
+            assert!(e.contains("tiers.pro.requests_per_minute"), "{e}");
+            assert!(e.contains("rate_limits.pro.requests_per_minute"), "{e}");
+        }
+        let e = load_str(
+            "[rate_limits.enterprise]\ntokens_per_minute = 0\n[tiers.enterprise]\ntokens_per_minute = 10\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("tiers.enterprise.tokens_per_minute"), "{e}");
+        assert!(
+            e.contains("rate_limits.enterprise.tokens_per_minute"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_tier_settings_are_refused_and_named() {
+        for (toml, key) in [
+            ("[tiers]\ndefault = \"gold\"\n", "tiers.default"),
+            ("[tiers]\ndefault = \"\"\n", "tiers.default"),
+            ("[tiers.gold]\ncredits_per_month = 1\n", "gold"),
+            ("[tiers.pro]\ncredits_per_mnth = 1\n", "credits_per_mnth"),
+            (
+                "[tiers.pro]\ncredits_per_month = -1\n",
+                "tiers.pro.credits_per_month",
+            ),
+            ("[tiers.free]\nprice_cents = -5\n", "tiers.free.price_cents"),
+            (
+                "[tiers.enterprise]\nrollover_cap = -1\n",
+                "tiers.enterprise.rollover_cap",
+            ),
+            (
+                "[tiers.pro]\nrequests_per_minute = -1\n",
+                "requests_per_minute",
+            ),
+            (
+                "[tiers.pro]\nbilling_interval = \"weekly\"\n",
+                "tiers.pro.billing_interval",
+            ),
+            (
+                "[tiers.pro]\nbilling_interval = \"Monthly\"\n",
+                "tiers.pro.billing_interval",
+            ),
+            (
+                "[tiers.pro]\ncredits_per_month = 2147483648\n",
+                "tiers.pro.credits_per_month",
+            ),
+            (
+                "[tiers.pro]\ncredits_per_month = 200000000\nbilling_interval = \"yearly\"\n",
+                "tiers.pro.credits_per_month",
+            ),
+            (
+                "[tiers.pro]\ncredits_per_month = 2000000000\nrollover_cap = 200000000\n",
+                "tiers.pro.rollover_cap",
+            ),
+            ("[billing]\ninterval_ms = 0\n", "billing.interval_ms"),
+            (
+                "[billing]\npast_due_grace_hours = -1\n",
+                "past_due_grace_hours",
+            ),
+            ("[billing]\nintervl_ms = 5\n", "intervl_ms"),
+        ] {
+            let e = load_str(toml).unwrap_err().to_string();
+            assert!(e.contains(key), "{toml}: {e}");
+        }
     }
 
     #[test]

@@ -31,6 +31,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "prices_per_token_kind",
         include_str!("../migrations/0005_prices_per_token_kind.sql"),
     ),
+    (
+        6,
+        "lifecycle",
+        include_str!("../migrations/0006_lifecycle.sql"),
+    ),
 ];
 
 /// Seeds, applied by `tollgate seed` (idempotent upserts).

@@ -31,6 +31,8 @@ pub enum ApiError {
     NotFound,
     MethodNotAllowed,
     InsufficientQuota,
+    /// The user's subscription is expired or suspended.
+    SubscriptionInactive,
     /// A per-minute limit of the user's tier; `retry_after` is `None` when the request
     /// is larger than the whole limit (it can never pass).
     RateLimited {
@@ -82,6 +84,7 @@ impl ApiError {
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::ModelNotFound { .. } | ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::SubscriptionInactive => StatusCode::FORBIDDEN,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::InsufficientQuota | ApiError::RateLimited { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
@@ -110,6 +113,7 @@ impl ApiError {
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::InsufficientQuota => "insufficient_quota",
+            ApiError::SubscriptionInactive => "subscription_inactive",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::ProviderNotImplemented { .. } => "provider_not_implemented",
             ApiError::Upstream { .. } => "upstream_status",
@@ -203,6 +207,13 @@ impl ApiError {
                 "insufficient_quota",
                 None,
                 Some("insufficient_quota"),
+            ),
+            ApiError::SubscriptionInactive => (
+                "Your subscription is not active (expired or suspended): renew it to make requests."
+                    .into(),
+                "permission_error",
+                None,
+                Some("subscription_inactive"),
             ),
             ApiError::RateLimited { message, .. } => (
                 message.clone(),
@@ -386,6 +397,7 @@ impl IntoResponse for ApiError {
                 }
             }
             ApiError::InsufficientQuota
+            | ApiError::SubscriptionInactive
             | ApiError::UsageNotRecorded
             | ApiError::RateLimited {
                 retry_after: None, ..

@@ -613,6 +613,7 @@ pub async fn write_batch(db: &Db, events: &[UsageEvent]) -> Result<Vec<Uuid>, Db
             remaining: total - used,
         });
     }
+    carry_rows(&tx, events, &mut credit_rows).await?;
     let allocation = allocate(events, &credit_rows);
     let credit_ids = &allocation.credit_ids;
     let to_i32 = |v: i64| i32::try_from(v).unwrap_or(i32::MAX);
@@ -680,6 +681,62 @@ pub async fn write_batch(db: &Db, events: &[UsageEvent]) -> Result<Vec<Uuid>, Db
     }
     tx.commit().await?;
     Ok(inserted)
+}
+
+/// Gives a charge that no current credits row can take a row to land on: a user whose
+/// last row was retired (an expired grant, a subscription that ended) while a request
+/// was in flight gets a zero-credit "carry" row, current and ending last, which the
+/// charge takes below zero. The live balance subtracted the charge at settle; the
+/// carry row makes PostgreSQL's sum of current rows subtract it too, so the two agree.
+async fn carry_rows(
+    tx: &tokio_postgres::Transaction<'_>,
+    events: &[UsageEvent],
+    rows: &mut HashMap<Uuid, Vec<CreditRow>>,
+) -> Result<(), DbError> {
+    let mut bare: Vec<Uuid> = events
+        .iter()
+        .filter(|e| e.credits_used > 0 && !rows.contains_key(&e.user_id))
+        .map(|e| e.user_id)
+        .collect();
+    if bare.is_empty() {
+        return Ok(());
+    }
+    bare.sort_unstable();
+    bare.dedup();
+    // A row committed while the lock above waited (a new period replacing a retired
+    // one) is not in that statement's snapshot: look again before making a carry row.
+    let found = tx
+        .query(
+            "SELECT id, user_id, total_credits::bigint - used_credits::bigint FROM credits
+              WHERE user_id = ANY($1) AND is_current
+              ORDER BY user_id, billing_period_end, created_at, id
+              FOR UPDATE",
+            &[&bare],
+        )
+        .await?;
+    for r in found {
+        rows.entry(r.get(1)).or_default().push(CreditRow {
+            id: r.get(0),
+            remaining: r.get(2),
+        });
+    }
+    bare.retain(|u| !rows.contains_key(u));
+    let made = tx
+        .query(
+            "INSERT INTO credits (user_id, total_credits, billing_period_start, billing_period_end)
+             SELECT u, 0, now(), '9999-12-31 00:00:00+00' FROM UNNEST($1::uuid[]) AS u
+              WHERE EXISTS (SELECT 1 FROM users WHERE id = u)
+             RETURNING id, user_id",
+            &[&bare],
+        )
+        .await?;
+    for r in made {
+        rows.entry(r.get(1)).or_default().push(CreditRow {
+            id: r.get(0),
+            remaining: 0,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -31,8 +31,9 @@ const LAYERS: &[&[&str]] = &[
     // Route's models (parse and translate read a model's limits), the ledger (reserve
     // and settle in Redis), and the per-user caches beside the request path.
     &["route", "ledger", "rate_limit", "preferences"],
-    // Parse; the provider formats; the flusher (off the request path).
-    &["parse", "translate", "flush"],
+    // Parse; the provider formats; off the request path, the flusher, the credit
+    // lifecycle (changes made in PostgreSQL carried to the ledger) and reconciliation.
+    &["parse", "translate", "flush", "lifecycle", "reconcile"],
     // A provider's deployments, retries and breaker.
     &["deploy"],
     // The provider clients (pooled connections, a request per deployment).

@@ -77,6 +77,8 @@ pub enum Reserve {
     },
     /// The balance is not in Redis yet: load it, then reserve again.
     NeedsLoad,
+    /// The user's subscription is expired or suspended: nothing is admitted.
+    Inactive,
 }
 
 /// What a reserve asks to hold: `ceil((prompt_tokens + max_tokens) × price_per_1k / 1000)`.
@@ -100,6 +102,29 @@ pub struct Account {
     pub held: i64,
     /// Total of the credit rows the balance reflects.
     pub granted: i64,
+}
+
+/// A user's live account with its unflushed charges (see [`Ledger::live`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Live {
+    /// Spendable now.
+    pub balance: i64,
+    /// Held by requests in flight.
+    pub held: i64,
+    /// Settled and not yet acknowledged as flushed: request id → cost.
+    pub pending: Vec<(Uuid, i64)>,
+}
+
+/// `s` with Redis glob characters escaped, for a SCAN pattern.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Redis keys of one user.
@@ -314,13 +339,14 @@ impl Ledger {
             0 => Reserve::Insufficient {
                 balance: r.get(3).copied().unwrap_or(0),
             },
+            -2 => Reserve::Inactive,
             _ => Reserve::NeedsLoad,
         };
         match outcome {
             Reserve::Admitted { balance, .. } | Reserve::Insufficient { balance } => {
                 self.known.note(user, balance)
             }
-            Reserve::NeedsLoad => self.known.forget(user),
+            Reserve::NeedsLoad | Reserve::Inactive => self.known.forget(user),
         }
         Ok(outcome)
     }
@@ -500,6 +526,26 @@ impl Ledger {
     /// Loads the balance from PostgreSQL (current credit rows: total − used) minus the
     /// charges settled in Redis but not yet flushed, unless it is already loaded.
     pub async fn load(&self, db: &Db, user: &Uuid) -> Result<i64, LedgerError> {
+        match self.set_from_snapshot(db, user, Snapshot::Load).await? {
+            Some(bal) => Ok(bal),
+            None => Err(LedgerError::Contended),
+        }
+    }
+
+    /// Brings a loaded balance in line with PostgreSQL after a change of the user's
+    /// credits rows (a new period, an expiry, a grant, a correction) or subscription
+    /// status, keeping the holds of requests in flight. Returns the new balance, or
+    /// `None` when the balance is not loaded (it will read PostgreSQL when it is).
+    pub async fn rebase(&self, db: &Db, user: &Uuid) -> Result<Option<i64>, LedgerError> {
+        self.set_from_snapshot(db, user, Snapshot::Rebase).await
+    }
+
+    async fn set_from_snapshot(
+        &self,
+        db: &Db,
+        user: &Uuid,
+        mode: Snapshot,
+    ) -> Result<Option<i64>, LedgerError> {
         let k = self.keys(user);
         let mut conn = self.conn.clone();
         for _ in 0..16 {
@@ -511,18 +557,21 @@ impl Ledger {
                 .iter()
                 .filter_map(|(id, _)| Uuid::parse_str(id).ok())
                 .collect();
-            let cred: Vec<String> = redis::cmd("HKEYS")
+            let cred: Vec<(String, String)> = redis::cmd("HGETALL")
                 .arg(&k.cred)
                 .query_async(&mut conn)
                 .await?;
+            // Retired rows (tombstones) are settled for good: not asked about again.
             let cred_ids: Vec<Uuid> = cred
                 .iter()
-                .filter_map(|id| Uuid::parse_str(id).ok())
+                .filter(|(_, v)| v != TOMBSTONE)
+                .filter_map(|(id, _)| Uuid::parse_str(id).ok())
                 .collect();
             let client = db.get().await?;
             // One statement, one snapshot: the current credit rows, which pending
-            // charges are already flushed, and which rows `cred` knows that are no longer
-            // current (they must not be counted as new grants).
+            // charges are already flushed, which rows `cred` knows that are no longer
+            // current (they must not be counted as new grants), and whether the
+            // user's latest subscription admits requests.
             let row = client
                 .query_one(
                     "SELECT
@@ -530,7 +579,9 @@ impl Ledger {
                           FROM credits WHERE user_id = $1 AND is_current),
                        (SELECT coalesce(array_agg(id), '{}') FROM usage_history WHERE user_id = $1 AND id = ANY($2)),
                        (SELECT coalesce(array_agg(id::text), '{}') FROM credits
-                         WHERE user_id = $1 AND id = ANY($3) AND NOT is_current)",
+                         WHERE user_id = $1 AND id = ANY($3) AND NOT is_current),
+                       coalesce((SELECT status::text IN ('expired', 'suspended') FROM subscriptions
+                                  WHERE user_id = $1 ORDER BY created_at DESC, id DESC LIMIT 1), false)",
                     &[user, &ids, &cred_ids],
                 )
                 .await?;
@@ -538,6 +589,7 @@ impl Ledger {
             let credits: serde_json::Value = row.get(0);
             let flushed: Vec<Uuid> = row.get(1);
             let stale: Vec<String> = row.get(2);
+            let inactive: bool = row.get(3);
             let mut available: i64 = 0;
             let mut inv = self.load.prepare_invoke();
             inv.key(&k.acct).key(&k.pend).key(&k.cred);
@@ -554,7 +606,10 @@ impl Ledger {
                 available = available.saturating_add(total - used);
                 pairs.push((id, total));
             }
-            inv.arg(available).arg(pairs.len());
+            inv.arg(mode.as_arg())
+                .arg(if inactive { 1 } else { 0 })
+                .arg(available)
+                .arg(pairs.len());
             for (id, total) in &pairs {
                 inv.arg(id.as_str()).arg(*total);
             }
@@ -569,13 +624,94 @@ impl Ledger {
             for id in &stale {
                 inv.arg(id.as_str());
             }
-            let (ok, bal): (i64, i64) = inv.invoke_async(&mut conn).await?;
-            if ok == 1 {
-                return Ok(bal);
+            let (status, bal): (i64, i64) = inv.invoke_async(&mut conn).await?;
+            match status {
+                1 => {
+                    self.known.forget(user);
+                    return Ok(Some(bal));
+                }
+                2 => return Ok(None),
+                _ => tokio::task::yield_now().await,
             }
-            tokio::task::yield_now().await;
         }
         Err(LedgerError::Contended)
+    }
+
+    /// The users whose balance is loaded (a SCAN of the account keys).
+    pub async fn loaded_users(&self) -> Result<Vec<Uuid>, redis::RedisError> {
+        let pattern = format!("{}{{b*}}:acct:*", glob_escape(&self.layout.prefix));
+        let mut conn = self.conn.clone();
+        let mut cursor: u64 = 0;
+        let mut users = Vec::new();
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            users.extend(
+                keys.iter()
+                    .filter_map(|k| k.rsplit_once(":acct:"))
+                    .filter_map(|(_, u)| Uuid::parse_str(u).ok()),
+            );
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        users.sort_unstable();
+        users.dedup();
+        Ok(users)
+    }
+
+    /// A user's live account and unflushed charges, read atomically: `None` when the
+    /// balance is not loaded.
+    pub async fn live(&self, user: &Uuid) -> Result<Option<Live>, redis::RedisError> {
+        let k = self.keys(user);
+        type Fields = Vec<(String, String)>;
+        let (acct, pend): (Fields, Fields) = redis::pipe()
+            .atomic()
+            .cmd("HGETALL")
+            .arg(&k.acct)
+            .cmd("HGETALL")
+            .arg(&k.pend)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        let mut balance = None;
+        let mut held = 0i64;
+        for (f, v) in &acct {
+            if f == "bal" {
+                balance = v.parse::<i64>().ok();
+            } else if let Some(amount) = f
+                .strip_prefix("h:")
+                .and_then(|_| v.split(':').next())
+                .and_then(|a| a.parse::<i64>().ok())
+            {
+                held = held.saturating_add(amount);
+            }
+        }
+        Ok(balance.map(|balance| Live {
+            balance,
+            held,
+            pending: pend
+                .iter()
+                .filter_map(|(id, cost)| Some((Uuid::parse_str(id).ok()?, cost.parse().ok()?)))
+                .collect(),
+        }))
+    }
+
+    /// Forgets a user's live balance (as a Redis loss does): the next use loads it from
+    /// PostgreSQL. Unflushed charges (`pend`) are kept, so the load counts them.
+    pub async fn forget(&self, user: &Uuid) -> Result<(), redis::RedisError> {
+        let k = self.keys(user);
+        redis::cmd("DEL")
+            .arg(&k.acct)
+            .arg(&k.cred)
+            .query_async(&mut self.conn.clone())
+            .await
     }
 
     /// Acknowledges and deletes flushed stream entries of one bucket and forgets their
@@ -637,6 +773,28 @@ impl Ledger {
             .query_async(&mut self.conn.clone())
             .await?;
         Ok(())
+    }
+}
+
+/// What `cred` holds for a credits row that is no longer current (see
+/// `lua/ledger_load.lua`).
+pub const TOMBSTONE: &str = "x";
+
+/// What [`Ledger::set_from_snapshot`] does with a balance.
+#[derive(Debug, Clone, Copy)]
+enum Snapshot {
+    /// Load it unless it is loaded.
+    Load,
+    /// Rebase it if it is loaded.
+    Rebase,
+}
+
+impl Snapshot {
+    fn as_arg(self) -> &'static str {
+        match self {
+            Snapshot::Load => "load",
+            Snapshot::Rebase => "rebase",
+        }
     }
 }
 

@@ -24,12 +24,14 @@ pub mod hold;
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod layers;
 pub mod ledger;
+pub mod lifecycle;
 pub mod oauth;
 pub mod ops;
 pub mod parse;
 pub mod password;
 pub mod preferences;
 pub mod rate_limit;
+pub mod reconcile;
 pub mod reserve;
 pub mod route;
 pub mod scope;

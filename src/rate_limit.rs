@@ -1,8 +1,10 @@
 //! Stage 5, first: the rate limit — requests and tokens per minute, per user, with the
-//! limits of the user's subscription tier (`rate_limits.<free|pro|enterprise>`; users without an
-//! active subscription get `free`). GCRA buckets in memory (governor), so the check is
-//! local to each gateway: with N replicas behind a load balancer a user gets up to N
-//! times the limit in the worst case. Credits, not these limits, are what bound spend.
+//! limits of the user's subscription tier (`tiers.<free|pro|enterprise>.requests_per_minute`
+//! and `.tokens_per_minute`, or their old place `rate_limits.<tier>`, resolved by
+//! `config`; users without an active subscription get `free`'s). GCRA buckets in
+//! memory (governor), so the check is local to each gateway: with N replicas behind a
+//! load balancer a user gets up to N times the limit in the worst case. Credits, not
+//! these limits, are what bound spend.
 //!
 //! The tier comes from PostgreSQL once per user per `rate_limits.tier_cache_ms`; if
 //! PostgreSQL is unreachable the last known tier (or `free`) applies, so the hot path
@@ -27,7 +29,7 @@ use crate::error::ApiError;
 type Keyed =
     governor::RateLimiter<Uuid, DashMapStateStore<Uuid>, DefaultClock, StateInformationMiddleware>;
 
-pub const TIERS: [&str; 3] = ["free", "pro", "enterprise"];
+pub use crate::config::TIERS;
 
 struct Bucket {
     limit: u32,

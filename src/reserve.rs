@@ -202,6 +202,7 @@ pub async fn reserve(
                 hold, max_tokens, ..
             } => return Ok((hold, max_tokens / chat.choices.max(1))),
             Reserve::Insufficient { .. } => return Err(ApiError::InsufficientQuota),
+            Reserve::Inactive => return Err(ApiError::SubscriptionInactive),
             Reserve::NeedsLoad => {
                 state.ledger.load(&state.db, user).await?;
             }

@@ -247,6 +247,12 @@ impl Background {
         // Present (at zero) from the start, so an alert on its increase has a series.
         metrics::counter!("tollgate_partition_upkeep_failures_total").increment(0);
         periodic.spawn(models_and_partitions_upkeep(state.clone(), stop_rx.clone()));
+        if state.cfg.billing.enabled {
+            periodic.spawn(billing_job(state.clone(), stop_rx.clone()));
+        }
+        if let Some(every) = state.cfg.billing.reconcile_interval {
+            periodic.spawn(reconcile_job(state.clone(), every, stop_rx.clone()));
+        }
         // Disabled users and revoked sign-ins, reloaded into memory for the request path.
         periodic.spawn(crate::oauth::revocation::run(
             state.clone(),
@@ -325,6 +331,89 @@ async fn models_and_partitions_upkeep(state: AppState, mut stop: watch::Receiver
                 .await
         {
             partitions_at = tokio::time::Instant::now() + Duration::from_secs(3600);
+        }
+    }
+}
+
+/// The billing run (`lifecycle::billing_run`) every `billing.interval_ms`, on one
+/// replica at a time (the run's advisory lock; a replica that finds it taken skips
+/// that turn), until `stop` changes.
+async fn billing_job(state: AppState, mut stop: watch::Receiver<bool>) {
+    metrics::counter!("tollgate_billing_runs_total", "outcome" => "failed").increment(0);
+    let mut tick = tokio::time::interval(state.cfg.billing.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => break,
+        }
+        let run = crate::lifecycle::billing_run(
+            &state.db,
+            &state.ledger,
+            &state.cfg.tiers,
+            &state.cfg.billing,
+            chrono::Utc::now(),
+            false,
+        );
+        let outcome = tokio::select! {
+            r = run => r,
+            _ = stop.changed() => break,
+        };
+        let label = match outcome {
+            Ok(Some(r)) => {
+                if r != crate::lifecycle::BillingReport::default() {
+                    tracing::info!(?r, "billing run");
+                }
+                "ran"
+            }
+            Ok(None) => "skipped",
+            Err(e) => {
+                tracing::warn!(error = %e, "billing run failed");
+                "failed"
+            }
+        };
+        metrics::counter!("tollgate_billing_runs_total", "outcome" => label).increment(1);
+    }
+}
+
+/// Reconciliation (`reconcile::reconcile`, report only) every `every`, on one replica
+/// at a time (an advisory lock; a replica that finds it taken skips that turn). Sets
+/// `tollgate_ledger_drift_credits` (Σ |drift|) and `tollgate_ledger_drift_users` on the
+/// replica that ran; alert on their maximum across replicas.
+async fn reconcile_job(state: AppState, every: Duration, mut stop: watch::Receiver<bool>) {
+    const RECONCILE_LOCK: i64 = 0x7467_7265_636f; // "tgreco"
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => break,
+        }
+        let run = async {
+            let mut conn = state.db.get().await?;
+            let lock = conn.transaction().await?;
+            let got: bool = lock
+                .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&RECONCILE_LOCK])
+                .await?
+                .get(0);
+            if !got {
+                return Ok(None);
+            }
+            let r = crate::reconcile::reconcile(&state.db, &state.ledger, None, false).await?;
+            lock.commit().await?;
+            Ok::<_, BoxError>(Some(r))
+        };
+        let outcome = tokio::select! {
+            r = run => r,
+            _ = stop.changed() => break,
+        };
+        match outcome {
+            Ok(Some(r)) => {
+                metrics::gauge!("tollgate_ledger_drift_credits").set(r.drift_credits() as f64);
+                metrics::gauge!("tollgate_ledger_drift_users").set(r.drifting.len() as f64);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "reconciliation failed"),
         }
     }
 }

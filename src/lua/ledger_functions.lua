@@ -7,11 +7,13 @@ local function now_ms()
 end
 
 -- Holds ceil((p + m) * price / 1000) under rid, lowering m (not below minm) to what the
--- balance affords. Returns {status (1 admitted, 0 refused, -1 not loaded), hold, m, bal}.
+-- balance affords. Returns {status (1 admitted, 0 refused, -1 not loaded, -2 the
+-- subscription is inactive), hold, m, bal}.
 local function reserve(acct, rid, price, p, m, minm, ttl, now)
-  local v = redis.call('HMGET', acct, 'bal', 'exp')
+  local v = redis.call('HMGET', acct, 'bal', 'exp', 'off')
   if not v[1] then return {-1, 0, 0, 0} end
   local bal = tonumber(v[1])
+  if v[3] then return {-2, 0, 0, bal} end
   local changed = false
   local exp = v[2] and tonumber(v[2])
   if exp and exp <= now then

@@ -327,13 +327,19 @@ impl TestEnv {
         .await
     }
 
-    /// Creates a user with `credits` granted; returns (user id, access token).
+    /// Creates a user without a subscription, with exactly `credits` granted; returns
+    /// (user id, access token).
     pub async fn user(&self, credits: i32) -> (Uuid, String) {
         let email = format!(
             "u{}@example.com",
             &Uuid::new_v4().simple().to_string()[..10]
         );
-        let id = Uuid::parse_str(&self.cli(&["user", "create", "--email", &email]).await).unwrap();
+        let id = Uuid::parse_str(
+            &self
+                .cli(&["user", "create", "--email", &email, "--no-subscription"])
+                .await,
+        )
+        .unwrap();
         self.grant(&email, credits).await;
         let token = self.cli(&["token", "issue", "--email", &email]).await;
         (id, token)

@@ -10,7 +10,7 @@ use tollgate::ledger::{HoldRequest, Ledger, Reserve};
 use tollgate::settle::UsageEvent;
 use uuid::Uuid;
 
-async fn setup(env: &TestEnv, credits: i32) -> (Ledger, Db, Uuid) {
+pub(crate) async fn setup(env: &TestEnv, credits: i32) -> (Ledger, Db, Uuid) {
     let ledger = Ledger::connect(REDIS, &env.prefix, env.layout.buckets())
         .await
         .unwrap();
@@ -41,7 +41,7 @@ async fn setup(env: &TestEnv, credits: i32) -> (Ledger, Db, Uuid) {
     (ledger, db, user)
 }
 
-fn hold(max_tokens: i64, ttl_ms: u64) -> HoldRequest {
+pub(crate) fn hold(max_tokens: i64, ttl_ms: u64) -> HoldRequest {
     HoldRequest {
         price_per_1k: 1000,
         prompt_tokens: 0,
@@ -51,7 +51,7 @@ fn hold(max_tokens: i64, ttl_ms: u64) -> HoldRequest {
     }
 }
 
-fn event(user: Uuid, rid: Uuid, credits: i64) -> UsageEvent {
+pub(crate) fn event(user: Uuid, rid: Uuid, credits: i64) -> UsageEvent {
     UsageEvent {
         id: rid,
         created_at: Utc::now(),
@@ -69,7 +69,7 @@ fn event(user: Uuid, rid: Uuid, credits: i64) -> UsageEvent {
 }
 
 /// Reserve (1 credit per token at price 1000/1k) and settle `cost`.
-async fn charge(ledger: &Ledger, user: Uuid, cost: i64) -> UsageEvent {
+pub(crate) async fn charge(ledger: &Ledger, user: Uuid, cost: i64) -> UsageEvent {
     let rid = Uuid::now_v7();
     let r = ledger
         .reserve(&user, &rid, &hold(cost + 5, 60_000))
@@ -84,7 +84,7 @@ async fn charge(ledger: &Ledger, user: Uuid, cost: i64) -> UsageEvent {
     e
 }
 
-async fn forget_balance(env: &TestEnv, ledger: &Ledger, user: &Uuid) {
+pub(crate) async fn forget_balance(env: &TestEnv, ledger: &Ledger, user: &Uuid) {
     let k = ledger.keys(user);
     let mut r = env.redis().await;
     let _: () = redis::cmd("DEL")
@@ -312,7 +312,7 @@ async fn concurrent_reserves_commit_in_groups_without_overspending() {
                     1
                 }
                 Reserve::Insufficient { .. } => 0,
-                Reserve::NeedsLoad => panic!("loaded above"),
+                Reserve::NeedsLoad | Reserve::Inactive => panic!("loaded and active above"),
             }
         }));
     }
@@ -716,7 +716,7 @@ async fn pending_in_group(r: &mut redis::aio::MultiplexedConnection, stream: &st
 
 /// Starts a flusher (`batch_rows`, `writers`, a pass every `interval_ms`; stale
 /// entries claimed after 30 s). Stop it with [`stop_flusher`].
-fn start_flusher(
+pub(crate) fn start_flusher(
     ledger: &Ledger,
     db: &Db,
     batch_rows: usize,
@@ -740,7 +740,7 @@ fn start_flusher(
 }
 
 /// Stops a flusher and waits for it to finish draining.
-async fn stop_flusher(
+pub(crate) async fn stop_flusher(
     (stop, flusher): (
         tokio::sync::watch::Sender<bool>,
         tokio::task::JoinHandle<()>,

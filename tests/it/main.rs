@@ -12,6 +12,7 @@ mod harness;
 mod account;
 mod durability;
 mod ledger;
+mod lifecycle;
 mod oauth;
 mod prices;
 mod providers;

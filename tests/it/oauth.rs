@@ -357,15 +357,24 @@ async fn revoke(gw: &Proc, token: &str) -> Resp {
     .await
 }
 
-/// Creates a user with a password and credits; returns (id, email).
+/// Creates a user with a password and exactly `credits` (no subscription); returns
+/// (id, email).
 async fn password_user(env: &TestEnv, credits: i32) -> (Uuid, String) {
     let email = format!(
         "u{}@example.com",
         &Uuid::new_v4().simple().to_string()[..10]
     );
     let id = Uuid::parse_str(
-        &env.cli(&["user", "create", "--email", &email, "--password", PASSWORD])
-            .await,
+        &env.cli(&[
+            "user",
+            "create",
+            "--email",
+            &email,
+            "--password",
+            PASSWORD,
+            "--no-subscription",
+        ])
+        .await,
     )
     .unwrap();
     env.grant(&email, credits).await;

@@ -156,3 +156,37 @@ async fn a_request_without_max_tokens_waits_for_a_full_token_bucket_instead_of_b
     assert_eq!(openai_error(&b)["code"], "rate_limit_exceeded");
     assert!(h["retry-after"].parse::<u64>().unwrap() >= 1);
 }
+
+#[tokio::test]
+async fn tier_limits_come_from_the_tiers_section_and_the_old_keys_alike() {
+    let env = TestEnv::new().await;
+    let mock = env.mock(&[]).await;
+    let gw = env
+        .gateway_with(
+            &mock,
+            &[
+                // The new place for pro, the old one for free.
+                ("TOLLGATE__TIERS__PRO__REQUESTS_PER_MINUTE", "2"),
+                ("TOLLGATE__RATE_LIMITS__FREE__REQUESTS_PER_MINUTE", "1"),
+            ],
+        )
+        .await;
+    let email = format!(
+        "pro{}@example.com",
+        &Uuid::new_v4().simple().to_string()[..8]
+    );
+    env.cli(&["user", "create", "--email", &email, "--tier", "pro"])
+        .await;
+    let pro = env.cli(&["token", "issue", "--email", &email]).await;
+    for _ in 0..2 {
+        let (s, h, _) = env.chat(&gw, &pro, hello(20)).await;
+        assert_eq!(s, 200);
+        assert_eq!(h["x-ratelimit-limit-requests"], "2");
+    }
+    assert_eq!(env.chat(&gw, &pro, hello(20)).await.0, 429);
+    let (_, free) = env.user(1000).await;
+    let (s, h, _) = env.chat(&gw, &free, hello(20)).await;
+    assert_eq!(s, 200);
+    assert_eq!(h["x-ratelimit-limit-requests"], "1");
+    assert_eq!(env.chat(&gw, &free, hello(20)).await.0, 429);
+}

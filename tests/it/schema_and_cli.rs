@@ -851,7 +851,8 @@ async fn user_create_hashes_the_password_with_argon2id() {
     assert!(!hash.contains(password));
     assert!(r.get::<_, bool>(2));
 
-    // Without --password: no hash, and no subscription without --tier.
+    // Without --password: no hash. Without --tier: the default tier's (`tiers.default`,
+    // free) subscription and its first period's credits.
     let out = env
         .cli(&["user", "create", "--email", "nopass@example.com"])
         .await;
@@ -862,6 +863,30 @@ async fn user_create_hashes_the_password_with_argon2id() {
         .unwrap();
     assert_eq!(r.get::<_, Option<String>>(0), None);
     assert_eq!(
+        subscription_and_credits(&db, &id).await,
+        vec![(
+            "free".to_owned(),
+            1_000,
+            0,
+            "monthly".to_owned(),
+            false,
+            1,
+            1_000
+        )]
+    );
+
+    // --no-subscription: none, and no credits.
+    let out = env
+        .cli(&[
+            "user",
+            "create",
+            "--email",
+            "nosub@example.com",
+            "--no-subscription",
+        ])
+        .await;
+    let id = Uuid::parse_str(&out).unwrap();
+    assert_eq!(
         count(
             &db,
             "SELECT count(*) FROM subscriptions WHERE user_id = $1",
@@ -870,6 +895,279 @@ async fn user_create_hashes_the_password_with_argon2id() {
         .await,
         0
     );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM credits WHERE user_id = $1", &id).await,
+        0
+    );
+}
+
+/// The user's subscriptions, each with its current credits row: (tier,
+/// credits_per_month, price_cents, billing_interval, credits_rollover, the period in
+/// months (1 or 12, else NULL: a panic), the credits row's total_credits). Checks that the credits row
+/// is current, unused and spans the subscription's period.
+async fn subscription_and_credits(
+    db: &tokio_postgres::Client,
+    user: &Uuid,
+) -> Vec<(String, i32, i32, String, bool, i32, i32)> {
+    let rows = db
+        .query(
+            "SELECT s.tier::text, s.credits_per_month, s.price_cents, s.billing_interval,
+                    s.credits_rollover, s.status::text,
+                    CASE s.current_period_end
+                      WHEN s.current_period_start + interval '1 month' THEN 1
+                      WHEN s.current_period_start + interval '12 months' THEN 12 END,
+                    s.current_period_end > s.current_period_start,
+                    s.current_period_start <= now() AND s.current_period_end > now(),
+                    c.total_credits, c.used_credits, c.is_current,
+                    c.billing_period_start = s.current_period_start
+                      AND c.billing_period_end = s.current_period_end
+               FROM subscriptions s JOIN credits c ON c.subscription_id = s.id
+              WHERE s.user_id = $1",
+            &[user],
+        )
+        .await
+        .unwrap();
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM credits WHERE user_id = $1", &[user])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        n,
+        rows.len() as i64,
+        "a credits row per subscription, no other"
+    );
+    rows.iter()
+        .map(|r| {
+            assert_eq!(r.get::<_, String>(5), "active");
+            assert!(r.get::<_, bool>(7));
+            assert!(r.get::<_, bool>(8), "the period is under way");
+            assert_eq!(r.get::<_, i32>(10), 0, "nothing used yet");
+            assert!(r.get::<_, bool>(11), "the credits row is current");
+            assert!(r.get::<_, bool>(12), "the credits row spans the period");
+            (
+                r.get(0),
+                r.get(1),
+                r.get(2),
+                r.get(3),
+                r.get(4),
+                r.get(6),
+                r.get(9),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn user_create_takes_the_plan_from_the_tiers_config_and_its_env_overrides() {
+    let env = TestEnv::new().await;
+    let db = env.db().await;
+    let create = |email: &'static str,
+                  extra: &'static [&'static str],
+                  vars: Vec<(&'static str, &'static str)>| {
+        let env = &env;
+        async move {
+            let mut args = vec!["user", "create", "--email", email];
+            args.extend_from_slice(extra);
+            let (ok, out, err) = env.cli_raw(&args, &vars).await;
+            assert!(ok, "{args:?} {vars:?}: {err}");
+            Uuid::parse_str(out.trim()).unwrap()
+        }
+    };
+    // The shipped plans.
+    let id = create("pro@example.com", &["--tier", "pro"], vec![]).await;
+    assert_eq!(
+        subscription_and_credits(&db, &id).await,
+        vec![(
+            "pro".into(),
+            100_000,
+            1_999,
+            "monthly".into(),
+            false,
+            1,
+            100_000
+        )]
+    );
+    let id = create("ent@example.com", &["--tier", "enterprise"], vec![]).await;
+    assert_eq!(
+        subscription_and_credits(&db, &id).await,
+        vec![(
+            "enterprise".into(),
+            1_000_000,
+            9_999,
+            "monthly".into(),
+            false,
+            1,
+            1_000_000
+        )]
+    );
+    // Every figure from the environment; a yearly period lasts 12 months and holds
+    // 12 months' credits.
+    let pro_env = vec![
+        ("TOLLGATE__TIERS__PRO__CREDITS_PER_MONTH", "4321"),
+        ("TOLLGATE__TIERS__PRO__PRICE_CENTS", "555"),
+        ("TOLLGATE__TIERS__PRO__BILLING_INTERVAL", "yearly"),
+        ("TOLLGATE__TIERS__PRO__ROLLOVER_CAP", "10"),
+    ];
+    let id = create("pro-env@example.com", &["--tier", "pro"], pro_env.clone()).await;
+    assert_eq!(
+        subscription_and_credits(&db, &id).await,
+        vec![(
+            "pro".into(),
+            4321,
+            555,
+            "yearly".into(),
+            true,
+            12,
+            4321 * 12
+        )]
+    );
+    // The default tier comes from the environment too.
+    let mut default_env = pro_env;
+    default_env.push(("TOLLGATE__TIERS__DEFAULT", "pro"));
+    let id = create("default-env@example.com", &[], default_env.clone()).await;
+    assert_eq!(
+        subscription_and_credits(&db, &id).await,
+        vec![(
+            "pro".into(),
+            4321,
+            555,
+            "yearly".into(),
+            true,
+            12,
+            4321 * 12
+        )]
+    );
+    // --tier wins over the default.
+    let id = create("free-env@example.com", &["--tier", "free"], default_env).await;
+    assert_eq!(
+        subscription_and_credits(&db, &id).await,
+        vec![("free".into(), 1_000, 0, "monthly".into(), false, 1, 1_000)]
+    );
+}
+
+#[tokio::test]
+async fn user_create_with_a_default_subscription_can_spend_its_first_period() {
+    let env = TestEnv::new().await;
+    let mock = env.mock(&[]).await;
+    let gw = env.gateway(&mock).await;
+    env.cli(&["user", "create", "--email", "spend@example.com"])
+        .await;
+    let token = env
+        .cli(&["token", "issue", "--email", "spend@example.com"])
+        .await;
+    let (status, _, body) = env
+        .request("GET", &gw.url("/v1/credits"), Some(&token), None)
+        .await;
+    assert_eq!(status, 200);
+    let c = json(&body);
+    assert_eq!(c["total_credits"].as_i64(), Some(1_000), "{c}");
+    assert_eq!(c["available_credits"].as_i64(), Some(1_000), "{c}");
+    let (s, _, b) = env.chat(&gw, &token, hello(20)).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+}
+
+#[tokio::test]
+async fn user_create_bad_tier_input_gets_a_clear_error_and_writes_nothing() {
+    let env = TestEnv::new().await;
+    let db = env.db().await;
+    let tables = || async {
+        let mut n = Vec::new();
+        for t in ["users", "subscriptions", "credits"] {
+            n.push(
+                db.query_one(&format!("SELECT count(*) FROM {t}"), &[])
+                    .await
+                    .unwrap()
+                    .get::<_, i64>(0),
+            );
+        }
+        n
+    };
+    let before = tables().await;
+    // (arguments after --email, environment, what the error must name)
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: &[Case] = &[
+        (&["--tier", "gold"], &[], &["gold", "--tier"]),
+        (&["--tier", ""], &[], &["--tier"]),
+        (
+            &["--tier", "pro", "--no-subscription"],
+            &[],
+            &["--tier", "--no-subscription"],
+        ),
+        (
+            &[],
+            &[("TOLLGATE__TIERS__DEFAULT", "gold")],
+            &["tiers.default", "gold"],
+        ),
+        (
+            &["--tier", "free"],
+            &[("TOLLGATE__TIERS__DEFAULT", "gold")],
+            &["tiers.default"],
+        ),
+        (
+            &[],
+            &[("TOLLGATE__TIERS__FREE__CREDITS_PER_MONTH", "-5")],
+            &["tiers.free.credits_per_month", "negative"],
+        ),
+        (
+            &["--tier", "pro"],
+            &[("TOLLGATE__TIERS__PRO__PRICE_CENTS", "-1")],
+            &["tiers.pro.price_cents"],
+        ),
+        (
+            &[],
+            &[("TOLLGATE__TIERS__FREE__ROLLOVER_CAP", "-1")],
+            &["tiers.free.rollover_cap"],
+        ),
+        (
+            &[],
+            &[("TOLLGATE__TIERS__FREE__BILLING_INTERVAL", "weekly")],
+            &["tiers.free.billing_interval", "weekly"],
+        ),
+        (
+            &[],
+            &[("TOLLGATE__TIERS__GOLD__CREDITS_PER_MONTH", "5")],
+            &["gold"],
+        ),
+        (
+            &[],
+            &[
+                ("TOLLGATE__RATE_LIMITS__PRO__REQUESTS_PER_MINUTE", "4"),
+                ("TOLLGATE__TIERS__PRO__REQUESTS_PER_MINUTE", "5"),
+            ],
+            &[
+                "tiers.pro.requests_per_minute",
+                "rate_limits.pro.requests_per_minute",
+            ],
+        ),
+        (
+            &[],
+            &[("TOLLGATE__BILLING__INTERVAL_MS", "0")],
+            &["billing.interval_ms"],
+        ),
+    ];
+    for (args, vars, expect) in cases {
+        let mut cmd = vec!["user", "create", "--email", "bad@example.com"];
+        cmd.extend_from_slice(args);
+        let (ok, out, err) = env.cli_raw(&cmd, vars).await;
+        assert!(!ok, "{args:?} {vars:?} was accepted: {out}");
+        assert!(out.trim().is_empty(), "{args:?} {vars:?}: {out}");
+        for e in *expect {
+            assert!(err.contains(e), "{args:?} {vars:?}: `{e}` not in {err}");
+        }
+        assert_eq!(tables().await, before, "{args:?} {vars:?} wrote something");
+    }
+    // The same limit in both places, agreeing, is fine.
+    let (ok, _, err) = env
+        .cli_raw(
+            &["user", "create", "--email", "good@example.com"],
+            &[
+                ("TOLLGATE__RATE_LIMITS__PRO__REQUESTS_PER_MINUTE", "4"),
+                ("TOLLGATE__TIERS__PRO__REQUESTS_PER_MINUTE", "4"),
+            ],
+        )
+        .await;
+    assert!(ok, "{err}");
 }
 
 #[tokio::test]
@@ -956,8 +1254,14 @@ async fn user_create_with_a_tier_starts_a_subscription_and_its_credits() {
 async fn credits_grant_refuses_non_positive_amounts() {
     let env = TestEnv::new().await;
     let id = Uuid::parse_str(
-        &env.cli(&["user", "create", "--email", "grant@example.com"])
-            .await,
+        &env.cli(&[
+            "user",
+            "create",
+            "--email",
+            "grant@example.com",
+            "--no-subscription",
+        ])
+        .await,
     )
     .unwrap();
     for amount in [
