@@ -106,6 +106,8 @@ fn model(id: &str) -> Model {
         context_length: 400_000,
         max_output_tokens: Some(128_000),
         credits_per_1k_tokens: 2,
+        rates: tollgate::usage::Rates::flat(2),
+        provider_costs: tollgate::usage::ProviderCosts::default(),
         image_tokens: Some(1_500),
         is_available: true,
         is_deprecated: false,
@@ -199,6 +201,11 @@ fn event(i: i64) -> UsageEvent {
         output_tokens: i * 2,
         total_tokens: i * 3,
         duration_ms: 12,
+        priced: Some(tollgate::usage::Priced {
+            cached_input_tokens: 0,
+            rates: tollgate::usage::Rates::flat(2),
+            provider_cost_micro_cents: Some(1_000_000),
+        }),
         metadata: Some(serde_json::json!({"stream": i % 2 == 0})),
     }
 }

@@ -65,8 +65,13 @@ pub async fn me(
 }
 
 /// `GET /v1/credits`: the live balance (Redis, exact to the last settled request) and
-/// the current credit periods (PostgreSQL; their `used_credits` lag by at most one
-/// flush). `total_credits = used_credits + held_credits + available_credits`.
+/// each current credits row — subscription periods and grants — in spend order
+/// (soonest expiry first), with its total, used, remaining and expiry
+/// (`expires_at` = `billing_period_end`). `total_credits = used_credits + held_credits
+/// + available_credits`. A row's `recorded_used_credits` is PostgreSQL's (it lags by at
+/// most one flush); its `used_credits` adds the charges settled but not yet flushed,
+/// spread the way the flusher will (soonest expiry first, the rest on the last row), so
+/// the rows' `remaining_credits` add up to `available_credits + held_credits`.
 pub async fn credits(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
@@ -94,23 +99,35 @@ pub async fn credits(
             &[&p.user_id],
         )
         .await?;
-    let periods: Vec<Value> = rows
-        .iter()
-        .map(|r| {
-            json!({
-                "id": r.get::<_, Uuid>(0),
-                "subscription_id": r.get::<_, Option<Uuid>>(1),
-                "total_credits": r.get::<_, i32>(2),
-                "recorded_used_credits": r.get::<_, i32>(3),
-                "billing_period_start": r.get::<_, DateTime<Utc>>(4),
-                "billing_period_end": r.get::<_, DateTime<Utc>>(5),
-            })
-        })
-        .collect();
     let used = account
         .granted
         .saturating_sub(account.balance)
         .saturating_sub(account.held);
+    let recorded: Vec<(i64, i64)> = rows
+        .iter()
+        .map(|r| (i64::from(r.get::<_, i32>(2)), i64::from(r.get::<_, i32>(3))))
+        .collect();
+    let live = live_used(&recorded, used);
+    let periods: Vec<Value> = rows
+        .iter()
+        .zip(recorded.iter().zip(live))
+        .map(|(r, (&(total, recorded_used), used))| {
+            let subscription = r.get::<_, Option<Uuid>>(1);
+            let end = r.get::<_, DateTime<Utc>>(5);
+            json!({
+                "id": r.get::<_, Uuid>(0),
+                "kind": if subscription.is_some() { "subscription" } else { "grant" },
+                "subscription_id": subscription,
+                "total_credits": total,
+                "used_credits": used,
+                "remaining_credits": total.saturating_sub(used),
+                "recorded_used_credits": recorded_used,
+                "billing_period_start": r.get::<_, DateTime<Utc>>(4),
+                "billing_period_end": end,
+                "expires_at": end,
+            })
+        })
+        .collect();
     Ok(Json(json!({
         "object": "credits",
         "total_credits": account.granted,
@@ -119,6 +136,27 @@ pub async fn credits(
         "available_credits": account.balance,
         "periods": periods,
     })))
+}
+
+/// Each row's live used credits: its recorded `used_credits` plus its share of the
+/// charges not yet flushed (`live_total` less the rows' recorded sum), given in spend
+/// order, each row up to its total and the rest on the last row.
+fn live_used(rows: &[(i64, i64)], live_total: i64) -> Vec<i64> {
+    let recorded: i64 = rows.iter().fold(0, |a, (_, u)| a.saturating_add(*u));
+    let mut left = live_total.saturating_sub(recorded).max(0);
+    let n = rows.len();
+    rows.iter()
+        .enumerate()
+        .map(|(i, &(total, used))| {
+            let take = if i + 1 == n {
+                left
+            } else {
+                left.min(total.saturating_sub(used).max(0))
+            };
+            left -= take;
+            used.saturating_add(take)
+        })
+        .collect()
 }
 
 #[derive(Debug, Deserialize)]
@@ -407,5 +445,24 @@ impl PreferencesUpdate {
             }
         }
         Ok(u)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::live_used;
+
+    #[test]
+    fn unflushed_charges_go_to_the_rows_in_spend_order() {
+        // Nothing unflushed: the recorded figures.
+        assert_eq!(live_used(&[(100, 10), (50, 0)], 10), vec![10, 0]);
+        // 95 unflushed: the first row fills up (90 more), the rest goes to the next.
+        assert_eq!(live_used(&[(100, 10), (50, 0)], 105), vec![100, 5]);
+        // More than every row holds: the rest on the last row.
+        assert_eq!(live_used(&[(100, 10), (50, 0)], 200), vec![100, 100]);
+        // A live figure below the recorded one (a row no longer in Redis) moves nothing.
+        assert_eq!(live_used(&[(100, 30)], 10), vec![30]);
+        assert!(live_used(&[], 5).is_empty());
     }
 }

@@ -27,6 +27,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../migrations/0004_partition_upkeep.sql"),
     ),
     (
+        5,
+        "prices_per_token_kind",
+        include_str!("../migrations/0005_prices_per_token_kind.sql"),
+    ),
+    (
         6,
         "lifecycle",
         include_str!("../migrations/0006_lifecycle.sql"),

@@ -628,20 +628,42 @@ pub async fn write_batch(db: &Db, events: &[UsageEvent]) -> Result<Vec<Uuid>, Db
     let dur: Vec<i32> = events.iter().map(|e| to_i32(e.duration_ms)).collect();
     let meta: Vec<Option<serde_json::Value>> = events.iter().map(|e| e.metadata.clone()).collect();
     let created: Vec<chrono::DateTime<chrono::Utc>> = events.iter().map(|e| e.created_at).collect();
+    // What each row was charged at (NULL for an event of a gateway before prices per
+    // token kind); the provider's cost travels in millionths of a cent.
+    let priced = |f: fn(&crate::usage::Priced) -> i64| -> Vec<Option<i32>> {
+        events
+            .iter()
+            .map(|e| e.priced.as_ref().map(|p| to_i32(f(p))))
+            .collect()
+    };
+    let cached = priced(|p| p.cached_input_tokens);
+    let rate_in = priced(|p| p.rates.input);
+    let rate_out = priced(|p| p.rates.output);
+    let rate_cached = priced(|p| p.rates.cached_input);
+    let provider_cost: Vec<Option<i64>> = events
+        .iter()
+        .map(|e| e.priced.and_then(|p| p.provider_cost_micro_cents))
+        .collect();
     let inserted = tx
         .query(
             "INSERT INTO usage_history (id, user_id, credit_id, model_id, operation, credits_used, input_tokens,
-                                        output_tokens, total_tokens, request_duration_ms, request_metadata, created_at)
+                                        output_tokens, total_tokens, request_duration_ms, request_metadata, created_at,
+                                        cached_input_tokens, input_rate, output_rate, cached_input_rate,
+                                        provider_cost_cents)
              SELECT v.id, v.user_id, v.credit_id, v.model_id, v.op::usage_operation, v.credits, v.inp, v.outp,
-                    v.tot, v.dur, v.meta, v.created
+                    v.tot, v.dur, v.meta, v.created, v.cached, v.rin, v.rout, v.rcached,
+                    v.pc_micro * 0.000001
                FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::int[], $7::int[],
-                           $8::int[], $9::int[], $10::int[], $11::jsonb[], $12::timestamptz[])
-                    AS v(id, user_id, credit_id, model_id, op, credits, inp, outp, tot, dur, meta, created)
+                           $8::int[], $9::int[], $10::int[], $11::jsonb[], $12::timestamptz[],
+                           $13::int[], $14::int[], $15::int[], $16::int[], $17::int8[])
+                    AS v(id, user_id, credit_id, model_id, op, credits, inp, outp, tot, dur, meta, created,
+                         cached, rin, rout, rcached, pc_micro)
               WHERE EXISTS (SELECT 1 FROM users u WHERE u.id = v.user_id)
                 AND EXISTS (SELECT 1 FROM models m WHERE m.id = v.model_id)
              ON CONFLICT (id, created_at) DO NOTHING
              RETURNING id",
-            &[&ids, &user_ids, credit_ids, &models, &ops, &credits, &input, &output, &total, &dur, &meta, &created],
+            &[&ids, &user_ids, credit_ids, &models, &ops, &credits, &input, &output, &total, &dur, &meta, &created,
+              &cached, &rate_in, &rate_out, &rate_cached, &provider_cost],
         )
         .await?;
     let inserted: Vec<Uuid> = inserted.iter().map(|r| r.get(0)).collect();
@@ -866,6 +888,7 @@ mod tests {
             output_tokens: 2,
             total_tokens: 3,
             duration_ms: 4,
+            priced: None,
             metadata: None,
         };
         let entry = |id: &str, fields: Vec<(&str, Value)>| StreamId {

@@ -27,6 +27,7 @@ use crate::route::Model;
 use crate::settle::{charge, Ticket, Usage};
 use crate::state::AppState;
 use crate::translate::{Endpoint, Kind};
+use crate::usage::Billed;
 
 /// What an admitted request carries from reserve to settle, whichever its state.
 pub struct Context {
@@ -127,12 +128,13 @@ impl Admitted {
 }
 
 impl Answering {
-    /// Charges `usage` and records the request (stage 8).
+    /// Charges `usage` and records the request (stage 8); returns what was charged and
+    /// the balance left.
     pub async fn settle(
         self,
         usage: Usage,
         extra: serde_json::Map<String, serde_json::Value>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<Billed, ApiError> {
         let Context {
             state,
             model,
@@ -144,10 +146,13 @@ impl Answering {
         // From here, a ticket dropped mid-way (or after a failed charge) hands on this
         // very event: the same id and `created_at`, so it is recorded once.
         ticket.unsettled(event.clone());
-        if let Err(e) = charge(&state, &event).await {
-            tracing::error!(request_id = %event.id, error = %e, "usage could not be recorded");
-            return Err(ApiError::UsageNotRecorded);
-        }
+        let remaining = match charge(&state, &event).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(request_id = %event.id, error = %e, "usage could not be recorded");
+                return Err(ApiError::UsageNotRecorded);
+            }
+        };
         ticket.finish();
         let model = model.id.clone();
         metrics::counter!("tollgate_requests_settled_total", "model" => model.clone(), "operation" => event.operation)
@@ -156,9 +161,16 @@ impl Answering {
             .increment(u64::try_from(event.credits_used).unwrap_or(0));
         metrics::counter!("tollgate_tokens_total", "model" => model.clone(), "kind" => "input")
             .increment(u64::try_from(event.input_tokens).unwrap_or(0));
-        metrics::counter!("tollgate_tokens_total", "model" => model, "kind" => "output")
+        metrics::counter!("tollgate_tokens_total", "model" => model.clone(), "kind" => "output")
             .increment(u64::try_from(event.output_tokens).unwrap_or(0));
-        Ok(())
+        let cached = event.priced.map_or(0, |p| p.cached_input_tokens);
+        metrics::counter!("tollgate_tokens_total", "model" => model, "kind" => "cached_input")
+            .increment(u64::try_from(cached).unwrap_or(0));
+        Ok(Billed {
+            usage,
+            credits: event.credits_used,
+            remaining,
+        })
     }
 
     /// After a 2xx, something on our side (or the provider's cut) ended the answer:
@@ -178,7 +190,7 @@ impl Answering {
         extra.insert(reason.into(), serde_json::Value::Bool(true));
         tracing::warn!(request_id = %self.ticket.rid, reason, "answer ended on a failure after the provider's 2xx; charged an estimate");
         match self.settle(usage, extra).await {
-            Ok(()) => error,
+            Ok(_) => error,
             Err(e) => e,
         }
     }

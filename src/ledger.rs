@@ -84,6 +84,7 @@ pub enum Reserve {
 /// What a reserve asks to hold: `ceil((prompt_tokens + max_tokens) × price_per_1k / 1000)`.
 #[derive(Debug, Clone, Copy)]
 pub struct HoldRequest {
+    /// The model's highest rate of any token kind, so the hold covers any mix.
     pub price_per_1k: i64,
     pub prompt_tokens: i64,
     pub max_tokens: i64,
@@ -384,6 +385,19 @@ impl Ledger {
         cost: i64,
         event: &str,
     ) -> Result<bool, redis::RedisError> {
+        Ok(self.settle_balance(user, rid, cost, event).await?.is_some())
+    }
+
+    /// [`Ledger::settle`], returning the spendable balance right after the charge (the
+    /// settle script's answer; 0 when the balance is not loaded), or `None` if this
+    /// request was already settled.
+    pub async fn settle_balance(
+        &self,
+        user: &Uuid,
+        rid: &Uuid,
+        cost: i64,
+        event: &str,
+    ) -> Result<Option<i64>, redis::RedisError> {
         let b = self.bucket_of(user);
         let tag = self.layout.tag(b);
         let (reply, rx) = tokio::sync::oneshot::channel();
@@ -399,11 +413,12 @@ impl Ledger {
         };
         self.submit(op).await?;
         let r = rx.await.map_err(|_| gone())??;
-        let settled = r.first().copied() == Some(1);
-        if settled {
-            self.known.note(user, r.get(1).copied().unwrap_or(0));
+        if r.first().copied() != Some(1) {
+            return Ok(None);
         }
-        Ok(settled)
+        let balance = r.get(1).copied().unwrap_or(0);
+        self.known.note(user, balance);
+        Ok(Some(balance))
     }
 
     /// Returns a hold to the balance (a failed request charges nothing).
@@ -1242,6 +1257,7 @@ mod tests {
             output_tokens: 20,
             total_tokens: 120,
             duration_ms: 340,
+            priced: None,
             metadata: Some(serde_json::json!({"stream": true, "attempts": 2})),
         }
     }

@@ -746,6 +746,8 @@ mod tests {
             context_length: 400_000,
             max_output_tokens: Some(128_000),
             credits_per_1k_tokens: 2,
+            rates: crate::usage::Rates::flat(2),
+            provider_costs: crate::usage::ProviderCosts::default(),
             image_tokens: Some(1_500),
             is_available: true,
             is_deprecated: false,

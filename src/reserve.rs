@@ -98,7 +98,8 @@ pub async fn admit(
             principal.user_id,
             a.rid,
             model.id.clone(),
-            model.credits_per_1k_tokens,
+            model.rates,
+            model.provider_costs,
             hold,
             a.started,
             chat.stream,
@@ -149,13 +150,13 @@ pub async fn admit(
     Ok(resp)
 }
 
-/// `ceil((prompt bound + want × choices) × price / 1000)`: what the reserve will ask to
-/// hold (before any lowering), for the speculation check.
+/// `ceil((prompt bound + want × choices) × highest rate / 1000)`: what the reserve will
+/// ask to hold (before any lowering), for the speculation check.
 fn hold_estimate(model: &Model, chat: &ChatRequest, want: i64) -> Option<i64> {
     let tokens = chat
         .prompt_tokens_bound
         .checked_add(want.checked_mul(chat.choices.max(1))?)?;
-    cost(tokens, model.credits_per_1k_tokens)
+    cost(tokens, model.rates.max())
 }
 
 /// Reserve, loading the balance from PostgreSQL on first use. Holds room for
@@ -169,8 +170,9 @@ pub async fn reserve(
     want: i64,
 ) -> Result<(i64, i64), ApiError> {
     let m = &state.cfg.metering;
+    // Every token at the model's highest rate: the hold covers any mix of kinds.
     let hold = HoldRequest {
-        price_per_1k: model.credits_per_1k_tokens,
+        price_per_1k: model.rates.max(),
         prompt_tokens: chat.prompt_tokens_bound,
         max_tokens: want.saturating_mul(chat.choices),
         min_tokens: i64::from(m.min_output_tokens).saturating_mul(chat.choices),

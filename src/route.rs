@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 
 use crate::db::{Db, DbError};
 use crate::error::ApiError;
+use crate::usage::{ProviderCosts, Rates};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Model {
@@ -21,6 +22,11 @@ pub struct Model {
     pub context_length: i64,
     pub max_output_tokens: Option<i64>,
     pub credits_per_1k_tokens: i64,
+    /// The effective credits per 1k tokens of each kind (`models.input_`, `output_`,
+    /// `cached_input_credits_per_1k_tokens`; NULL: `credits_per_1k_tokens`).
+    pub rates: Rates,
+    /// The provider's prices (`models.input_`/`output_cost_per_million_tokens`).
+    pub provider_costs: ProviderCosts,
     /// The most prompt tokens one image can cost (`None`: unknown — see
     /// [`crate::parse::PromptSize::tokens_bound`]).
     pub image_tokens: Option<i64>,
@@ -83,13 +89,18 @@ impl Models {
             .query(
                 "SELECT id, name, display_name, provider, capabilities::text[], context_length, max_output_tokens,
                         credits_per_1k_tokens, is_available, is_deprecated,
-                        extract(epoch FROM created_at)::bigint, image_tokens
+                        extract(epoch FROM created_at)::bigint, image_tokens,
+                        input_credits_per_1k_tokens, output_credits_per_1k_tokens,
+                        cached_input_credits_per_1k_tokens,
+                        input_cost_per_million_tokens, output_cost_per_million_tokens
                    FROM models",
                 &[],
             )
             .await?;
         let mut map = HashMap::with_capacity(rows.len());
         for r in rows {
+            let flat = i64::from(r.get::<_, i32>(7));
+            let rate = |i: usize| r.get::<_, Option<i32>>(i).map_or(flat, i64::from);
             let m = Model {
                 id: r.get(0),
                 name: r.get(1),
@@ -98,7 +109,16 @@ impl Models {
                 capabilities: r.get(4),
                 context_length: i64::from(r.get::<_, i32>(5)),
                 max_output_tokens: r.get::<_, Option<i32>>(6).map(i64::from),
-                credits_per_1k_tokens: i64::from(r.get::<_, i32>(7)),
+                credits_per_1k_tokens: flat,
+                rates: Rates {
+                    input: rate(12),
+                    output: rate(13),
+                    cached_input: rate(14),
+                },
+                provider_costs: ProviderCosts {
+                    input_cents_per_million: i64::from(r.get::<_, i32>(15)),
+                    output_cents_per_million: i64::from(r.get::<_, i32>(16)),
+                },
                 is_available: r.get(8),
                 is_deprecated: r.get(9),
                 created: r.get(10),
@@ -147,6 +167,8 @@ mod tests {
             context_length: 1000,
             max_output_tokens: Some(100),
             credits_per_1k_tokens: 2,
+            rates: Rates::flat(2),
+            provider_costs: ProviderCosts::default(),
             image_tokens: None,
             is_available: available,
             is_deprecated: deprecated,

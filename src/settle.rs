@@ -10,7 +10,9 @@ use chrono::Utc;
 use uuid::Uuid;
 
 use crate::state::AppState;
-pub use crate::usage::{cost, Orphan, Orphans, Usage, UsageEvent, OPERATIONS};
+pub use crate::usage::{
+    cost, Orphan, Orphans, Priced, ProviderCosts, Rates, Usage, UsageEvent, OPERATIONS,
+};
 
 /// A prompt's tokens as the gateway knows them before the provider reports.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -42,7 +44,10 @@ pub struct Ticket {
     pub user: Uuid,
     pub rid: Uuid,
     pub model_id: String,
-    pub price_per_1k: i64,
+    /// The model's rates per token kind when the request was admitted.
+    pub rates: Rates,
+    /// The provider's prices, for the row's `provider_cost_cents`.
+    pub provider_costs: ProviderCosts,
     pub hold: i64,
     pub started: std::time::Instant,
     pub stream: bool,
@@ -65,7 +70,8 @@ impl Ticket {
         user: Uuid,
         rid: Uuid,
         model_id: String,
-        price_per_1k: i64,
+        rates: Rates,
+        provider_costs: ProviderCosts,
         hold: i64,
         started: std::time::Instant,
         stream: bool,
@@ -77,7 +83,8 @@ impl Ticket {
             user,
             rid,
             model_id,
-            price_per_1k,
+            rates,
+            provider_costs,
             hold,
             started,
             stream,
@@ -137,11 +144,14 @@ impl Ticket {
             prompt_tokens: prompt,
             completion_tokens: completion,
             total_tokens: prompt.saturating_add(completion),
+            cached_tokens: 0,
             estimated: true,
         }
     }
 
-    /// The usage event of this request. An estimate never charges more than was held.
+    /// The usage event of this request, charged at the model's rates per token kind
+    /// ([`Rates::charge`]: one ceiling per request). An estimate never charges more
+    /// than was held.
     /// A provider's own report is charged exactly, even above the hold — which an honest
     /// provider's never is (the hold bounds the prompt by its bytes and the output by the
     /// limit sent): such a charge is marked `usage_over_hold`, counted and logged, so a
@@ -149,7 +159,7 @@ impl Ticket {
     /// marked `usage_overflow`.
     pub fn event(&self, usage: Usage, extra: Option<serde_json::Value>) -> UsageEvent {
         let mut meta = serde_json::json!({"stream": self.stream});
-        let credits = match cost(usage.total_tokens, self.price_per_1k) {
+        let credits = match self.rates.charge(&usage) {
             None => {
                 meta["usage_overflow"] = serde_json::Value::Bool(true);
                 self.hold.max(0)
@@ -183,6 +193,11 @@ impl Ticket {
             output_tokens: usage.completion_tokens,
             total_tokens: usage.total_tokens,
             duration_ms: i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX),
+            priced: Some(Priced {
+                cached_input_tokens: usage.kinds().1,
+                rates: self.rates,
+                provider_cost_micro_cents: self.provider_costs.micro_cents(&usage),
+            }),
             metadata: Some(meta),
         }
     }
@@ -250,7 +265,11 @@ pub struct SettleError(pub String);
 /// unreachable, the usage row is written straight to PostgreSQL so it is never lost,
 /// and a background task keeps applying the charge to the live balance until Redis
 /// takes it (the row's replay through the stream then inserts nothing).
-pub async fn charge(state: &AppState, event: &UsageEvent) -> Result<(), SettleError> {
+///
+/// Returns the user's spendable balance right after the charge when it is known (the
+/// settle script's answer; read again after a retry), `None` when it is not (Redis
+/// unreachable, or the balance not loaded).
+pub async fn charge(state: &AppState, event: &UsageEvent) -> Result<Option<i64>, SettleError> {
     let encoded = event.encode();
     let attempts = state.cfg.metering.settle_retries.max(1);
     let mut last = String::new();
@@ -258,15 +277,17 @@ pub async fn charge(state: &AppState, event: &UsageEvent) -> Result<(), SettleEr
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(20 << attempt.min(6))).await;
             if already_recorded(state, event).await {
-                return Ok(());
+                return Ok(live_balance(state, event).await);
             }
         }
         match state
             .hot_ledger()
-            .settle(&event.user_id, &event.id, event.credits_used, &encoded)
+            .settle_balance(&event.user_id, &event.id, event.credits_used, &encoded)
             .await
         {
-            Ok(_) => return Ok(()),
+            // 0 is also the script's answer for a balance not loaded: read it to tell.
+            Ok(Some(0)) | Ok(None) => return Ok(live_balance(state, event).await),
+            Ok(Some(balance)) => return Ok(Some(balance)),
             Err(e) => {
                 last = e.to_string();
                 tracing::warn!(request_id = %event.id, attempt, error = %e, "settle failed");
@@ -274,7 +295,7 @@ pub async fn charge(state: &AppState, event: &UsageEvent) -> Result<(), SettleEr
         }
     }
     if already_recorded(state, event).await {
-        return Ok(());
+        return Ok(live_balance(state, event).await);
     }
     match crate::flush::write_batch(&state.db, std::slice::from_ref(event)).await {
         Ok(_) => {
@@ -292,10 +313,21 @@ pub async fn charge(state: &AppState, event: &UsageEvent) -> Result<(), SettleEr
                 }
                 tracing::error!(request_id = %event.id, "charge recorded in PostgreSQL never reached the live balance");
             });
-            Ok(())
+            Ok(None)
         }
         Err(e) => Err(SettleError(format!("redis: {last}; postgres: {e}"))),
     }
+}
+
+/// The user's spendable balance as the ledger holds it now (`None`: not loaded, or
+/// Redis unreachable).
+async fn live_balance(state: &AppState, event: &UsageEvent) -> Option<i64> {
+    state
+        .hot_ledger()
+        .balance(&event.user_id)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Whether this event is already recorded: pending in Redis, or in PostgreSQL.
@@ -356,7 +388,8 @@ mod tests {
             Uuid::new_v4(),
             Uuid::now_v7(),
             "gpt-5".into(),
-            2,
+            Rates::flat(2),
+            ProviderCosts::default(),
             hold,
             std::time::Instant::now(),
             true,
@@ -415,6 +448,7 @@ mod tests {
                 prompt_tokens: 1_000,
                 completion_tokens: 500,
                 total_tokens: 1_500,
+                cached_tokens: 0,
                 estimated: false,
             }),
         });
@@ -432,6 +466,7 @@ mod tests {
         let over = Usage {
             prompt_tokens: 9_000,
             completion_tokens: 1_000,
+            cached_tokens: 0,
             total_tokens: 10_000,
             estimated: false,
         };
@@ -442,6 +477,8 @@ mod tests {
         assert_eq!(e.credits_used, 3, "an estimate is capped at the hold");
         assert!(e.metadata.unwrap().get("usage_over_hold").is_none());
         let under = Usage {
+            prompt_tokens: 900,
+            completion_tokens: 100,
             total_tokens: 1_000,
             ..over
         };
@@ -457,6 +494,7 @@ mod tests {
         let absurd = Usage {
             prompt_tokens: i64::MAX,
             completion_tokens: 0,
+            cached_tokens: 0,
             total_tokens: i64::MAX,
             estimated: false,
         };
@@ -570,6 +608,15 @@ mod tests {
             output_tokens: 20,
             total_tokens: 30,
             duration_ms: 5,
+            priced: Some(Priced {
+                cached_input_tokens: 4,
+                rates: Rates {
+                    input: 3,
+                    output: 12,
+                    cached_input: 1,
+                },
+                provider_cost_micro_cents: Some(12_345_678),
+            }),
             metadata: Some(serde_json::json!({"stream": true})),
         };
         assert_eq!(UsageEvent::decode(&e.encode()).unwrap(), e);
@@ -581,6 +628,19 @@ mod tests {
         assert_eq!(UsageEvent::decode(&bare.encode()).unwrap(), bare);
         assert!(UsageEvent::decode("garbage").is_none());
         assert!(UsageEvent::decode("").is_none());
+        // The price rides in the metadata: a reader of eleven fields with JSON last (a
+        // gateway before prices per token kind) still reads the entry whole.
+        let text = e.encode();
+        let old: Vec<&str> = text.splitn(11, '\x1f').collect();
+        assert_eq!(old.len(), 11);
+        let meta: serde_json::Value = serde_json::from_str(old[10]).unwrap();
+        assert_eq!(meta["stream"], true);
+        assert_eq!(meta["priced"], serde_json::json!([4, 3, 12, 1, 12_345_678]));
+        // An entry such a gateway wrote (no price) decodes, unpriced.
+        let legacy = UsageEvent { priced: None, ..e };
+        let text = legacy.encode();
+        assert!(!text.contains("priced"));
+        assert_eq!(UsageEvent::decode(&text).unwrap(), legacy);
     }
 
     fn sample_event(operation: &'static str) -> UsageEvent {
@@ -598,6 +658,11 @@ mod tests {
             output_tokens: 30,
             total_tokens: 100,
             duration_ms: 1_234,
+            priced: Some(Priced {
+                cached_input_tokens: 20,
+                rates: Rates::flat(2),
+                provider_cost_micro_cents: None,
+            }),
             metadata: Some(serde_json::json!({"upstream_cut": true, "attempts": 2})),
         }
     }
@@ -656,6 +721,12 @@ mod tests {
             (9, " 1"),
             (10, "{\"a\":"),
             (10, "{} trailing"),
+            // A price that is not five whole numbers (the last may be null).
+            (10, "{\"priced\":[1,2,3,4]}"),
+            (10, "{\"priced\":[1,2,3,4,5,6]}"),
+            (10, "{\"priced\":[1,2,3,\"4\",5]}"),
+            (10, "{\"priced\":[1,2,3,4,5.5]}"),
+            (10, "{\"priced\":null}"),
         ] {
             let mut f = fields.clone();
             f[i] = bad;
@@ -671,6 +742,13 @@ mod tests {
         assert!(UsageEvent::decode(&format!("{good}\x1fmore")).is_none());
         // What is accepted as it stands: any JSON value as metadata, and an empty
         // model id (the flusher's insert then drops the row: no such model).
+        let mut f = fields.clone();
+        f[10] = "{\"priced\":[0,1,2,3,null]}";
+        let e = UsageEvent::decode(&f.join("\x1f")).unwrap();
+        assert_eq!(
+            (e.priced.unwrap().rates.cached_input, e.metadata),
+            (3, None)
+        );
         let mut f = fields.clone();
         f[10] = "5";
         assert_eq!(

@@ -23,8 +23,8 @@ use bytes::{Bytes, BytesMut};
 use memchr::memmem;
 
 pub use crate::translate::openai::finished_with_tool_calls;
-use crate::translate::{ChatId, Kind, StreamTranslator};
-use crate::usage::Usage;
+use crate::translate::{charge_fields, ChatId, Kind, StreamTranslator};
+use crate::usage::{Billed, Usage};
 
 /// The tap of one stream: OpenAI's passed through, or another provider's translated.
 pub enum Tap {
@@ -92,10 +92,18 @@ impl Tap {
         }
     }
 
+    /// After the provider's stream ended: what is left for the client (the usage chunk
+    /// if asked for, `[DONE]` for a stream that ended properly).
     pub fn finish(&mut self) -> Bytes {
+        self.finish_billed(None)
+    }
+
+    /// [`Tap::finish`] once the request is settled: the usage chunk (when the client
+    /// asked for it) carries `x_credits_charged` and `x_credits_remaining`.
+    pub fn finish_billed(&mut self, billed: Option<&Billed>) -> Bytes {
         match self {
-            Tap::OpenAi(t) => t.finish(),
-            Tap::Translated(t) => t.finish(),
+            Tap::OpenAi(t) => t.finish_billed(billed),
+            Tap::Translated(t) => t.finish_billed(billed),
         }
     }
 }
@@ -183,6 +191,54 @@ pub struct SseTap {
     bytes: usize,
     events: usize,
     tool_call: bool,
+    /// The usage-only chunk's payload, held back (when the client asked for it) to be
+    /// sent after the settle with the charge's figures.
+    withheld: Option<Vec<u8>>,
+    /// The stream's id, object, created and model (from its first event, only when the
+    /// client asked for usage): for a usage chunk the provider did not send.
+    meta: Option<Box<ChunkMeta>>,
+}
+
+/// What a usage chunk the gateway adds repeats of the stream's chunks.
+#[derive(Debug, Default, serde::Deserialize)]
+struct ChunkMeta {
+    #[serde(default)]
+    id: Option<serde_json::Value>,
+    #[serde(default)]
+    object: Option<serde_json::Value>,
+    #[serde(default)]
+    created: Option<serde_json::Value>,
+    #[serde(default)]
+    model: Option<serde_json::Value>,
+}
+
+/// `payload` (a JSON object's text) with the charge's figures added as its last
+/// fields, on one line; `None` when it is not an object.
+fn with_charge_fields(payload: &[u8], billed: &Billed) -> Option<Vec<u8>> {
+    let end = payload.iter().rposition(|c| !c.is_ascii_whitespace())?;
+    if payload.get(end) != Some(&b'}')
+        || payload.iter().find(|c| !c.is_ascii_whitespace()) != Some(&b'{')
+    {
+        return None;
+    }
+    let body = &payload[..end];
+    let empty = body.iter().skip(1).all(u8::is_ascii_whitespace);
+    let mut out = Vec::with_capacity(payload.len() + 64);
+    // A raw newline in valid JSON is whitespace (strings cannot hold one): one line.
+    out.extend(
+        body.iter()
+            .map(|c| if *c == b'\n' || *c == b'\r' { b' ' } else { *c }),
+    );
+    for (i, (k, v)) in charge_fields(billed).into_iter().enumerate() {
+        if i > 0 || !empty {
+            out.push(b',');
+        }
+        out.extend_from_slice(serde_json::Value::String(k).to_string().as_bytes());
+        out.push(b':');
+        out.extend_from_slice(v.to_string().as_bytes());
+    }
+    out.push(b'}');
+    Some(out)
 }
 
 /// Whether `b` holds a `"usage"` key whose value is an object (whitespace allowed),
@@ -236,6 +292,16 @@ impl SseTap {
             bytes: 0,
             events: 0,
             tool_call: false,
+            withheld: None,
+            meta: None,
+        }
+    }
+
+    /// Notes the stream's id, object, created and model from its first data event (only
+    /// when the client asked for usage: a usage chunk may have to be made).
+    fn note_meta(&mut self, data: &[u8]) {
+        if self.client_wants_usage && self.meta.is_none() && data != b"[DONE]" {
+            self.meta = Some(Box::new(serde_json::from_slice(data).unwrap_or_default()));
         }
     }
 
@@ -264,6 +330,12 @@ impl SseTap {
         {
             self.events += memmem::find_iter(&chunk, b"data:").count();
             self.tool_call = self.tool_call || finished_with_tool_calls(&chunk);
+            if self.client_wants_usage && self.meta.is_none() {
+                if let Some((end, _)) = find_event_end(&chunk) {
+                    let data = event_data(&chunk[..end]);
+                    self.note_meta(&data);
+                }
+            }
             return Some(chunk);
         }
         self.buf.extend_from_slice(&chunk);
@@ -284,6 +356,7 @@ impl SseTap {
         if !data.is_empty() {
             self.events += 1;
             self.tool_call = self.tool_call || finished_with_tool_calls(&data);
+            self.note_meta(&data);
         }
         if has_usage_object(&data) {
             if let Some(u) = Usage::from_openai_json(&data) {
@@ -291,7 +364,11 @@ impl SseTap {
                 let usage_only = serde_json::from_slice::<ChoicesOnly>(&data)
                     .map(|c| c.choices.map(|v| v.is_empty()).unwrap_or(true))
                     .unwrap_or(false);
-                if usage_only && !self.client_wants_usage {
+                if usage_only {
+                    // Asked for: sent after the settle, with the charge's figures.
+                    if self.client_wants_usage {
+                        self.withheld = Some(data);
+                    }
                     return;
                 }
             }
@@ -299,10 +376,30 @@ impl SseTap {
         out.extend_from_slice(whole);
     }
 
-    /// After the provider's stream ended (and the request is settled): whatever is
-    /// left, then the withheld `[DONE]`.
+    /// After the provider's stream ended: the usage chunk held back, whatever is left,
+    /// then the withheld `[DONE]`.
     pub fn finish(&mut self) -> Bytes {
+        self.finish_billed(None)
+    }
+
+    /// [`SseTap::finish`] once the request is settled: the usage chunk (when the client
+    /// asked for it) carries the charge's figures as its last fields; a stream that
+    /// ended properly without one gets one, with the usage charged (an estimate).
+    pub fn finish_billed(&mut self, billed: Option<&Billed>) -> Bytes {
         let mut out = BytesMut::new();
+        let usage_chunk = match (self.withheld.take(), billed) {
+            (Some(payload), Some(b)) => Some(with_charge_fields(&payload, b).unwrap_or(payload)),
+            (Some(payload), None) => Some(payload),
+            (None, Some(b)) if self.client_wants_usage && self.done => {
+                Some(self.made_usage_chunk(b))
+            }
+            (None, _) => None,
+        };
+        if let Some(payload) = usage_chunk {
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(&payload);
+            out.extend_from_slice(b"\n\n");
+        }
         if !self.buf.is_empty() {
             let rest = self.buf.split();
             out.extend_from_slice(&rest);
@@ -314,6 +411,31 @@ impl SseTap {
             out.extend_from_slice(b"data: [DONE]\n\n");
         }
         out.freeze()
+    }
+
+    /// A usage-only chunk for a stream whose provider sent none: the stream's id,
+    /// object, created and model, the usage charged and the charge's figures.
+    fn made_usage_chunk(&self, b: &Billed) -> Vec<u8> {
+        let meta = self.meta.as_deref();
+        let field = |f: fn(&ChunkMeta) -> &Option<serde_json::Value>| {
+            meta.and_then(|m| f(m).clone())
+                .unwrap_or(serde_json::Value::Null)
+        };
+        let object = meta
+            .and_then(|m| m.object.clone())
+            .unwrap_or_else(|| "chat.completion.chunk".into());
+        let mut c = serde_json::json!({
+            "id": field(|m| &m.id),
+            "object": object,
+            "created": field(|m| &m.created),
+            "model": field(|m| &m.model),
+            "choices": [],
+            "usage": crate::translate::usage_json(&b.usage),
+        });
+        if let serde_json::Value::Object(m) = &mut c {
+            m.extend(charge_fields(b));
+        }
+        c.to_string().into_bytes()
     }
 }
 
@@ -427,15 +549,112 @@ mod tests {
         assert_eq!(out, STREAM.as_bytes());
     }
 
+    /// The usage-only chunk of [`STREAM`] as an event.
+    const USAGE_EVENT: &str = "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2,\"total_tokens\":7}}\n\n";
+
     #[test]
-    fn done_is_withheld_until_finish() {
+    fn done_and_the_usage_chunk_are_withheld_until_finish() {
         let mut tap = SseTap::new(true);
         let mut out = Vec::new();
         if let Some(b) = tap.feed(Bytes::from_static(STREAM.as_bytes())) {
             out.extend_from_slice(&b);
         }
-        assert!(!String::from_utf8_lossy(&out).contains("[DONE]"));
-        assert_eq!(&tap.finish()[..], b"data: [DONE]\n\n");
+        let s = String::from_utf8_lossy(&out);
+        assert!(!s.contains("[DONE]"));
+        assert!(!s.contains("\"usage\":{"), "{s}");
+        assert_eq!(
+            String::from_utf8_lossy(&tap.finish()),
+            format!("{USAGE_EVENT}data: [DONE]\n\n")
+        );
+    }
+
+    fn billed(credits: i64, remaining: Option<i64>) -> Billed {
+        Billed {
+            usage: Usage {
+                prompt_tokens: 5,
+                completion_tokens: 2,
+                total_tokens: 7,
+                cached_tokens: 0,
+                estimated: false,
+            },
+            credits,
+            remaining,
+        }
+    }
+
+    #[test]
+    fn the_usage_chunk_carries_the_charge_after_the_settle() {
+        let mut tap = SseTap::new(true);
+        let out = tap.feed(Bytes::from_static(STREAM.as_bytes())).unwrap();
+        let tail = tap.finish_billed(Some(&billed(3, Some(97))));
+        assert_eq!(
+            String::from_utf8_lossy(&tail),
+            "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2,\"total_tokens\":7},\"x_credits_charged\":3,\"x_credits_remaining\":97}\n\ndata: [DONE]\n\n"
+        );
+        // Everything else went out as it came, in order.
+        let mut whole = out.to_vec();
+        whole.extend_from_slice(&tap.finish());
+        assert!(!String::from_utf8_lossy(&whole).contains("x_credits"));
+        // A balance the ledger could not tell is left out; a client that did not ask for
+        // usage gets no usage chunk at all.
+        let mut tap = SseTap::new(true);
+        tap.feed(Bytes::from_static(STREAM.as_bytes()));
+        let tail = String::from_utf8(tap.finish_billed(Some(&billed(3, None))).to_vec()).unwrap();
+        assert!(
+            tail.contains(",\"x_credits_charged\":3}") && !tail.contains("remaining"),
+            "{tail}"
+        );
+        let mut tap = SseTap::new(false);
+        tap.feed(Bytes::from_static(STREAM.as_bytes()));
+        assert_eq!(
+            &tap.finish_billed(Some(&billed(3, Some(97))))[..],
+            b"data: [DONE]\n\n"
+        );
+    }
+
+    #[test]
+    fn a_stream_without_usage_gets_a_usage_chunk_with_the_estimate_charged() {
+        let no_usage = STREAM.replace(USAGE_EVENT, "");
+        let mut tap = SseTap::new(true);
+        tap.feed(Bytes::from(no_usage.clone()));
+        assert!(tap.usage().is_none());
+        let mut b = billed(1, Some(9));
+        b.usage.estimated = true;
+        let tail = String::from_utf8(tap.finish_billed(Some(&b)).to_vec()).unwrap();
+        let (chunk, done) = tail.split_once("\n\n").unwrap();
+        assert_eq!(done, "data: [DONE]\n\n");
+        let v: serde_json::Value =
+            serde_json::from_str(chunk.strip_prefix("data: ").unwrap()).unwrap();
+        assert_eq!(v["id"], "c", "the stream's own id: {v}");
+        assert_eq!(v["object"], "chat.completion.chunk");
+        assert_eq!(v["choices"], serde_json::json!([]));
+        assert_eq!(v["usage"]["total_tokens"], 7);
+        assert_eq!(
+            (
+                v["x_credits_charged"].as_i64(),
+                v["x_credits_remaining"].as_i64()
+            ),
+            (Some(1), Some(9))
+        );
+        // A cut stream (no [DONE]) gets none.
+        let cut = no_usage.replace("data: [DONE]\n\n", "");
+        let mut tap = SseTap::new(true);
+        tap.feed(Bytes::from(cut));
+        assert!(tap.finish_billed(Some(&b)).is_empty());
+    }
+
+    #[test]
+    fn figures_are_added_to_any_spelling_of_the_usage_chunk() {
+        let b = billed(2, Some(5));
+        let v = |s: &[u8]| -> serde_json::Value {
+            serde_json::from_slice(&with_charge_fields(s, &b).unwrap()).unwrap()
+        };
+        let spaced = v(b"{ \"choices\" : [],\n \"usage\": {\"total_tokens\": 7} }  ");
+        assert_eq!(spaced["x_credits_charged"], 2);
+        assert_eq!(spaced["usage"]["total_tokens"], 7);
+        assert_eq!(v(b"{}")["x_credits_remaining"], 5);
+        assert!(with_charge_fields(b"[1]", &b).is_none());
+        assert!(with_charge_fields(b"", &b).is_none());
     }
 
     #[test]

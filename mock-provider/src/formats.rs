@@ -9,7 +9,10 @@
 //! - `x-mock-cut-after: N` (`--cut-after`) — a stream stops after N events, without
 //!   its end event;
 //! - `x-mock-cache-read-tokens: N` (`--cache-read-tokens`) — Anthropic reports N
-//!   cache-read input tokens.
+//!   cache-read input tokens (besides `input_tokens`), Gemini N of the prompt as
+//!   `cachedContentTokenCount` (at most the prompt);
+//! - `x-mock-cache-creation-tokens: N` (`--cache-creation-tokens`) — Anthropic
+//!   reports N cache-write input tokens (besides `input_tokens`).
 //!
 //! A request that offers tools is answered with a call of the first tool, unless its
 //! last message already carries a tool result (then with text): a tool round trip.
@@ -75,6 +78,7 @@ struct Extra {
     retry_after: String,
     cut_after: Option<usize>,
     cache_read: u64,
+    cache_creation: u64,
 }
 
 impl Extra {
@@ -90,6 +94,9 @@ impl Extra {
             cache_read: get("x-mock-cache-read-tokens")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(o.cache_read_tokens),
+            cache_creation: get("x-mock-cache-creation-tokens")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(o.cache_creation_tokens),
         }
     }
 }
@@ -347,6 +354,7 @@ impl MockProvider {
                     limited,
                     tool,
                     cache_read: extra.cache_read,
+                    cache_creation: extra.cache_creation,
                     chunks: self.opts.chunks.max(1),
                 };
                 let stream = match route {
@@ -601,6 +609,7 @@ struct Gen {
     limited: bool,
     tool: Option<(String, String)>,
     cache_read: u64,
+    cache_creation: u64,
     chunks: u32,
 }
 
@@ -644,7 +653,7 @@ impl Gen {
         }
         json!({"id": format!("msg_{}", self.id), "type": "message", "role": "assistant", "model": self.model,
             "content": content, "stop_reason": self.anthropic_stop(), "stop_sequence": null,
-            "usage": {"input_tokens": self.prompt, "cache_creation_input_tokens": 0,
+            "usage": {"input_tokens": self.prompt, "cache_creation_input_tokens": self.cache_creation,
                 "cache_read_input_tokens": self.cache_read, "output_tokens": self.completion}})
     }
 
@@ -655,7 +664,7 @@ impl Gen {
                 "message_start",
                 json!({"type": "message_start", "message": {"id": format!("msg_{}", self.id),
                 "type": "message", "role": "assistant", "model": self.model, "content": [], "stop_reason": null,
-                "stop_sequence": null, "usage": {"input_tokens": self.prompt, "cache_creation_input_tokens": 0,
+                "stop_sequence": null, "usage": {"input_tokens": self.prompt, "cache_creation_input_tokens": self.cache_creation,
                     "cache_read_input_tokens": self.cache_read, "output_tokens": 1}}}),
             ),
             ev("ping", json!({"type": "ping"})),
@@ -716,8 +725,12 @@ impl Gen {
     }
 
     fn gemini_usage(&self) -> Value {
-        json!({"promptTokenCount": self.prompt, "candidatesTokenCount": self.completion,
-            "totalTokenCount": self.prompt + self.completion})
+        let mut u = json!({"promptTokenCount": self.prompt, "candidatesTokenCount": self.completion,
+            "totalTokenCount": self.prompt + self.completion});
+        if self.cache_read > 0 {
+            u["cachedContentTokenCount"] = json!(self.cache_read.min(self.prompt));
+        }
+        u
     }
 
     fn gemini_json(&self) -> Value {

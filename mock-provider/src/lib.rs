@@ -17,7 +17,9 @@
 //!   provider route (any format).
 //!
 //! Per-request overrides (headers): `x-mock-fail: <status>`,
-//! `x-mock-completion-tokens: N`, `x-mock-latency-ms: N`, `x-mock-cut-after: N`.
+//! `x-mock-completion-tokens: N`, `x-mock-latency-ms: N`, `x-mock-cut-after: N`,
+//! `x-mock-cache-read-tokens: N` (chat's `usage.prompt_tokens_details.cached_tokens`,
+//! at most the prompt; absent when 0).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -78,9 +80,15 @@ pub struct MockOptions {
     /// declared length). (header x-mock-cut-after)
     #[arg(long)]
     pub cut_after: Option<usize>,
-    /// Cache-read input tokens Anthropic answers report (header x-mock-cache-read-tokens)
+    /// Input tokens read from the prompt cache (header x-mock-cache-read-tokens):
+    /// Anthropic's `cache_read_input_tokens` (besides `input_tokens`); OpenAI chat's
+    /// `prompt_tokens_details.cached_tokens` and Gemini's `cachedContentTokenCount`
+    /// (part of the prompt, at most all of it)
     #[arg(long, default_value_t = 0)]
     pub cache_read_tokens: u64,
+    /// Anthropic's `cache_creation_input_tokens` (header x-mock-cache-creation-tokens)
+    #[arg(long, default_value_t = 0)]
+    pub cache_creation_tokens: u64,
     /// Gemini embedding answers without `usageMetadata`, as the public API sends them
     #[arg(long)]
     pub embed_without_usage: bool,
@@ -203,6 +211,14 @@ struct Usage {
     prompt_tokens: u64,
     completion_tokens: u64,
     total_tokens: u64,
+    /// Only with cached tokens (`--cache-read-tokens`), as OpenAI's older models.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+struct PromptTokensDetails {
+    cached_tokens: u64,
 }
 
 #[derive(Serialize)]
@@ -327,6 +343,7 @@ struct Overrides {
     completion_tokens: Option<u32>,
     latency_ms: Option<u64>,
     cut_after: Option<usize>,
+    cache_read: Option<u64>,
 }
 
 impl Overrides {
@@ -342,6 +359,7 @@ impl Overrides {
             completion_tokens: parse(headers, "x-mock-completion-tokens"),
             latency_ms: parse(headers, "x-mock-latency-ms"),
             cut_after: parse(headers, "x-mock-cut-after"),
+            cache_read: parse(headers, "x-mock-cache-read-tokens"),
         }
     }
 }
@@ -524,10 +542,17 @@ impl MockProvider {
             Some(cap) if cap < wanted => (cap, "length"),
             _ => (wanted, "stop"),
         };
+        let cached = overrides
+            .cache_read
+            .unwrap_or(self.opts.cache_read_tokens)
+            .min(prompt_tokens);
         let usage = Usage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: (cached > 0).then_some(PromptTokensDetails {
+                cached_tokens: cached,
+            }),
         };
         let answer = Answer {
             id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
@@ -847,6 +872,7 @@ mod tests {
             retry_after: None,
             cut_after: None,
             cache_read_tokens: 0,
+            cache_creation_tokens: 0,
             embed_without_usage: false,
         }
     }
@@ -1017,6 +1043,29 @@ mod tests {
             json!({"prompt_tokens": 100, "completion_tokens": 3, "total_tokens": 103})
         );
         assert_eq!(v["choices"][0]["message"]["content"], "tok tok tok ");
+        srv.stop().await;
+    }
+
+    #[tokio::test]
+    async fn cached_tokens_are_reported_as_part_of_the_prompt() {
+        let srv = Server::start(MockOptions {
+            prompt_tokens: Some(100),
+            cache_read_tokens: 40,
+            ..opts()
+        })
+        .await;
+        let v = body_json(srv.post_chat(&[], &chat_body(false, None)).await).await;
+        assert_eq!(v["usage"]["prompt_tokens"], 100);
+        assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 40);
+        // The header wins, and the cached part is never more than the prompt.
+        let resp = srv
+            .post_chat(
+                &[("x-mock-cache-read-tokens", "500")],
+                &chat_body(false, None),
+            )
+            .await;
+        let v = body_json(resp).await;
+        assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 100);
         srv.stop().await;
     }
 

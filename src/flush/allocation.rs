@@ -120,6 +120,7 @@ mod tests {
             output_tokens: 0,
             total_tokens: 0,
             duration_ms: 0,
+            priced: None,
             metadata: None,
         }
     }

@@ -43,6 +43,8 @@ fn model(id: &str, provider: &str, variant: u64) -> Model {
             None
         },
         credits_per_1k_tokens: 2,
+        rates: crate::usage::Rates::flat(2),
+        provider_costs: crate::usage::ProviderCosts::default(),
         image_tokens: if variant & 8 == 0 { Some(1_500) } else { None },
         is_available: true,
         is_deprecated: false,

@@ -1,6 +1,7 @@
 //! Stage 7 for a JSON answer: read it whole (bounded in size, each frame within the
 //! idle timeout), translate it when the provider is not OpenAI, charge what the
-//! provider reported (stage 8), then answer the client.
+//! provider reported (stage 8), then answer the client, whose head carries
+//! `x-credits-charged` and `x-credits-remaining`.
 
 use axum::body::Body;
 use axum::response::Response;
@@ -13,6 +14,7 @@ use crate::hold::Answering;
 use crate::settle::Received;
 use crate::state::{shutting_down, Cut};
 use crate::translate::{ChatId, Endpoint};
+use crate::usage::Billed;
 
 /// Reads a 2xx JSON answer, then charges what the provider reported. Once the
 /// provider answered 2xx it did the work: an answer that fails to arrive whole (cut,
@@ -106,12 +108,29 @@ pub async fn answer_json(mut adm: Answering, sent: Sent) -> Result<Response, Api
         let r = adm.ticket.received().unwrap_or_default();
         adm.ticket.estimate(r.completion_estimate)
     });
-    adm.settle(usage, extra).await?;
+    // Settled before the head is sent: a success the client sees is recorded, and the
+    // head can say what it cost.
+    let billed = adm.settle(usage, extra).await?;
     let mut out = Response::new(Body::from(bytes));
     *out.status_mut() = status;
-    out.headers_mut().insert(
+    let h = out.headers_mut();
+    h.insert(
         header::CONTENT_TYPE,
         content_type.unwrap_or_else(|| HeaderValue::from_static("application/json")),
     );
+    charge_headers(h, &billed);
     Ok(out)
+}
+
+/// The header with the credits this request was charged.
+pub const CREDITS_CHARGED: &str = "x-credits-charged";
+/// The header with the spendable balance right after the charge.
+pub const CREDITS_REMAINING: &str = "x-credits-remaining";
+
+/// `x-credits-charged`, and `x-credits-remaining` when the ledger told it.
+fn charge_headers(h: &mut http::HeaderMap, billed: &Billed) {
+    h.insert(CREDITS_CHARGED, HeaderValue::from(billed.credits));
+    if let Some(r) = billed.remaining {
+        h.insert(CREDITS_REMAINING, HeaderValue::from(r));
+    }
 }

@@ -202,8 +202,10 @@ pub async fn answer_stream(
         for mark in end.marks() {
             extra.insert(mark.into(), serde_json::Value::Bool(true));
         }
-        if adm.settle(usage, extra).await.is_ok() && end.client_reads_the_end() {
-            let tail = tap.finish();
+        let billed = adm.settle(usage, extra).await;
+        if let (Ok(billed), true) = (billed, end.client_reads_the_end()) {
+            // The usage chunk, if asked for, carries what was charged and what is left.
+            let tail = tap.finish_billed(Some(&billed));
             if !tail.is_empty() {
                 let _ = tx.send(tail).await;
             }

@@ -301,12 +301,18 @@ pub fn finish_reason(stop: &str) -> &'static str {
     }
 }
 
+/// Anthropic's `input_tokens` excludes both cache counts: the prompt is all three,
+/// cache writes (`cache_creation_input_tokens`) charged as input, cache reads
+/// (`cache_read_input_tokens`) at the cached-input rate. A later event's counts are
+/// cumulative: the prompt never shrinks.
 fn read_usage(u: &Value, into: &mut ProviderUsage) {
     let n = |k: &str| u[k].as_i64().map(|x| x.max(0));
     if let Some(i) = n("input_tokens") {
         let create = n("cache_creation_input_tokens").unwrap_or(0);
         let read = n("cache_read_input_tokens").unwrap_or(0);
-        into.prompt = i.saturating_add(create).saturating_add(read);
+        into.prompt = into
+            .prompt
+            .max(i.saturating_add(create).saturating_add(read));
         into.cached = read;
     }
     // Output tokens are cumulative in every event that carries them: the last wins.
@@ -600,7 +606,7 @@ mod tests {
         assert_eq!(v["choices"][0]["finish_reason"], "stop");
         assert_eq!(
             v["usage"],
-            json!({"prompt_tokens": 2205, "completion_tokens": 503, "total_tokens": 2708})
+            json!({"prompt_tokens": 2205, "completion_tokens": 503, "total_tokens": 2708, "prompt_tokens_details": {"cached_tokens": 100}})
         );
         assert_eq!(a.usage.unwrap().total_tokens, 2708);
         assert!(!a.tool_call);
@@ -656,7 +662,7 @@ mod tests {
             // Output tokens are cumulative: 15, not 1 + 15.
             assert_eq!(
                 c[n - 2]["usage"],
-                json!({"prompt_tokens": 25, "completion_tokens": 15, "total_tokens": 40})
+                json!({"prompt_tokens": 25, "completion_tokens": 15, "total_tokens": 40, "prompt_tokens_details": {"cached_tokens": 0}})
             );
             assert_eq!(c[n - 2]["choices"], json!([]));
             assert_eq!(c[n - 1], Value::String("[DONE]".into()));
@@ -714,5 +720,59 @@ mod tests {
         let out = run(&mut t, failed.as_bytes(), 4);
         assert!(t.failed());
         assert!(!String::from_utf8(out).unwrap().contains("[DONE]"));
+    }
+
+    /// `input_tokens` excludes cache reads and writes: the prompt is all three, the
+    /// cached part the reads. A later event's cumulative counts never shrink the prompt,
+    /// and its cache reads are the ones charged (none reported: none cached — a higher
+    /// charge, never a lower one). The usage chunk after the settle carries the charge.
+    #[test]
+    fn cache_reads_and_writes_are_prompt_tokens_and_reads_are_cached() {
+        let stream = TEXT_STREAM
+            .replace(
+                "\"usage\": {\"input_tokens\": 25, \"output_tokens\": 1}",
+                "\"usage\": {\"input_tokens\": 25, \"cache_creation_input_tokens\": 7, \"cache_read_input_tokens\": 300, \"output_tokens\": 1}",
+            )
+            .replace(
+                "\"usage\": {\"output_tokens\": 15}",
+                "\"usage\": {\"input_tokens\": 20, \"output_tokens\": 15}",
+            );
+        assert_ne!(stream, TEXT_STREAM);
+        let mut t = StreamTranslator::new(&Anthropic, "c", "m", true).unwrap();
+        t.feed(stream.as_bytes());
+        let u = t.usage().unwrap();
+        assert_eq!(
+            (u.prompt_tokens, u.cached_tokens, u.completion_tokens),
+            (332, 0, 15)
+        );
+        let billed = crate::usage::Billed {
+            usage: u,
+            credits: 4,
+            remaining: Some(6),
+        };
+        let c = chunks(&t.finish_billed(Some(&billed)));
+        assert_eq!(c[0]["usage"]["prompt_tokens"], 332);
+        assert_eq!(
+            (
+                c[0]["x_credits_charged"].as_i64(),
+                c[0]["x_credits_remaining"].as_i64()
+            ),
+            (Some(4), Some(6))
+        );
+        assert_eq!(c[1], "[DONE]");
+        // Without a later input count, the reads are the cached part.
+        let stream = TEXT_STREAM.replace(
+            "\"usage\": {\"input_tokens\": 25, \"output_tokens\": 1}",
+            "\"usage\": {\"input_tokens\": 25, \"cache_creation_input_tokens\": 7, \"cache_read_input_tokens\": 300, \"output_tokens\": 1}",
+        );
+        let mut t = StreamTranslator::new(&Anthropic, "c", "m", true).unwrap();
+        t.feed(stream.as_bytes());
+        let u = t.usage().unwrap();
+        assert_eq!(
+            (u.prompt_tokens, u.cached_tokens, u.total_tokens),
+            (332, 300, 347)
+        );
+        let c = chunks(&t.finish());
+        assert_eq!(c[0]["usage"]["prompt_tokens_details"]["cached_tokens"], 300);
     }
 }

@@ -756,7 +756,7 @@ mod tests {
         assert_eq!(v["choices"][0]["finish_reason"], "stop");
         assert_eq!(
             v["usage"],
-            json!({"prompt_tokens": 8, "completion_tokens": 524, "total_tokens": 532})
+            json!({"prompt_tokens": 8, "completion_tokens": 524, "total_tokens": 532, "prompt_tokens_details": {"cached_tokens": 0}})
         );
 
         let call = br#"{"candidates":[{"content":{"role":"model","parts":[{"functionCall":{"name":"find_theaters","args":{"location":"Mountain View, CA","movie":"Barbie"}}}]},"finishReason":"STOP","index":0}],
@@ -775,6 +775,24 @@ mod tests {
         let a = translate_response(&Gemini, limited, "c", "m").unwrap();
         assert!(a.usage.is_none());
         assert!(String::from_utf8_lossy(&a.body).contains("\"length\""));
+    }
+
+    #[test]
+    fn cached_content_is_the_cached_part_of_the_prompt_and_never_more() {
+        let answer = |cached: i64| {
+            let b = format!(
+                r#"{{"candidates":[{{"content":{{"parts":[{{"text":"a"}}]}},"finishReason":"STOP"}}],
+                   "usageMetadata":{{"promptTokenCount":100,"cachedContentTokenCount":{cached},"candidatesTokenCount":5,"totalTokenCount":105}}}}"#
+            );
+            translate_response(&Gemini, b.as_bytes(), "c", "m").unwrap()
+        };
+        let a = answer(60);
+        let u = a.usage.unwrap();
+        assert_eq!((u.prompt_tokens, u.cached_tokens), (100, 60));
+        let v: Value = serde_json::from_slice(&a.body).unwrap();
+        assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 60);
+        assert_eq!(answer(500).usage.unwrap().cached_tokens, 100);
+        assert_eq!(answer(-5).usage.unwrap().cached_tokens, 0);
     }
 
     /// A `streamGenerateContent?alt=sse` stream as documented: each frame a whole
@@ -797,7 +815,7 @@ mod tests {
             assert_eq!(c[n - 3]["choices"][0]["finish_reason"], "stop");
             assert_eq!(
                 c[n - 2]["usage"],
-                json!({"prompt_tokens": 11, "completion_tokens": 6, "total_tokens": 17})
+                json!({"prompt_tokens": 11, "completion_tokens": 6, "total_tokens": 17, "prompt_tokens_details": {"cached_tokens": 0}})
             );
             assert_eq!(c[n - 1], "[DONE]");
             assert_eq!(t.usage().unwrap().total_tokens, 17);

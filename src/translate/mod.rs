@@ -34,7 +34,7 @@ use serde_json::{json, Map, Value};
 use crate::error::ApiError;
 use crate::route::Model;
 use crate::sse::{SseEvent, SseParser};
-use crate::usage::Usage;
+use crate::usage::{Billed, Usage};
 
 /// A translated request: the provider body, with the output limit still to be set
 /// (the reserve may lower it).
@@ -177,22 +177,30 @@ pub struct ProviderUsage {
 }
 
 impl ProviderUsage {
+    /// The gateway's usage: nothing negative, the cached share within the prompt, the
+    /// total at least prompt + completion.
     pub fn usage(&self) -> Usage {
-        let total = self.total.max(self.prompt.saturating_add(self.completion));
+        let prompt = self.prompt.max(0);
+        let completion = self.completion.max(0);
+        let total = self.total.max(prompt.saturating_add(completion));
         Usage {
-            prompt_tokens: self.prompt,
-            completion_tokens: self.completion,
+            prompt_tokens: prompt,
+            completion_tokens: completion,
             total_tokens: total,
+            cached_tokens: self.cached.clamp(0, prompt),
             estimated: false,
         }
     }
 }
 
+/// OpenAI's `usage` object, with the cached share of the prompt as
+/// `prompt_tokens_details.cached_tokens`.
 pub(crate) fn usage_json(u: &Usage) -> Value {
     json!({
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
     })
 }
 
@@ -289,11 +297,43 @@ impl ChunkWriter {
         );
     }
 
-    pub fn usage(&self, out: &mut BytesMut, u: &Usage) {
-        if self.include_usage {
-            self.push(out, json!([]), Some(usage_json(u)));
+    /// The usage chunk (when the client asked for it), with the charge's figures as
+    /// top-level fields when the request is settled (see [`charge_fields`]).
+    pub fn usage(&self, out: &mut BytesMut, u: &Usage, billed: Option<&Billed>) {
+        if !self.include_usage {
+            return;
         }
+        let mut c = json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": usage_json(u),
+        });
+        if let (Some(b), Value::Object(m)) = (billed, &mut c) {
+            m.extend(charge_fields(b));
+        }
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(c.to_string().as_bytes());
+        out.extend_from_slice(b"\n\n");
     }
+}
+
+/// The name of the usage chunk's field with the credits a request was charged.
+pub const CHARGED_FIELD: &str = "x_credits_charged";
+/// The name of the usage chunk's field with the spendable balance after the charge.
+pub const REMAINING_FIELD: &str = "x_credits_remaining";
+
+/// The fields a stream's usage chunk carries once the request is settled:
+/// `x_credits_charged`, and `x_credits_remaining` when the ledger told it.
+pub fn charge_fields(b: &Billed) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert(CHARGED_FIELD.into(), Value::from(b.credits));
+    if let Some(r) = b.remaining {
+        m.insert(REMAINING_FIELD.into(), Value::from(r));
+    }
+    m
 }
 
 /// Per-provider stream state: turns one provider event into OpenAI chunks
@@ -404,18 +444,25 @@ impl StreamTranslator {
         !self.failed && self.state.stopped()
     }
 
-    /// After the provider's stream ended (and the request is settled): the closing
-    /// chunk, the usage chunk if asked for, and `[DONE]` — only for a stream that
-    /// ended properly (a cut stream ends without `[DONE]`, as OpenAI's would).
+    /// After the provider's stream ended: the closing chunk, the usage chunk if asked
+    /// for, and `[DONE]` — only for a stream that ended properly (a cut stream ends
+    /// without `[DONE]`, as OpenAI's would).
     pub fn finish(&mut self) -> Bytes {
+        self.finish_billed(None)
+    }
+
+    /// [`StreamTranslator::finish`] once the request is settled: the usage chunk is
+    /// the usage charged (the provider's, or the estimate when it reported none) with
+    /// the charge's figures ([`charge_fields`]).
+    pub fn finish_billed(&mut self, billed: Option<&Billed>) -> Bytes {
         let mut out = BytesMut::new();
         if self.ended || self.failed || self.parser.pending() {
             return out.freeze();
         }
         self.ended = true;
         if self.state.stopped() {
-            if let Some(u) = self.state.usage() {
-                self.writer.usage(&mut out, &u);
+            if let Some(u) = billed.map(|b| b.usage).or_else(|| self.state.usage()) {
+                self.writer.usage(&mut out, &u, billed);
             }
             out.extend_from_slice(b"data: [DONE]\n\n");
         }
@@ -709,6 +756,8 @@ pub(crate) mod tests {
             context_length: 1000,
             max_output_tokens: Some(100),
             credits_per_1k_tokens: 1,
+            rates: crate::usage::Rates::flat(1),
+            provider_costs: crate::usage::ProviderCosts::default(),
             image_tokens: None,
             is_available: true,
             is_deprecated: false,

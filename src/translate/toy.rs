@@ -358,7 +358,7 @@ mod tests {
         assert_eq!(v["choices"][0]["finish_reason"], "length");
         assert_eq!(
             v["usage"],
-            json!({"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8})
+            json!({"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8, "prompt_tokens_details": {"cached_tokens": 0}})
         );
         assert_eq!(
             a.usage,
@@ -366,6 +366,7 @@ mod tests {
                 prompt_tokens: 3,
                 completion_tokens: 5,
                 total_tokens: 8,
+                cached_tokens: 0,
                 estimated: false
             })
         );
@@ -423,7 +424,7 @@ mod tests {
                 .collect();
             assert_eq!(finish, ["stop"]);
             // The done event said 5 output tokens, the stream had shown 9: 9 is billed.
-            let usage = json!({"prompt_tokens": 3, "completion_tokens": 9, "total_tokens": 12});
+            let usage = json!({"prompt_tokens": 3, "completion_tokens": 9, "total_tokens": 12, "prompt_tokens_details": {"cached_tokens": 0}});
             assert_eq!(c[c.len() - 2]["usage"], usage, "step {step}");
             assert_eq!(c[c.len() - 1], "[DONE]");
             assert_eq!(t.usage().unwrap().total_tokens, 12);

@@ -63,6 +63,7 @@ pub(crate) fn event(user: Uuid, rid: Uuid, credits: i64) -> UsageEvent {
         output_tokens: 0,
         total_tokens: credits,
         duration_ms: 1,
+        priced: None,
         metadata: None,
     }
 }

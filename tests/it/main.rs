@@ -14,6 +14,7 @@ mod durability;
 mod ledger;
 mod lifecycle;
 mod oauth;
+mod prices;
 mod providers;
 mod rate_limit;
 mod request_path;

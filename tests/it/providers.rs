@@ -163,7 +163,8 @@ async fn chat_is_translated_and_billed_as_the_provider_reports() {
         let total = prompt + 501;
         assert_eq!(
             v["usage"],
-            json!({"prompt_tokens": prompt, "completion_tokens": 501, "total_tokens": total})
+            json!({"prompt_tokens": prompt, "completion_tokens": 501, "total_tokens": total,
+                   "prompt_tokens_details": {"cached_tokens": 100}})
         );
         let row = s.row(&headers["x-request-id"]).await;
         assert_eq!(row.model, model);
@@ -247,7 +248,8 @@ async fn streams_are_translated_to_chunks_with_the_usage_chunk_on_request() {
                 assert_eq!(usage[0]["choices"], json!([]));
                 assert_eq!(
                     usage[0]["usage"],
-                    json!({"prompt_tokens": 40, "completion_tokens": 30, "total_tokens": 70})
+                    json!({"prompt_tokens": 40, "completion_tokens": 30, "total_tokens": 70,
+                           "prompt_tokens_details": {"cached_tokens": 0}})
                 );
             } else {
                 assert!(usage.is_empty(), "no usage chunk unless asked: {chunks:?}");
@@ -587,7 +589,7 @@ async fn a_stream_cut_by_the_provider_is_recorded_as_cut_and_estimated() {
 
 /// A venv with the official `openai` SDK from PyPI, cached under `target/` (created
 /// once; later runs reuse it). Fails, never skips, when Python cannot provide it.
-fn sdk_python() -> std::path::PathBuf {
+pub(crate) fn sdk_python() -> std::path::PathBuf {
     let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/openai-sdk-venv");
     let py = venv.join("bin/python");
     let ready = |py: &std::path::Path| {
