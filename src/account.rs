@@ -30,11 +30,16 @@ pub async fn me(
         .query_opt(
             "SELECT u.id, u.email, u.email_verified, u.username, u.first_name, u.last_name,
                     u.profile_picture_url, u.created_at, u.last_login_at,
-                    s.tier::text, s.status::text, s.credits_per_month, s.current_period_end
+                    s.tier::text, s.status::text, s.credits_per_month, s.current_period_end,
+                    s.past_due_since, s.scheduled_tier::text
                FROM users u
                LEFT JOIN LATERAL (
-                    SELECT tier, status, credits_per_month, current_period_end FROM subscriptions
-                     WHERE user_id = u.id ORDER BY (status = 'active') DESC, current_period_end DESC
+                    -- The user's subscription is their latest row (as the ledger and
+                    -- `tollgate subscriptions` read it).
+                    SELECT tier, status, credits_per_month, current_period_end, past_due_since,
+                           scheduled_tier
+                      FROM subscriptions
+                     WHERE user_id = u.id ORDER BY created_at DESC, id DESC
                      LIMIT 1) s ON true
               WHERE u.id = $1 AND u.deleted_at IS NULL",
             &[&p.user_id],
@@ -47,6 +52,10 @@ pub async fn me(
             "status": row.get::<_, Option<String>>(10),
             "credits_per_month": row.get::<_, Option<i32>>(11),
             "current_period_end": row.get::<_, Option<DateTime<Utc>>>(12),
+            // Set while a payment is overdue (served until the grace ends).
+            "past_due_since": row.get::<_, Option<DateTime<Utc>>>(13),
+            // A downgrade that starts with the next period.
+            "scheduled_tier": row.get::<_, Option<String>>(14),
         })
     });
     Ok(Json(json!({

@@ -837,6 +837,14 @@ async fn a_scheduled_downgrade_starts_with_the_next_period_and_its_plan() {
     let (user, email, token) = pro_user(&env).await;
     env.cli(&["subscriptions", "set", "--email", &email, "--tier", "free"])
         .await;
+    let (s, _, b) = env
+        .request("GET", &gw.url("/v1/users/me"), Some(&token), None)
+        .await;
+    assert_eq!(s, 200);
+    let me = json(&b);
+    assert_eq!(me["subscription"]["tier"], "pro", "{me}");
+    assert_eq!(me["subscription"]["scheduled_tier"], "free", "{me}");
+    assert!(me["subscription"]["past_due_since"].is_null(), "{me}");
     let end = period_end(&env, &user).await;
     let out = billing_run(&env, end + chrono::Duration::seconds(1)).await;
     assert!(out.contains("1 renewed"), "{out}");
