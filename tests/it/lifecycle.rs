@@ -879,3 +879,50 @@ async fn a_scheduled_downgrade_starts_with_the_next_period_and_its_plan() {
         Some(i64::from(rows[1].0 - rows[1].1))
     );
 }
+
+#[tokio::test]
+async fn serve_turns_ended_periods_by_itself_once_across_two_replicas() {
+    let mut env = TestEnv::new().await;
+    env.env("TOLLGATE__BILLING__INTERVAL_MS", "100");
+    let mock = env.mock(&[]).await;
+    let (user, _, token) = pro_user(&env).await;
+    // The period ended a minute ago (as if the gateways had been down over its end).
+    env.db()
+        .await
+        .execute(
+            "WITH s AS (UPDATE subscriptions SET current_period_start = now() - interval '1 month',
+                                               current_period_end = now() - interval '1 minute'
+                         WHERE user_id = $1 RETURNING id)
+             UPDATE credits SET billing_period_start = now() - interval '1 month',
+                                billing_period_end = now() - interval '1 minute'
+              WHERE subscription_id = (SELECT id FROM s)",
+            &[&user],
+        )
+        .await
+        .unwrap();
+    let gws = [env.gateway(&mock).await, env.gateway(&mock).await];
+    let n = env
+        .wait_for_count(
+            &format!("SELECT count(*) FROM credits WHERE user_id = '{user}' AND is_current AND billing_period_end > now()"),
+            1,
+            std::time::Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(n, 1, "a replica turned the period");
+    // Several more turns of both jobs change nothing.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let rows = rows_of(&env, &user).await;
+    assert_eq!(rows.len(), 2, "exactly one new period: {rows:?}");
+    assert!(!rows[0].2 && rows[1].2, "{rows:?}");
+    for g in &gws {
+        let m = env.metrics(g).await;
+        assert!(
+            counter(&m, "tollgate_billing_runs_total{outcome=\"ran\"}")
+                + counter(&m, "tollgate_billing_runs_total{outcome=\"skipped\"}")
+                > 1,
+            "each replica's job keeps turning"
+        );
+    }
+    let (s, _, _) = env.chat(&gws[0], &token, hello(16)).await;
+    assert_eq!(s, 200, "served from the new period");
+}
