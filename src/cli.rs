@@ -359,12 +359,7 @@ async fn dispatch(cli: Cli) -> Result<(), BoxError> {
         }
         Command::Subscriptions(cmd) => {
             let db = db::Db::new(&cfg.database)?;
-            let ledger = crate::ledger::Ledger::connect(
-                &cfg.redis.url,
-                &cfg.redis.key_prefix,
-                cfg.redis.buckets,
-            )
-            .await?;
+            let ledger = connect_ledger(&cfg).await?;
             let (email, change) = match cmd {
                 SubscriptionsCommand::Set { email, tier } => (
                     email,
@@ -387,12 +382,7 @@ async fn dispatch(cli: Cli) -> Result<(), BoxError> {
         }
         Command::Billing(BillingCommand::Run { now }) => {
             let db = db::Db::new(&cfg.database)?;
-            let ledger = crate::ledger::Ledger::connect(
-                &cfg.redis.url,
-                &cfg.redis.key_prefix,
-                cfg.redis.buckets,
-            )
-            .await?;
+            let ledger = connect_ledger(&cfg).await?;
             let now = now.unwrap_or_else(chrono::Utc::now);
             let r =
                 crate::lifecycle::billing_run(&db, &ledger, &cfg.tiers, &cfg.billing, now, true)
@@ -423,12 +413,7 @@ async fn dispatch(cli: Cli) -> Result<(), BoxError> {
                 Some(e) => Some(active_user(&*db.get().await?, e).await?),
                 None => None,
             };
-            let ledger = crate::ledger::Ledger::connect(
-                &cfg.redis.url,
-                &cfg.redis.key_prefix,
-                cfg.redis.buckets,
-            )
-            .await?;
+            let ledger = connect_ledger(&cfg).await?;
             let r = crate::reconcile::reconcile(&db, &ledger, only, *fix).await?;
             for d in &r.drifting {
                 println!(
@@ -486,6 +471,11 @@ async fn active_user(client: &tokio_postgres::Client, email: &str) -> Result<Uui
         return Err(format!("user {email} is deactivated").into());
     }
     Ok(row.get(0))
+}
+
+/// The live ledger in Redis, as `serve` reaches it.
+async fn connect_ledger(cfg: &Config) -> Result<crate::ledger::Ledger, redis::RedisError> {
+    crate::ledger::Ledger::connect(&cfg.redis.url, &cfg.redis.key_prefix, cfg.redis.buckets).await
 }
 
 /// Argon2id with the configured parameters (`[passwords]`).
@@ -556,12 +546,7 @@ async fn grant(
     drop(client);
     let credit: Uuid = row.get(0);
     let applied = async {
-        let ledger = crate::ledger::Ledger::connect(
-            &cfg.redis.url,
-            &cfg.redis.key_prefix,
-            cfg.redis.buckets,
-        )
-        .await?;
+        let ledger = connect_ledger(cfg).await?;
         let a = crate::lifecycle::apply_queued(&db, &ledger, Some(user)).await?;
         if a.failed > 0 {
             return Err::<_, BoxError>("the live balance could not be rebased".into());
@@ -592,9 +577,7 @@ async fn sync_credits(
             &[user],
         )
         .await?;
-    let ledger =
-        crate::ledger::Ledger::connect(&cfg.redis.url, &cfg.redis.key_prefix, cfg.redis.buckets)
-            .await?;
+    let ledger = connect_ledger(cfg).await?;
     for r in rows {
         ledger.grant(user, &r.get(0), r.get(1)).await?;
     }

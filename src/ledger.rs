@@ -115,6 +115,24 @@ pub struct Live {
     pub pending: Vec<(Uuid, i64)>,
 }
 
+/// The balance (`None`: not loaded) and the sum of the holds in an account hash's fields.
+fn balance_and_held(acct: &[(String, String)]) -> (Option<i64>, i64) {
+    let mut balance = None;
+    let mut held = 0i64;
+    for (f, v) in acct {
+        if f == "bal" {
+            balance = v.parse::<i64>().ok();
+        } else if let Some(amount) = f
+            .strip_prefix("h:")
+            .and_then(|_| v.split(':').next())
+            .and_then(|a| a.parse::<i64>().ok())
+        {
+            held = held.saturating_add(amount);
+        }
+    }
+    (balance, held)
+}
+
 /// `s` with Redis glob characters escaped, for a SCAN pattern.
 fn glob_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -501,19 +519,7 @@ impl Ledger {
             .arg(&k.cred)
             .query_async(&mut self.conn.clone())
             .await?;
-        let mut balance = None;
-        let mut held = 0i64;
-        for (f, v) in &acct {
-            if f == "bal" {
-                balance = v.parse::<i64>().ok();
-            } else if let Some(amount) = f
-                .strip_prefix("h:")
-                .and_then(|_| v.split(':').next())
-                .and_then(|a| a.parse::<i64>().ok())
-            {
-                held = held.saturating_add(amount);
-            }
-        }
+        let (balance, held) = balance_and_held(&acct);
         Ok(balance.map(|balance| Account {
             balance,
             held,
@@ -680,19 +686,7 @@ impl Ledger {
             .arg(&k.pend)
             .query_async(&mut self.conn.clone())
             .await?;
-        let mut balance = None;
-        let mut held = 0i64;
-        for (f, v) in &acct {
-            if f == "bal" {
-                balance = v.parse::<i64>().ok();
-            } else if let Some(amount) = f
-                .strip_prefix("h:")
-                .and_then(|_| v.split(':').next())
-                .and_then(|a| a.parse::<i64>().ok())
-            {
-                held = held.saturating_add(amount);
-            }
-        }
+        let (balance, held) = balance_and_held(&acct);
         Ok(balance.map(|balance| Live {
             balance,
             held,

@@ -755,7 +755,7 @@ pub(crate) async fn stop_flusher(
 
 /// Runs a flusher (`batch_rows`, `writers`) until `usage_history` holds `rows` rows,
 /// then stops it and waits for it to finish draining.
-async fn flush_until(
+pub(crate) async fn flush_until(
     env: &TestEnv,
     ledger: &Ledger,
     db: &Db,

@@ -4,7 +4,7 @@
 //! and charges settled after a user's last row was retired still land somewhere.
 
 use crate::harness::*;
-use crate::ledger::{charge, hold, setup, start_flusher, stop_flusher};
+use crate::ledger::{charge, flush_until, hold, setup};
 use tollgate::db::Db;
 use tollgate::ledger::{Ledger, Reserve};
 use uuid::Uuid;
@@ -49,6 +49,19 @@ async fn renew(env: &TestEnv, db: &Db, ledger: &Ledger, user: &Uuid, total: i32)
     assert_eq!(applied.rebased, 1, "{applied:?}");
 }
 
+/// Runs `sql` (with the user as $1) in a transaction that queues the user's rebase,
+/// then applies the queue, as every lifecycle change does.
+async fn change(env: &TestEnv, db: &Db, ledger: &Ledger, user: &Uuid, sql: &str) {
+    let mut c = env.db().await;
+    let tx = c.transaction().await.unwrap();
+    tx.execute(sql, &[user]).await.unwrap();
+    tollgate::lifecycle::queue_rebase(&tx, user).await.unwrap();
+    tx.commit().await.unwrap();
+    tollgate::lifecycle::apply_queued(db, ledger, None)
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn a_new_period_reaches_the_live_balance_keeping_holds_and_unflushed_charges() {
     let env = TestEnv::new().await;
@@ -81,14 +94,7 @@ async fn a_new_period_reaches_the_live_balance_keeping_holds_and_unflushed_charg
     assert!(ledger.settle(&user, &rid, 12, &e.encode()).await.unwrap());
     assert_eq!(ledger.balance(&user).await.unwrap(), Some(500 - 20 - 12));
 
-    let flusher = start_flusher(&ledger, &db, 100, 1, 20);
-    env.wait_for_count(
-        "SELECT count(*) FROM usage_history",
-        2,
-        std::time::Duration::from_secs(20),
-    )
-    .await;
-    stop_flusher(flusher).await;
+    flush_until(&env, &ledger, &db, 100, 1, 2).await;
     assert_eq!(
         pg_available(&env, &user).await,
         ledger.balance(&user).await.unwrap().unwrap(),
@@ -148,19 +154,14 @@ async fn an_inactive_subscription_admits_nothing_until_it_is_active_again() {
         "nothing held"
     );
 
-    let mut c = env.db().await;
-    let tx = c.transaction().await.unwrap();
-    tx.execute(
+    change(
+        &env,
+        &db,
+        &ledger,
+        &user,
         "UPDATE subscriptions SET status = 'active' WHERE user_id = $1",
-        &[&user],
     )
-    .await
-    .unwrap();
-    tollgate::lifecycle::queue_rebase(&tx, &user).await.unwrap();
-    tx.commit().await.unwrap();
-    tollgate::lifecycle::apply_queued(&db, &ledger, None)
-        .await
-        .unwrap();
+    .await;
     let r = ledger
         .reserve(&user, &Uuid::now_v7(), &hold(1, 60_000))
         .await
@@ -175,29 +176,17 @@ async fn a_charge_settled_after_the_last_row_expired_lands_on_a_carry_row() {
     ledger.load(&db, &user).await.unwrap();
     charge(&ledger, user, 30).await; // settled, not flushed
                                      // The user's only row (a grant) expires before the charge reaches PostgreSQL.
-    let mut c = env.db().await;
-    let tx = c.transaction().await.unwrap();
-    tx.execute(
+    change(
+        &env,
+        &db,
+        &ledger,
+        &user,
         "UPDATE credits SET is_current = false WHERE user_id = $1",
-        &[&user],
-    )
-    .await
-    .unwrap();
-    tollgate::lifecycle::queue_rebase(&tx, &user).await.unwrap();
-    tx.commit().await.unwrap();
-    tollgate::lifecycle::apply_queued(&db, &ledger, None)
-        .await
-        .unwrap();
-    assert_eq!(ledger.balance(&user).await.unwrap(), Some(-30));
-
-    let flusher = start_flusher(&ledger, &db, 100, 1, 20);
-    env.wait_for_count(
-        "SELECT count(*) FROM usage_history",
-        1,
-        std::time::Duration::from_secs(20),
     )
     .await;
-    stop_flusher(flusher).await;
+    assert_eq!(ledger.balance(&user).await.unwrap(), Some(-30));
+
+    flush_until(&env, &ledger, &db, 100, 1, 1).await;
     let row = env
         .db()
         .await
