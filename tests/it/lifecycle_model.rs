@@ -105,6 +105,9 @@ enum Op {
     Settle { which: u8, percent: u8 },
     /// Releases the open hold `which` (a failed upstream call).
     Release { which: u8 },
+    /// Settles again the charge `which` (modulo those not yet flushed; none: nothing):
+    /// a retry whose first call ran. Charges nothing, records nothing.
+    Resettle { which: u8 },
     /// Drains every settled charge to PostgreSQL (a flusher started and stopped).
     Flush,
     /// Moves the simulated clock.
@@ -139,6 +142,7 @@ fn op() -> impl Strategy<Value = Op> {
             }),
         10 => (0..8u8, 0..=100u8).prop_map(|(which, percent)| Op::Settle { which, percent }),
         4 => (0..8u8).prop_map(|which| Op::Release { which }),
+        2 => (0..8u8).prop_map(|which| Op::Resettle { which }),
         5 => Just(Op::Flush),
         8 => prop_oneof![1..=48i64, (1..=40i64).prop_map(|d| d * 24)]
             .prop_map(|hours| Op::Advance { hours }),
@@ -228,7 +232,7 @@ struct Model {
     rows: Vec<Row>,
     holds: Vec<Hold>,
     /// Settled and not yet flushed, in settle order (the stream's).
-    unflushed: Vec<i64>,
+    unflushed: Vec<(Uuid, i64)>,
     /// Whether Redis holds the user's balance.
     loaded: bool,
     /// Usage rows flushed, and the credits they record.
@@ -307,7 +311,7 @@ impl Model {
             .filter(|r| r.current)
             .map(|r| r.total - r.used)
             .sum();
-        rows - self.unflushed.iter().sum::<i64>() - self.held()
+        rows - self.unflushed.iter().map(|c| c.1).sum::<i64>() - self.held()
     }
 
     fn granted(&self) -> i64 {
@@ -380,8 +384,14 @@ impl Model {
             self.overdraft
                 .get_or_insert("a hold lost with Redis settles in full");
         }
-        self.unflushed.push(cost);
+        self.unflushed.push((h.rid, cost));
         (h, cost)
+    }
+
+    /// A settle of a charge still pending is refused and changes nothing.
+    fn resettle(&self, which: u8) -> Option<(Uuid, i64)> {
+        (!self.unflushed.is_empty())
+            .then(|| self.unflushed[usize::from(which) % self.unflushed.len()])
     }
 
     fn release(&mut self, i: usize) -> Hold {
@@ -391,7 +401,7 @@ impl Model {
     /// Each charge, in settle order, on the current rows earliest-ending first; what no
     /// row has left stays on the last; no current row: a zero-credit carry row.
     fn flush(&mut self) {
-        for cost in std::mem::take(&mut self.unflushed) {
+        for (_, cost) in std::mem::take(&mut self.unflushed) {
             self.usage_rows += 1;
             self.usage_credits += cost;
             if cost <= 0 {
@@ -570,12 +580,6 @@ impl Tally {
         if let Ok(mut m) = self.0.lock() {
             *m.entry(what).or_default() += 1;
         }
-    }
-
-    fn get(&self, what: &str) -> u64 {
-        self.0
-            .lock()
-            .map_or(0, |m| m.get(what).copied().unwrap_or(0))
     }
 }
 
@@ -793,6 +797,21 @@ impl System<'_> {
                     h.live,
                     "whether the release found the hold"
                 );
+            }
+            Op::Resettle { which } => {
+                let Some((rid, cost)) = model.resettle(*which) else {
+                    trace.push(format!("{op:?} (nothing pending)"));
+                    return Ok(());
+                };
+                trace.push(format!("{op:?} -> {cost}"));
+                let e = event(user, rid, cost);
+                let settled = self
+                    .ledger
+                    .settle(&user, &rid, cost, &e.encode())
+                    .await
+                    .unwrap();
+                check_eq!(trace, settled, false, "a second settle of a pending charge");
+                self.tally.note("settle repeated");
             }
             Op::Flush => {
                 trace.push(format!("{op:?} ({} charges)", model.unflushed.len()));
