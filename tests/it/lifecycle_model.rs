@@ -3,14 +3,18 @@
 //! releases, flushes, a simulated clock and the billing run at its `now`, cancel, past
 //! due, a lost Redis — runs them against real Redis and PostgreSQL through the library
 //! (`Ledger`, `lifecycle`, the `Flusher`), and after every operation compares what the
-//! system says with a **pure reference model** of the ledger written here from
-//! ARCHITECTURE.md ("The ledger in Redis", "The credit lifecycle"), never from the code.
+//! system says with a **pure reference model** of the ledger (no I/O) that states the
+//! rules of ARCHITECTURE.md ("The ledger in Redis", "The credit lifecycle") directly:
+//! balance = Σ (total − used) of the current rows − unflushed − held, spend order,
+//! carry rows, renewal with capped rollover, statuses.
 //!
-//! Sized for two cores: 24 cases of up to 30 operations unless `PROPTEST_CASES` /
-//! `TOLLGATE_MODEL_OPS` say otherwise (shrinking stops after `PROPTEST_MAX_SHRINK_ITERS`,
-//! 128 by default). Each case is a fresh user in the test's one database; the users of
-//! earlier cases are deleted first, so a billing run sees this case's user alone.
-//! A failure shrinks to a short `Debug` list of operations.
+//! Sized for two cores: 24 cases of up to 30 operations (a few seconds) unless
+//! `PROPTEST_CASES` / `TOLLGATE_MODEL_OPS` say otherwise; shrinking stops after
+//! `PROPTEST_MAX_SHRINK_ITERS` (128 by default). Each case is a fresh user in the test's
+//! one database; the users of earlier cases are deleted first, so a billing run sees
+//! this case's user alone. A failure shrinks to a short `Debug` list of operations and
+//! prints the trace of what each did; `--nocapture` shows a tally of what the run
+//! exercised (renewals, capped rollovers, carry rows, lost holds, ...).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
