@@ -587,6 +587,15 @@ impl Tally {
     }
 }
 
+/// A subscription as compared: tier, status, period start and end, past due since.
+type SubRow = (
+    String,
+    String,
+    DateTime<Utc>,
+    DateTime<Utc>,
+    Option<DateTime<Utc>>,
+);
+
 /// One case's failure, with what ran before it.
 fn fail(trace: &[String], msg: String) -> TestCaseError {
     TestCaseError::fail(format!("{msg}\n  ops run:\n    {}", trace.join("\n    ")))
@@ -999,7 +1008,7 @@ impl System<'_> {
             model.rows,
             "the credits rows (total, used, end, current, subscription)"
         );
-        let sub: Option<(String, String, DateTime<Utc>, DateTime<Utc>, Option<DateTime<Utc>>)> = self
+        let sub: Option<SubRow> = self
             .pg
             .query_opt(
                 "SELECT tier::text, status::text, current_period_start, current_period_end, past_due_since
