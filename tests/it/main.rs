@@ -13,6 +13,7 @@ mod account;
 mod durability;
 mod ledger;
 mod lifecycle;
+mod lifecycle_model;
 mod oauth;
 mod prices;
 mod providers;
