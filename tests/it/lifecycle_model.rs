@@ -59,6 +59,7 @@ fn billing() -> BillingConfig {
         enabled: false,
         interval: Duration::from_secs(3600),
         past_due_grace: Duration::from_secs(GRACE_HOURS as u64 * 3600),
+        reconcile_interval: None,
     }
 }
 
