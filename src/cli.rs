@@ -363,10 +363,21 @@ async fn dispatch(cli: Cli) -> Result<(), BoxError> {
             let (email, change) = match cmd {
                 SubscriptionsCommand::Set { email, tier } => (
                     email,
-                    subscriptions::set_tier(&db, &ledger, &cfg.tiers, email, tier.name()).await?,
+                    subscriptions::set_tier(
+                        &db,
+                        &ledger,
+                        &cfg.tiers,
+                        email,
+                        tier.name(),
+                        chrono::Utc::now(),
+                    )
+                    .await?,
                 ),
                 SubscriptionsCommand::Cancel { email } => {
-                    (email, subscriptions::cancel(&db, &ledger, email).await?)
+                    (
+                    email,
+                    subscriptions::cancel(&db, &ledger, email, chrono::Utc::now()).await?,
+                )
                 }
             };
             println!("{email}: {change}");
@@ -514,7 +525,7 @@ async fn create_user(
     };
     let id: Uuid = row.get(0);
     if let Some((tier, plan)) = plan {
-        subscriptions::start(&tx, &id, tier, plan).await?;
+        subscriptions::start(&tx, &id, tier, plan, chrono::Utc::now()).await?;
     }
     tx.commit().await?;
     Ok(id)

@@ -17,7 +17,7 @@
 //! - `set` on a cancelled subscription that is still running resumes it; on a user
 //!   without a subscription (or whose latest one expired) it starts one, as `user
 //!   create` does. A suspended subscription is refused.
-//! - **Cancel**: status `cancelled`, `cancelled_at = now()`; the subscription is served
+//! - **Cancel**: status `cancelled`, `cancelled_at = now`; the subscription is served
 //!   until `current_period_end`, and the billing run expires it then instead of renewing.
 //!
 //! Each change is one PostgreSQL transaction (the user's row locked first, so two
@@ -96,25 +96,30 @@ fn stored(plan: &Plan) -> Result<Stored, SubscriptionError> {
 }
 
 /// Starts an active subscription of `tier` for `user` in the caller's transaction: its
-/// period begins now and lasts the plan's interval, and its current credits row holds
-/// the period's credits (`Plan::period_credits`). Returns (subscription id, period end).
+/// period begins at `now` and lasts the plan's interval (months added in UTC, as the
+/// billing run's renewal adds them), and its current credits row holds the period's
+/// credits (`Plan::period_credits`). Returns (subscription id, period end).
 pub async fn start(
     tx: &tokio_postgres::Transaction<'_>,
     user: &Uuid,
     tier: &str,
     plan: &Plan,
+    now: DateTime<Utc>,
 ) -> Result<(Uuid, DateTime<Utc>), SubscriptionError> {
     let s = stored(plan)?;
+    let end = u32::try_from(plan.interval.months())
+        .ok()
+        .and_then(|m| now.checked_add_months(chrono::Months::new(m)))
+        .ok_or_else(|| refused("the billing period is out of range"))?;
     let row = tx
         .query_one(
             "WITH s AS (
                 INSERT INTO subscriptions (user_id, tier, status, credits_per_month, credits_rollover, price_cents,
                                            billing_interval, current_period_start, current_period_end)
-                VALUES ($1, $2::text::subscription_tier, 'active', $3, $4, $5, $6, now(),
-                        now() + make_interval(months => $7))
+                VALUES ($1, $2::text::subscription_tier, 'active', $3, $4, $5, $6, $7, $8)
                 RETURNING id, current_period_start, current_period_end)
              INSERT INTO credits (user_id, subscription_id, total_credits, billing_period_start, billing_period_end)
-             SELECT $1, s.id, $8, s.current_period_start, s.current_period_end FROM s
+             SELECT $1, s.id, $9, s.current_period_start, s.current_period_end FROM s
              RETURNING subscription_id, billing_period_end",
             &[
                 user,
@@ -123,7 +128,8 @@ pub async fn start(
                 &(plan.rollover_cap > 0),
                 &s.price_cents,
                 &plan.interval.as_str(),
-                &plan.interval.months(),
+                &now,
+                &end,
                 &s.period_credits,
             ],
         )
@@ -294,11 +300,12 @@ struct Current {
 async fn latest(
     tx: &tokio_postgres::Transaction<'_>,
     user: &Uuid,
+    now: DateTime<Utc>,
 ) -> Result<Option<Current>, SubscriptionError> {
     let row = tx
         .query_opt(
             "SELECT id, tier::text, status::text, credits_per_month::bigint, billing_interval,
-                    current_period_start, current_period_end, scheduled_tier::text, now()
+                    current_period_start, current_period_end, scheduled_tier::text
                FROM subscriptions WHERE user_id = $1
               ORDER BY created_at DESC, id DESC LIMIT 1 FOR UPDATE",
             &[user],
@@ -313,7 +320,7 @@ async fn latest(
         start: r.get(5),
         end: r.get(6),
         scheduled: r.get(7),
-        now: r.get(8),
+        now,
     }))
 }
 
@@ -333,23 +340,25 @@ async fn commit_and_apply(
     }
 }
 
-/// `tollgate subscriptions set`: see the module doc for the rules.
+/// `tollgate subscriptions set` at `now` (the CLI's clock, as the billing run's): see
+/// the module doc for the rules.
 pub async fn set_tier(
     db: &Db,
     ledger: &Ledger,
     tiers: &TiersConfig,
     email: &str,
     tier: &str,
+    now: DateTime<Utc>,
 ) -> Result<Change, SubscriptionError> {
     let plan = plan_of(tiers, tier)?;
     let s = stored(plan)?;
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
     let user = lock_user(&tx, email).await?;
-    let cur = match latest(&tx, &user).await? {
+    let cur = match latest(&tx, &user, now).await? {
         Some(c) if c.status != "expired" => c,
         _ => {
-            let (_, until) = start(&tx, &user, tier, plan).await?;
+            let (_, until) = start(&tx, &user, tier, plan, now).await?;
             commit_and_apply(tx, db, ledger, &user).await?;
             return Ok(Change::Started {
                 tier: tier.to_owned(),
@@ -467,13 +476,18 @@ pub async fn set_tier(
     Ok(change)
 }
 
-/// `tollgate subscriptions cancel`: the user's active subscription ends with its
-/// current period.
-pub async fn cancel(db: &Db, ledger: &Ledger, email: &str) -> Result<Change, SubscriptionError> {
+/// `tollgate subscriptions cancel` at `now`: the user's active subscription ends with
+/// its current period.
+pub async fn cancel(
+    db: &Db,
+    ledger: &Ledger,
+    email: &str,
+    now: DateTime<Utc>,
+) -> Result<Change, SubscriptionError> {
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
     let user = lock_user(&tx, email).await?;
-    let cur = latest(&tx, &user)
+    let cur = latest(&tx, &user, now)
         .await?
         .ok_or_else(|| refused(format!("{email} has no subscription")))?;
     match cur.status.as_str() {
@@ -491,9 +505,9 @@ pub async fn cancel(db: &Db, ledger: &Ledger, email: &str) -> Result<Change, Sub
         }
     }
     tx.execute(
-        "UPDATE subscriptions SET status = 'cancelled', cancelled_at = now(), scheduled_tier = NULL
+        "UPDATE subscriptions SET status = 'cancelled', cancelled_at = $2, scheduled_tier = NULL
           WHERE id = $1",
-        &[&cur.id],
+        &[&cur.id, &now],
     )
     .await?;
     commit_and_apply(tx, db, ledger, &user).await?;
