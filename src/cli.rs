@@ -373,12 +373,10 @@ async fn dispatch(cli: Cli) -> Result<(), BoxError> {
                     )
                     .await?,
                 ),
-                SubscriptionsCommand::Cancel { email } => {
-                    (
+                SubscriptionsCommand::Cancel { email } => (
                     email,
                     subscriptions::cancel(&db, &ledger, email, chrono::Utc::now()).await?,
-                )
-                }
+                ),
             };
             println!("{email}: {change}");
             Ok(())

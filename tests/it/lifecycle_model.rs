@@ -1,12 +1,15 @@
 //! The ledger's lifecycle as a state machine (issue 13, item 8): proptest generates a
 //! user's starting point and a list of operations — grants, reserves, settles,
-//! releases, flushes, a simulated clock and the billing run at its `now`, cancel, past
-//! due, a lost Redis — runs them against real Redis and PostgreSQL through the library
+//! releases, flushes, a simulated clock and the billing run at its `now`, tier changes
+//! and cancel (`subscriptions::set_tier`, `cancel`) at its `now`, past due, a lost
+//! Redis — runs them against real Redis and PostgreSQL through the library
 //! (`Ledger`, `lifecycle`, the `Flusher`), and after every operation compares what the
 //! system says with a **pure reference model** of the ledger (no I/O) that states the
 //! rules of ARCHITECTURE.md ("The ledger in Redis", "The credit lifecycle") directly:
 //! balance = Σ (total − used) of the current rows − unflushed − held, spend order,
-//! carry rows, renewal with capped rollover, statuses.
+//! carry rows, renewal with capped rollover, statuses, and "Subscriptions and tier
+//! changes": an upgrade now with prorated credits, a downgrade at the renewal, the same
+//! tier withdrawing a scheduled downgrade, resume, a subscription started.
 //!
 //! Sized for two cores: 24 cases of up to 30 operations (a few seconds) unless
 //! `PROPTEST_CASES` / `TOLLGATE_MODEL_OPS` say otherwise; shrinking stops after
@@ -26,6 +29,7 @@ use tollgate::config::{BillingConfig, BillingInterval, DatabaseConfig, Plan, Tie
 use tollgate::db::Db;
 use tollgate::ledger::{HoldRequest, Ledger, Reserve};
 use tollgate::lifecycle::{Applied, BillingReport};
+use tollgate::subscriptions::{Change, SubscriptionError};
 use uuid::Uuid;
 
 use crate::harness::*;
@@ -81,6 +85,10 @@ impl Tier {
             Tier::Enterprise => "enterprise",
         }
     }
+
+    fn name(self) -> String {
+        self.as_str().to_owned()
+    }
 }
 
 /// Where a case starts: a subscription or none, and maybe a grant. The subscription's
@@ -121,14 +129,17 @@ enum Op {
     BillingRun,
     /// `tollgate subscriptions cancel` (served to the period's end).
     Cancel,
+    /// `tollgate subscriptions set --tier tier`.
+    SetTier { tier: Tier },
     /// The payment failed: `past_due_since` = the simulated clock.
     PastDue,
     /// Redis forgets the user's `acct` and `cred` keys (a Redis loss within the AOF
     /// window); `reload`: load at once, else at the next reserve (first use).
     LoseRedis { reload: bool },
-    // TIER CHANGE (issue 13 item 4, `tollgate subscriptions set`, built on branch
-    // `tiers`): add `SetTier { tier: Tier }` here, its strategy in `op()`, its rule in
-    // `Model::set_tier` and its call in `System::apply` (look for "TIER CHANGE").
+}
+
+fn tier() -> impl Strategy<Value = Tier> {
+    prop_oneof![Just(Tier::Free), Just(Tier::Pro), Just(Tier::Enterprise)]
 }
 
 /// Weighted so that a case of 15 operations often sees a period turn: cancel and past
@@ -155,7 +166,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Cancel),
         1 => Just(Op::PastDue),
         2 => any::<bool>().prop_map(|reload| Op::LoseRedis { reload }),
-        // TIER CHANGE: `1 => tier().prop_map(|tier| Op::SetTier { tier }),`
+        3 => tier().prop_map(|tier| Op::SetTier { tier }),
     ]
 }
 
@@ -207,7 +218,13 @@ struct Sub {
     status: Status,
     start: DateTime<Utc>,
     end: DateTime<Utc>,
+    /// The current period's length in months (the interval of the plan it was
+    /// allocated by; an upgrade does not change it).
+    months: i32,
     past_due_since: Option<DateTime<Utc>>,
+    /// A downgrade waiting for the period's end.
+    scheduled: Option<Tier>,
+    cancelled_at: Option<DateTime<Utc>>,
 }
 
 /// A credits row as PostgreSQL holds it (`used`: flushed charges only).
@@ -288,7 +305,10 @@ impl Model {
                 status: Status::Active,
                 start: sub_months(end, plan.interval.months()),
                 end,
+                months: plan.interval.months(),
                 past_due_since: None,
+                scheduled: None,
+                cancelled_at: None,
             });
             m.rows.push(Row {
                 total: plan.period_credits().expect("fits"),
@@ -484,8 +504,17 @@ impl Model {
                 s2.status = Status::Suspended;
                 suspended += 1;
             } else {
-                let plan = plans.plan(s.tier.as_str()).expect("a plan");
+                // A scheduled downgrade starts with the new period: its plan's credits,
+                // rollover cap and interval.
+                let tier = s.scheduled.unwrap_or(s.tier);
+                if s.scheduled.is_some() {
+                    self.notes.push("downgrade applied at the renewal");
+                }
+                s2.tier = tier;
+                s2.scheduled = None;
+                let plan = plans.plan(tier.as_str()).expect("a plan");
                 let months = plan.interval.months();
+                s2.months = months;
                 let (mut from, mut to) = (s.end, add_months(s.end, months));
                 while to <= now {
                     from = to;
@@ -530,14 +559,141 @@ impl Model {
         (renewed, expired, suspended, rows)
     }
 
-    fn cancel(&mut self) -> bool {
-        match self.sub.as_mut() {
-            Some(s) if s.status == Status::Active => {
+    /// `subscriptions cancel`: an active subscription is served to its period's end,
+    /// then expires (a scheduled downgrade goes with it); a cancelled one stays as it
+    /// is; none, expired or suspended: refused (`None`).
+    fn cancel(&mut self) -> Option<Change> {
+        let now = self.now;
+        let s = self.sub.as_mut()?;
+        match s.status {
+            Status::Active => {
                 s.status = Status::Cancelled;
-                true
+                s.cancelled_at = Some(now);
+                s.scheduled = None;
+                Some(Change::Cancelled {
+                    tier: s.tier.name(),
+                    until: s.end,
+                })
             }
-            _ => false,
+            Status::Cancelled => Some(Change::AlreadyCancelled {
+                tier: s.tier.name(),
+                until: s.end,
+            }),
+            Status::Expired | Status::Suspended => None,
         }
+    }
+
+    /// `subscriptions set --tier tier` at `now` ("Subscriptions and tier changes"):
+    /// none or expired: a subscription started now, as `user create` does; suspended:
+    /// refused (`None`); else a cancelled one is resumed, and the same tier withdraws a
+    /// scheduled downgrade, a higher `credits_per_month` is an upgrade now (the plan
+    /// changes; the current period's row gets `floor((new − old) × remaining / period)`
+    /// with `new`, `old` the plans' credits for a period as long as the current one),
+    /// anything else a downgrade scheduled for the renewal.
+    fn set_tier(&mut self, tier: Tier, plans: &TiersConfig) -> Option<Change> {
+        let now = self.now;
+        let plan = plans.plan(tier.as_str()).expect("a plan");
+        let Some(s) = self.sub.clone().filter(|s| s.status != Status::Expired) else {
+            let months = plan.interval.months();
+            let end = add_months(now, months);
+            self.sub = Some(Sub {
+                tier,
+                status: Status::Active,
+                start: now,
+                end,
+                months,
+                past_due_since: None,
+                scheduled: None,
+                cancelled_at: None,
+            });
+            let credits = plan.period_credits().expect("fits");
+            self.rows.push(Row {
+                total: credits,
+                used: 0,
+                end,
+                current: true,
+                sub: true,
+            });
+            self.notes.push("tier: subscription started");
+            return Some(Change::Started {
+                tier: tier.name(),
+                credits,
+                until: end,
+            });
+        };
+        if s.status == Status::Suspended {
+            self.notes.push("tier: refused (suspended)");
+            return None;
+        }
+        let resumed = s.status == Status::Cancelled;
+        if resumed {
+            self.notes.push("tier: cancellation withdrawn");
+        }
+        let old_plan = plans.plan(s.tier.as_str()).expect("a plan");
+        let mut s2 = s.clone();
+        s2.status = Status::Active;
+        s2.cancelled_at = None;
+        let change = if s.tier == tier {
+            s2.scheduled = None;
+            self.notes.push(if s.scheduled.is_some() {
+                "tier: scheduled downgrade withdrawn"
+            } else {
+                "tier: same tier"
+            });
+            Change::Kept {
+                tier: tier.name(),
+                withdrawn: s.scheduled.map(Tier::name),
+                resumed,
+            }
+        } else if plan.credits_per_month > old_plan.credits_per_month {
+            let months = i64::from(s.months);
+            let (old, new) = (
+                old_plan.credits_per_month * months,
+                plan.credits_per_month * months,
+            );
+            let period = (s.end - s.start).num_seconds();
+            let remaining = (s.end - now).num_seconds().clamp(0, period);
+            let added = (new - old) * remaining / period;
+            let row = (0..self.rows.len())
+                .filter(|&i| self.rows[i].sub && self.rows[i].current)
+                .max_by_key(|&i| self.rows[i].end);
+            let added = match row {
+                Some(i) => {
+                    self.rows[i].total += added;
+                    added
+                }
+                None => 0,
+            };
+            self.notes.push(if added > 0 {
+                "tier: upgrade with credits"
+            } else {
+                "tier: upgrade with nothing left to prorate"
+            });
+            if s.months != plan.interval.months() {
+                self.notes.push("tier: upgrade across billing intervals");
+            }
+            s2.tier = tier;
+            s2.scheduled = None;
+            Change::Upgraded {
+                from: s.tier.name(),
+                to: tier.name(),
+                added,
+                until: s.end,
+                resumed,
+            }
+        } else {
+            s2.scheduled = Some(tier);
+            self.notes.push("tier: downgrade scheduled");
+            Change::DowngradeScheduled {
+                from: s.tier.name(),
+                to: tier.name(),
+                at: s.end,
+                resumed,
+                already: s.scheduled == Some(tier),
+            }
+        };
+        self.sub = Some(s2);
+        Some(change)
     }
 
     fn past_due(&mut self) -> bool {
@@ -558,10 +714,6 @@ impl Model {
             h.live = false;
         }
     }
-
-    // TIER CHANGE: `fn set_tier(&mut self, tier: Tier)` — the rule ARCHITECTURE.md
-    // states for `subscriptions set` (upgrade now with its proration, downgrade at the
-    // period's end), written from the document, not from the code.
 }
 
 // ---------------------------------------------------------------------------------
@@ -573,6 +725,7 @@ struct System<'a> {
     db: &'a Db,
     pg: &'a tokio_postgres::Client,
     user: Uuid,
+    email: String,
     tally: &'a Tally,
 }
 
@@ -588,14 +741,19 @@ impl Tally {
     }
 }
 
-/// A subscription as compared: tier, status, period start and end, past due since.
-type SubRow = (
-    String,
-    String,
-    DateTime<Utc>,
-    DateTime<Utc>,
-    Option<DateTime<Utc>>,
-);
+/// The user's latest subscription as compared.
+#[derive(Debug, PartialEq, Eq)]
+struct SubRow {
+    tier: String,
+    status: String,
+    credits_per_month: i64,
+    billing_interval: String,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+    past_due_since: Option<DateTime<Utc>>,
+    scheduled_tier: Option<String>,
+    cancelled_at: Option<DateTime<Utc>>,
+}
 
 /// One case's failure, with what ran before it.
 fn fail(trace: &[String], msg: String) -> TestCaseError {
@@ -619,12 +777,13 @@ impl System<'_> {
         start: &Start,
         now: DateTime<Utc>,
         plans: &TiersConfig,
-    ) -> Uuid {
+    ) -> (Uuid, String) {
         pg.execute("DELETE FROM users", &[]).await.unwrap();
+        let email = format!("{}@model.test", Uuid::new_v4());
         let user: Uuid = pg
             .query_one(
                 "INSERT INTO users (email) VALUES ($1) RETURNING id",
-                &[&format!("{}@model.test", Uuid::new_v4())],
+                &[&email],
             )
             .await
             .unwrap()
@@ -667,7 +826,32 @@ impl System<'_> {
             .await
             .unwrap();
         }
-        user
+        (user, email)
+    }
+
+    /// What a subscription command answered: its change, or `None` for a refusal
+    /// (nothing written); and nothing may stay queued for a rebase after it.
+    async fn subscription_change(
+        &self,
+        got: Result<Change, SubscriptionError>,
+        trace: &[String],
+    ) -> Result<Option<Change>, TestCaseError> {
+        let got = match got {
+            Ok(c) => Some(c),
+            Err(SubscriptionError::Refused(_)) => None,
+            Err(e) => return Err(fail(trace, format!("the subscription command failed: {e}"))),
+        };
+        let queued: i64 = self
+            .pg
+            .query_one(
+                "SELECT count(*) FROM ledger_rebase_queue WHERE user_id = $1",
+                &[&self.user],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        check_eq!(trace, queued, 0, "the user's rebases left queued");
+        Ok(got)
     }
 
     /// A change of the user's rows or subscription in one transaction with its queued
@@ -882,30 +1066,27 @@ impl System<'_> {
             }
             Op::Cancel => {
                 trace.push(format!("{op:?}"));
-                // As `tollgate subscriptions cancel` (branch `tiers`) does; the lead may
-                // call that function here once it is merged.
-                let (n, applied) = self
-                    .change(
-                        "UPDATE subscriptions SET status = 'cancelled', cancelled_at = now()
-                          WHERE user_id = $1 AND status = 'active'",
-                        &[&user],
-                    )
-                    .await;
-                let done = model.cancel();
-                check_eq!(
-                    trace,
-                    n == 1,
-                    done,
-                    "whether the subscription was cancelled"
-                );
-                if done {
-                    check_eq!(
-                        trace,
-                        applied,
-                        applied_one(model.loaded),
-                        "the cancel's rebase"
-                    );
-                }
+                let got =
+                    tollgate::subscriptions::cancel(self.db, self.ledger, &self.email, model.now)
+                        .await;
+                let got = self.subscription_change(got, trace).await?;
+                let want = model.cancel();
+                check_eq!(trace, got, want, "the cancel's answer");
+            }
+            Op::SetTier { tier } => {
+                trace.push(format!("{op:?} at {}", model.now.to_rfc3339()));
+                let got = tollgate::subscriptions::set_tier(
+                    self.db,
+                    self.ledger,
+                    plans,
+                    &self.email,
+                    tier.as_str(),
+                    model.now,
+                )
+                .await;
+                let got = self.subscription_change(got, trace).await?;
+                let want = model.set_tier(*tier, plans);
+                check_eq!(trace, got, want, "the tier change's answer");
             }
             Op::PastDue => {
                 trace.push(format!("{op:?} at {}", model.now.to_rfc3339()));
@@ -939,14 +1120,18 @@ impl System<'_> {
                     );
                     self.tally.note("load after a Redis loss");
                 }
-            } // TIER CHANGE: `Op::SetTier { tier } => { tollgate::subscriptions::set(...);
-              // model.set_tier(*tier); check the rebase as for Cancel }`
+            }
         }
         Ok(())
     }
 
     /// Compares everything the system holds for the user with the model.
-    async fn check(&self, model: &Model, trace: &[String]) -> Result<(), TestCaseError> {
+    async fn check(
+        &self,
+        model: &Model,
+        plans: &TiersConfig,
+        trace: &[String],
+    ) -> Result<(), TestCaseError> {
         let user = self.user;
         // Redis: the live account (balance, holds, rows it reflects) and the unflushed.
         let account = self.ledger.account(&user).await.unwrap();
@@ -1012,28 +1197,42 @@ impl System<'_> {
         let sub: Option<SubRow> = self
             .pg
             .query_opt(
-                "SELECT tier::text, status::text, current_period_start, current_period_end, past_due_since
-                   FROM subscriptions WHERE user_id = $1",
+                "SELECT tier::text, status::text, credits_per_month::bigint, billing_interval,
+                        current_period_start, current_period_end, past_due_since,
+                        scheduled_tier::text, cancelled_at
+                   FROM subscriptions WHERE user_id = $1
+                  ORDER BY created_at DESC, id DESC LIMIT 1",
                 &[&user],
             )
             .await
             .unwrap()
-            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)));
+            .map(|r| SubRow {
+                tier: r.get(0),
+                status: r.get(1),
+                credits_per_month: r.get(2),
+                billing_interval: r.get(3),
+                start: r.get(4),
+                end: r.get(5),
+                past_due_since: r.get(6),
+                scheduled_tier: r.get(7),
+                cancelled_at: r.get(8),
+            });
+        // A subscription holds its tier's plan (copied when it starts or changes tier).
         let want = model.sub.as_ref().map(|s| {
-            (
-                s.tier.as_str().to_owned(),
-                s.status.as_str().to_owned(),
-                s.start,
-                s.end,
-                s.past_due_since,
-            )
+            let plan = plans.plan(s.tier.as_str()).expect("a plan");
+            SubRow {
+                tier: s.tier.name(),
+                status: s.status.as_str().to_owned(),
+                credits_per_month: plan.credits_per_month,
+                billing_interval: plan.interval.as_str().to_owned(),
+                start: s.start,
+                end: s.end,
+                past_due_since: s.past_due_since,
+                scheduled_tier: s.scheduled.map(Tier::name),
+                cancelled_at: s.cancelled_at,
+            }
         });
-        check_eq!(
-            trace,
-            sub,
-            want,
-            "the subscription (tier, status, period, past due)"
-        );
+        check_eq!(trace, sub, want, "the user's latest subscription");
         let usage = self
             .pg
             .query_one(
@@ -1075,24 +1274,25 @@ async fn run_case(
         .timestamp_opt(Utc::now().timestamp(), 0)
         .single()
         .unwrap();
-    let user = System::start(pg, start, now, &plans).await;
+    let (user, email) = System::start(pg, start, now, &plans).await;
     let sys = System {
         env,
         ledger,
         db,
         pg,
         user,
+        email,
         tally,
     };
     let mut model = Model::new(now, start, &plans);
     let mut trace = vec![format!("{start:?}")];
-    sys.check(&model, &trace).await?;
+    sys.check(&model, &plans, &trace).await?;
     for op in ops {
         sys.apply(&mut model, op, &plans, &mut trace).await?;
         for n in model.notes.drain(..) {
             tally.note(n);
         }
-        sys.check(&model, &trace).await?;
+        sys.check(&model, &plans, &trace).await?;
     }
     if model.overdraft.is_some() {
         tally.note("case with a balance allowed below zero");
@@ -1100,7 +1300,7 @@ async fn run_case(
     // Finally everything reaches PostgreSQL, and PostgreSQL and Redis agree.
     sys.apply(&mut model, &Op::Flush, &plans, &mut trace)
         .await?;
-    sys.check(&model, &trace).await?;
+    sys.check(&model, &plans, &trace).await?;
     Ok(())
 }
 
