@@ -9,7 +9,8 @@
 //!   interval, rollover), and the current period's credits row gets
 //!   `floor((new − old) × remaining_seconds / period_seconds)` more credits, where
 //!   `new` and `old` are the two plans' credits for a period as long as the current one
-//!   (`credits_per_month × its months`), `period_seconds` the current period's length
+//!   (`credits_per_month ×` its whole months, [`period_months`]: a yearly period
+//!   upgraded to a monthly plan is still a year long), `period_seconds` its length
 //!   and `remaining_seconds` what is left of it (checked `i64`; [`prorated`]).
 //! - **Downgrade** (not higher): at the end of the period. It is stored in
 //!   `subscriptions.scheduled_tier`; the billing run's renewal applies it.
@@ -31,7 +32,7 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::config::{BillingInterval, Plan, TiersConfig};
+use crate::config::{Plan, TiersConfig};
 use crate::db::{Db, DbError};
 use crate::ledger::Ledger;
 use crate::lifecycle;
@@ -265,7 +266,26 @@ pub fn prorated(old: i64, new: i64, remaining_secs: i64, period_secs: i64) -> Op
         .checked_div_euclid(period_secs)
 }
 
+/// The whole months of the period `[start, end)` (at least 1): the largest `m` with
+/// `start + m months <= end`, months added in UTC as the renewal adds them.
+pub fn period_months(start: DateTime<Utc>, end: DateTime<Utc>) -> i64 {
+    use chrono::Datelike;
+    let add = |m: i64| {
+        u32::try_from(m)
+            .ok()
+            .and_then(|m| start.checked_add_months(chrono::Months::new(m)))
+    };
+    let diff = (i64::from(end.year()) - i64::from(start.year())) * 12 + i64::from(end.month())
+        - i64::from(start.month());
+    let mut m = diff.max(1);
+    while m > 1 && add(m).is_none_or(|t| t > end) {
+        m -= 1;
+    }
+    m
+}
+
 /// Locks and returns the active user with `email`.
+
 async fn lock_user(
     tx: &tokio_postgres::Transaction<'_>,
     email: &str,
@@ -290,7 +310,6 @@ struct Current {
     tier: String,
     status: String,
     credits_per_month: i64,
-    interval: Option<BillingInterval>,
     start: DateTime<Utc>,
     end: DateTime<Utc>,
     scheduled: Option<String>,
@@ -304,7 +323,7 @@ async fn latest(
 ) -> Result<Option<Current>, SubscriptionError> {
     let row = tx
         .query_opt(
-            "SELECT id, tier::text, status::text, credits_per_month::bigint, billing_interval,
+            "SELECT id, tier::text, status::text, credits_per_month::bigint,
                     current_period_start, current_period_end, scheduled_tier::text
                FROM subscriptions WHERE user_id = $1
               ORDER BY created_at DESC, id DESC LIMIT 1 FOR UPDATE",
@@ -316,10 +335,9 @@ async fn latest(
         tier: r.get(1),
         status: r.get(2),
         credits_per_month: r.get(3),
-        interval: BillingInterval::parse(r.get(4)),
-        start: r.get(5),
-        end: r.get(6),
-        scheduled: r.get(7),
+        start: r.get(4),
+        end: r.get(5),
+        scheduled: r.get(6),
         now,
     }))
 }
@@ -383,7 +401,9 @@ pub async fn set_tier(
             resumed,
         }
     } else if plan.credits_per_month > cur.credits_per_month {
-        let months = i64::from(cur.interval.unwrap_or(plan.interval).months());
+        // The current period's own length: an upgrade across intervals (yearly to
+        // monthly) keeps the period it is in, so the column's interval may not be it.
+        let months = period_months(cur.start, cur.end);
         let (old, new) = (
             cur.credits_per_month.checked_mul(months),
             plan.credits_per_month.checked_mul(months),
@@ -536,6 +556,21 @@ mod tests {
         assert_eq!(prorated(0, 10, 5, 0), None);
         assert_eq!(prorated(i64::MIN, i64::MAX, 5, 10), None);
         assert_eq!(prorated(0, i64::MAX, 5, 10), None);
+    }
+
+    #[test]
+    fn a_period_is_as_many_months_as_fit_in_it() {
+        let t = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        let months = |a: &str, b: &str| period_months(t(a), t(b));
+        assert_eq!(months("2026-01-15T10:00:00Z", "2026-02-15T10:00:00Z"), 1);
+        assert_eq!(months("2026-01-15T10:00:00Z", "2027-01-15T10:00:00Z"), 12);
+        // A second short of a month, and a period shorter than a month: at least 1.
+        assert_eq!(months("2026-01-15T10:00:00Z", "2027-01-15T09:59:59Z"), 11);
+        assert_eq!(months("2026-01-15T10:00:00Z", "2026-02-14T10:00:00Z"), 1);
+        // Clamped month ends, as `checked_add_months` (the renewal) makes them.
+        assert_eq!(months("2026-01-31T00:00:00Z", "2026-02-28T00:00:00Z"), 1);
+        assert_eq!(months("2027-02-28T00:00:00Z", "2028-02-29T00:00:00Z"), 12);
+        assert_eq!(months("2026-03-30T00:00:00Z", "2026-03-01T00:00:00Z"), 1);
     }
 
     proptest! {
