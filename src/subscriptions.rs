@@ -285,7 +285,6 @@ pub fn period_months(start: DateTime<Utc>, end: DateTime<Utc>) -> i64 {
 }
 
 /// Locks and returns the active user with `email`.
-
 async fn lock_user(
     tx: &tokio_postgres::Transaction<'_>,
     email: &str,
