@@ -66,8 +66,17 @@ pub struct Db {
 pub enum DbError {
     #[error("database pool: {0}")]
     Pool(String),
-    #[error("database: {0}")]
+    #[error("database: {}", pg_detail(.0))]
     Pg(#[from] tokio_postgres::Error),
+}
+
+/// A PostgreSQL error with the server's message and SQLSTATE when it sent one
+/// (`tokio_postgres::Error` alone displays as "db error").
+fn pg_detail(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{} ({})", d.message(), d.code().code()),
+        None => e.to_string(),
+    }
 }
 
 /// PostgreSQL failed while answering (pool or query): 503, "database is temporarily

@@ -229,7 +229,7 @@ async fn turn_period(
         .query_opt(
             "SELECT user_id, coalesce(scheduled_tier, tier)::text, status::text, past_due_since,
                     current_period_end
-               FROM subscriptions WHERE id = $1 FOR UPDATE",
+               FROM subscriptions WHERE id = $1 FOR NO KEY UPDATE",
             &[id],
         )
         .await?

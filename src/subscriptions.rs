@@ -292,7 +292,7 @@ async fn lock_user(
     let row = tx
         .query_opt(
             "SELECT id, is_active AND deleted_at IS NULL FROM users
-              WHERE lower(email) = lower($1) FOR UPDATE",
+              WHERE lower(email) = lower($1) FOR NO KEY UPDATE",
             &[&email],
         )
         .await?
@@ -325,7 +325,7 @@ async fn latest(
             "SELECT id, tier::text, status::text, credits_per_month::bigint,
                     current_period_start, current_period_end, scheduled_tier::text
                FROM subscriptions WHERE user_id = $1
-              ORDER BY created_at DESC, id DESC LIMIT 1 FOR UPDATE",
+              ORDER BY created_at DESC, id DESC LIMIT 1 FOR NO KEY UPDATE",
             &[user],
         )
         .await?;
@@ -422,7 +422,7 @@ pub async fn set_tier(
             .query_opt(
                 "SELECT id, total_credits::bigint FROM credits
                   WHERE subscription_id = $1 AND is_current
-                  ORDER BY billing_period_end DESC LIMIT 1 FOR UPDATE",
+                  ORDER BY billing_period_end DESC LIMIT 1 FOR NO KEY UPDATE",
                 &[&cur.id],
             )
             .await?;

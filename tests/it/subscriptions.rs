@@ -480,3 +480,58 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         assert_eq!(snapshot(&env).await, snap, "{cmd:?} changed the database");
     }
 }
+
+/// A usage row written while `set` runs (the flusher's transaction: the user's credits
+/// rows locked first, then the row inserted, whose foreign key needs a share lock on the
+/// user) must not deadlock with `set` (which locks the user, then the credits row).
+#[tokio::test]
+async fn an_upgrade_and_a_usage_flush_of_the_same_user_do_not_deadlock() {
+    let env = TestEnv::new().await;
+    let email = email();
+    let user = user_with(&env, &email, Some("free")).await;
+    let mut c = env.db().await;
+    let flush = c.transaction().await.unwrap();
+    // As the flusher does: lock the user's current rows first.
+    let credit: Uuid = flush
+        .query_one(
+            "SELECT id FROM credits WHERE user_id = $1 AND is_current FOR UPDATE",
+            &[&user],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let args = ["subscriptions", "set", "--email", &email, "--tier", "pro"];
+    let set = env.cli_raw(&args, &[]);
+    let write = async {
+        // `set` has locked the user and now waits for the credits row.
+        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+        flush
+            .execute(
+                "INSERT INTO usage_history (id, user_id, credit_id, model_id, operation, credits_used,
+                                            input_tokens, output_tokens, total_tokens, created_at)
+                 VALUES ($1, $2, $3, 'gpt-5', 'chat', 1, 1, 0, 1, now())",
+                &[&Uuid::now_v7(), &user, &credit],
+            )
+            .await
+            .unwrap();
+        flush
+            .execute(
+                "UPDATE credits SET used_credits = used_credits + 1 WHERE id = $1",
+                &[&credit],
+            )
+            .await
+            .unwrap();
+        flush.commit().await.unwrap();
+    };
+    let ((ok, out, err), ()) = tokio::join!(set, write);
+    assert!(ok, "set failed: {out}{err}");
+    assert!(out.contains("upgraded from free to pro"), "{out}");
+    let used: i32 = env
+        .db()
+        .await
+        .query_one("SELECT used_credits FROM credits WHERE id = $1", &[&credit])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(used, 1);
+}
