@@ -371,11 +371,18 @@ async fn expire_rows(db: &Db, now: DateTime<Utc>) -> Result<usize, LifecycleErro
     let rows = tx
         .query(
             &format!(
-                "UPDATE credits c SET is_current = false
-                  WHERE c.is_current AND c.billing_period_end <= $1
-                    AND NOT EXISTS (SELECT 1 FROM subscriptions s
-                                     WHERE s.id = c.subscription_id AND s.status::text IN {RENEWABLE})
-                 RETURNING c.user_id"
+                // The rows are locked in the flusher's order (user, end, created, id), so
+                // the two cannot deadlock over a user's rows.
+                "WITH due AS (
+                   SELECT c.id FROM credits c
+                    WHERE c.is_current AND c.billing_period_end <= $1
+                      AND NOT EXISTS (SELECT 1 FROM subscriptions s
+                                       WHERE s.id = c.subscription_id AND s.status::text IN {RENEWABLE})
+                    ORDER BY c.user_id, c.billing_period_end, c.created_at, c.id
+                    FOR NO KEY UPDATE OF c)
+                 UPDATE credits SET is_current = false FROM due
+                  WHERE credits.id = due.id AND credits.is_current
+                 RETURNING credits.user_id"
             ),
             &[&now],
         )
