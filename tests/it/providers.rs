@@ -590,6 +590,12 @@ async fn a_stream_cut_by_the_provider_is_recorded_as_cut_and_estimated() {
 /// A venv with the official `openai` SDK from PyPI, cached under `target/` (created
 /// once; later runs reuse it). Fails, never skips, when Python cannot provide it.
 pub(crate) fn sdk_python() -> std::path::PathBuf {
+    // Tests run in parallel threads: one builds the venv, the others wait for it (a
+    // second `venv --clear` would pull it from under the first one's pip).
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = BUILDING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/openai-sdk-venv");
     let py = venv.join("bin/python");
     let ready = |py: &std::path::Path| {
