@@ -457,6 +457,41 @@ impl TestEnv {
         .await
     }
 
+    /// POSTs `body` as JSON with a bearer token; the answer's body as JSON (or, when it
+    /// is not JSON, as a JSON string of its text).
+    pub async fn post_json(
+        &self,
+        gw: &Proc,
+        token: &str,
+        path: &str,
+        body: serde_json::Value,
+    ) -> (u16, HashMap<String, String>, serde_json::Value) {
+        let (s, h, b) = self
+            .request(
+                "POST",
+                &gw.url(path),
+                Some(token),
+                Some(serde_json::to_vec(&body).unwrap()),
+            )
+            .await;
+        let v = serde_json::from_slice(&b).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&b).into_owned())
+        });
+        (s, h, v)
+    }
+
+    /// Waits until the usage row of request `rid` is flushed (panics after `timeout`).
+    pub async fn flushed(&self, rid: &str, timeout: Duration) {
+        let n = self
+            .wait_for_count(
+                &format!("SELECT count(*) FROM usage_history WHERE id = '{rid}'"),
+                1,
+                timeout,
+            )
+            .await;
+        assert_eq!(n, 1, "the usage row of {rid} must be flushed");
+    }
+
     /// `credits.used_credits` summed over every row (0 without rows).
     pub async fn used_credits_total(&self) -> i64 {
         self.db()

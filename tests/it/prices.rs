@@ -15,23 +15,14 @@ use uuid::Uuid;
 const PRICED: &str = "priced-model";
 const RATES: (i64, i64, i64) = (4, 10, 1); // input, output, cached input
 
-struct Setup {
-    env: TestEnv,
-    mock: Proc,
-    gw: Proc,
-    user: Uuid,
-    token: String,
-}
+use crate::providers::Setup;
 
 /// The row of `models` for [`PRICED`], and per-kind rates for the seeded Anthropic and
 /// Gemini models (the seeded `gpt-5` keeps NULL rates); then the mock with `args` and a
 /// gateway with its three providers on it.
 async fn setup(args: &[&str], credits: i32) -> Setup {
-    let env = TestEnv::new().await;
     let (i, o, c) = RATES;
-    env.db()
-        .await
-        .batch_execute(&format!(
+    crate::providers::setup_with(&format!(
             "INSERT INTO models (id, name, display_name, provider, capabilities, context_length,
                                  input_cost_per_million_tokens, output_cost_per_million_tokens,
                                  credits_per_1k_tokens, input_credits_per_1k_tokens,
@@ -44,50 +35,15 @@ async fn setup(args: &[&str], credits: i32) -> Setup {
              UPDATE models SET input_credits_per_1k_tokens = {i}, output_credits_per_1k_tokens = {o},
                                cached_input_credits_per_1k_tokens = {c}
               WHERE id IN ('claude-3.5-sonnet', 'gemini-2.0-pro');"
-        ))
-        .await
-        .unwrap();
-    let mock = env.mock(args).await;
-    let gw = env.gateway_all_providers(&mock).await;
-    let (user, token) = env.user(credits).await;
-    Setup {
-        env,
-        mock,
-        gw,
-        user,
-        token,
-    }
+        ), args, credits).await
 }
 
 type Headers = HashMap<String, String>;
 
 impl Setup {
-    async fn post(&self, path: &str, body: Value) -> (u16, Headers, Value) {
-        let (s, h, b) = self
-            .env
-            .request(
-                "POST",
-                &self.gw.url(path),
-                Some(&self.token),
-                Some(serde_json::to_vec(&body).unwrap()),
-            )
-            .await;
-        let v = serde_json::from_slice(&b)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&b).into_owned()));
-        (s, h, v)
-    }
-
-    /// The flushed usage row of request `rid`.
-    async fn row(&self, rid: &str) -> Row {
-        let n = self
-            .env
-            .wait_for_count(
-                &format!("SELECT count(*) FROM usage_history WHERE id = '{rid}'"),
-                1,
-                FLUSH_WAIT,
-            )
-            .await;
-        assert_eq!(n, 1, "the usage row of {rid} must be flushed");
+    /// The flushed usage row of request `rid`, with its price columns.
+    async fn priced_row(&self, rid: &str) -> Row {
+        self.env.flushed(rid, FLUSH_WAIT).await;
         let r = self
             .env
             .db()
@@ -210,7 +166,7 @@ async fn three_rates_charge_exactly_the_formula_and_the_row_records_them() {
     assert_eq!(charged, 5);
     assert_eq!(header(&h, "x-credits-charged"), charged);
     assert_eq!(header(&h, "x-credits-remaining"), 1000 - charged);
-    let row = s.row(&h["x-request-id"]).await;
+    let row = s.priced_row(&h["x-request-id"]).await;
     assert_eq!(row.credits, charged, "{row:?}");
     assert_eq!((row.input, row.output, row.cached), (1000, 200, Some(400)));
     assert_eq!(row.rates, (Some(4), Some(10), Some(1)));
@@ -270,7 +226,7 @@ async fn null_rates_charge_what_they_did_before() {
     assert_eq!(status, 200, "{v}");
     // ceil(1201 × 2 / 1000): cached tokens change nothing at one rate.
     assert_eq!(header(&h, "x-credits-charged"), 3);
-    let row = s.row(&h["x-request-id"]).await;
+    let row = s.priced_row(&h["x-request-id"]).await;
     assert_eq!(row.credits, 3);
     assert_eq!(row.cached, Some(400));
     assert_eq!(row.rates, (Some(2), Some(2), Some(2)));
@@ -316,7 +272,7 @@ async fn cached_tokens_of_each_provider_are_charged_at_the_cached_rate_json_and_
             "{model}: {v}"
         );
         assert_eq!(header(&h, "x-credits-charged"), expected, "{model}");
-        let row = s.row(&h["x-request-id"]).await;
+        let row = s.priced_row(&h["x-request-id"]).await;
         assert_eq!(
             (row.credits, row.input, row.cached),
             (expected, prompt, Some(cached)),
@@ -346,7 +302,7 @@ async fn cached_tokens_of_each_provider_are_charged_at_the_cached_rate_json_and_
         assert_eq!(u["x_credits_charged"], expected, "{model}: {u}");
         total += expected;
         assert_eq!(u["x_credits_remaining"], 10_000 - total, "{model}: {u}");
-        let row = s.row(&h["x-request-id"]).await;
+        let row = s.priced_row(&h["x-request-id"]).await;
         assert_eq!(
             (row.credits, row.cached),
             (expected, Some(cached)),
@@ -443,7 +399,7 @@ async fn embeddings_completions_and_estimated_charges_carry_the_figures() {
     ] {
         let (status, h, v) = s.post(path, body).await;
         assert_eq!(status, 200, "{path}: {v}");
-        let row = s.row(&h["x-request-id"]).await;
+        let row = s.priced_row(&h["x-request-id"]).await;
         assert_eq!(header(&h, "x-credits-charged"), row.credits, "{path}");
         left -= row.credits;
         assert_eq!(header(&h, "x-credits-remaining"), left, "{path}");
@@ -463,7 +419,7 @@ async fn embeddings_completions_and_estimated_charges_carry_the_figures() {
         .iter()
         .find(|e| e["usage"].is_object())
         .unwrap_or_else(|| panic!("{events:?}"));
-    let row = s.row(&h["x-request-id"]).await;
+    let row = s.priced_row(&h["x-request-id"]).await;
     assert_eq!(u["x_credits_charged"], row.credits);
     assert_eq!(u["x_credits_remaining"], left - row.credits);
     assert_eq!(events.last().unwrap(), "[DONE]");
@@ -610,7 +566,7 @@ async fn the_openai_python_sdk_reads_the_figures_of_a_stream_and_a_json_answer()
     let charged = formula(1000, 400, 200, RATES);
     let mut left = 1000;
     for r in &seen {
-        let row = s.row(r["request_id"].as_str().unwrap()).await;
+        let row = s.priced_row(r["request_id"].as_str().unwrap()).await;
         assert_eq!(row.credits, charged, "{r}");
         assert_eq!(r["charged"], charged, "{r}");
         left -= charged;

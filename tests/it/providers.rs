@@ -12,28 +12,30 @@ use uuid::Uuid;
 const CLAUDE: (&str, i64) = ("claude-3.5-sonnet", 2);
 const GEMINI: (&str, i64) = ("gemini-2.0-pro", 1);
 
-struct Setup {
-    env: TestEnv,
-    mock: Proc,
-    gw: Proc,
-    user: Uuid,
-    token: String,
+pub(crate) struct Setup {
+    pub(crate) env: TestEnv,
+    pub(crate) mock: Proc,
+    pub(crate) gw: Proc,
+    pub(crate) user: Uuid,
+    pub(crate) token: String,
 }
+
+/// The embedding models the tests add to the seeded table.
+pub(crate) const EMBEDDING_MODELS: &str = "INSERT INTO models (id, name, display_name, provider, capabilities, context_length,
+                                 input_cost_per_million_tokens, output_cost_per_million_tokens, credits_per_1k_tokens)
+             VALUES ('text-embedding-3-small', 'text-embedding-3-small', 'Embedding 3 small', 'openai', '{text}', 8192, 2, 0, 1),
+                    ('gemini-embedding', 'gemini-embedding-001', 'Gemini embedding', 'google', '{text}', 2048, 15, 0, 1)";
 
 /// A mock with `args`, embedding models added to the table, and a gateway whose three
 /// providers all point at the mock.
 async fn setup(args: &[&str], credits: i32) -> Setup {
+    setup_with(EMBEDDING_MODELS, args, credits).await
+}
+
+/// [`setup`], with `sql` run on the fresh database first (models to add or change).
+pub(crate) async fn setup_with(sql: &str, args: &[&str], credits: i32) -> Setup {
     let env = TestEnv::new().await;
-    env.db()
-        .await
-        .batch_execute(
-            "INSERT INTO models (id, name, display_name, provider, capabilities, context_length,
-                                 input_cost_per_million_tokens, output_cost_per_million_tokens, credits_per_1k_tokens)
-             VALUES ('text-embedding-3-small', 'text-embedding-3-small', 'Embedding 3 small', 'openai', '{text}', 8192, 2, 0, 1),
-                    ('gemini-embedding', 'gemini-embedding-001', 'Gemini embedding', 'google', '{text}', 2048, 15, 0, 1)",
-        )
-        .await
-        .unwrap();
+    env.db().await.batch_execute(sql).await.unwrap();
     let mock = env.mock(args).await;
     let gw = env.gateway_all_providers(&mock).await;
     let (user, token) = env.user(credits).await;
@@ -47,36 +49,17 @@ async fn setup(args: &[&str], credits: i32) -> Setup {
 }
 
 impl Setup {
-    async fn post(
+    pub(crate) async fn post(
         &self,
         path: &str,
         body: Value,
     ) -> (u16, std::collections::HashMap<String, String>, Value) {
-        let (s, h, b) = self
-            .env
-            .request(
-                "POST",
-                &self.gw.url(path),
-                Some(&self.token),
-                Some(serde_json::to_vec(&body).unwrap()),
-            )
-            .await;
-        let v = serde_json::from_slice(&b)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&b).into_owned()));
-        (s, h, v)
+        self.env.post_json(&self.gw, &self.token, path, body).await
     }
 
     /// The flushed usage row of request `rid`.
     async fn row(&self, rid: &str) -> Row {
-        let n = self
-            .env
-            .wait_for_count(
-                &format!("SELECT count(*) FROM usage_history WHERE id = '{rid}'"),
-                1,
-                FLUSH_WAIT,
-            )
-            .await;
-        assert_eq!(n, 1, "the usage row of {rid} must be flushed");
+        self.env.flushed(rid, FLUSH_WAIT).await;
         let r = self
             .env
             .db()
