@@ -145,6 +145,16 @@ fn glob_escape(s: &str) -> String {
     out
 }
 
+/// The outcome of a settle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Charged and recorded; the spendable balance right after, `None` when the
+    /// balance is not loaded.
+    Charged { balance: Option<i64> },
+    /// This request was already settled: nothing changed.
+    Already,
+}
+
 /// Redis keys of one user.
 pub struct UserKeys {
     pub acct: String,
@@ -403,19 +413,22 @@ impl Ledger {
         cost: i64,
         event: &str,
     ) -> Result<bool, redis::RedisError> {
-        Ok(self.settle_balance(user, rid, cost, event).await?.is_some())
+        Ok(matches!(
+            self.settle_balance(user, rid, cost, event).await?,
+            Settled::Charged { .. }
+        ))
     }
 
-    /// [`Ledger::settle`], returning the spendable balance right after the charge (the
-    /// settle script's answer; 0 when the balance is not loaded), or `None` if this
-    /// request was already settled.
+    /// [`Ledger::settle`], returning what it did: charged (with the spendable balance
+    /// right after, from the same script call) or nothing, the request being settled
+    /// already.
     pub async fn settle_balance(
         &self,
         user: &Uuid,
         rid: &Uuid,
         cost: i64,
         event: &str,
-    ) -> Result<Option<i64>, redis::RedisError> {
+    ) -> Result<Settled, redis::RedisError> {
         let b = self.bucket_of(user);
         let tag = self.layout.tag(b);
         let (reply, rx) = tokio::sync::oneshot::channel();
@@ -431,12 +444,17 @@ impl Ledger {
         };
         self.submit(op).await?;
         let r = rx.await.map_err(|_| gone())??;
-        if r.first().copied() != Some(1) {
-            return Ok(None);
-        }
-        let balance = r.get(1).copied().unwrap_or(0);
-        self.known.note(user, balance);
-        Ok(Some(balance))
+        Ok(match r.first().copied() {
+            Some(1) => {
+                let balance = r.get(1).copied().unwrap_or(0);
+                self.known.note(user, balance);
+                Settled::Charged {
+                    balance: Some(balance),
+                }
+            }
+            Some(2) => Settled::Charged { balance: None },
+            _ => Settled::Already,
+        })
     }
 
     /// Returns a hold to the balance (a failed request charges nothing).

@@ -9,6 +9,7 @@ use std::time::Duration;
 use chrono::Utc;
 use uuid::Uuid;
 
+use crate::ledger::Settled;
 use crate::state::AppState;
 pub use crate::usage::{
     cost, Orphan, Orphans, Priced, ProviderCosts, Rates, Usage, UsageEvent, OPERATIONS,
@@ -285,9 +286,9 @@ pub async fn charge(state: &AppState, event: &UsageEvent) -> Result<Option<i64>,
             .settle_balance(&event.user_id, &event.id, event.credits_used, &encoded)
             .await
         {
-            // 0 is also the script's answer for a balance not loaded: read it to tell.
-            Ok(Some(0)) | Ok(None) => return Ok(live_balance(state, event).await),
-            Ok(Some(balance)) => return Ok(Some(balance)),
+            Ok(Settled::Charged { balance }) => return Ok(balance),
+            // Settled by an earlier attempt whose answer was lost.
+            Ok(Settled::Already) => return Ok(live_balance(state, event).await),
             Err(e) => {
                 last = e.to_string();
                 tracing::warn!(request_id = %event.id, attempt, error = %e, "settle failed");

@@ -66,7 +66,8 @@ local function reserve(acct, rid, price, p, m, minm, ttl, now)
 end
 
 -- Charges cost, releases the rest of rid's hold and appends the usage event.
--- Returns {1, bal}, or {0, 0} when rid was already settled.
+-- Returns {1, bal}; {2, 0} when the balance is not loaded (the charge is recorded all
+-- the same); {0, 0} when rid was already settled.
 local function settle(acct, pend, stream, rid, cost, ev)
   local f = 'h:' .. rid
   local held = 0
@@ -77,11 +78,11 @@ local function settle(acct, pend, stream, rid, cost, ev)
   elseif redis.call('HEXISTS', pend, rid) == 1 then
     return {0, 0}
   end
-  local bal = 0
+  local out = {2, 0}
   if redis.call('HEXISTS', acct, 'bal') == 1 then
-    bal = redis.call('HINCRBY', acct, 'bal', string.format('%d', held - tonumber(cost)))
+    out = {1, redis.call('HINCRBY', acct, 'bal', string.format('%d', held - tonumber(cost)))}
   end
   redis.call('HSET', pend, rid, cost)
   redis.call('XADD', stream, '*', 'e', ev)
-  return {1, bal}
+  return out
 end
